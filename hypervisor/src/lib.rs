@@ -1,0 +1,10 @@
+//! Labyrinth's portable core: everything that decides (device-tree checking, the physical
+//! memory map, frame ownership, exception decoding, logging) lives here as plain Rust that
+//! builds for `aarch64-unknown-none-softfloat` and for the host, where it is tested.
+//!
+//! This crate never touches a system register, an MMIO address or raw physical memory itself:
+//! the binary's `arch` module owns those edges and hands the core what it needs.
+#![cfg_attr(not(test), no_std)]
+
+pub mod dt;
+pub mod memmap;
