@@ -6,5 +6,10 @@
 //! the binary's `arch` module owns those edges and hands the core what it needs.
 #![cfg_attr(not(test), no_std)]
 
+pub mod drivers;
 pub mod dt;
+pub mod esr;
+pub mod hyp_map;
+pub mod logger;
 pub mod memmap;
+pub mod psci;

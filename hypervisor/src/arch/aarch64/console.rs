@@ -1,0 +1,69 @@
+//! The console: the device tree's PL011, mapped as Device memory and installed as the logger's
+//! sink. Before the device tree is trusted, a fallback at QEMU virt's PL011 address lets a
+//! refusal be printed at all.
+
+use labyrinth::drivers::pl011::{Pl011, Pl011Registers};
+use labyrinth::logger::{Console, Logger};
+use log::LevelFilter;
+use spin::Once;
+
+use super::cpu::cpu_index;
+use super::mmu::{map_range, MapKind};
+
+/// Where QEMU's virt machine has its first PL011: used only when the device tree is unusable.
+pub const FALLBACK_UART: u64 = 0x0900_0000;
+
+pub static LOGGER: Logger = Logger::new(cpu_index);
+
+struct UartConsole(Pl011<'static>);
+
+// SAFETY: the PL011's registers are MMIO reachable from every CPU; the logger's lock serialises
+// every writer, and the block is never unmapped.
+unsafe impl Sync for UartConsole {}
+// SAFETY: as above; the reference is to device memory, not to any CPU's data.
+unsafe impl Send for UartConsole {}
+
+impl Console for UartConsole {
+    fn write_str(&self, s: &str) {
+        for b in s.bytes() {
+            if b == b'\n' {
+                self.0.write_byte(b'\r');
+            }
+            self.0.write_byte(b);
+        }
+    }
+}
+
+static UART: Once<UartConsole> = Once::new();
+
+fn install(base: u64, level: LevelFilter) -> Result<(), labyrinth::hyp_map::MapError> {
+    map_range(base, base + 0x1000, MapKind::Device)?;
+    let console = UART.call_once(|| {
+        // SAFETY: `base` is a PL011's register block (from the device tree, or QEMU virt's),
+        // just mapped as Device memory, and lives for the rest of the run.
+        let regs = unsafe { &*(base as *const Pl011Registers) };
+        let uart = Pl011::new(regs);
+        uart.enable();
+        UartConsole(uart)
+    });
+    LOGGER.set_sink(console);
+    // A second call finds the logger already set, which is fine: the sink is what changes.
+    let _ = log::set_logger(&LOGGER);
+    log::set_max_level(level);
+    Ok(())
+}
+
+/// Installs the device tree's UART as the console.
+pub fn init_console(base: u64, level: LevelFilter) -> Result<(), labyrinth::hyp_map::MapError> {
+    install(base, level)
+}
+
+/// Installs QEMU virt's UART so that a refused device tree can still be reported.
+pub fn install_fallback_console() {
+    let _ = install(FALLBACK_UART, LevelFilter::Info);
+}
+
+/// A line on the panic/exception path (see `Logger::emergency`).
+pub fn emergency_line(args: core::fmt::Arguments<'_>) {
+    LOGGER.emergency(args);
+}

@@ -1,0 +1,125 @@
+//! EL2 exception vectors. Until guests run, every exception is unexpected: it is reported in
+//! full (class by name, syndrome, addresses, registers) and the machine is powered off, so
+//! Labyrinth never hangs silently.
+
+use core::arch::global_asm;
+use labyrinth::esr::Syndrome;
+
+/// Registers saved by the vector stubs, in the order the assembly stores them.
+#[repr(C)]
+pub struct TrapFrame {
+    pub x: [u64; 31],
+    pub elr: u64,
+    pub spsr: u64,
+    pub esr: u64,
+    pub far: u64,
+    _pad: u64,
+}
+
+const FRAME_SIZE: usize = core::mem::size_of::<TrapFrame>();
+const _: () = assert!(FRAME_SIZE % 16 == 0);
+
+global_asm!(
+    r#"
+.macro VENTRY kind
+    .balign 0x80
+    sub     sp, sp, #{frame}
+    stp     x0, x1, [sp, #0]
+    mov     x0, #\kind
+    b       el2_trap_common
+.endm
+
+    .section .text.vectors, "ax"
+    .balign 0x800
+    .global el2_vectors
+el2_vectors:
+    VENTRY 0
+    VENTRY 1
+    VENTRY 2
+    VENTRY 3
+    VENTRY 4
+    VENTRY 5
+    VENTRY 6
+    VENTRY 7
+    VENTRY 8
+    VENTRY 9
+    VENTRY 10
+    VENTRY 11
+    VENTRY 12
+    VENTRY 13
+    VENTRY 14
+    VENTRY 15
+
+el2_trap_common:
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x19, [sp, #144]
+    stp     x20, x21, [sp, #160]
+    stp     x22, x23, [sp, #176]
+    stp     x24, x25, [sp, #192]
+    stp     x26, x27, [sp, #208]
+    stp     x28, x29, [sp, #224]
+    mrs     x1, elr_el2
+    stp     x30, x1, [sp, #240]
+    mrs     x1, spsr_el2
+    mrs     x2, esr_el2
+    stp     x1, x2, [sp, #256]
+    mrs     x1, far_el2
+    str     x1, [sp, #272]
+    mov     x1, sp
+    bl      el2_unexpected_exception
+1:  wfe
+    b       1b
+"#,
+    frame = const FRAME_SIZE,
+);
+
+const ORIGIN: [&str; 4] = ["EL2 with SP_EL0", "EL2 with SP_EL2", "lower EL (AArch64)", "lower EL (AArch32)"];
+const KIND: [&str; 4] = ["synchronous", "IRQ", "FIQ", "SError"];
+
+#[no_mangle]
+extern "C" fn el2_unexpected_exception(kind: u64, frame: &TrapFrame) -> ! {
+    let origin = ORIGIN[(kind as usize / 4) % 4];
+    let what = KIND[kind as usize % 4];
+    let esr = Syndrome(frame.esr);
+    let line = super::console::emergency_line;
+    line(format_args!("unexpected {what} exception from {origin}"));
+    line(format_args!(
+        "  EC {:#04x} ({}), ESR {:#018x}, ISS {:#09x}",
+        esr.class(),
+        esr.class_name(),
+        frame.esr,
+        esr.iss(),
+    ));
+    if let Some(fsc) = esr.fault_status_name() {
+        line(format_args!("  fault: {fsc}"));
+    }
+    line(format_args!("  FAR {:#018x}  ELR {:#018x}  SPSR {:#018x}", frame.far, frame.elr, frame.spsr));
+    for row in 0..8 {
+        let r = row * 4;
+        let reg = |i: usize| frame.x.get(i).copied();
+        match (reg(r), reg(r + 1), reg(r + 2), reg(r + 3)) {
+            (Some(a), Some(b), Some(c), Some(d)) => line(format_args!(
+                "  x{:<2} {a:#018x}  x{:<2} {b:#018x}  x{:<2} {c:#018x}  x{:<2} {d:#018x}",
+                r,
+                r + 1,
+                r + 2,
+                r + 3
+            )),
+            (Some(a), Some(b), Some(c), None) => line(format_args!(
+                "  x{:<2} {a:#018x}  x{:<2} {b:#018x}  x{:<2} {c:#018x}",
+                r,
+                r + 1,
+                r + 2
+            )),
+            _ => {}
+        }
+    }
+    super::power::power_off()
+}

@@ -1,0 +1,20 @@
+//! aarch64 at EL2 (non-VHE): boot, the EL2 stage-1 map, exception vectors, PSCI, console.
+pub mod boot;
+pub mod console;
+pub mod cpu;
+pub mod exception;
+pub mod mmu;
+pub mod power;
+
+use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTPCT_EL0};
+
+pub use boot::secondary_entry_address;
+
+/// The generic timer's count, for bounded waits.
+pub fn time_now_ticks() -> u64 {
+    CNTPCT_EL0.get()
+}
+
+pub fn ticks_per_second() -> u64 {
+    CNTFRQ_EL0.get().max(1)
+}

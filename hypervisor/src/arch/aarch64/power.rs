@@ -1,0 +1,40 @@
+//! Calls into PSCI firmware: power off, start a CPU. The conduit comes from the device tree.
+//! At EL2 only SMC reaches firmware: an HVC would trap to Labyrinth itself.
+
+use labyrinth::psci::{self, Conduit, PsciError};
+
+/// Whether firmware can be reached through `c` from EL2: an HVC would trap to Labyrinth itself.
+pub fn conduit_usable(c: Conduit) -> bool {
+    c == Conduit::Smc
+}
+
+fn smc(fid: u32, a1: u64, a2: u64, a3: u64) -> u64 {
+    let mut x0 = fid as u64;
+    // SAFETY: an SMC Calling Convention call: firmware may clobber x0-x17, nothing else.
+    unsafe {
+        core::arch::asm!(
+            "smc #0",
+            inout("x0") x0,
+            inout("x1") a1 => _, inout("x2") a2 => _, inout("x3") a3 => _,
+            out("x4") _, out("x5") _, out("x6") _, out("x7") _, out("x8") _, out("x9") _,
+            out("x10") _, out("x11") _, out("x12") _, out("x13") _, out("x14") _, out("x15") _,
+            out("x16") _, out("x17") _,
+            options(nostack),
+        );
+    }
+    x0
+}
+
+/// Starts CPU `mpidr` at physical address `entry` with x0 = `context`.
+pub fn cpu_on(mpidr: u64, entry: u64, context: u64) -> Result<(), PsciError> {
+    psci::result(smc(psci::CPU_ON_64, mpidr, entry, context)).map(|_| ())
+}
+
+/// Powers the machine off through PSCI SYSTEM_OFF; if firmware returns, parks this CPU.
+pub fn power_off() -> ! {
+    smc(psci::SYSTEM_OFF, 0, 0, 0);
+    super::console::emergency_line(format_args!("PSCI SYSTEM_OFF returned: halting this CPU"));
+    loop {
+        aarch64_cpu::asm::wfe();
+    }
+}

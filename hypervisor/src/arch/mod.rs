@@ -1,0 +1,12 @@
+//! The architecture edge. Everything that executes a system instruction, touches a system
+//! register or MMIO, or runs before the MMU is on lives below here; the rest of Labyrinth calls
+//! only what this module re-exports.
+mod aarch64;
+
+pub use aarch64::{
+    console::{emergency_line, init_console, install_fallback_console},
+    cpu::{cpu_index, mpidr, read_cpu_info, CpuInfo, MAX_CPUS},
+    mmu::{map_range, MapKind},
+    power::{conduit_usable, cpu_on, power_off},
+    secondary_entry_address, time_now_ticks, ticks_per_second,
+};
