@@ -5,8 +5,8 @@ mod aarch64;
 
 pub use aarch64::{
     console::{emergency_line, init_console, install_fallback_console},
-    cpu::{cpu_index, mpidr, read_cpu_info, CpuInfo, MAX_CPUS},
+    cpu::{mpidr, read_cpu_info, MAX_CPUS},
     mmu::{map_range, MapKind},
-    power::{conduit_usable, cpu_on, power_off},
-    secondary_entry_address, time_now_ticks, ticks_per_second,
+    power::{cpu_on, park, power_off},
+    image_range, secondary_entry_address, time_now_ticks, ticks_per_second,
 };

@@ -145,7 +145,18 @@ extern "C" fn arch_primary_entry(dtb: u64, dtb_size: u64) -> ! {
     crate::primary_main(dtb, dtb_size)
 }
 
+extern "C" {
+    static __image_start: u8;
+    static __image_end: u8;
+}
+
+/// `[start, end)` of the loaded image, bss and stacks included.
+pub fn image_range() -> (u64, u64) {
+    // SAFETY: linker-defined symbols; only their addresses are taken.
+    unsafe { (&__image_start as *const u8 as u64, &__image_end as *const u8 as u64) }
+}
+
 /// Physical address at which PSCI CPU_ON starts a secondary CPU (identity map: VA = PA).
 pub fn secondary_entry_address() -> u64 {
-    secondary_entry as usize as u64
+    secondary_entry as *const () as u64
 }

@@ -8,7 +8,7 @@ pub mod power;
 
 use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTPCT_EL0};
 
-pub use boot::secondary_entry_address;
+pub use boot::{image_range, secondary_entry_address};
 
 /// The generic timer's count, for bounded waits.
 pub fn time_now_ticks() -> u64 {

@@ -1,12 +1,8 @@
 //! Calls into PSCI firmware: power off, start a CPU. The conduit comes from the device tree.
-//! At EL2 only SMC reaches firmware: an HVC would trap to Labyrinth itself.
+//! At EL2 only SMC reaches firmware (an HVC would trap to Labyrinth itself), so the boot
+//! sequence refuses a device tree that names HVC for starting CPUs.
 
-use labyrinth::psci::{self, Conduit, PsciError};
-
-/// Whether firmware can be reached through `c` from EL2: an HVC would trap to Labyrinth itself.
-pub fn conduit_usable(c: Conduit) -> bool {
-    c == Conduit::Smc
-}
+use labyrinth::psci::{self, PsciError};
 
 fn smc(fid: u32, a1: u64, a2: u64, a3: u64) -> u64 {
     let mut x0 = fid as u64;
@@ -25,15 +21,21 @@ fn smc(fid: u32, a1: u64, a2: u64, a3: u64) -> u64 {
     x0
 }
 
-/// Starts CPU `mpidr` at physical address `entry` with x0 = `context`.
-pub fn cpu_on(mpidr: u64, entry: u64, context: u64) -> Result<(), PsciError> {
-    psci::result(smc(psci::CPU_ON_64, mpidr, entry, context)).map(|_| ())
+/// Starts CPU `mpidr` at physical address `entry` with x0 = `context`, through firmware's
+/// CPU_ON function `fid` (PSCI 0.1 firmware names its own).
+pub fn cpu_on(fid: u32, mpidr: u64, entry: u64, context: u64) -> Result<(), PsciError> {
+    psci::result(smc(fid, mpidr, entry, context)).map(|_| ())
 }
 
 /// Powers the machine off through PSCI SYSTEM_OFF; if firmware returns, parks this CPU.
 pub fn power_off() -> ! {
     smc(psci::SYSTEM_OFF, 0, 0, 0);
     super::console::emergency_line(format_args!("PSCI SYSTEM_OFF returned: halting this CPU"));
+    park()
+}
+
+/// Parks this CPU for good (interrupts are masked, so only an event wakes it, to sleep again).
+pub fn park() -> ! {
     loop {
         aarch64_cpu::asm::wfe();
     }

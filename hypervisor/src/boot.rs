@@ -1,0 +1,172 @@
+//! The boot sequence, after the arch entry code has the MMU on: trust nothing in the device
+//! tree until `dt` has checked it, print the memory map it derives, bring the other CPUs up,
+//! and (until guests exist) power off cleanly. Every refusal names its cause and powers off.
+
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use labyrinth::dt::{self, Conduit, Platform, Region};
+use labyrinth::logger::level_from_bootargs;
+use labyrinth::memmap::{self, MemoryMap};
+use labyrinth::psci;
+use log::{error, info, warn, LevelFilter};
+
+use crate::arch;
+
+/// Free RAM below which Labyrinth refuses to run: room for its frame database, heap and pools.
+const MIN_FREE_RAM: u64 = 16 << 20;
+/// How long the boot CPU waits for the others to report, in milliseconds.
+const CPU_ONLINE_TIMEOUT_MS: u64 = 1000;
+
+/// CPUs that have reached `secondary_main` (the boot CPU counts itself).
+static CPUS_ONLINE: AtomicUsize = AtomicUsize::new(0);
+
+/// Reports why Labyrinth cannot go on, then powers off.
+fn refuse(args: core::fmt::Arguments<'_>) -> ! {
+    error!("{args}");
+    error!("powering off");
+    arch::power_off()
+}
+
+pub fn primary_main(dtb: u64, dtb_size: u64) -> ! {
+    CPUS_ONLINE.store(1, Ordering::Relaxed);
+    if dtb_size == 0 {
+        arch::install_fallback_console();
+        refuse(format_args!(
+            "device tree refused: x0 = {dtb:#x} holds no 8-byte aligned blob with the FDT magic"
+        ));
+    }
+    // SAFETY: the boot map made [dtb, dtb + dtb_size) readable (read-only) and nothing in
+    // Labyrinth ever writes it; it stays mapped for the whole run.
+    let blob: &'static [u8] = unsafe { core::slice::from_raw_parts(dtb as *const u8, dtb_size as usize) };
+    let platform = match dt::parse(blob) {
+        Ok(p) => p,
+        Err(e) => {
+            arch::install_fallback_console();
+            refuse(format_args!("device tree refused: {e}"));
+        }
+    };
+
+    let level = platform.bootargs().and_then(level_from_bootargs).unwrap_or(LevelFilter::Info);
+    match platform.uart() {
+        Some(uart) => {
+            if let Err(e) = arch::init_console(uart.region.base(), level) {
+                arch::install_fallback_console();
+                refuse(format_args!("cannot map the console {}: {e}", uart.node));
+            }
+        }
+        None => {
+            arch::install_fallback_console();
+            warn!("device tree names no PL011: console at QEMU virt's {:#x}", 0x0900_0000);
+        }
+    }
+    let cpu = arch::read_cpu_info();
+    info!(
+        "Labyrinth {} at EL{}, MIDR {:#x}, {}-bit physical addresses",
+        env!("CARGO_PKG_VERSION"),
+        cpu.current_el,
+        cpu.midr,
+        cpu.pa_bits
+    );
+    log::debug!("device tree at {dtb:#x}, {} bytes, bootargs {:?}", platform.total_size(), platform.bootargs());
+
+    let map = memory_map(&platform, dtb);
+    for line in map.lines() {
+        info!("{line}");
+    }
+    // Free RAM is what Labyrinth will hand out (frame database, heap, guests): map it. Reserved
+    // ranges stay unmapped, so no stray pointer reaches firmware or /reserved-memory.
+    for r in map.free() {
+        if let Err(e) = arch::map_range(r.base(), r.end(), arch::MapKind::ReadWrite) {
+            refuse(format_args!("cannot map free RAM {r}: {e}"));
+        }
+    }
+
+    start_secondaries(&platform);
+    crate::selftest::run(platform.bootargs());
+
+    let guests = platform.guests();
+    if guests.is_empty() {
+        info!("no guests configured in /chosen: nothing to run, powering off");
+        arch::power_off();
+    }
+    for g in guests {
+        match g {
+            Ok(g) => info!(
+                "guest {}: {} KiB RAM, {} vCPU(s), kernel at {}",
+                g.name, g.memory_kib, g.cpus, g.kernel.region
+            ),
+            Err(e) => error!("{e}: not started"),
+        }
+    }
+    warn!("this build cannot run guests yet: powering off");
+    arch::power_off()
+}
+
+fn memory_map(platform: &Platform<'static>, dtb: u64) -> MemoryMap<'static> {
+    let (start, end) = arch::image_range();
+    let Some(image) = Region::from_bounds(start, end) else {
+        refuse(format_args!("empty image range {start:#x}-{end:#x}"));
+    };
+    let reservations = match memmap::boot_reservations(platform, image, dtb) {
+        Ok(r) => r,
+        Err(e) => refuse(format_args!("memory map refused: {e}")),
+    };
+    match MemoryMap::build(platform.memory(), reservations.as_slice(), MIN_FREE_RAM) {
+        Ok(m) => m,
+        Err(e) => refuse(format_args!("memory map refused: {e}")),
+    }
+}
+
+/// Starts every CPU the device tree lists through PSCI CPU_ON and waits (bounded) for each to
+/// report. A CPU that fails to start is logged and left off.
+fn start_secondaries(platform: &Platform<'_>) {
+    let cpus = platform.cpus();
+    let Some(psci_node) = platform.psci() else {
+        warn!("no /psci node: only the boot CPU runs");
+        return;
+    };
+    if psci_node.conduit == Conduit::Hvc {
+        warn!("/psci asks for HVC, which traps to Labyrinth itself at EL2: only the boot CPU runs");
+        return;
+    }
+    let fid = psci_node.cpu_on.unwrap_or(psci::CPU_ON_64);
+    let me = arch::mpidr();
+    let mut next_index = 1;
+    let mut started = 1;
+    for c in cpus.iter().filter(|c| c.mpidr != me) {
+        if next_index >= arch::MAX_CPUS {
+            warn!("CPU {:#x}: beyond the {} CPUs Labyrinth runs, left off", c.mpidr, arch::MAX_CPUS);
+            continue;
+        }
+        match arch::cpu_on(fid, c.mpidr, arch::secondary_entry_address(), next_index as u64) {
+            Ok(()) => {
+                next_index += 1;
+                started += 1;
+            }
+            Err(e) => warn!("CPU {:#x}: PSCI CPU_ON failed ({e:?}), left off", c.mpidr),
+        }
+    }
+    let deadline = arch::time_now_ticks() + arch::ticks_per_second() * CPU_ONLINE_TIMEOUT_MS / 1000;
+    while CPUS_ONLINE.load(Ordering::Acquire) < started && arch::time_now_ticks() < deadline {
+        core::hint::spin_loop();
+    }
+    let online = CPUS_ONLINE.load(Ordering::Acquire);
+    if online < started {
+        warn!("{} CPU(s) started but never reported", started - online);
+    }
+    info!("{online} of {} CPUs online", cpus.len());
+}
+
+#[no_mangle]
+extern "C" fn secondary_main(index: usize) -> ! {
+    info!("cpu{index} online, MPIDR {:#x}", arch::mpidr());
+    CPUS_ONLINE.fetch_add(1, Ordering::Release);
+    // Parked until guests give it work.
+    arch::park()
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    arch::emergency_line(format_args!("panic: {info}"));
+    arch::power_off()
+}

@@ -1,0 +1,332 @@
+#!/usr/bin/env python3
+"""QEMU boot tests for Labyrinth: boot build/labyrinth.bin on QEMU's virt machine at EL2 under
+several machine shapes and device trees, and assert on what the console prints.
+
+The expected memory map is computed here, independently of Labyrinth's code: RAM from the device
+tree QEMU generated (read with dtc), the image's placement from the Image header and QEMU's
+loading rule, reservations from the test's own edits, free = RAM minus reservations in pages.
+
+Usage: scripts/boot_tests.py [-k NAME_SUBSTRING] [-v]
+Prints one line per test and closes with 'N passed, N failed'. Exit status 1 on any failure.
+"""
+import argparse
+import os
+import re
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE = os.path.join(ROOT, "build", "labyrinth.bin")
+TIMEOUT = 60  # seconds per boot: a boot takes well under 5 s; a hang fails the test
+PAGE = 4096
+MIB = 1 << 20
+RAM_BASE = 0x4000_0000
+
+
+def qemu_cmd(cpu="cortex-a72", smp=2, mem="1G", extra=()):
+    return ["qemu-system-aarch64", "-M", "virt,virtualization=on,gic-version=3", "-cpu", cpu,
+            "-smp", str(smp), "-m", mem, "-nographic", "-net", "none", *extra]
+
+
+def boot(cpu="cortex-a72", smp=2, mem="1G", dtb=None, append=None):
+    """Boots Labyrinth; returns (exit status or None on timeout, console text)."""
+    extra = ["-kernel", IMAGE]
+    if dtb:
+        extra += ["-dtb", dtb]
+    if append is not None:
+        extra += ["-append", append]
+    try:
+        p = subprocess.run(qemu_cmd(cpu, smp, mem, extra), stdin=subprocess.DEVNULL,
+                           capture_output=True, timeout=TIMEOUT)
+        return p.returncode, p.stdout.decode(errors="replace").replace("\r", "")
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace").replace("\r", "")
+        return None, out
+
+
+def dump_dtb(workdir, name, cpu="cortex-a72", smp=2, mem="1G"):
+    """The device tree QEMU generates for this machine, as dts text."""
+    raw = os.path.join(workdir, name + ".raw.dtb")
+    subprocess.run(qemu_cmd(cpu, smp, mem, ["-machine", "dumpdtb=" + raw]), check=True,
+                   capture_output=True, timeout=TIMEOUT)
+    return subprocess.run(["dtc", "-q", "-I", "dtb", "-O", "dts", raw], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def compile_dts(workdir, name, dts):
+    path = os.path.join(workdir, name + ".dtb")
+    subprocess.run(["dtc", "-q", "-I", "dts", "-O", "dtb", "-o", path, "-"], input=dts,
+                   text=True, check=True, capture_output=True)
+    return path
+
+
+def cells(text):
+    return [int(x, 16) if x.startswith("0x") else int(x) for x in text.split()]
+
+
+def dts_memory(dts):
+    """RAM banks [(base, size)] from the dts memory nodes (QEMU uses 2 address and 2 size cells)."""
+    banks = []
+    for m in re.finditer(r"memory@[0-9a-f]+ \{(.*?)\};", dts, re.S):
+        reg = re.search(r"reg = <([^>]*)>", m.group(1))
+        c = cells(reg.group(1))
+        for i in range(0, len(c), 4):
+            banks.append(((c[i] << 32) | c[i + 1], (c[i + 2] << 32) | c[i + 3]))
+    return sorted(banks)
+
+
+def add_to_root(dts, text):
+    """Inserts nodes just before the root node's closing brace."""
+    idx = dts.rstrip().rfind("};")
+    return dts[:idx] + text + "\n" + dts[idx:]
+
+
+def image_placement(ram_base):
+    """Where QEMU loads an Image: base + text_offset, plus 2 MiB when text_offset < 4 KiB."""
+    with open(IMAGE, "rb") as f:
+        hdr = f.read(64)
+    text_offset, image_size = struct.unpack_from("<QQ", hdr, 8)
+    if text_offset < 4096:
+        text_offset += 2 * MIB
+    return ram_base + text_offset, image_size
+
+
+MAP_LINE = re.compile(r"\] (ram|reserved|free)\s+0x([0-9a-f]+)-0x([0-9a-f]+)\s+\S+ \S+(?:\s+(.*))?$")
+
+
+def parse_map(out):
+    """The memory map Labyrinth printed: {'ram': [(start, end_excl)], 'reserved': [...], 'free': [...]}."""
+    res = {"ram": [], "reserved": [], "free": []}
+    for line in out.splitlines():
+        m = MAP_LINE.search(line)
+        if m:
+            kind, a, b, why = m.group(1), int(m.group(2), 16), int(m.group(3), 16) + 1, m.group(4)
+            res[kind].append((a, b, why or ""))
+    return res
+
+
+def subtract(ranges, holes):
+    """ranges minus holes, each result shrunk inwards to whole pages."""
+    out = []
+    for (a, b) in ranges:
+        pieces = [(a, b)]
+        for (ha, hb) in holes:
+            nxt = []
+            for (x, y) in pieces:
+                if hb <= x or ha >= y:
+                    nxt.append((x, y))
+                    continue
+                if ha > x:
+                    nxt.append((x, ha))
+                if hb < y:
+                    nxt.append((hb, y))
+            pieces = nxt
+        for (x, y) in pieces:
+            x = (x + PAGE - 1) // PAGE * PAGE
+            y = y // PAGE * PAGE
+            if y > x:
+                out.append((x, y))
+    return sorted(out)
+
+
+class Failure(Exception):
+    pass
+
+
+def check(cond, what, out=None):
+    if not cond:
+        raise Failure(what + ("\n--- console ---\n" + out if out is not None else ""))
+
+
+def expect_clean_exit(rc, out):
+    check(rc is not None, "QEMU did not exit within %d s (hang)" % TIMEOUT, out)
+    check(rc == 0, "QEMU exit status %s" % rc, out)
+    check("PSCI SYSTEM_OFF returned" not in out, "power-off failed", out)
+
+
+def expect_map(out, dts, extra_reserved):
+    """Checks the printed map against the device tree and the reservations the test knows of."""
+    got = parse_map(out)
+    ram = [(b, b + s) for (b, s) in dts_memory(dts)]
+    check([(a, b) for (a, b, _) in got["ram"]] == ram,
+          "ram lines %s != device tree memory %s" % (got["ram"], ram), out)
+    img_base, img_size = image_placement(ram[0][0])
+    reserved = [(a, b) for (a, b, _) in got["reserved"]]
+    check((img_base, img_base + img_size) in reserved,
+          "no reservation for the image at %#x+%#x in %s" % (img_base, img_size, got["reserved"]), out)
+    dtb = [(a, b) for (a, b, why) in got["reserved"] if why.startswith("device tree")]
+    check(len(dtb) == 1, "expected exactly one device-tree reservation", out)
+    for (a, b, name) in extra_reserved:
+        hit = [r for r in got["reserved"] if (r[0], r[1]) == (a, b) and name in r[2]]
+        check(hit, "reservation %s %#x-%#x missing from %s" % (name, a, b, got["reserved"]), out)
+    holes = [(img_base, img_base + img_size), dtb[0]] + [(a, b) for (a, b, _) in extra_reserved]
+    want_free = subtract(ram, holes)
+    got_free = [(a, b) for (a, b, _) in got["free"]]
+    check(got_free == want_free, "free %s != expected %s" % (
+        [(hex(a), hex(b)) for a, b in got_free], [(hex(a), hex(b)) for a, b in want_free]), out)
+    total = re.search(r"total: (\d+) (MiB|KiB|B) RAM", out)
+    check(total is not None, "no total line", out)
+
+
+# ---------------------------------------------------------------- the tests
+
+TESTS = []
+
+
+def test(fn):
+    TESTS.append(fn)
+    return fn
+
+
+def standard_boot(wd, name, cpu="cortex-a72", smp=2, mem="1G"):
+    dts = dump_dtb(wd, name, cpu, smp, mem)
+    rc, out = boot(cpu, smp, mem)
+    expect_clean_exit(rc, out)
+    check("Labyrinth" in out and "EL2" in out, "no banner saying EL2", out)
+    expect_map(out, dts, [])
+    for cpu_idx in range(1, smp):
+        check("cpu%d " % cpu_idx in out and "online" in out,
+              "cpu%d never reported online" % cpu_idx, out)
+    check(re.search(r"%d of %d CPUs online" % (smp, smp), out), "not all CPUs online", out)
+    check("no guests configured" in out, "no 'no guests configured' message", out)
+    return out
+
+
+@test
+def boots_with_1g_and_2_cpus(wd):
+    standard_boot(wd, "m1g", mem="1G", smp=2)
+
+
+@test
+def boots_with_3g_and_4_cpus(wd):
+    standard_boot(wd, "m3g", mem="3G", smp=4)
+
+
+@test
+def boots_with_cpu_max(wd):
+    standard_boot(wd, "max", cpu="max", mem="1G", smp=2)
+
+
+@test
+def reserved_memory_and_memreserve_are_honoured(wd):
+    dts = dump_dtb(wd, "rsv")
+    carve = (0x5000_0000, 0x5100_0000)
+    dts = add_to_root(dts, """
+	reserved-memory {
+		#address-cells = <0x02>;
+		#size-cells = <0x02>;
+		ranges;
+		test-carveout@50000000 {
+			reg = <0x00 0x50000000 0x00 0x1000000>;
+			no-map;
+		};
+	};""")
+    dts = dts.replace("/dts-v1/;", "/dts-v1/;\n/memreserve/ 0x60000000 0x200000;", 1)
+    dtb = compile_dts(wd, "rsv", dts)
+    rc, out = boot(dtb=dtb)
+    expect_clean_exit(rc, out)
+    expect_map(out, dts, [(carve[0], carve[1], "test-carveout"),
+                          (0x6000_0000, 0x6020_0000, "/memreserve/")])
+
+
+@test
+def reserved_memory_covering_all_ram_is_refused(wd):
+    dts = dump_dtb(wd, "full")
+    dts = add_to_root(dts, """
+	reserved-memory {
+		#address-cells = <0x02>;
+		#size-cells = <0x02>;
+		ranges;
+		everything@40000000 {
+			reg = <0x00 0x40000000 0x00 0x40000000>;
+		};
+	};""")
+    rc, out = boot(dtb=compile_dts(wd, "full", dts))
+    expect_clean_exit(rc, out)
+    check("not enough free RAM" in out, "no clear refusal naming free RAM", out)
+    check("everything@40000000" in out, "refusal does not name the culprit reservation", out)
+    check("powering off" in out, "no power-off announcement", out)
+    check("no guests configured" not in out, "boot went on after the refusal", out)
+
+
+@test
+def device_tree_without_cpus_is_refused(wd):
+    dts = dump_dtb(wd, "nocpus")
+    dts = re.sub(r"\n\tcpus \{.*?\n\t\};", "", dts, count=1, flags=re.S)
+    check("cpus {" not in dts, "test setup: /cpus still present")
+    rc, out = boot(dtb=compile_dts(wd, "nocpus", dts))
+    expect_clean_exit(rc, out)
+    check("device tree refused" in out and "cpus" in out, "no refusal naming /cpus", out)
+
+
+@test
+def loglevel_from_bootargs(wd):
+    rc, out = boot(append="loglevel=debug")
+    expect_clean_exit(rc, out)
+    check(" DEBUG] " in out, "loglevel=debug printed no debug line", out)
+    rc, out = boot(append="loglevel=warn")
+    expect_clean_exit(rc, out)
+    check(" INFO ] " not in out, "loglevel=warn still printed info lines", out)
+
+
+@test
+def data_abort_at_el2_is_reported_and_powers_off(wd):
+    rc, out = boot(append="labyrinth.selftest=data-abort")
+    expect_clean_exit(rc, out)
+    check("unexpected synchronous exception" in out, "no exception report", out)
+    check("data abort from the same EL" in out, "exception class not named", out)
+    check(re.search(r"FAR 0x0*dead0000", out), "FAR not reported", out)
+    check(re.search(r"x0 +0x", out), "registers not dumped", out)
+
+
+@test
+def stack_overflow_hits_the_guard_page(wd):
+    rc, out = boot(append="labyrinth.selftest=stack-overflow")
+    expect_clean_exit(rc, out)
+    check("unexpected synchronous exception" in out and "data abort" in out,
+          "no report of the guard-page fault", out)
+
+
+@test
+def panic_is_reported_and_powers_off(wd):
+    rc, out = boot(append="labyrinth.selftest=panic")
+    expect_clean_exit(rc, out)
+    check("panic:" in out and "selftest" in out, "no panic message", out)
+
+
+@test
+def text_is_not_writable(wd):
+    rc, out = boot(append="labyrinth.selftest=write-text")
+    expect_clean_exit(rc, out)
+    check("permission fault" in out, "a write to the hypervisor's code did not fault", out)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-k", default="")
+    ap.add_argument("-v", action="store_true")
+    args = ap.parse_args()
+    if not os.path.exists(IMAGE):
+        sys.exit("build/labyrinth.bin missing: run scripts/build.sh")
+    passed = failed = 0
+    with tempfile.TemporaryDirectory() as wd:
+        for t in TESTS:
+            if args.k not in t.__name__:
+                continue
+            t0 = time.time()
+            try:
+                t(wd)
+                passed += 1
+                print("ok    %-50s %5.1fs" % (t.__name__, time.time() - t0), flush=True)
+            except Failure as e:
+                failed += 1
+                print("FAIL  %-50s %5.1fs\n%s" % (t.__name__, time.time() - t0, e), flush=True)
+    print("boot: %d passed, %d failed" % (passed, failed))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
