@@ -6,9 +6,12 @@
 //! the binary's `arch` module owns those edges and hands the core what it needs.
 #![cfg_attr(not(test), no_std)]
 
+extern crate alloc;
+
 pub mod drivers;
 pub mod dt;
 pub mod esr;
+pub mod frame;
 pub mod hyp_map;
 pub mod logger;
 pub mod memmap;

@@ -1,0 +1,452 @@
+//! The frame manager: the frame database, the buddy allocator and the per-CPU pools together,
+//! and every way a frame is handed out or given back after boot.
+//!
+//! It owns the rule that a frame changes hands only through the database's transitions, and
+//! the split between paths:
+//! - atomic (trap handlers, interrupts masked): [`FrameManager::alloc_page_atomic_exclusive`],
+//!   [`FrameManager::alloc_block_atomic_exclusive`], [`FrameManager::return_unused_page_atomic`].
+//!   They touch only pools and tags: no lock, no heap, no zeroing, no cache maintenance, a
+//!   bounded number of steps, and an error instead of waiting.
+//! - slow (boot, idle loop, VM creation and teardown, never in a trap): refill, drain,
+//!   contiguous allocation, release (which scrubs), heap growth, audit. They take the buddy
+//!   allocator's lock, which the atomic path never takes, so a trap that interrupts a slow
+//!   path on the same CPU cannot deadlock.
+//!
+//! Pooled frames are tagged Free, like frames in the buddy allocator: "free" means zeroed,
+//! clean, owned by nobody and held by exactly one of the buddy allocator or one pool. Nobody
+//! can claim a free frame by number after boot (the database's boot marking needs `&mut`, and
+//! the manager owns the database), so a pooled frame cannot be taken behind its pool's back.
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+
+use super::audit::{audit, AuditReport};
+use super::buddy::BuddyFrames;
+use super::db::{unexpected, FrameDb};
+use super::error::{AtomicError, FrameError};
+use super::heap::HeapSink;
+use super::pool::{FramePool, MAX_POOL_CAPACITY};
+use super::scrub::FrameScrubber;
+use super::sync::Ordering;
+use super::tag::{Owner, TAG_FREE, TAG_HYPERVISOR, TAG_SCRUBBING};
+use super::{frames_of, Pfn, BLOCK_FRAMES};
+
+/// Sizes and watermarks of each CPU's pools. A pool below its low watermark is refilled up to
+/// its high watermark; another CPU may take from it only while it is above its low watermark.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct PoolConfig {
+    /// 4 KiB frames each CPU's page pool can hold.
+    pub page_capacity: usize,
+    pub page_low: usize,
+    pub page_high: usize,
+    /// 2 MiB blocks each CPU's block pool can hold (0 disables blocks).
+    pub block_capacity: usize,
+    pub block_low: usize,
+    pub block_high: usize,
+    /// Compare-and-swap attempts on the own pool before the atomic path looks elsewhere (>= 1).
+    pub pop_attempts: u32,
+    /// Other CPUs' pools the atomic path tries, one attempt each, when its own pool fails.
+    pub steal_victims: usize,
+}
+
+impl Default for PoolConfig {
+    /// 512 KiB of pages per CPU at most, refilled below 128 KiB, and one 2 MiB block.
+    fn default() -> Self {
+        PoolConfig {
+            page_capacity: 128,
+            page_low: 32,
+            page_high: 96,
+            block_capacity: 2,
+            block_low: 1,
+            block_high: 1,
+            pop_attempts: 4,
+            steal_victims: 3,
+        }
+    }
+}
+
+impl PoolConfig {
+    fn check(&self) -> Result<(), FrameError> {
+        if self.page_low > self.page_high || self.block_low > self.block_high {
+            return Err(FrameError::BadConfig("low watermark above high"));
+        }
+        if self.page_high > self.page_capacity || self.block_high > self.block_capacity {
+            return Err(FrameError::BadConfig("high watermark above capacity"));
+        }
+        if self.page_capacity > MAX_POOL_CAPACITY || self.block_capacity > MAX_POOL_CAPACITY {
+            return Err(FrameError::BadConfig("capacity above MAX_POOL_CAPACITY"));
+        }
+        if self.pop_attempts == 0 {
+            return Err(FrameError::BadConfig("pop_attempts must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+/// What a refill did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct RefillReport {
+    pub pages_added: usize,
+    pub blocks_added: usize,
+    /// The buddy allocator ran out before the pools reached their high watermarks.
+    pub exhausted: bool,
+}
+
+/// One CPU's pools, on their own cache lines so CPUs popping their own pools never share one.
+#[repr(align(128))]
+pub(crate) struct CpuPools {
+    pub(crate) pages: FramePool,
+    pub(crate) blocks: FramePool,
+}
+
+/// Every host frame, owned: the database, the buddy allocator and the per-CPU pools.
+/// `Sync`: one instance serves every CPU.
+pub struct FrameManager<'a, const ORDER: usize = 32> {
+    db: FrameDb<'a>,
+    pools: Box<[CpuPools]>,
+    config: PoolConfig,
+    buddy: spin::Mutex<BuddyFrames<ORDER>>,
+}
+
+impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
+    /// Takes over the database after boot marking and builds the buddy allocator from
+    /// `free_ranges` (physical `(start, end)`, frame-aligned): they must be disjoint and cover
+    /// exactly the frames tagged Free. Scrubs every free frame once, so "free" means zeroed
+    /// and clean from here on. Needs a working heap (the buddy allocator's free lists live
+    /// there): a bootstrap heap in the image until [`FrameManager::grow_heap`] extends it.
+    pub fn new(
+        db: FrameDb<'a>,
+        free_ranges: &[(u64, u64)],
+        cpus: usize,
+        config: PoolConfig,
+        scrubber: &impl FrameScrubber,
+    ) -> Result<Self, FrameError> {
+        config.check()?;
+        if cpus == 0 {
+            return Err(FrameError::BadConfig("no CPUs"));
+        }
+        let mut buddy = BuddyFrames::new(db.base(), db.end())?;
+
+        let mut ranges = free_ranges.iter().map(|&r| frames_of(r)).collect::<Result<Vec<_>, _>>()?;
+        ranges.sort_unstable();
+        for pair in ranges.windows(2) {
+            if pair[1].0 < pair[0].1 {
+                return Err(FrameError::Overlap(pair[1].0));
+            }
+        }
+        let mut in_ranges = 0;
+        for &(first, end) in &ranges {
+            let frames = (end.0 - first.0) as usize;
+            for (i, cell) in db.cells(first, frames)?.iter().enumerate() {
+                let tag = cell.load(Ordering::Acquire);
+                if tag != TAG_FREE {
+                    return Err(unexpected(first.add(i as u64), TAG_FREE, tag));
+                }
+            }
+            in_ranges += frames;
+        }
+        let tagged_free = db.tags().iter().filter(|c| c.load(Ordering::Acquire) == TAG_FREE).count();
+        if tagged_free != in_ranges {
+            return Err(FrameError::FreeRangesMismatch { tagged_free, in_ranges });
+        }
+
+        for &(first, end) in &ranges {
+            let frames = (end.0 - first.0) as usize;
+            scrubber.scrub(first, frames);
+            buddy.give_back(first, frames)?;
+        }
+        let pools = (0..cpus)
+            .map(|_| CpuPools {
+                pages: FramePool::new(config.page_capacity),
+                blocks: FramePool::new(config.block_capacity),
+            })
+            .collect();
+        Ok(FrameManager { db, pools, config, buddy: spin::Mutex::new(buddy) })
+    }
+
+    /// The database, read-only: [`FrameDb::state`] tells who owns a frame.
+    pub fn db(&self) -> &FrameDb<'a> {
+        &self.db
+    }
+
+    pub fn config(&self) -> &PoolConfig {
+        &self.config
+    }
+
+    pub fn cpus(&self) -> usize {
+        self.pools.len()
+    }
+
+    // ---- The atomic path: trap-safe, lock-free, bounded. ----
+
+    /// Hands one zeroed, clean 4 KiB frame to `owner`, from `cpu`'s pool (or, failing that,
+    /// from another CPU's surplus). Lock-free, no heap, no zeroing, a bounded number of steps;
+    /// callable from a trap handler with interrupts masked. [`AtomicError::Empty`] means: leave
+    /// the trap, [`FrameManager::refill`], retry.
+    #[inline]
+    pub fn alloc_page_atomic_exclusive(&self, cpu: usize, owner: Owner) -> Result<Pfn, AtomicError> {
+        if let Some(pools) = self.pools.get(cpu) {
+            if let Some(pfn) = pools.pages.pop(self.config.pop_attempts) {
+                return self.claim_popped_page(pfn, owner);
+            }
+        }
+        self.alloc_page_from_other_cpus(cpu, owner)
+    }
+
+    /// Hands one zeroed, clean, 2 MiB-aligned block of 512 frames to `owner`, all claimed
+    /// together or none. Same guarantees as the page path; [`AtomicError::Empty`] means no
+    /// block was at hand (map 4 KiB pages instead, or refill and retry).
+    pub fn alloc_block_atomic_exclusive(&self, cpu: usize, owner: Owner) -> Result<Pfn, AtomicError> {
+        let pools = self.pools.get(cpu).ok_or(AtomicError::InvalidCpu)?;
+        let first = match pools.blocks.pop(self.config.pop_attempts) {
+            Some(first) => first,
+            None => self.pop_from_other_cpus(cpu, |p| &p.blocks, self.config.block_low)?,
+        };
+        let cells = self.db.cells(Pfn(first), BLOCK_FRAMES).map_err(|_| AtomicError::Inconsistent)?;
+        for (i, cell) in cells.iter().enumerate() {
+            // Release: as for a page (see `FrameDb::claim_held`).
+            if cell.compare_exchange(TAG_FREE, owner.tag(), Ordering::Release, Ordering::Relaxed).is_err() {
+                for done in &cells[..i] {
+                    let _ = done.compare_exchange(owner.tag(), TAG_FREE, Ordering::Release, Ordering::Relaxed);
+                }
+                return Err(AtomicError::Inconsistent);
+            }
+        }
+        Ok(Pfn(first))
+    }
+
+    /// Gives back a frame `owner` got from the atomic path and never used (never mapped, never
+    /// written: still zero and clean), e.g. a table page for a fault another CPU resolved
+    /// first. It goes straight back into `cpu`'s pool. Frames that may have been written must
+    /// go through [`FrameManager::release`], which scrubs. Nothing changes on error.
+    pub fn return_unused_page_atomic(&self, cpu: usize, pfn: Pfn, owner: Owner) -> Result<(), AtomicError> {
+        let pools = self.pools.get(cpu).ok_or(AtomicError::InvalidCpu)?;
+        let filler = pools.pages.filler().ok_or(AtomicError::Busy)?;
+        // Only pops can run while we hold the filler, so room now means room at the push.
+        if pools.pages.len() >= pools.pages.capacity() {
+            return Err(AtomicError::Full);
+        }
+        let cell = self.db.cell(pfn.0).ok_or(AtomicError::NotOwner)?;
+        // Acquire: the owner's use of the frame is over before it is free; the push publishes.
+        cell.compare_exchange(owner.tag(), TAG_FREE, Ordering::Acquire, Ordering::Relaxed)
+            .map_err(|_| AtomicError::NotOwner)?;
+        if filler.push(pfn.0).is_err() {
+            let _ = cell.compare_exchange(TAG_FREE, owner.tag(), Ordering::Relaxed, Ordering::Relaxed);
+            return Err(AtomicError::Full);
+        }
+        Ok(())
+    }
+
+    /// Whether `cpu`'s pools are below a low watermark: call [`FrameManager::refill`] soon,
+    /// outside the trap. Lock-free.
+    pub fn needs_refill(&self, cpu: usize) -> bool {
+        match self.pools.get(cpu) {
+            Some(p) => p.pages.len() < self.config.page_low || p.blocks.len() < self.config.block_low,
+            None => false,
+        }
+    }
+
+    #[inline(always)]
+    fn claim_popped_page(&self, pfn: u64, owner: Owner) -> Result<Pfn, AtomicError> {
+        if self.db.claim_held(pfn, owner) {
+            Ok(Pfn(pfn))
+        } else {
+            Err(AtomicError::Inconsistent)
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn alloc_page_from_other_cpus(&self, cpu: usize, owner: Owner) -> Result<Pfn, AtomicError> {
+        let pfn = self.pop_from_other_cpus(cpu, |p| &p.pages, self.config.page_low)?;
+        self.claim_popped_page(pfn, owner)
+    }
+
+    /// One pop attempt on each of up to `steal_victims` other CPUs' pools that are above their
+    /// low watermark (their surplus), then give up.
+    fn pop_from_other_cpus(
+        &self,
+        cpu: usize,
+        pool_of: impl Fn(&CpuPools) -> &FramePool,
+        low: usize,
+    ) -> Result<u64, AtomicError> {
+        let cpus = self.pools.len();
+        if cpu >= cpus {
+            return Err(AtomicError::InvalidCpu);
+        }
+        for step in 1..cpus.min(self.config.steal_victims.saturating_add(1)) {
+            let Some(victim) = self.pools.get((cpu + step) % cpus) else { break };
+            let pool = pool_of(victim);
+            if pool.len() > low {
+                if let Some(value) = pool.pop(1) {
+                    return Ok(value);
+                }
+            }
+        }
+        Err(AtomicError::Empty)
+    }
+
+    // ---- The slow paths: never in a trap. ----
+
+    /// Tops `cpu`'s pools up from the buddy allocator if they are below their low watermarks,
+    /// to their high watermarks. Slow path: takes the buddy lock and may use the heap. Frames
+    /// come from the buddy allocator already zeroed and clean, so no scrubbing here.
+    pub fn refill(&self, cpu: usize) -> Result<RefillReport, FrameError> {
+        let pools = self.pools.get(cpu).ok_or(FrameError::InvalidCpu(cpu))?;
+        let pages = pools.pages.filler().ok_or(FrameError::PoolBusy)?;
+        let blocks = pools.blocks.filler().ok_or(FrameError::PoolBusy)?;
+        let mut buddy = self.buddy.lock();
+        let mut report = RefillReport::default();
+
+        if pools.pages.len() < self.config.page_low {
+            'fill: while pools.pages.len() < self.config.page_high {
+                // Take the largest chunk still wanted, so one CPU's frames (and tags) sit together.
+                let mut chunk = prev_power_of_two(self.config.page_high - pools.pages.len());
+                let first = loop {
+                    match buddy.alloc(chunk) {
+                        Ok(first) => break first,
+                        Err(_) if chunk > 1 => chunk /= 2,
+                        Err(_) => {
+                            report.exhausted = true;
+                            break 'fill;
+                        }
+                    }
+                };
+                for i in 0..chunk as u64 {
+                    if pages.push(first.0 + i).is_err() {
+                        // Cannot happen (we are the only pusher, below capacity); keep the rest.
+                        buddy.give_back(first.add(i), chunk - i as usize)?;
+                        break 'fill;
+                    }
+                    report.pages_added += 1;
+                }
+            }
+        }
+        if pools.blocks.len() < self.config.block_low {
+            while pools.blocks.len() < self.config.block_high {
+                let Ok(first) = buddy.alloc(BLOCK_FRAMES) else {
+                    report.exhausted = true;
+                    break;
+                };
+                if blocks.push(first.0).is_err() {
+                    buddy.give_back(first, BLOCK_FRAMES)?;
+                    break;
+                }
+                report.blocks_added += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Empties `cpu`'s pools back into the buddy allocator (CPU going offline, memory
+    /// pressure, tests). Returns the number of frames moved.
+    pub fn drain(&self, cpu: usize) -> Result<usize, FrameError> {
+        let pools = self.pools.get(cpu).ok_or(FrameError::InvalidCpu(cpu))?;
+        // Holding both tokens keeps refills of this CPU out while we empty it.
+        let _pages = pools.pages.filler().ok_or(FrameError::PoolBusy)?;
+        let _blocks = pools.blocks.filler().ok_or(FrameError::PoolBusy)?;
+        let mut buddy = self.buddy.lock();
+        let mut moved = 0;
+        for (pool, frames) in [(&pools.pages, 1), (&pools.blocks, BLOCK_FRAMES)] {
+            while pool.len() > 0 {
+                // Popped frames are ours alone and tagged Free: exactly what the buddy takes.
+                if let Some(first) = pool.pop(u32::MAX) {
+                    buddy.give_back(Pfn(first), frames)?;
+                    moved += frames;
+                }
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Allocates `frames` contiguous frames (a power of two, aligned to it) for `owner` from
+    /// the buddy allocator: stage-2 root tables, guest images at VM creation. Slow path.
+    pub fn alloc_contiguous(&self, frames: usize, owner: Owner) -> Result<Pfn, FrameError> {
+        let mut buddy = self.buddy.lock();
+        let first = buddy.alloc(frames)?;
+        if let Err(err) = self.db.transition(first, frames, TAG_FREE, owner.tag()) {
+            buddy.give_back(first, frames)?;
+            return Err(err);
+        }
+        Ok(first)
+    }
+
+    /// Gives back `frames` frames from `first`, owned by `owner`: checks every frame is
+    /// `owner`'s (a wrong owner, a double free, a hole or a frame outside the database is an
+    /// error that changes nothing), marks them Scrubbing, zeroes and cleans them, then frees
+    /// them into the buddy allocator. The caller has already unmapped them (and invalidated
+    /// the TLBs). Slow path.
+    pub fn release(
+        &self,
+        first: Pfn,
+        frames: usize,
+        owner: Owner,
+        scrubber: &impl FrameScrubber,
+    ) -> Result<(), FrameError> {
+        self.db.transition(first, frames, owner.tag(), TAG_SCRUBBING)?;
+        scrubber.scrub(first, frames);
+        // Free them under the buddy lock, so an audit (which holds it) never sees them free
+        // but held by no one.
+        let mut buddy = self.buddy.lock();
+        self.db.transition(first, frames, TAG_SCRUBBING, TAG_FREE)?;
+        buddy.give_back(first, frames)
+    }
+
+    /// Carves `frames` contiguous frames (a power of two) from the buddy allocator, tags them
+    /// Hypervisor and hands them to the heap through `heap`. Returns the physical range.
+    /// Slow path; never from inside the heap's own allocation path (see [`HeapSink`]).
+    pub fn grow_heap(&self, frames: usize, heap: &mut impl HeapSink) -> Result<(u64, u64), FrameError> {
+        let first = {
+            let mut buddy = self.buddy.lock();
+            let first = buddy.alloc(frames)?;
+            if let Err(err) = self.db.transition(first, frames, TAG_FREE, TAG_HYPERVISOR) {
+                buddy.give_back(first, frames)?;
+                return Err(err);
+            }
+            first
+        };
+        let range = (first.phys(), first.add(frames as u64).phys());
+        heap.add_region(range.0, range.1);
+        Ok(range)
+    }
+
+    /// Free frames held by the buddy allocator and all pools.
+    pub fn free_frames(&self) -> usize {
+        let buddy = self.buddy.lock().free_frames();
+        let pooled: usize =
+            self.pools.iter().map(|p| p.pages.len() + p.blocks.len() * BLOCK_FRAMES).sum();
+        buddy + pooled
+    }
+
+    /// The buddy allocator's lock, for tests that must hold it.
+    #[cfg(test)]
+    pub(crate) fn buddy_for_test(&self) -> spin::MutexGuard<'_, BuddyFrames<ORDER>> {
+        self.buddy.lock()
+    }
+
+    /// Holds `cpu`'s page pool fill token, as an interrupted refill would.
+    #[cfg(test)]
+    pub(crate) fn pool_filler_for_test(&self, cpu: usize) -> super::pool::Filler<'_> {
+        self.pools[cpu].pages.filler().unwrap()
+    }
+
+    /// The entries of `cpu`'s page (or block) pool, bottom to top.
+    #[cfg(test)]
+    pub(crate) fn pool_snapshot_for_test(&self, cpu: usize, blocks: bool, out: &mut Vec<u64>) {
+        let pools = &self.pools[cpu];
+        let _ = if blocks { pools.blocks.snapshot(out) } else { pools.pages.snapshot(out) };
+    }
+
+    /// Walks the database, the buddy allocator and every pool and checks that each frame has
+    /// exactly one state and that everything held as free is tagged free; with a scrubber,
+    /// also that held free frames read zero. Slow path (takes the buddy lock, uses the heap).
+    /// Exact when no other CPU is allocating; see [`AuditReport::is_exact`].
+    pub fn audit(&self, scrubber: Option<&dyn FrameScrubber>) -> AuditReport {
+        let mut buddy = self.buddy.lock();
+        audit(&self.db, &mut buddy, &self.pools, scrubber)
+    }
+}
+
+fn prev_power_of_two(n: usize) -> usize {
+    1 << (usize::BITS - 1 - n.leading_zeros())
+}

@@ -1,0 +1,656 @@
+//! Unit tests of the frame manager: one behaviour each, over the standard rig (fake RAM).
+
+use std::collections::BTreeSet;
+use std::sync::mpsc;
+use std::time::Duration;
+use std::vec::Vec;
+
+use super::sync::Ordering;
+use super::tag::{TAG_FREE, TAG_HYPERVISOR};
+use super::testing::*;
+use super::*;
+
+/// Small pools: 8 pages (refill below 2, up to 6) and one block per CPU.
+fn small() -> PoolConfig {
+    PoolConfig {
+        page_capacity: 8,
+        page_low: 2,
+        page_high: 6,
+        block_capacity: 1,
+        block_low: 1,
+        block_high: 1,
+        pop_attempts: 4,
+        steal_victims: 3,
+    }
+}
+
+fn filled(total: usize, cpus: usize) -> Rig {
+    let rig = rig(total, cpus, small());
+    for cpu in 0..cpus {
+        rig.frames.refill(cpu).unwrap();
+    }
+    rig
+}
+
+fn state(rig: &Rig, pfn: Pfn) -> FrameState {
+    rig.frames.db().state(pfn).unwrap()
+}
+
+fn hypervisor_image() -> std::ops::Range<u64> {
+    RAM_BASE >> 12..(RAM_BASE >> 12) + HYP_FRAMES as u64
+}
+
+// ---- Construction ----
+
+// Boot scrubs every free frame and nothing else: the image and firmware keep their contents.
+#[test]
+fn new_scrubs_every_free_frame_only() {
+    let rig = rig(64, 1, small());
+    assert_eq!(rig.ram.scrubbed(), 64 - HYP_FRAMES - RESERVED_FRAMES);
+    assert!(rig.ram.reads_zero(FIRST_FREE));
+    assert!(rig.ram.reads_zero(FIRST_FREE.add(53)));
+    assert_eq!(rig.ram.read(Pfn(RAM_BASE >> 12)), GARBAGE);
+}
+
+fn boot_db(total: usize) -> (FrameDb<'static>, FakeRam, u64) {
+    let end = RAM_BASE + total as u64 * FRAME_SIZE;
+    let mut db = FrameDb::new(leak_tags(total), Pfn(RAM_BASE >> 12), &[(RAM_BASE, end)]).unwrap();
+    db.mark_hypervisor((RAM_BASE, RAM_BASE + 0x1000)).unwrap();
+    (db, FakeRam::new(Pfn(RAM_BASE >> 12), total), end)
+}
+
+// A free range covering a hypervisor frame is refused.
+#[test]
+fn new_rejects_free_range_over_hypervisor_frame() {
+    let (db, ram, end) = boot_db(16);
+    let err = FrameManager::<32>::new(db, &[(RAM_BASE, end)], 1, small(), &ram).err();
+    assert_eq!(
+        err,
+        Some(FrameError::WrongState {
+            pfn: Pfn(RAM_BASE >> 12),
+            expected: FrameState::Free,
+            found: FrameState::Hypervisor
+        })
+    );
+}
+
+// Overlapping free ranges are refused (the allocator would hold frames twice).
+#[test]
+fn new_rejects_overlapping_free_ranges() {
+    let (db, ram, end) = boot_db(16);
+    let ranges = [(RAM_BASE + 0x1000, RAM_BASE + 0x5000), (RAM_BASE + 0x4000, end)];
+    let err = FrameManager::<32>::new(db, &ranges, 1, small(), &ram).err();
+    assert_eq!(err, Some(FrameError::Overlap(Pfn((RAM_BASE >> 12) + 4))));
+}
+
+// Free ranges that leave a free-tagged frame out are refused (it would be free and unheld).
+#[test]
+fn new_rejects_free_ranges_missing_free_frames() {
+    let (db, ram, end) = boot_db(16);
+    let err = FrameManager::<32>::new(db, &[(RAM_BASE + 0x2000, end)], 1, small(), &ram).err();
+    assert_eq!(err, Some(FrameError::FreeRangesMismatch { tagged_free: 15, in_ranges: 14 }));
+}
+
+// A database too large for the allocator's ORDER is refused rather than risking lost blocks.
+#[test]
+fn new_rejects_span_too_large_for_order() {
+    let (db, ram, end) = boot_db(1024);
+    let err = FrameManager::<10>::new(db, &[(RAM_BASE + 0x1000, end)], 1, small(), &ram).err();
+    assert_eq!(err, Some(FrameError::SpanTooLarge { frames: 1024, max: 512 }));
+}
+
+// Inconsistent watermarks and zero CPUs are refused.
+#[test]
+fn new_rejects_bad_config() {
+    for config in [
+        PoolConfig { page_low: 7, page_high: 6, ..small() },
+        PoolConfig { page_high: 9, ..small() },
+        PoolConfig { block_high: 2, ..small() },
+        PoolConfig { pop_attempts: 0, ..small() },
+        PoolConfig { page_capacity: MAX_POOL_CAPACITY + 1, page_high: 0, page_low: 0, ..small() },
+    ] {
+        let (db, ram, end) = boot_db(16);
+        let err = FrameManager::<32>::new(db, &[(RAM_BASE + 0x1000, end)], 1, config, &ram).err();
+        assert!(matches!(err, Some(FrameError::BadConfig(_))), "{config:?}: {err:?}");
+    }
+    let (db, ram, end) = boot_db(16);
+    let err = FrameManager::<32>::new(db, &[(RAM_BASE + 0x1000, end)], 0, small(), &ram).err();
+    assert_eq!(err, Some(FrameError::BadConfig("no CPUs")));
+}
+
+// ---- The atomic page path ----
+
+// A handed-out frame is tagged for its owner, reads zero, and is not the hypervisor's.
+#[test]
+fn atomic_alloc_hands_out_zeroed_frame_for_owner() {
+    let rig = filled(64, 1);
+    let pfn = rig.frames.alloc_page_atomic_exclusive(0, guest(3)).unwrap();
+    assert_eq!(state(&rig, pfn), FrameState::Guest(vm(3)));
+    assert!(rig.ram.reads_zero(pfn));
+    assert!(!hypervisor_image().contains(&pfn.0));
+}
+
+// An empty pool (never refilled, no other CPU) is an error, not a panic or a wait.
+#[test]
+fn atomic_alloc_on_empty_pool_is_an_error() {
+    let rig = rig(64, 1, small());
+    assert_eq!(rig.frames.alloc_page_atomic_exclusive(0, guest(1)), Err(AtomicError::Empty));
+}
+
+// An unknown CPU index is an error.
+#[test]
+fn atomic_alloc_rejects_unknown_cpu() {
+    let rig = filled(64, 2);
+    assert_eq!(rig.frames.alloc_page_atomic_exclusive(2, guest(1)), Err(AtomicError::InvalidCpu));
+    assert_eq!(rig.frames.alloc_block_atomic_exclusive(9, guest(1)), Err(AtomicError::InvalidCpu));
+}
+
+// The pool runs dry after exactly its high watermark, with distinct frames.
+#[test]
+fn atomic_alloc_hands_out_each_pooled_frame_once() {
+    let rig = rig(64, 1, small());
+    rig.frames.refill(0).unwrap();
+    let got: Vec<Pfn> = (0..6).map(|_| rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap()).collect();
+    assert_eq!(got.iter().collect::<BTreeSet<_>>().len(), 6);
+    assert_eq!(rig.frames.alloc_page_atomic_exclusive(0, guest(1)), Err(AtomicError::Empty));
+}
+
+// A CPU with an empty pool takes from another CPU's surplus.
+#[test]
+fn atomic_alloc_takes_other_cpus_surplus() {
+    let rig = rig(64, 2, small());
+    rig.frames.refill(1).unwrap();
+    let pfn = rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
+    assert_eq!(state(&rig, pfn), FrameState::Guest(vm(1)));
+    assert_eq!(rig.frames.needs_refill(0), true);
+}
+
+// Another CPU's pool at or below its low watermark is left alone.
+#[test]
+fn atomic_alloc_leaves_others_low_pools_alone() {
+    let rig = rig(64, 2, small());
+    rig.frames.refill(1).unwrap();
+    for _ in 0..4 {
+        rig.frames.alloc_page_atomic_exclusive(1, guest(1)).unwrap(); // cpu 1 down to 2 = low
+    }
+    assert_eq!(rig.frames.alloc_page_atomic_exclusive(0, guest(1)), Err(AtomicError::Empty));
+    assert!(rig.frames.alloc_page_atomic_exclusive(1, guest(1)).is_ok());
+}
+
+// The atomic path never takes the buddy lock: it completes while another holder keeps it.
+#[test]
+fn atomic_paths_complete_while_buddy_lock_is_held() {
+    let rig = filled(2048, 1);
+    let _held = rig.frames.buddy_for_test();
+    let (done, finished) = mpsc::channel();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let page = rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
+            rig.frames.return_unused_page_atomic(0, page, guest(1)).unwrap();
+            let block = rig.frames.alloc_block_atomic_exclusive(0, guest(1)).unwrap();
+            done.send(block).unwrap();
+        });
+        let result = finished.recv_timeout(Duration::from_secs(10));
+        assert!(result.is_ok(), "the atomic path waited on the buddy lock");
+    });
+}
+
+// A pooled frame someone took behind the pool's back is reported, and keeps its owner.
+#[test]
+fn atomic_alloc_reports_pooled_frame_that_is_not_free() {
+    let rig = filled(64, 1);
+    let mut pooled = Vec::new();
+    rig.frames.pool_snapshot_for_test(0, false, &mut pooled);
+    let top = Pfn(*pooled.last().unwrap());
+    rig.frames.db().cell(top.0).unwrap().store(TAG_HYPERVISOR, Ordering::Relaxed);
+    assert_eq!(rig.frames.alloc_page_atomic_exclusive(0, guest(1)), Err(AtomicError::Inconsistent));
+    assert_eq!(state(&rig, top), FrameState::Hypervisor);
+}
+
+// ---- Returning untouched frames ----
+
+// An unused frame goes back to the pool, free, and is the next one handed out.
+#[test]
+fn return_unused_puts_frame_back_on_top() {
+    let rig = filled(64, 1);
+    let pfn = rig.frames.alloc_page_atomic_exclusive(0, page_table(2)).unwrap();
+    rig.frames.return_unused_page_atomic(0, pfn, page_table(2)).unwrap();
+    assert_eq!(state(&rig, pfn), FrameState::Free);
+    assert_eq!(rig.frames.alloc_page_atomic_exclusive(0, guest(5)), Ok(pfn));
+}
+
+// Returning a frame one does not own is refused and changes nothing.
+#[test]
+fn return_unused_by_wrong_owner_is_refused() {
+    let rig = filled(64, 1);
+    let pfn = rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
+    assert_eq!(rig.frames.return_unused_page_atomic(0, pfn, guest(2)), Err(AtomicError::NotOwner));
+    assert_eq!(rig.frames.return_unused_page_atomic(0, Pfn(RAM_BASE >> 12), guest(1)), Err(AtomicError::NotOwner));
+    assert_eq!(rig.frames.return_unused_page_atomic(0, Pfn(1), guest(1)), Err(AtomicError::NotOwner));
+    assert_eq!(state(&rig, pfn), FrameState::Guest(vm(1)));
+}
+
+// Returning twice is refused the second time.
+#[test]
+fn return_unused_twice_is_refused() {
+    let rig = filled(64, 1);
+    let pfn = rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
+    rig.frames.return_unused_page_atomic(0, pfn, guest(1)).unwrap();
+    assert_eq!(rig.frames.return_unused_page_atomic(0, pfn, guest(1)), Err(AtomicError::NotOwner));
+    assert!(rig.frames.audit(Some(&rig.ram)).is_exact());
+}
+
+// A full pool refuses a returned frame, which stays with its owner.
+#[test]
+fn return_unused_to_full_pool_is_refused() {
+    let rig = rig(64, 1, PoolConfig { page_high: 8, ..small() });
+    let pfn = rig.frames.alloc_contiguous(1, guest(1)).unwrap();
+    rig.frames.refill(0).unwrap();
+    assert_eq!(rig.frames.return_unused_page_atomic(0, pfn, guest(1)), Err(AtomicError::Full));
+    assert_eq!(state(&rig, pfn), FrameState::Guest(vm(1)));
+}
+
+// While a refill of the pool is under way (the trap interrupted it), returning is refused.
+#[test]
+fn return_unused_during_refill_is_busy() {
+    let rig = filled(64, 1);
+    let pfn = rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
+    let _refilling = rig.frames.pool_filler_for_test(0);
+    assert_eq!(rig.frames.return_unused_page_atomic(0, pfn, guest(1)), Err(AtomicError::Busy));
+    assert_eq!(state(&rig, pfn), FrameState::Guest(vm(1)));
+}
+
+// ---- 2 MiB blocks ----
+
+// A block is 512 aligned frames, all tagged for the owner, all zero.
+#[test]
+fn atomic_block_is_aligned_owned_and_zero() {
+    let rig = filled(2048, 1);
+    let first = rig.frames.alloc_block_atomic_exclusive(0, guest(4)).unwrap();
+    assert_eq!(first.0 % BLOCK_FRAMES as u64, 0);
+    for i in 0..BLOCK_FRAMES as u64 {
+        assert_eq!(state(&rig, first.add(i)), FrameState::Guest(vm(4)));
+        assert!(rig.ram.reads_zero(first.add(i)));
+    }
+}
+
+// No block at hand is an error the caller can act on (map pages instead).
+#[test]
+fn atomic_block_without_blocks_is_empty() {
+    let small_ram = filled(256, 1); // too small for any 2 MiB block
+    assert_eq!(small_ram.frames.alloc_block_atomic_exclusive(0, guest(1)), Err(AtomicError::Empty));
+    let rig = rig(2048, 1, PoolConfig { block_capacity: 0, block_low: 0, block_high: 0, ..small() });
+    rig.frames.refill(0).unwrap();
+    assert_eq!(rig.frames.alloc_block_atomic_exclusive(0, guest(1)), Err(AtomicError::Empty));
+}
+
+// A block whose last frame is not free is refused whole: none of its frames change owner.
+#[test]
+fn atomic_block_is_all_or_nothing() {
+    let rig = filled(2048, 1);
+    let mut pooled = Vec::new();
+    rig.frames.pool_snapshot_for_test(0, true, &mut pooled);
+    let first = Pfn(pooled[0]);
+    let last = first.add(BLOCK_FRAMES as u64 - 1);
+    rig.frames.db().cell(last.0).unwrap().store(TAG_HYPERVISOR, Ordering::Relaxed);
+    assert_eq!(rig.frames.alloc_block_atomic_exclusive(0, guest(1)), Err(AtomicError::Inconsistent));
+    for i in 0..BLOCK_FRAMES as u64 - 1 {
+        assert_eq!(state(&rig, first.add(i)), FrameState::Free);
+    }
+}
+
+// A CPU without a block takes another CPU's surplus block.
+#[test]
+fn atomic_block_takes_other_cpus_surplus() {
+    let rig = rig(4096, 2, PoolConfig { block_capacity: 2, block_high: 2, ..small() });
+    rig.frames.refill(1).unwrap();
+    assert!(rig.frames.alloc_block_atomic_exclusive(0, guest(1)).is_ok());
+    assert_eq!(rig.frames.alloc_block_atomic_exclusive(0, guest(1)), Err(AtomicError::Empty));
+}
+
+// ---- Release ----
+
+// Released frames are scrubbed before they are free: the next owner reads zero.
+#[test]
+fn release_scrubs_before_freeing() {
+    let rig = filled(64, 1);
+    let pfn = rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
+    rig.ram.write(pfn, 0xdead);
+    let free_before = rig.frames.free_frames();
+    rig.frames.release(pfn, 1, guest(1), &rig.ram).unwrap();
+    assert_eq!(state(&rig, pfn), FrameState::Free);
+    assert!(rig.ram.reads_zero(pfn));
+    assert_eq!(rig.frames.free_frames(), free_before + 1);
+}
+
+// Releasing someone else's frame is refused, and neither the tag nor the data change.
+#[test]
+fn release_by_wrong_owner_changes_nothing() {
+    let rig = filled(64, 1);
+    let pfn = rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
+    rig.ram.write(pfn, 0xdead);
+    let err = rig.frames.release(pfn, 1, guest(2), &rig.ram).err();
+    assert_eq!(
+        err,
+        Some(FrameError::WrongState { pfn, expected: FrameState::Guest(vm(2)), found: FrameState::Guest(vm(1)) })
+    );
+    assert_eq!(state(&rig, pfn), FrameState::Guest(vm(1)));
+    assert_eq!(rig.ram.read(pfn), 0xdead);
+}
+
+// A double free is refused the second time.
+#[test]
+fn double_release_is_refused() {
+    let rig = filled(64, 1);
+    let pfn = rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
+    rig.frames.release(pfn, 1, guest(1), &rig.ram).unwrap();
+    let free = rig.frames.free_frames();
+    let err = rig.frames.release(pfn, 1, guest(1), &rig.ram).err();
+    assert_eq!(err, Some(FrameError::WrongState { pfn, expected: FrameState::Guest(vm(1)), found: FrameState::Free }));
+    assert_eq!(rig.frames.free_frames(), free);
+    assert!(rig.frames.audit(Some(&rig.ram)).is_exact());
+}
+
+// After a refused double free the frame is still handed out only once.
+#[test]
+fn double_release_never_duplicates_a_frame() {
+    let rig = rig(64, 1, small());
+    let pfn = rig.frames.alloc_contiguous(1, guest(1)).unwrap();
+    rig.frames.release(pfn, 1, guest(1), &rig.ram).unwrap();
+    let _ = rig.frames.release(pfn, 1, guest(1), &rig.ram);
+    let mut seen = BTreeSet::new();
+    while let Ok(p) = rig.frames.alloc_contiguous(1, guest(2)) {
+        assert!(seen.insert(p), "{p} handed out twice");
+    }
+    assert_eq!(seen.len(), 64 - HYP_FRAMES - RESERVED_FRAMES);
+}
+
+// Frames outside the database, in holes, or firmware/hypervisor frames cannot be released.
+#[test]
+fn release_of_foreign_frames_is_refused() {
+    let rig = filled(64, 1);
+    let end = FIRST_FREE.add(64);
+    assert_eq!(rig.frames.release(end, 1, guest(1), &rig.ram), Err(FrameError::OutOfRange(end)));
+    let image = Pfn(RAM_BASE >> 12);
+    assert!(matches!(rig.frames.release(image, 1, guest(1), &rig.ram), Err(FrameError::WrongState { .. })));
+    let firmware = Pfn((RAM_BASE >> 12) + HYP_FRAMES as u64);
+    assert!(matches!(rig.frames.release(firmware, 1, Owner::HYPERVISOR, &rig.ram), Err(FrameError::WrongState { .. })));
+    assert_eq!(rig.ram.read(image), GARBAGE, "refused release must not scrub");
+}
+
+// A hole between banks is not RAM for release either.
+#[test]
+fn release_in_hole_is_not_ram() {
+    let banks = [(RAM_BASE, RAM_BASE + 0x10_000), (RAM_BASE + 0x20_000, RAM_BASE + 0x30_000)];
+    let (base, len) = FrameDb::span_of(&banks).unwrap();
+    let db = FrameDb::new(leak_tags(len), base, &banks).unwrap();
+    let ram = FakeRam::new(base, len);
+    let frames = FrameManager::<32>::new(db, &banks, 1, small(), &ram).unwrap();
+    let hole = base.add(0x18);
+    assert_eq!(frames.release(hole, 1, guest(1), &ram), Err(FrameError::NotRam(hole)));
+}
+
+// A range only partly owned by the caller is refused whole.
+#[test]
+fn release_of_partly_owned_range_changes_nothing() {
+    let rig = filled(64, 1);
+    let first = rig.frames.alloc_contiguous(4, guest(1)).unwrap();
+    rig.frames.release(first.add(2), 1, guest(1), &rig.ram).unwrap();
+    rig.ram.write(first, 0xbeef);
+    assert!(rig.frames.release(first, 4, guest(1), &rig.ram).is_err());
+    for i in [0, 1, 3] {
+        assert_eq!(state(&rig, first.add(i)), FrameState::Guest(vm(1)));
+    }
+    assert_eq!(rig.ram.read(first), 0xbeef);
+}
+
+// A released block comes back whole: it can be handed out as a block again.
+#[test]
+fn released_block_is_a_block_again() {
+    let rig = rig(1024 + 16, 1, PoolConfig { block_capacity: 1, ..small() });
+    rig.frames.refill(0).unwrap();
+    let block = rig.frames.alloc_block_atomic_exclusive(0, guest(1)).unwrap();
+    rig.ram.write(block.add(7), 1);
+    rig.frames.release(block, BLOCK_FRAMES, guest(1), &rig.ram).unwrap();
+    rig.frames.refill(0).unwrap();
+    let again = rig.frames.alloc_block_atomic_exclusive(0, guest(2)).unwrap();
+    assert_eq!(again, block);
+    assert!(rig.ram.reads_zero(block.add(7)));
+}
+
+// ---- Refill and drain ----
+
+// A pool above its low watermark is left alone; one below is filled to its high watermark.
+#[test]
+fn refill_follows_watermarks() {
+    let rig = rig(2048, 1, small());
+    assert!(rig.frames.needs_refill(0));
+    let report = rig.frames.refill(0).unwrap();
+    assert_eq!(report, RefillReport { pages_added: 6, blocks_added: 1, exhausted: false });
+    assert!(!rig.frames.needs_refill(0));
+    for _ in 0..3 {
+        rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap(); // 3 left, low is 2
+    }
+    assert_eq!(rig.frames.refill(0).unwrap(), RefillReport::default());
+    rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap(); // 2 left: not below low
+    assert_eq!(rig.frames.refill(0).unwrap().pages_added, 0);
+    rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap(); // 1 left: below low
+    assert_eq!(rig.frames.refill(0).unwrap().pages_added, 5);
+}
+
+// A refill the buddy allocator cannot satisfy says so and keeps what it got.
+#[test]
+fn refill_reports_exhaustion() {
+    let rig = rig(HYP_FRAMES + RESERVED_FRAMES + 4, 1, small());
+    let report = rig.frames.refill(0).unwrap();
+    assert_eq!(report, RefillReport { pages_added: 4, blocks_added: 0, exhausted: true });
+    assert_eq!(rig.frames.free_frames(), 4);
+}
+
+// Two fillers never run on one pool: a refill during another's is refused.
+#[test]
+fn refill_while_pool_is_being_filled_is_busy() {
+    let rig = rig(64, 1, small());
+    let _filling = rig.frames.pool_filler_for_test(0);
+    assert_eq!(rig.frames.refill(0), Err(FrameError::PoolBusy));
+    assert_eq!(rig.frames.drain(0), Err(FrameError::PoolBusy));
+}
+
+// Draining moves every pooled frame back into the buddy allocator; nothing is lost.
+#[test]
+fn drain_returns_everything() {
+    let rig = filled(2048, 2);
+    let free = rig.frames.free_frames();
+    assert_eq!(rig.frames.drain(0).unwrap(), 6 + BLOCK_FRAMES);
+    assert_eq!(rig.frames.free_frames(), free);
+    assert_eq!(rig.frames.alloc_page_atomic_exclusive(0, guest(1)).map(|_| ()), Ok(()), "from cpu 1");
+    assert!(rig.frames.audit(Some(&rig.ram)).is_exact());
+}
+
+// Unknown CPUs are refused by the slow paths too.
+#[test]
+fn slow_paths_reject_unknown_cpu() {
+    let rig = rig(64, 1, small());
+    assert_eq!(rig.frames.refill(1), Err(FrameError::InvalidCpu(1)));
+    assert_eq!(rig.frames.drain(1), Err(FrameError::InvalidCpu(1)));
+    assert!(!rig.frames.needs_refill(1));
+}
+
+// ---- Contiguous allocation and the heap ----
+
+// Contiguous frames are aligned to their count, owned, zero, and can be released.
+#[test]
+fn contiguous_allocation_is_aligned_and_owned() {
+    let rig = rig(256, 1, small());
+    let first = rig.frames.alloc_contiguous(4, page_table(1)).unwrap();
+    assert_eq!(first.0 % 4, 0);
+    for i in 0..4 {
+        assert_eq!(state(&rig, first.add(i)), FrameState::PageTable(vm(1)));
+        assert!(rig.ram.reads_zero(first.add(i)));
+    }
+    assert_eq!(rig.frames.alloc_contiguous(3, guest(1)), Err(FrameError::BadFrameCount(3)));
+    rig.frames.release(first, 4, page_table(1), &rig.ram).unwrap();
+    assert!(rig.frames.audit(Some(&rig.ram)).is_exact());
+}
+
+struct Regions(Vec<(u64, u64)>);
+
+impl HeapSink for Regions {
+    fn add_region(&mut self, start: u64, end: u64) {
+        self.0.push((start, end));
+    }
+}
+
+// The heap gets a contiguous range tagged hypervisor; guests can never be handed it.
+#[test]
+fn grow_heap_hands_hypervisor_frames_to_the_heap() {
+    let rig = rig(256, 1, small());
+    let mut heap = Regions(Vec::new());
+    let (start, end) = rig.frames.grow_heap(16, &mut heap).unwrap();
+    assert_eq!(heap.0, [(start, end)]);
+    assert_eq!(end - start, 16 * FRAME_SIZE);
+    let first = Pfn::from_phys(start).unwrap();
+    for i in 0..16 {
+        assert_eq!(state(&rig, first.add(i)), FrameState::Hypervisor);
+    }
+    assert!(matches!(rig.frames.release(first, 1, guest(1), &rig.ram), Err(FrameError::WrongState { .. })));
+}
+
+// A heap growth the allocator cannot satisfy hands nothing to the heap.
+#[test]
+fn grow_heap_failure_hands_nothing() {
+    let rig = rig(64, 1, small());
+    let mut heap = Regions(Vec::new());
+    assert_eq!(rig.frames.grow_heap(64, &mut heap), Err(FrameError::OutOfFrames));
+    assert_eq!(rig.frames.grow_heap(6, &mut heap), Err(FrameError::BadFrameCount(6)));
+    assert!(heap.0.is_empty());
+}
+
+// The hypervisor's own frames are never handed out, whatever is asked.
+#[test]
+fn hypervisor_frames_are_never_handed_out() {
+    let rig = rig(256, 2, small());
+    let mut got = Vec::new();
+    loop {
+        rig.frames.refill(0).unwrap();
+        match rig.frames.alloc_page_atomic_exclusive(0, guest(1)) {
+            Ok(p) => got.push(p),
+            Err(_) => break,
+        }
+    }
+    while let Ok(p) = rig.frames.alloc_contiguous(1, guest(1)) {
+        got.push(p);
+    }
+    assert_eq!(got.len(), 256 - HYP_FRAMES - RESERVED_FRAMES);
+    assert!(got.iter().all(|p| p.0 >= FIRST_FREE.0));
+}
+
+// ---- Audit ----
+
+// A fresh system audits exact, with the right count per owner.
+#[test]
+fn audit_of_fresh_system_is_exact() {
+    let rig = filled(2048, 2);
+    let report = rig.frames.audit(Some(&rig.ram));
+    assert!(report.is_exact(), "{report}");
+    assert_eq!(report.frames, 2048);
+    assert_eq!(report.hypervisor, HYP_FRAMES);
+    assert_eq!(report.reserved, RESERVED_FRAMES);
+    assert_eq!(report.free, 2048 - HYP_FRAMES - RESERVED_FRAMES);
+    assert_eq!(report.free_in_page_pools, 12);
+    assert_eq!(report.free_in_block_pools, 2 * BLOCK_FRAMES);
+    assert_eq!(report.free_in_buddy + 12 + 2 * BLOCK_FRAMES, report.free);
+}
+
+// The audit counts frames per guest and prints them.
+#[test]
+fn audit_counts_per_guest() {
+    let rig = filled(256, 1);
+    rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
+    rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
+    rig.frames.alloc_page_atomic_exclusive(0, page_table(1)).unwrap();
+    rig.frames.alloc_contiguous(2, guest(7)).unwrap();
+    let report = rig.frames.audit(Some(&rig.ram));
+    assert!(report.is_exact(), "{report}");
+    assert_eq!(
+        report.guests,
+        [
+            GuestFrames { vm: vm(1), memory: 2, page_tables: 1 },
+            GuestFrames { vm: vm(7), memory: 2, page_tables: 0 },
+        ]
+    );
+    let text = report.to_string();
+    assert!(text.contains("guest 1: memory 2, page tables 1"), "{text}");
+    assert!(text.contains("problems 0"), "{text}");
+}
+
+// A pooled frame tagged as owned is caught, with its holder.
+#[test]
+fn audit_catches_pooled_frame_with_owner() {
+    let rig = filled(64, 1);
+    let mut pooled = Vec::new();
+    rig.frames.pool_snapshot_for_test(0, false, &mut pooled);
+    let pfn = Pfn(pooled[0]);
+    rig.frames.db().cell(pfn.0).unwrap().store(guest(1).tag(), Ordering::Relaxed);
+    let report = rig.frames.audit(None);
+    assert!(!report.is_consistent());
+    assert_eq!(
+        report.examples,
+        [AuditProblem::HeldNotFree { pfn, holder: Holder::PagePool(0), found: FrameState::Guest(vm(1)) }]
+    );
+}
+
+// A frame owned by a guest while the buddy allocator also holds it is caught.
+#[test]
+fn audit_catches_buddy_frame_with_owner() {
+    let rig = rig(64, 1, small());
+    let pfn = FIRST_FREE.add(20);
+    rig.frames.db().cell(pfn.0).unwrap().store(guest(1).tag(), Ordering::Relaxed);
+    let report = rig.frames.audit(None);
+    assert_eq!(report.problems, 1);
+    assert!(matches!(report.examples[0], AuditProblem::HeldNotFree { holder: Holder::Buddy, .. }));
+}
+
+// A free frame nobody holds (leaked) makes the audit inexact.
+#[test]
+fn audit_catches_leaked_free_frame() {
+    let rig = filled(64, 1);
+    let pfn = rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
+    rig.frames.db().cell(pfn.0).unwrap().store(TAG_FREE, Ordering::Relaxed);
+    let report = rig.frames.audit(None);
+    assert!(report.is_consistent());
+    assert!(!report.is_exact());
+    assert_eq!(report.free_unheld, 1);
+}
+
+// A held free frame that does not read zero is caught.
+#[test]
+fn audit_catches_dirty_free_frame() {
+    let rig = filled(64, 1);
+    let pfn = FIRST_FREE.add(40);
+    rig.ram.write(pfn, 7);
+    let report = rig.frames.audit(Some(&rig.ram));
+    assert_eq!(report.examples, [AuditProblem::Dirty { pfn, holder: Holder::Buddy }]);
+}
+
+// A corrupt tag is caught.
+#[test]
+fn audit_catches_corrupt_tag() {
+    let rig = filled(64, 1);
+    let pfn = Pfn(RAM_BASE >> 12);
+    rig.frames.db().cell(pfn.0).unwrap().store(0x7abc, Ordering::Relaxed);
+    let report = rig.frames.audit(None);
+    assert_eq!(report.examples, [AuditProblem::CorruptTag { pfn, tag: 0x7abc }]);
+}
+
+// A frame both pooled and in the buddy allocator is caught as held twice.
+#[test]
+fn audit_catches_frame_held_twice() {
+    let rig = filled(64, 1);
+    let mut pooled = Vec::new();
+    rig.frames.pool_snapshot_for_test(0, false, &mut pooled);
+    let pfn = Pfn(pooled[0]);
+    rig.frames.buddy_for_test().give_back(pfn, 1).unwrap();
+    let report = rig.frames.audit(None);
+    assert!(report.examples.iter().any(|p| matches!(p, AuditProblem::HeldTwice { pfn: f, .. } if *f == pfn)), "{report}");
+}

@@ -1,0 +1,257 @@
+//! A per-CPU pool: a bounded stack of free, already scrubbed frames (or 2 MiB block bases),
+//! taken from by the atomic path without locks.
+//!
+//! It owns the slots and the stack head. It never allocates after construction, never waits
+//! and never reads a frame tag: the caller claims what it pops. Many may pop at once (the
+//! owning CPU's trap handlers and other CPUs taking its surplus); only the holder of the
+//! [`Filler`] token pushes, so pushes never race each other.
+//!
+//! The head packs the length (low 16 bits) with a generation (high 48 bits) bumped by every
+//! push and pop, so a pop that read a stale slot always fails its compare-and-swap (no ABA):
+//! 2^48 operations would have to happen between a pop's load and its CAS.
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+
+use super::sync::{AtomicBool, AtomicU64, Ordering};
+
+const LEN_MASK: u64 = 0xffff;
+const GEN_ONE: u64 = 1 << 16;
+/// Pop: length - 1, generation + 1, in one add (length >= 1, so no borrow).
+const POP_DELTA: u64 = GEN_ONE - 1;
+/// Push: length + 1, generation + 1.
+const PUSH_DELTA: u64 = GEN_ONE + 1;
+
+/// Most slots a pool can have: its length lives in 16 bits.
+pub const MAX_POOL_CAPACITY: usize = LEN_MASK as usize;
+
+pub(crate) struct FramePool {
+    head: AtomicU64,
+    filling: AtomicBool,
+    slots: Box<[AtomicU64]>,
+}
+
+impl FramePool {
+    pub(crate) fn new(capacity: usize) -> FramePool {
+        debug_assert!(capacity <= MAX_POOL_CAPACITY);
+        FramePool {
+            head: AtomicU64::new(0),
+            filling: AtomicBool::new(false),
+            slots: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Entries right now; Relaxed, a hint for watermarks only (it may change at once).
+    #[inline(always)]
+    pub(crate) fn len(&self) -> usize {
+        (self.head.load(Ordering::Relaxed) & LEN_MASK) as usize
+    }
+
+    /// Takes the top entry, or `None` if the pool is empty or `attempts` compare-and-swaps all
+    /// lost to other poppers. Lock-free and bounded: never more than `attempts` tries.
+    #[inline(always)]
+    pub(crate) fn pop(&self, attempts: u32) -> Option<u64> {
+        // Acquire: pairs with the push's Release, so the slot value and the frame's scrubbed
+        // contents written before the push are visible here.
+        let mut head = self.head.load(Ordering::Acquire);
+        let mut left = attempts;
+        loop {
+            // Length 0 wraps to usize::MAX: one bounds check covers "empty" and "no such slot".
+            let slot = self.slots.get(((head & LEN_MASK) as usize).wrapping_sub(1))?;
+            let value = slot.load(Ordering::Relaxed);
+            // Release on success: the pusher that reuses this slot loads the head with Acquire,
+            // so it cannot overwrite the slot before our read above. Acquire on failure: the
+            // fresh head is used like the first one. Weak: a spurious failure is one attempt.
+            match self.head.compare_exchange_weak(
+                head,
+                head.wrapping_add(POP_DELTA),
+                Ordering::Release,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(value),
+                Err(now) => head = now,
+            }
+            left = left.saturating_sub(1);
+            if left == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// The right to push, or `None` while someone else holds it. Never waits.
+    pub(crate) fn filler(&self) -> Option<Filler<'_>> {
+        // Acquire: pushes under this token come after the previous holder's.
+        if self.filling.swap(true, Ordering::Acquire) {
+            None
+        } else {
+            Some(Filler { pool: self })
+        }
+    }
+
+    /// Audit: copies the entries into `out` and returns the head they were read under; the
+    /// copy is consistent if [`FramePool::head`] still returns the same value afterwards.
+    pub(crate) fn snapshot(&self, out: &mut Vec<u64>) -> u64 {
+        out.clear();
+        let head = self.head.load(Ordering::Acquire);
+        let len = (head & LEN_MASK) as usize;
+        // Acquire: pairs with the push's Release slot store, so if we read a slot rewritten
+        // after a pop, the later head read sees that pop and the snapshot is discarded.
+        out.extend(self.slots.iter().take(len).map(|s| s.load(Ordering::Acquire)));
+        head
+    }
+
+    /// The head, for checking a snapshot (Acquire: ordered after the reads it validates).
+    pub(crate) fn head(&self) -> u64 {
+        self.head.load(Ordering::Acquire)
+    }
+}
+
+/// The token of the one pusher of a pool; dropping it lets the next one in.
+pub(crate) struct Filler<'a> {
+    pool: &'a FramePool,
+}
+
+impl Filler<'_> {
+    /// Pushes `value`; gives it back if the pool is full. Bounded: a retry happens only after a
+    /// pop succeeded, and pops cannot outnumber the entries present.
+    pub(crate) fn push(&self, value: u64) -> Result<(), u64> {
+        let pool = self.pool;
+        // Acquire: pairs with the pops' Release, so a pop that read the slot we reuse is done.
+        let mut head = pool.head.load(Ordering::Acquire);
+        loop {
+            let Some(slot) = pool.slots.get((head & LEN_MASK) as usize) else {
+                return Err(value);
+            };
+            // Release: see `snapshot`; the audit must not take a rewritten slot for a stale one.
+            slot.store(value, Ordering::Release);
+            // Release: publishes the slot and the scrubbed frame to poppers.
+            match pool.head.compare_exchange(
+                head,
+                head.wrapping_add(PUSH_DELTA),
+                Ordering::Release,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(now) => head = now,
+            }
+        }
+    }
+}
+
+impl Drop for Filler<'_> {
+    fn drop(&mut self) {
+        // Release: the next holder sees our pushes complete.
+        self.pool.filling.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    // Pops come back in reverse push order, and an empty pool says so.
+    #[test]
+    fn pops_are_last_in_first_out() {
+        let pool = FramePool::new(4);
+        let filler = pool.filler().unwrap();
+        for v in [10, 11, 12] {
+            filler.push(v).unwrap();
+        }
+        assert_eq!(pool.len(), 3);
+        assert_eq!(pool.pop(1), Some(12));
+        assert_eq!(pool.pop(1), Some(11));
+        assert_eq!(pool.pop(1), Some(10));
+        assert_eq!(pool.pop(1), None);
+        assert_eq!(pool.len(), 0);
+    }
+
+    // A full pool refuses a push and hands the value back.
+    #[test]
+    fn full_pool_refuses_push() {
+        let pool = FramePool::new(2);
+        let filler = pool.filler().unwrap();
+        filler.push(1).unwrap();
+        filler.push(2).unwrap();
+        assert_eq!(filler.push(3), Err(3));
+        assert_eq!(pool.len(), 2);
+    }
+
+    // A zero-capacity pool is always empty and always full.
+    #[test]
+    fn zero_capacity_pool_is_empty_and_full() {
+        let pool = FramePool::new(0);
+        assert_eq!(pool.pop(4), None);
+        assert_eq!(pool.filler().unwrap().push(1), Err(1));
+    }
+
+    // Only one pusher at a time: the token is exclusive until dropped.
+    #[test]
+    fn filler_token_is_exclusive() {
+        let pool = FramePool::new(1);
+        let first = pool.filler().unwrap();
+        assert!(pool.filler().is_none());
+        drop(first);
+        assert!(pool.filler().is_some());
+    }
+
+    // Every push and pop bumps the generation, so equal lengths never mean equal heads.
+    #[test]
+    fn generation_changes_on_every_operation() {
+        let pool = FramePool::new(2);
+        let before = pool.head();
+        pool.filler().unwrap().push(5).unwrap();
+        pool.pop(1).unwrap();
+        let after = pool.head();
+        assert_eq!(before & LEN_MASK, after & LEN_MASK);
+        assert_ne!(before, after);
+    }
+
+    // A snapshot lists the entries bottom to top and validates against the head.
+    #[test]
+    fn snapshot_lists_entries_and_detects_change() {
+        let pool = FramePool::new(4);
+        let filler = pool.filler().unwrap();
+        filler.push(7).unwrap();
+        filler.push(8).unwrap();
+        let mut out = Vec::new();
+        let head = pool.snapshot(&mut out);
+        assert_eq!(out, [7, 8]);
+        assert_eq!(pool.head(), head);
+        pool.pop(1).unwrap();
+        assert_ne!(pool.head(), head);
+    }
+
+    // Two threads popping a shared pool get every entry exactly once between them.
+    #[test]
+    fn concurrent_pops_never_duplicate() {
+        let pool = FramePool::new(4096);
+        let filler = pool.filler().unwrap();
+        for v in 0..4096 {
+            filler.push(v).unwrap();
+        }
+        drop(filler);
+        let taken: Vec<Vec<u64>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut got = Vec::new();
+                        while pool.len() > 0 {
+                            if let Some(v) = pool.pop(8) {
+                                got.push(v);
+                            }
+                        }
+                        got
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        let mut all: Vec<u64> = taken.into_iter().flatten().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..4096).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,216 @@
+//! The ownership tag: what one frame database entry says about its frame, in 16 bits.
+//!
+//! Encoding (`kind << 12 | vm`):
+//!
+//! | tag              | state                    | meaning                                          |
+//! |------------------|--------------------------|--------------------------------------------------|
+//! | `0x0000`         | [`FrameState::Absent`]   | not RAM (a hole between banks): no transition    |
+//! | `0x1000`         | [`FrameState::Free`]     | zeroed and clean, held by the buddy or one pool  |
+//! | `0x2000`         | [`FrameState::Reserved`] | firmware, device tree, reserved-memory: forever  |
+//! | `0x3000`         | [`FrameState::Hypervisor`] | the hypervisor's own: never mapped into a guest |
+//! | `0x4000`         | [`FrameState::Scrubbing`] | released, being zeroed by the releasing path    |
+//! | `0x5000 \| vm`   | [`FrameState::Guest`]    | guest memory of VM `vm`                          |
+//! | `0x6000 \| vm`   | [`FrameState::PageTable`] | a stage-2 table page of VM `vm`                 |
+//!
+//! Every other value is corrupt and is reported by the audit. Absent is zero so that storage
+//! nobody initialised makes nothing usable. This module never reads or writes a tag cell: it
+//! only encodes and decodes.
+
+/// Bits of the tag that carry the VM id.
+const VM_BITS: u32 = 12;
+const VM_MASK: u16 = (1 << VM_BITS) - 1;
+
+pub(crate) const TAG_ABSENT: u16 = 0x0000;
+pub(crate) const TAG_FREE: u16 = 0x1000;
+pub(crate) const TAG_RESERVED: u16 = 0x2000;
+pub(crate) const TAG_HYPERVISOR: u16 = 0x3000;
+pub(crate) const TAG_SCRUBBING: u16 = 0x4000;
+const KIND_GUEST: u16 = 0x5;
+const KIND_PAGE_TABLE: u16 = 0x6;
+
+/// A guest (VM) number as the frame database records it: 12 bits, 0..=4095.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct VmId(u16);
+
+impl VmId {
+    /// The largest VM id a tag can carry.
+    pub const MAX: u16 = VM_MASK;
+
+    /// `None` when `id` does not fit the tag's 12 bits.
+    pub const fn new(id: u16) -> Option<VmId> {
+        if id <= VM_MASK {
+            Some(VmId(id))
+        } else {
+            None
+        }
+    }
+
+    pub const fn get(self) -> u16 {
+        self.0
+    }
+}
+
+/// Someone a frame can be handed to: the hypervisor, a guest's memory, or a guest's stage-2
+/// tables. It is the encoded tag itself, so the atomic path stores it without converting.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[repr(transparent)]
+pub struct Owner(u16);
+
+impl Owner {
+    pub const HYPERVISOR: Owner = Owner(TAG_HYPERVISOR);
+
+    pub const fn guest(vm: VmId) -> Owner {
+        Owner(KIND_GUEST << VM_BITS | vm.0)
+    }
+
+    pub const fn page_table(vm: VmId) -> Owner {
+        Owner(KIND_PAGE_TABLE << VM_BITS | vm.0)
+    }
+
+    /// The tag a frame owned by `self` carries.
+    #[inline(always)]
+    pub const fn tag(self) -> u16 {
+        self.0
+    }
+
+    pub fn state(self) -> FrameState {
+        // Owner values are only built by the constructors above, all of which decode.
+        FrameState::from_tag(self.0).unwrap_or(FrameState::Absent)
+    }
+}
+
+/// What the frame database says about one frame.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum FrameState {
+    Absent,
+    Free,
+    Reserved,
+    Hypervisor,
+    Scrubbing,
+    Guest(VmId),
+    PageTable(VmId),
+}
+
+impl FrameState {
+    /// Decodes a tag; `None` for a value no transition ever writes (corruption).
+    pub const fn from_tag(tag: u16) -> Option<FrameState> {
+        let vm = VmId(tag & VM_MASK);
+        match tag >> VM_BITS {
+            KIND_GUEST => Some(FrameState::Guest(vm)),
+            KIND_PAGE_TABLE => Some(FrameState::PageTable(vm)),
+            _ => match tag {
+                TAG_ABSENT => Some(FrameState::Absent),
+                TAG_FREE => Some(FrameState::Free),
+                TAG_RESERVED => Some(FrameState::Reserved),
+                TAG_HYPERVISOR => Some(FrameState::Hypervisor),
+                TAG_SCRUBBING => Some(FrameState::Scrubbing),
+                _ => None,
+            },
+        }
+    }
+
+    pub const fn tag(self) -> u16 {
+        match self {
+            FrameState::Absent => TAG_ABSENT,
+            FrameState::Free => TAG_FREE,
+            FrameState::Reserved => TAG_RESERVED,
+            FrameState::Hypervisor => TAG_HYPERVISOR,
+            FrameState::Scrubbing => TAG_SCRUBBING,
+            FrameState::Guest(vm) => Owner::guest(vm).0,
+            FrameState::PageTable(vm) => Owner::page_table(vm).0,
+        }
+    }
+
+    /// The owner, for the states a frame is handed out in.
+    pub const fn owner(self) -> Option<Owner> {
+        match self {
+            FrameState::Hypervisor => Some(Owner::HYPERVISOR),
+            FrameState::Guest(vm) => Some(Owner::guest(vm)),
+            FrameState::PageTable(vm) => Some(Owner::page_table(vm)),
+            _ => None,
+        }
+    }
+}
+
+impl core::fmt::Display for FrameState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FrameState::Absent => f.write_str("absent"),
+            FrameState::Free => f.write_str("free"),
+            FrameState::Reserved => f.write_str("reserved"),
+            FrameState::Hypervisor => f.write_str("hypervisor"),
+            FrameState::Scrubbing => f.write_str("scrubbing"),
+            FrameState::Guest(vm) => write!(f, "guest {}", vm.0),
+            FrameState::PageTable(vm) => write!(f, "page table of guest {}", vm.0),
+        }
+    }
+}
+
+/// Decodes a tag read from the database for an error message: corrupt values show as absent,
+/// which no transition accepts either.
+pub(crate) fn state_of(tag: u16) -> FrameState {
+    FrameState::from_tag(tag).unwrap_or(FrameState::Absent)
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn vm(id: u16) -> VmId {
+        VmId::new(id).unwrap()
+    }
+
+    // Every state encodes to a distinct tag that decodes back to the same state.
+    #[test]
+    fn every_state_round_trips_through_its_tag() {
+        let states = [
+            FrameState::Absent,
+            FrameState::Free,
+            FrameState::Reserved,
+            FrameState::Hypervisor,
+            FrameState::Scrubbing,
+            FrameState::Guest(vm(0)),
+            FrameState::Guest(vm(VmId::MAX)),
+            FrameState::PageTable(vm(0)),
+            FrameState::PageTable(vm(7)),
+        ];
+        for (i, a) in states.iter().enumerate() {
+            assert_eq!(FrameState::from_tag(a.tag()), Some(*a));
+            for b in &states[i + 1..] {
+                assert_ne!(a.tag(), b.tag(), "{a} and {b} share a tag");
+            }
+        }
+    }
+
+    // Storage that was never written (all zero) means "not RAM", never "free".
+    #[test]
+    fn zero_tag_is_absent() {
+        assert_eq!(FrameState::from_tag(0), Some(FrameState::Absent));
+    }
+
+    // Values no transition writes decode as corrupt.
+    #[test]
+    fn unused_encodings_are_corrupt() {
+        for tag in [0x0001, 0x1001, 0x3fff, 0x4001, 0x7000, 0xffff] {
+            assert_eq!(FrameState::from_tag(tag), None, "{tag:#x}");
+        }
+    }
+
+    // VM ids are limited to the 12 bits the tag has room for.
+    #[test]
+    fn vm_id_must_fit_twelve_bits() {
+        assert_eq!(VmId::new(4095).map(VmId::get), Some(4095));
+        assert_eq!(VmId::new(4096), None);
+    }
+
+    // An owner's tag is the tag of the state it owns in, and back.
+    #[test]
+    fn owner_matches_its_state() {
+        for owner in [Owner::HYPERVISOR, Owner::guest(vm(3)), Owner::page_table(vm(3))] {
+            assert_eq!(owner.state().tag(), owner.tag());
+            assert_eq!(owner.state().owner(), Some(owner));
+        }
+        assert_eq!(FrameState::Free.owner(), None);
+        assert_eq!(FrameState::Reserved.owner(), None);
+    }
+}
