@@ -4,7 +4,7 @@
 //!
 //! This crate never touches a system register, an MMIO address or raw physical memory itself:
 //! the binary's `arch` module owns those edges and hands the core what it needs.
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "model")), no_std)]
 
 extern crate alloc;
 
@@ -16,3 +16,4 @@ pub mod hyp_map;
 pub mod logger;
 pub mod memmap;
 pub mod psci;
+pub mod stage2;

@@ -1,0 +1,37 @@
+//! What stage-2 table code needs from the machine, as one narrow interface: table memory, table
+//! pages, frame ownership, and the barriers and TLB maintenance it issues. The arch implements it
+//! over real memory and instructions; the host tests and the fuzzer implement it over a model
+//! that checks every write and every invalidation.
+
+use crate::frame::{FrameState, Pfn, VmId};
+
+use super::Stage2Error;
+
+pub trait Stage2Env {
+    /// Reads entry `index` of the table in frame `table`.
+    fn read(&self, table: Pfn, index: usize) -> u64;
+    /// Writes entry `index` of the table in frame `table` with one single-copy-atomic store.
+    fn write(&mut self, table: Pfn, index: usize, value: u64);
+
+    /// Takes zeroed frames, tagged as `vm`'s page tables, into every slot of `out`; all of them
+    /// or none (then `Err(OutOfMemory)`).
+    fn take_tables(&mut self, vm: VmId, out: &mut [Pfn]) -> Result<(), Stage2Error>;
+    /// Gives back a table page that no walker can reach any more (its invalidation is complete).
+    fn free_table(&mut self, vm: VmId, table: Pfn);
+    /// The frame database's view of `pfn`; `None` if it is not RAM.
+    fn frame_state(&self, pfn: Pfn) -> Option<FrameState>;
+
+    /// `DSB ISHST`: table writes before it are visible to walkers after it.
+    fn dsb_ishst(&mut self);
+    /// `DSB ISH`: earlier TLB maintenance is complete after it.
+    fn dsb_ish(&mut self);
+    /// `ISB`.
+    fn isb(&mut self);
+    /// `TLBI IPAS2E1IS` for `ipa` under `vmid` (all levels: walk caches included); `level` is
+    /// the level of the entry that changed, a hint.
+    fn tlbi_ipas2e1is(&mut self, vmid: u16, ipa: u64, level: usize);
+    /// `TLBI VMALLE1IS` under `vmid`: stage-1 and combined entries of the guest.
+    fn tlbi_vmalle1is(&mut self, vmid: u16);
+    /// `TLBI VMALLS12E1IS` under `vmid`: everything cached for the guest, both stages.
+    fn tlbi_vmalls12e1is(&mut self, vmid: u16);
+}

@@ -1,0 +1,620 @@
+//! One guest's stage-2 translation tables: map, unmap, protect, split, collapse, teardown, and a
+//! software walker.
+//!
+//! Rules this module keeps (and the fuzzer's model checks):
+//! - Invalid to valid needs no TLB maintenance, only `DSB ISHST` before the guest can see it.
+//! - Every change of a valid entry (remove, new attributes, block to table, table to block) goes
+//!   through one break-before-make primitive, [`Stage2::commit`]: write invalid, `DSB ISHST`,
+//!   `TLBI IPAS2E1IS` per entry (or `VMALLS12E1IS` when a live subtree goes), `DSB ISH`,
+//!   `TLBI VMALLE1IS`, `DSB ISH`, `ISB`, and only then the new entry.
+//! - Frames and table pages are handed back only after that invalidation is complete.
+//! - Prepare, then commit: every table page an operation needs is taken before the first entry
+//!   changes, so running out of memory leaves the address space exactly as it was.
+//! - A RAM frame is mapped only if the frame database says this guest owns it.
+
+use crate::frame::{FrameState, Pfn, VmId};
+
+use super::desc::{Attrs, Entry, MemType};
+use super::env::Stage2Env;
+use super::vmid::VmidInvalidated;
+use super::{Geometry, Stage2Error};
+
+pub const ENTRIES: usize = 512;
+pub const PAGE_SIZE: u64 = 4096;
+/// Changes committed together; a larger operation commits in several batches.
+const BATCH: usize = 32;
+/// More TLBIs than this in one flush and the whole VMID is invalidated instead.
+const TLBI_LIMIT: usize = 16;
+
+pub const fn level_shift(level: usize) -> u32 {
+    12 + 9 * (3 - level as u32)
+}
+
+pub const fn level_size(level: usize) -> u64 {
+    1u64 << level_shift(level)
+}
+
+fn index(ipa: u64, level: usize) -> usize {
+    ((ipa >> level_shift(level)) as usize) & (ENTRIES - 1)
+}
+
+/// The deepest level an address boundary needs: 1 for a 1 GiB boundary, 2 for 2 MiB, else 3.
+fn boundary_level(addr: u64) -> usize {
+    if addr % level_size(1) == 0 {
+        1
+    } else if addr % level_size(2) == 0 {
+        2
+    } else {
+        3
+    }
+}
+
+/// Where an entry lives and what it held when found.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    table: Pfn,
+    index: usize,
+    level: usize,
+    /// IPA of the first byte the entry covers.
+    base: u64,
+    raw: u64,
+}
+
+/// One entry change, committed by [`Stage2::commit`].
+#[derive(Clone, Copy, Debug)]
+struct Change {
+    table: Pfn,
+    index: usize,
+    level: usize,
+    ipa: u64,
+    old: u64,
+    /// 0 to leave the entry invalid.
+    new: u64,
+    /// The old entry is a table whose subtree may still hold valid leaves: only invalidating
+    /// the whole VMID removes all of them from the TLBs.
+    live_subtree: bool,
+}
+
+impl Change {
+    const NONE: Change =
+        Change { table: Pfn(0), index: 0, level: 0, ipa: 0, old: 0, new: 0, live_subtree: false };
+}
+
+struct Batch {
+    items: [Change; BATCH],
+    len: usize,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch { items: [Change::NONE; BATCH], len: 0 }
+    }
+    fn as_slice(&self) -> &[Change] {
+        &self.items[..self.len]
+    }
+}
+
+/// A mapping as the walker finds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub ipa: u64,
+    pub pa: u64,
+    pub size: u64,
+    pub attrs: Attrs,
+}
+
+/// One guest's stage-2 address space.
+#[derive(Debug)]
+pub struct Stage2 {
+    vm: VmId,
+    vmid: u16,
+    geo: Geometry,
+    root: Pfn,
+    tables: usize,
+}
+
+impl Stage2 {
+    /// An empty address space for `vm`, translated under hardware VMID `vmid`.
+    pub fn new(env: &mut impl Stage2Env, vm: VmId, vmid: u16, geo: Geometry) -> Result<Self, Stage2Error> {
+        let mut root = [Pfn(0)];
+        env.take_tables(vm, &mut root)?;
+        Ok(Stage2 { vm, vmid, geo, root: root[0], tables: 1 })
+    }
+
+    pub fn vm(&self) -> VmId {
+        self.vm
+    }
+
+    pub fn vmid(&self) -> u16 {
+        self.vmid
+    }
+
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// The `VTTBR_EL2` value: root table address and VMID.
+    pub fn vttbr(&self) -> u64 {
+        ((self.vmid as u64) << 48) | self.root.phys()
+    }
+
+    /// Table pages in use, root included.
+    pub fn table_pages(&self) -> usize {
+        self.tables
+    }
+
+    fn find(&self, env: &impl Stage2Env, ipa: u64, stop_level: usize) -> Slot {
+        let mut table = self.root;
+        let mut level = self.geo.start_level;
+        loop {
+            let idx = index(ipa, level);
+            let raw = env.read(table, idx);
+            // The entry on `ipa`'s path covers `ipa` rounded down to the level's size.
+            let slot = Slot { table, index: idx, level, base: ipa & !(level_size(level) - 1), raw };
+            if level >= stop_level {
+                return slot;
+            }
+            match Entry::decode(raw, level) {
+                Entry::Table(next) => {
+                    table = next;
+                    level += 1;
+                }
+                _ => return slot,
+            }
+        }
+    }
+
+    fn check_range(&self, ipa: u64, len: u64) -> Result<u64, Stage2Error> {
+        let end = ipa.checked_add(len).ok_or(Stage2Error::OutOfRange { ipa })?;
+        if len == 0 || ipa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Stage2Error::Unaligned { addr: ipa });
+        }
+        if end > self.geo.ipa_limit() {
+            return Err(Stage2Error::OutOfRange { ipa: end - 1 });
+        }
+        Ok(end)
+    }
+
+    /// Maps `[ipa, ipa + size of level)` to `pa` with one page (level 3) or block (levels 1, 2)
+    /// entry. The target must be unmapped. RAM frames must all belong to this guest; a Device
+    /// mapping must not cover RAM.
+    pub fn map(
+        &mut self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        pa: u64,
+        level: usize,
+        attrs: Attrs,
+    ) -> Result<(), Stage2Error> {
+        if !(1..=3).contains(&level) || level < self.geo.start_level.max(1) {
+            return Err(Stage2Error::BadLevel { level });
+        }
+        let size = level_size(level);
+        self.check_range(ipa, size)?;
+        if ipa % size != 0 {
+            return Err(Stage2Error::Unaligned { addr: ipa });
+        }
+        if pa % size != 0 || pa.checked_add(size).map_or(true, |e| e > 1 << 48) {
+            return Err(Stage2Error::Unaligned { addr: pa });
+        }
+        self.check_owner(env, pa, size, attrs.mem)?;
+
+        // Prepare: how many new tables between the deepest existing entry and `level`.
+        let slot = self.find(env, ipa, level);
+        if slot.raw & 1 != 0 {
+            return Err(Stage2Error::AlreadyMapped { ipa });
+        }
+        let needed = level - slot.level;
+        let mut fresh = [Pfn(0); 3];
+        env.take_tables(self.vm, &mut fresh[..needed])?;
+
+        // Commit: fill the unreachable new tables bottom-up, then publish with one write.
+        let leaf = Entry::Leaf { pa, attrs }.encode(level);
+        if needed == 0 {
+            env.write(slot.table, slot.index, leaf);
+        } else {
+            env.write(fresh[needed - 1], index(ipa, level), leaf);
+            for i in (1..needed).rev() {
+                let lvl = slot.level + i;
+                env.write(fresh[i - 1], index(ipa, lvl), Entry::Table(fresh[i]).encode(lvl));
+            }
+            env.dsb_ishst();
+            env.write(slot.table, slot.index, Entry::Table(fresh[0]).encode(slot.level));
+            self.tables += needed;
+        }
+        env.dsb_ishst();
+        Ok(())
+    }
+
+    fn check_owner(&self, env: &impl Stage2Env, pa: u64, size: u64, mem: MemType) -> Result<(), Stage2Error> {
+        let first = pa >> 12;
+        for pfn in first..first + (size >> 12) {
+            let state = env.frame_state(Pfn(pfn));
+            let ok = match mem {
+                MemType::Normal => state == Some(FrameState::Guest(self.vm)),
+                MemType::Device => matches!(state, None | Some(FrameState::Absent)),
+            };
+            if !ok {
+                return Err(Stage2Error::NotOwned { pfn: Pfn(pfn), state });
+            }
+        }
+        Ok(())
+    }
+
+    /// The break-before-make primitive: every change of a valid entry comes through here.
+    fn commit(&mut self, env: &mut impl Stage2Env, changes: &[Change]) {
+        if changes.is_empty() {
+            return;
+        }
+        for c in changes {
+            env.write(c.table, c.index, 0);
+        }
+        env.dsb_ishst();
+        if changes.len() > TLBI_LIMIT || changes.iter().any(|c| c.live_subtree) {
+            env.tlbi_vmalls12e1is(self.vmid);
+        } else {
+            for c in changes {
+                env.tlbi_ipas2e1is(self.vmid, c.ipa, c.level);
+            }
+        }
+        env.dsb_ish();
+        env.tlbi_vmalle1is(self.vmid);
+        env.dsb_ish();
+        env.isb();
+        let mut made = false;
+        for c in changes.iter().filter(|c| c.new != 0) {
+            env.write(c.table, c.index, c.new);
+            made = true;
+        }
+        if made {
+            env.dsb_ishst();
+        }
+    }
+
+    /// Tables needed to split the leaves around boundary `addr` down to what it needs.
+    fn splits_needed(&self, env: &impl Stage2Env, addr: u64) -> usize {
+        if addr == 0 || addr >= self.geo.ipa_limit() {
+            return 0;
+        }
+        let want = boundary_level(addr);
+        let slot = self.find(env, addr, want);
+        match Entry::decode(slot.raw, slot.level) {
+            Entry::Leaf { .. } if slot.level < want => want - slot.level,
+            _ => 0,
+        }
+    }
+
+    /// Splits blocks so that no leaf straddles `addr`, taking tables from `spare`.
+    fn split_at(&mut self, env: &mut impl Stage2Env, addr: u64, spare: &mut &[Pfn]) {
+        if addr == 0 || addr >= self.geo.ipa_limit() {
+            return;
+        }
+        let want = boundary_level(addr);
+        loop {
+            let slot = self.find(env, addr, want);
+            let Entry::Leaf { .. } = Entry::decode(slot.raw, slot.level) else { return };
+            if slot.level >= want {
+                return;
+            }
+            let Some((&table, rest)) = spare.split_first() else { return };
+            *spare = rest;
+            self.split_slot(env, slot, table);
+        }
+    }
+
+    /// Replaces the block in `slot` with a table of `table` mapping the same memory.
+    fn split_slot(&mut self, env: &mut impl Stage2Env, slot: Slot, table: Pfn) {
+        let Entry::Leaf { pa, attrs } = Entry::decode(slot.raw, slot.level) else { return };
+        let child = slot.level + 1;
+        let step = level_size(child);
+        for i in 0..ENTRIES {
+            env.write(table, i, Entry::Leaf { pa: pa + i as u64 * step, attrs }.encode(child));
+        }
+        let change = Change {
+            table: slot.table,
+            index: slot.index,
+            level: slot.level,
+            ipa: slot.base,
+            old: slot.raw,
+            new: Entry::Table(table).encode(slot.level),
+            live_subtree: false,
+        };
+        self.commit(env, &[change]);
+        self.tables += 1;
+    }
+
+    /// Takes the tables that splitting at both ends of `[ipa, end)` needs: all, or none.
+    fn prepare_edges(&mut self, env: &mut impl Stage2Env, ipa: u64, end: u64, spare: &mut [Pfn; 4]) -> Result<usize, Stage2Error> {
+        let n = self.splits_needed(env, ipa) + self.splits_needed(env, end);
+        env.take_tables(self.vm, &mut spare[..n])?;
+        Ok(n)
+    }
+
+    fn split_edges(&mut self, env: &mut impl Stage2Env, ipa: u64, end: u64, spare: &[Pfn]) {
+        let mut left = spare;
+        self.split_at(env, ipa, &mut left);
+        self.split_at(env, end, &mut left);
+        // Both edges in one block take fewer tables than counted: give the rest back unused.
+        for &t in left {
+            env.free_table(self.vm, t);
+        }
+    }
+
+    /// Splits the block mapping `ipa` at `level` into a table of next-level entries.
+    pub fn split(&mut self, env: &mut impl Stage2Env, ipa: u64, level: usize) -> Result<(), Stage2Error> {
+        self.check_range(ipa & !(PAGE_SIZE - 1), PAGE_SIZE)?;
+        let slot = self.find(env, ipa, level);
+        match Entry::decode(slot.raw, slot.level) {
+            Entry::Leaf { .. } if slot.level == level && level < 3 => {}
+            _ => return Err(Stage2Error::NotABlock { ipa, level }),
+        }
+        let mut t = [Pfn(0)];
+        env.take_tables(self.vm, &mut t)?;
+        self.split_slot(env, slot, t[0]);
+        Ok(())
+    }
+
+    /// Replaces the table at `level` covering `ipa` with one block, if its entries map one
+    /// aligned, contiguous range with identical attributes; the table page is freed.
+    pub fn collapse(&mut self, env: &mut impl Stage2Env, ipa: u64, level: usize) -> Result<(), Stage2Error> {
+        if !(1..=2).contains(&level) || level < self.geo.start_level.max(1) {
+            return Err(Stage2Error::BadLevel { level });
+        }
+        self.check_range(ipa & !(PAGE_SIZE - 1), PAGE_SIZE)?;
+        let slot = self.find(env, ipa, level);
+        let Entry::Table(child) = Entry::decode(slot.raw, slot.level) else {
+            return Err(Stage2Error::NotCollapsible { ipa });
+        };
+        if slot.level != level {
+            return Err(Stage2Error::NotCollapsible { ipa });
+        }
+        let step = level_size(level + 1);
+        let (base, attrs) = match Entry::decode(env.read(child, 0), level + 1) {
+            Entry::Leaf { pa, attrs } if pa % level_size(level) == 0 => (pa, attrs),
+            _ => return Err(Stage2Error::NotCollapsible { ipa }),
+        };
+        for i in 1..ENTRIES {
+            let want = Entry::Leaf { pa: base + i as u64 * step, attrs };
+            if Entry::decode(env.read(child, i), level + 1) != want {
+                return Err(Stage2Error::NotCollapsible { ipa });
+            }
+        }
+        let change = Change {
+            table: slot.table,
+            index: slot.index,
+            level,
+            ipa: slot.base,
+            old: slot.raw,
+            new: Entry::Leaf { pa: base, attrs }.encode(level),
+            live_subtree: true,
+        };
+        self.commit(env, &[change]);
+        env.free_table(self.vm, child);
+        self.tables -= 1;
+        Ok(())
+    }
+
+    /// Visits the leaves inside `[start, end)` (which no leaf straddles), post-order over tables.
+    fn visit_leaves(
+        &self,
+        env: &impl Stage2Env,
+        table: Pfn,
+        level: usize,
+        base: u64,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(Slot),
+    ) {
+        let size = level_size(level);
+        let first = if start > base { ((start - base) / size) as usize } else { 0 };
+        for idx in first..ENTRIES {
+            let eb = base + idx as u64 * size;
+            if eb >= end {
+                break;
+            }
+            let raw = env.read(table, idx);
+            match Entry::decode(raw, level) {
+                Entry::Invalid => {}
+                Entry::Table(next) => self.visit_leaves(env, next, level + 1, eb, start, end, f),
+                Entry::Leaf { .. } => f(Slot { table, index: idx, level, base: eb, raw }),
+            }
+        }
+    }
+
+    /// Applies `make` to every leaf in `[ipa, end)` in batches through the primitive; `after`
+    /// sees each change once its invalidation is complete.
+    fn change_leaves(
+        &mut self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        end: u64,
+        make: &dyn Fn(&Slot) -> Option<u64>,
+        after: &mut dyn FnMut(&Change),
+    ) {
+        // Collect in batches; entries are re-found per batch because committing changes them.
+        let mut cursor = ipa;
+        while cursor < end {
+            let mut batch = Batch::new();
+            let mut next = end;
+            {
+                let (root, start_level) = (self.root, self.geo.start_level);
+                let items = &mut batch;
+                self.visit_leaves(env, root, start_level, 0, cursor, end, &mut |s: Slot| {
+                    if items.len == BATCH {
+                        if s.base < next {
+                            next = s.base;
+                        }
+                        return;
+                    }
+                    if let Some(new) = make(&s) {
+                        items.items[items.len] = Change {
+                            table: s.table,
+                            index: s.index,
+                            level: s.level,
+                            ipa: s.base,
+                            old: s.raw,
+                            new,
+                            live_subtree: false,
+                        };
+                        items.len += 1;
+                    }
+                });
+            }
+            self.commit(env, batch.as_slice());
+            for c in batch.as_slice() {
+                after(c);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Unmaps every page in `[ipa, ipa + len)`, splitting blocks that straddle its ends.
+    /// `released(pa, size)` gets each unmapped range once no TLB can translate to it; table
+    /// pages left empty are freed.
+    pub fn unmap(
+        &mut self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        len: u64,
+        released: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), Stage2Error> {
+        let end = self.check_range(ipa, len)?;
+        let mut spare = [Pfn(0); 4];
+        let n = self.prepare_edges(env, ipa, end, &mut spare)?;
+        self.split_edges(env, ipa, end, &spare[..n]);
+        self.change_leaves(env, ipa, end, &|_| Some(0), &mut |c| {
+            if let Entry::Leaf { pa, .. } = Entry::decode(c.old, c.level) {
+                released(pa, level_size(c.level));
+            }
+        });
+        self.reclaim_empty(env, ipa, end);
+        Ok(())
+    }
+
+    /// Gives every mapped page in `[ipa, ipa + len)` the attributes `attrs` (output addresses
+    /// stay), splitting blocks that straddle its ends. Unmapped pages stay unmapped.
+    pub fn protect(&mut self, env: &mut impl Stage2Env, ipa: u64, len: u64, attrs: Attrs) -> Result<(), Stage2Error> {
+        let end = self.check_range(ipa, len)?;
+        let mut spare = [Pfn(0); 4];
+        let n = self.prepare_edges(env, ipa, end, &mut spare)?;
+        self.split_edges(env, ipa, end, &spare[..n]);
+        self.change_leaves(
+            env,
+            ipa,
+            end,
+            &|s| match Entry::decode(s.raw, s.level) {
+                Entry::Leaf { pa, attrs: old } if old != attrs => Some(Entry::Leaf { pa, attrs }.encode(s.level)),
+                _ => None,
+            },
+            &mut |_| {},
+        );
+        Ok(())
+    }
+
+    /// Unlinks and frees every table under `[start, end)` that holds no valid entry.
+    fn reclaim_empty(&mut self, env: &mut impl Stage2Env, start: u64, end: u64) {
+        let (root, level) = (self.root, self.geo.start_level);
+        self.reclaim_in(env, root, level, 0, start, end);
+    }
+
+    /// Returns whether `table` is empty afterwards.
+    fn reclaim_in(&mut self, env: &mut impl Stage2Env, table: Pfn, level: usize, base: u64, start: u64, end: u64) -> bool {
+        let size = level_size(level);
+        for idx in 0..ENTRIES {
+            let eb = base + idx as u64 * size;
+            if eb >= end || eb + size <= start {
+                continue;
+            }
+            let raw = env.read(table, idx);
+            if let Entry::Table(child) = Entry::decode(raw, level) {
+                if self.reclaim_in(env, child, level + 1, eb, start, end) {
+                    let change = Change { table, index: idx, level, ipa: eb, old: raw, new: 0, live_subtree: false };
+                    self.commit(env, &[change]);
+                    env.free_table(self.vm, child);
+                    self.tables -= 1;
+                }
+            }
+        }
+        (0..ENTRIES).all(|i| env.read(table, i) & 1 == 0)
+    }
+
+    /// Destroys the address space: every entry goes, the VMID's TLB entries are invalidated,
+    /// then `released` gets every mapped range and every table page (root included) is freed.
+    /// The returned proof lets the VMID be reused.
+    pub fn teardown(self, env: &mut impl Stage2Env, released: &mut dyn FnMut(u64, u64)) -> VmidInvalidated {
+        let (start, entries) = (self.geo.start_level, self.geo.root_entries());
+        let mut live = [0u64; ENTRIES];
+        for (i, slot) in live.iter_mut().enumerate().take(entries) {
+            *slot = env.read(self.root, i);
+            if *slot & 1 != 0 {
+                env.write(self.root, i, 0);
+            }
+        }
+        env.dsb_ishst();
+        env.tlbi_vmalls12e1is(self.vmid);
+        env.dsb_ish();
+        env.isb();
+        for (i, &raw) in live.iter().enumerate().take(entries) {
+            let base = i as u64 * level_size(start);
+            self.release_subtree(env, raw, start, base, released);
+        }
+        env.free_table(self.vm, self.root);
+        VmidInvalidated(self.vmid)
+    }
+
+    fn release_subtree(&self, env: &mut impl Stage2Env, raw: u64, level: usize, base: u64, released: &mut dyn FnMut(u64, u64)) {
+        match Entry::decode(raw, level) {
+            Entry::Invalid => {}
+            Entry::Leaf { pa, .. } => released(pa, level_size(level)),
+            Entry::Table(child) => {
+                for i in 0..ENTRIES {
+                    let r = env.read(child, i);
+                    self.release_subtree(env, r, level + 1, base + i as u64 * level_size(level + 1), released);
+                }
+                env.free_table(self.vm, child);
+            }
+        }
+    }
+
+    /// Translates `ipa` as the MMU would.
+    pub fn translate(&self, env: &impl Stage2Env, ipa: u64) -> Option<Mapping> {
+        if ipa >= self.geo.ipa_limit() {
+            return None;
+        }
+        let slot = self.find(env, ipa, 3);
+        match Entry::decode(slot.raw, slot.level) {
+            Entry::Leaf { pa, attrs } => {
+                let size = level_size(slot.level);
+                Some(Mapping { ipa: ipa & !(PAGE_SIZE - 1), pa: pa + ((ipa & (size - 1)) & !(PAGE_SIZE - 1)), size: PAGE_SIZE, attrs })
+            }
+            _ => None,
+        }
+    }
+
+    /// Every leaf mapping in IPA order (for tests, the fuzzer and the debug dump).
+    pub fn for_each_mapping(&self, env: &impl Stage2Env, f: &mut dyn FnMut(Mapping)) {
+        self.visit_leaves(env, self.root, self.geo.start_level, 0, 0, self.geo.ipa_limit(), &mut |s| {
+            if let Entry::Leaf { pa, attrs } = Entry::decode(s.raw, s.level) {
+                f(Mapping { ipa: s.base, pa, size: level_size(s.level), attrs });
+            }
+        });
+    }
+
+    /// Every table page, root first (for the audit and the fuzzer).
+    pub fn for_each_table(&self, env: &impl Stage2Env, f: &mut dyn FnMut(Pfn)) {
+        f(self.root);
+        self.tables_under(env, self.root, self.geo.start_level, f);
+    }
+
+    fn tables_under(&self, env: &impl Stage2Env, table: Pfn, level: usize, f: &mut dyn FnMut(Pfn)) {
+        if level >= 3 {
+            return;
+        }
+        for i in 0..ENTRIES {
+            if let Entry::Table(child) = Entry::decode(env.read(table, i), level) {
+                f(child);
+                self.tables_under(env, child, level + 1, f);
+            }
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! Stage-2 behaviour, one behaviour per test, each run against the checking model: every test
+//! ends with the model's verdict that no rule was broken.
+
+use super::model::{ModelEnv, Sabotage};
+use super::*;
+use crate::frame::VmId;
+
+const RAM_BASE_PFN: u64 = 0x40000; // 0x4000_0000
+const MIB: u64 = 1 << 20;
+const GUEST_RAM: u64 = 0x4000_0000;
+
+fn vm(n: u16) -> VmId {
+    VmId::new(n).unwrap()
+}
+
+fn setup(frames: usize) -> (ModelEnv, Stage2) {
+    let mut env = ModelEnv::new(RAM_BASE_PFN, frames);
+    let s2 = Stage2::new(&mut env, vm(1), 1, Geometry::for_pa_bits(40)).unwrap();
+    env.add_root(1, Pfn(s2.vttbr() as u64 >> 12 & ((1 << 36) - 1)), s2.geometry().start_level);
+    (env, s2)
+}
+
+fn guest_frame(env: &mut ModelEnv, n: u16) -> u64 {
+    env.claim_frame(FrameState::Guest(vm(n))).unwrap().phys()
+}
+
+fn guest_block(env: &mut ModelEnv, n: u16) -> u64 {
+    env.claim_contiguous(512, 512, FrameState::Guest(vm(n))).unwrap().phys()
+}
+
+fn clean(env: &mut ModelEnv) {
+    env.check_quiescent();
+    assert!(env.violations.is_empty(), "model violations: {:#?}", env.violations);
+}
+
+#[test]
+fn geometry_follows_pa_range() {
+    let g = Geometry::for_pa_bits(44);
+    assert_eq!((g.ipa_bits, g.start_level, g.t0sz(), g.sl0()), (44, 0, 20, 2));
+    let g = Geometry::for_pa_bits(36);
+    assert_eq!((g.ipa_bits, g.start_level, g.t0sz(), g.sl0()), (36, 1, 28, 1));
+    assert_eq!(Geometry::for_pa_bits(52).ipa_bits, 48);
+    assert_eq!(Geometry::for_pa_bits(44).root_entries(), 32);
+}
+
+#[test]
+fn maps_a_page_and_translates_it() {
+    let (mut env, mut s2) = setup(64);
+    let pa = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM).unwrap();
+    let m = s2.translate(&env, GUEST_RAM + 0x123).unwrap();
+    assert_eq!((m.pa, m.attrs), (pa, Attrs::RAM));
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x1000), None);
+    // root + L1 + L2 + L3
+    assert_eq!(s2.table_pages(), 4);
+    clean(&mut env);
+}
+
+#[test]
+fn mapping_needs_no_tlb_maintenance() {
+    let (mut env, mut s2) = setup(64);
+    let pa = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM).unwrap();
+    assert_eq!(env.tlbi_count, 0);
+    clean(&mut env);
+}
+
+#[test]
+fn maps_a_2mib_block() {
+    let (mut env, mut s2) = setup(2048);
+    let pa = guest_block(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM + 2 * MIB, pa, 2, Attrs::RAM).unwrap();
+    let m = s2.translate(&env, GUEST_RAM + 3 * MIB).unwrap();
+    assert_eq!(m.pa, pa + MIB);
+    let mut n = 0;
+    s2.for_each_mapping(&env, &mut |m| {
+        assert_eq!(m.size, 2 * MIB);
+        n += 1;
+    });
+    assert_eq!(n, 1);
+    clean(&mut env);
+}
+
+#[test]
+fn maps_a_1gib_block() {
+    let frames = 512 * 512 * 2;
+    let mut env = ModelEnv::new(RAM_BASE_PFN, frames);
+    let mut s2 = Stage2::new(&mut env, vm(1), 1, Geometry::for_pa_bits(40)).unwrap();
+    let pa = env.claim_contiguous(512 * 512, 512 * 512, FrameState::Guest(vm(1))).unwrap().phys();
+    s2.map(&mut env, 0x8000_0000, pa, 1, Attrs::RAM).unwrap();
+    assert_eq!(s2.translate(&env, 0x8000_0000 + 0x1234_5000).unwrap().pa, pa + 0x1234_5000);
+}
+
+#[test]
+fn refuses_frames_the_guest_does_not_own() {
+    let (mut env, mut s2) = setup(64);
+    let other = guest_frame(&mut env, 2);
+    let hyp = env.claim_frame(FrameState::Hypervisor).unwrap().phys();
+    let free = env.claim_frame(FrameState::Free).unwrap().phys();
+    let table = env.claim_frame(FrameState::PageTable(vm(1))).unwrap().phys();
+    for pa in [other, hyp, free, table] {
+        assert!(matches!(s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM), Err(Stage2Error::NotOwned { .. })));
+    }
+    assert_eq!(s2.translate(&env, GUEST_RAM), None);
+    clean(&mut env);
+}
+
+#[test]
+fn refuses_a_block_with_one_foreign_frame() {
+    let (mut env, mut s2) = setup(2048);
+    let pa = guest_block(&mut env, 1);
+    env.release_frames(pa + 0x5000, 0x1000);
+    env.claim_contiguous(1, 1, FrameState::Guest(vm(2)));
+    let r = s2.map(&mut env, GUEST_RAM, pa, 2, Attrs::RAM);
+    assert!(matches!(r, Err(Stage2Error::NotOwned { .. })), "{r:?}");
+}
+
+#[test]
+fn device_mappings_may_not_cover_ram() {
+    let (mut env, mut s2) = setup(64);
+    let pa = guest_frame(&mut env, 1);
+    let dev = Attrs { mem: MemType::Device, exec: false, ..Attrs::RAM };
+    assert!(s2.map(&mut env, 0x0900_0000, pa, 3, dev).is_err());
+    s2.map(&mut env, 0x0900_0000, 0x0900_0000, 3, dev).unwrap();
+    assert_eq!(s2.translate(&env, 0x0900_0000).unwrap().attrs.mem, MemType::Device);
+    clean(&mut env);
+}
+
+#[test]
+fn refuses_to_map_over_a_mapping() {
+    let (mut env, mut s2) = setup(2048);
+    let a = guest_frame(&mut env, 1);
+    let b = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, a, 3, Attrs::RAM).unwrap();
+    assert_eq!(s2.map(&mut env, GUEST_RAM, b, 3, Attrs::RAM), Err(Stage2Error::AlreadyMapped { ipa: GUEST_RAM }));
+    let blk = guest_block(&mut env, 1);
+    assert!(s2.map(&mut env, GUEST_RAM, blk, 2, Attrs::RAM).is_err());
+    assert_eq!(s2.translate(&env, GUEST_RAM).unwrap().pa, a);
+    clean(&mut env);
+}
+
+#[test]
+fn out_of_memory_leaves_the_space_unchanged() {
+    let (mut env, mut s2) = setup(64);
+    let pa = guest_frame(&mut env, 1);
+    let tables = s2.table_pages();
+    env.fail_tables = true;
+    assert_eq!(s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM), Err(Stage2Error::OutOfMemory));
+    assert_eq!(s2.table_pages(), tables);
+    assert_eq!(s2.translate(&env, GUEST_RAM), None);
+    assert_eq!(env.frames_in(FrameState::PageTable(vm(1))), 1);
+    clean(&mut env);
+}
+
+#[test]
+fn bad_alignment_and_range_are_refused() {
+    let (mut env, mut s2) = setup(2048);
+    let pa = guest_frame(&mut env, 1);
+    assert!(matches!(s2.map(&mut env, GUEST_RAM + 1, pa, 3, Attrs::RAM), Err(Stage2Error::Unaligned { .. })));
+    assert!(matches!(s2.map(&mut env, 1 << 40, pa, 3, Attrs::RAM), Err(Stage2Error::OutOfRange { .. })));
+    assert!(matches!(s2.map(&mut env, GUEST_RAM, pa, 2, Attrs::RAM), Err(Stage2Error::Unaligned { .. })));
+    assert!(matches!(s2.map(&mut env, GUEST_RAM, pa, 0, Attrs::RAM), Err(Stage2Error::BadLevel { .. })));
+    clean(&mut env);
+}
+
+#[test]
+fn unmap_reports_frames_after_invalidation_and_frees_empty_tables() {
+    let (mut env, mut s2) = setup(64);
+    let pa = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM).unwrap();
+    let mut got = Vec::new();
+    s2.unmap(&mut env, GUEST_RAM, 0x1000, &mut |pa, size| got.push((pa, size))).unwrap();
+    for &(pa, size) in &got {
+        env.release_frames(pa, size);
+    }
+    assert_eq!(got, vec![(pa, 0x1000)]);
+    assert_eq!(s2.translate(&env, GUEST_RAM), None);
+    assert_eq!(s2.table_pages(), 1, "emptied tables are freed");
+    assert_eq!(env.frames_in(FrameState::PageTable(vm(1))), 1);
+    clean(&mut env);
+}
+
+#[test]
+fn unmapping_part_of_a_block_splits_it() {
+    let (mut env, mut s2) = setup(2048);
+    let pa = guest_block(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, pa, 2, Attrs::RAM).unwrap();
+    let mut got = Vec::new();
+    s2.unmap(&mut env, GUEST_RAM + 0x3000, 0x2000, &mut |pa, size| got.push((pa, size))).unwrap();
+    for &(pa, size) in &got {
+        env.release_frames(pa, size);
+    }
+    assert_eq!(got, vec![(pa + 0x3000, 0x1000), (pa + 0x4000, 0x1000)]);
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x2000).unwrap().pa, pa + 0x2000);
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x3000), None);
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x5000).unwrap().pa, pa + 0x5000);
+    clean(&mut env);
+}
+
+#[test]
+fn protect_changes_permissions_through_break_before_make() {
+    let (mut env, mut s2) = setup(64);
+    let pa = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM).unwrap();
+    let ro = Attrs { write: false, ..Attrs::RAM };
+    s2.protect(&mut env, GUEST_RAM, 0x1000, ro).unwrap();
+    assert_eq!(s2.translate(&env, GUEST_RAM).unwrap().attrs, ro);
+    assert!(env.tlbi_count > 0);
+    clean(&mut env);
+}
+
+#[test]
+fn split_then_collapse_round_trips() {
+    let (mut env, mut s2) = setup(2048);
+    let pa = guest_block(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, pa, 2, Attrs::RAM).unwrap();
+    let before = s2.table_pages();
+    s2.split(&mut env, GUEST_RAM, 2).unwrap();
+    assert_eq!(s2.table_pages(), before + 1);
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x7000).unwrap().pa, pa + 0x7000);
+    clean(&mut env);
+    s2.collapse(&mut env, GUEST_RAM, 2).unwrap();
+    assert_eq!(s2.table_pages(), before);
+    let mut sizes = Vec::new();
+    s2.for_each_mapping(&env, &mut |m| sizes.push(m.size));
+    assert_eq!(sizes, vec![2 * MIB]);
+    clean(&mut env);
+}
+
+#[test]
+fn collapse_refuses_a_table_that_is_not_one_block() {
+    let (mut env, mut s2) = setup(2048);
+    let pa = guest_block(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, pa, 2, Attrs::RAM).unwrap();
+    s2.split(&mut env, GUEST_RAM, 2).unwrap();
+    s2.protect(&mut env, GUEST_RAM + 0x1000, 0x1000, Attrs { write: false, ..Attrs::RAM }).unwrap();
+    assert_eq!(s2.collapse(&mut env, GUEST_RAM, 2), Err(Stage2Error::NotCollapsible { ipa: GUEST_RAM }));
+    clean(&mut env);
+}
+
+#[test]
+fn teardown_returns_everything_and_leaves_no_tlb_entry() {
+    let (mut env, mut s2) = setup(4096);
+    let blk = guest_block(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, blk, 2, Attrs::RAM).unwrap();
+    for i in 0..5 {
+        let pa = guest_frame(&mut env, 1);
+        s2.map(&mut env, GUEST_RAM + 2 * MIB + i * 0x1000, pa, 3, Attrs::RAM).unwrap();
+    }
+    let mut got = Vec::new();
+    let proof = s2.teardown(&mut env, &mut |pa, size| got.push((pa, size)));
+    for &(pa, size) in &got {
+        env.release_frames(pa, size);
+    }
+    assert_eq!(proof.vmid(), 1);
+    assert_eq!(got.len(), 6);
+    assert_eq!(env.frames_in(FrameState::Guest(vm(1))), 0);
+    assert_eq!(env.frames_in(FrameState::PageTable(vm(1))), 0);
+    assert_eq!(env.cached_for(1), 0);
+    assert!(env.violations.is_empty(), "{:#?}", env.violations);
+}
+
+fn broken_unmap_is_caught(sabotage: Sabotage) {
+    let (mut env, mut s2) = setup(64);
+    let pa = guest_frame(&mut env, 1);
+    let pb = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM).unwrap();
+    s2.map(&mut env, GUEST_RAM + 0x1000, pb, 3, Attrs::RAM).unwrap();
+    env.sabotage = sabotage;
+    let mut got = Vec::new();
+    s2.unmap(&mut env, GUEST_RAM, 0x1000, &mut |pa, size| got.push((pa, size))).unwrap();
+    for &(pa, size) in &got {
+        env.release_frames(pa, size);
+    }
+    env.check_quiescent();
+    assert!(!env.violations.is_empty(), "{sabotage:?} went unnoticed");
+}
+
+#[test]
+fn model_catches_a_missing_ipa_invalidation() {
+    broken_unmap_is_caught(Sabotage::DropIpaTlbi);
+}
+
+#[test]
+fn model_catches_a_missing_stage1_invalidation() {
+    broken_unmap_is_caught(Sabotage::DropStage1Tlbi);
+}
+
+#[test]
+fn model_catches_a_missing_dsb() {
+    broken_unmap_is_caught(Sabotage::DropDsbIsh);
+}
+
+#[test]
+fn model_catches_a_teardown_without_vmid_invalidation() {
+    let (mut env, mut s2) = setup(64);
+    let pa = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM).unwrap();
+    env.sabotage = Sabotage::DropVmidTlbi;
+    let _ = s2.teardown(&mut env, &mut |pa, size| {
+        let _ = (pa, size);
+    });
+    env.release_frames(pa, 0x1000);
+    assert!(!env.violations.is_empty());
+}
+
+#[test]
+fn model_catches_a_live_entry_changed_in_place() {
+    let (mut env, mut s2) = setup(64);
+    let pa = guest_frame(&mut env, 1);
+    let pb = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM).unwrap();
+    // Rewrite the live leaf to another frame directly, as a buggy hypervisor would.
+    let mut leaf = None;
+    s2.for_each_table(&env, &mut |t| leaf = Some(t));
+    let l3 = leaf.unwrap();
+    env.write(l3, 0, Entry::Leaf { pa: pb, attrs: Attrs::RAM }.encode(3));
+    env.dsb_ishst();
+    env.check_quiescent();
+    assert!(env.violations.iter().any(|v| v.contains("without break-before-make")), "{:#?}", env.violations);
+}
