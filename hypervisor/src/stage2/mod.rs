@@ -12,6 +12,8 @@
 mod desc;
 mod env;
 #[cfg(any(test, feature = "model"))]
+pub mod exercise;
+#[cfg(any(test, feature = "model"))]
 pub mod model;
 mod table;
 mod vmid;

@@ -75,6 +75,8 @@ pub struct ModelEnv {
     free_list: Vec<u64>,
     /// Root table, start level and VMID of each live address space.
     roots: Vec<(u16, Pfn, usize)>,
+    /// Every table reachable from a root: its VMID, level and the first IPA it covers.
+    info: HashMap<u64, (u16, usize, u64)>,
     s2: Vec<CachedLeaf>,
     combined: Vec<CachedLeaf>,
     walks: Vec<CachedWalk>,
@@ -96,6 +98,7 @@ impl ModelEnv {
             ram_base,
             free_list: (ram_base..ram_base + frames as u64).rev().collect(),
             roots: Vec::new(),
+            info: HashMap::new(),
             s2: Vec::new(),
             combined: Vec::new(),
             walks: Vec::new(),
@@ -120,11 +123,26 @@ impl ModelEnv {
     /// Registers an address space so the model knows which VMID a table belongs to.
     pub fn add_root(&mut self, vmid: u16, root: Pfn, start_level: usize) {
         self.roots.push((vmid, root, start_level));
+        self.rebuild_info();
     }
 
     /// Forgets an address space after its teardown.
     pub fn remove_root(&mut self, vmid: u16) {
         self.roots.retain(|r| r.0 != vmid);
+        self.rebuild_info();
+    }
+
+    /// Recomputes which tables are reachable, after a table entry appeared or went.
+    fn rebuild_info(&mut self) {
+        let mut info = HashMap::new();
+        for &(vmid, root, level) in &self.roots {
+            info.insert(root.0, (vmid, level, 0));
+            let (_, walks) = self.reachable(vmid);
+            for w in walks {
+                info.insert(w.table.0, (vmid, child_level(&w), w.ipa));
+            }
+        }
+        self.info = info;
     }
 
     /// Takes a free frame for `owner` (what the atomic path does for a fault), if any is left.
@@ -210,31 +228,37 @@ impl ModelEnv {
         }
     }
 
-    /// Whether `table` is reachable from some root, and from which VMID.
+    /// Which VMID's tables `table` is reachable from, if any.
     fn owner_vmid(&self, table: Pfn) -> Option<u16> {
-        let vmids: Vec<u16> = self.roots.iter().map(|r| r.0).collect();
-        vmids.into_iter().find(|&v| {
-            let root = self.roots.iter().find(|r| r.0 == v).map(|r| r.1);
-            root == Some(table) || self.reachable(v).1.iter().any(|w| w.table == table)
-        })
+        self.info.get(&table.0).map(|i| i.0)
     }
 
-    /// A walker may cache anything reachable now: add it to the caches, and record a conflict
-    /// if a cached entry overlaps a current one with a different translation.
+    /// Adds a translation a walker can now reach, recording a conflict if a TLB may hold a
+    /// different translation for an overlapping address.
+    fn cache_leaf(&mut self, l: CachedLeaf) {
+        let conflict = self
+            .s2
+            .iter()
+            .chain(self.combined.iter())
+            .find(|c| c.vmid == l.vmid && c.ipa < l.ipa + l.size && l.ipa < c.ipa + c.size && !same_translation(c, &l))
+            .copied();
+        if let Some(c) = conflict {
+            self.violation(format!(
+                "VMID {}: IPA {:#x} now maps {:#x} (size {:#x}) while a TLB may hold {:#x} (size {:#x}) for {:#x}: changed without break-before-make or invalidation",
+                l.vmid, l.ipa, l.pa, l.size, c.pa, c.size, c.ipa
+            ));
+        }
+        if !self.s2.contains(&l) {
+            self.s2.push(l);
+        }
+        if !self.combined.contains(&l) {
+            self.combined.push(l);
+        }
+    }
+
+    /// After an invalidation completes, the current tables may be cached again at once.
     fn cache_reachable(&mut self, vmid: u16) {
         let (leaves, walks) = self.reachable(vmid);
-        for l in &leaves {
-            for c in self.s2.iter().chain(self.combined.iter()) {
-                if c.vmid == vmid && c.ipa < l.ipa + l.size && l.ipa < c.ipa + c.size && !same_translation(c, l) {
-                    let msg = format!(
-                        "VMID {vmid}: IPA {:#x} now maps {:#x} (size {:#x}) while a TLB may hold {:#x} (size {:#x}) for {:#x}: changed without break-before-make or invalidation",
-                        l.ipa, l.pa, l.size, c.pa, c.size, c.ipa
-                    );
-                    self.violations.push(msg);
-                    break;
-                }
-            }
-        }
         for l in leaves {
             if !self.s2.contains(&l) {
                 self.s2.push(l);
@@ -333,6 +357,15 @@ impl ModelEnv {
     }
 }
 
+/// The level of the table a walk entry points to: one below the entry's.
+fn child_level(w: &CachedWalk) -> usize {
+    match w.size {
+        s if s == level_size(0) => 1,
+        s if s == level_size(1) => 2,
+        _ => 3,
+    }
+}
+
 fn same_translation(a: &CachedLeaf, b: &CachedLeaf) -> bool {
     a.ipa == b.ipa && a.size == b.size && a.pa == b.pa && a.attrs == b.attrs
 }
@@ -343,19 +376,44 @@ impl Stage2Env for ModelEnv {
     }
 
     fn write(&mut self, table: Pfn, index: usize, value: u64) {
-        let vmid = self.owner_vmid(table);
+        let info = self.info.get(&table.0).copied();
         let t = self.tables.entry(table.0).or_insert_with(|| Box::new([0; ENTRIES]));
         let old = t[index];
         t[index] = value;
         self.unpublished = true;
-        if let Some(vmid) = vmid {
-            if old & 1 != 0 && value & 1 != 0 && old != value {
-                self.violation(format!(
-                    "VMID {vmid}: live entry {index} of table {table} changed {old:#x} -> {value:#x} without break-before-make"
-                ));
+        let Some((vmid, level, base)) = info else { return };
+        if old & 1 != 0 && value & 1 != 0 && old != value {
+            self.violation(format!(
+                "VMID {vmid}: live entry {index} of table {table} changed {old:#x} -> {value:#x} without break-before-make"
+            ));
+        }
+        let ipa = base + index as u64 * level_size(level);
+        let old_was_table = matches!(Entry::decode(old, level), Entry::Table(_));
+        match Entry::decode(value, level) {
+            Entry::Leaf { pa, attrs } => {
+                self.cache_leaf(CachedLeaf { vmid, ipa, size: level_size(level), pa, attrs });
+                if old_was_table {
+                    self.rebuild_info();
+                }
             }
-            if value & 1 != 0 {
-                self.cache_reachable(vmid);
+            Entry::Table(child) => {
+                self.rebuild_info();
+                let mut leaves = Vec::new();
+                let mut walks = vec![CachedWalk { vmid, ipa, size: level_size(level), table: child }];
+                self.collect(vmid, child, level + 1, ipa, &mut leaves, &mut walks);
+                for l in leaves {
+                    self.cache_leaf(l);
+                }
+                for w in walks {
+                    if !self.walks.contains(&w) {
+                        self.walks.push(w);
+                    }
+                }
+            }
+            Entry::Invalid => {
+                if old_was_table {
+                    self.rebuild_info();
+                }
             }
         }
     }
