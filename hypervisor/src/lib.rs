@@ -12,6 +12,7 @@ pub mod drivers;
 pub mod dt;
 pub mod esr;
 pub mod frame;
+pub mod hostmem;
 pub mod hyp_map;
 pub mod logger;
 pub mod memmap;
