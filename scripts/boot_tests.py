@@ -192,7 +192,24 @@ def standard_boot(wd, name, cpu="cortex-a72", smp=2, mem="1G"):
               "cpu%d never reported online" % cpu_idx, out)
     check(re.search(r"%d of %d CPUs online" % (smp, smp), out), "not all CPUs online", out)
     check("no guests configured" in out, "no 'no guests configured' message", out)
+    expect_frames(out, dts)
     return out
+
+
+def expect_frames(out, dts):
+    """The frame database covers all RAM at 2 bytes per frame, and every frame has one state."""
+    db = re.search(r"frame database: (\d+) frames from 0x([0-9a-f]+), (\d+) bytes per frame", out)
+    check(db is not None, "no frame database line", out)
+    banks = dts_memory(dts)
+    span = (banks[-1][0] + banks[-1][1] - banks[0][0]) // PAGE
+    check(int(db.group(1)) == span and int(db.group(2), 16) == banks[0][0],
+          "frame database covers %s frames from %s, RAM spans %d from %#x" % (db.group(1), db.group(2), span, banks[0][0]), out)
+    check(int(db.group(3)) <= 2, "more than 2 bytes per frame", out)
+    fr = re.search(r"frames: (\d+) free .*?, (\d+) hypervisor, (\d+) reserved", out)
+    check(fr is not None, "no frame summary line", out)
+    ram_frames = sum(s for (_, s) in banks) // PAGE
+    total = sum(int(x) for x in fr.groups())
+    check(total == ram_frames, "free+hypervisor+reserved = %d frames, RAM has %d" % (total, ram_frames), out)
 
 
 @test
@@ -260,6 +277,14 @@ def device_tree_without_cpus_is_refused(wd):
     rc, out = boot(dtb=compile_dts(wd, "nocpus", dts))
     expect_clean_exit(rc, out)
     check("device tree refused" in out and "cpus" in out, "no refusal naming /cpus", out)
+
+
+@test
+def atomic_allocation_benchmark_runs(wd):
+    rc, out = boot(append="labyrinth.bench=alloc")
+    expect_clean_exit(rc, out)
+    m = re.search(r"bench alloc: (\d+) atomic allocations, (\d+) instructions each", out)
+    check(m is not None and int(m.group(1)) > 0, "no benchmark result", out)
 
 
 @test

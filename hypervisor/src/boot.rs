@@ -81,8 +81,12 @@ pub fn primary_main(dtb: u64, dtb_size: u64) -> ! {
         }
     }
 
-    start_secondaries(&platform);
-    crate::selftest::run(platform.bootargs());
+    let cpus = start_secondaries(&platform);
+    let frames = match crate::frames::init(&map, image_region(), cpus) {
+        Ok(f) => f,
+        Err(e) => refuse(format_args!("frame ownership: {e}")),
+    };
+    crate::selftest::run(platform.bootargs(), frames);
 
     let guests = platform.guests();
     if guests.is_empty() {
@@ -102,11 +106,16 @@ pub fn primary_main(dtb: u64, dtb_size: u64) -> ! {
     arch::power_off()
 }
 
-fn memory_map(platform: &Platform<'static>, dtb: u64) -> MemoryMap<'static> {
+fn image_region() -> Region {
     let (start, end) = arch::image_range();
-    let Some(image) = Region::from_bounds(start, end) else {
-        refuse(format_args!("empty image range {start:#x}-{end:#x}"));
-    };
+    match Region::from_bounds(start, end) {
+        Some(r) => r,
+        None => refuse(format_args!("empty image range {start:#x}-{end:#x}")),
+    }
+}
+
+fn memory_map(platform: &Platform<'static>, dtb: u64) -> MemoryMap<'static> {
+    let image = image_region();
     let reservations = match memmap::boot_reservations(platform, image, dtb) {
         Ok(r) => r,
         Err(e) => refuse(format_args!("memory map refused: {e}")),
@@ -118,16 +127,17 @@ fn memory_map(platform: &Platform<'static>, dtb: u64) -> MemoryMap<'static> {
 }
 
 /// Starts every CPU the device tree lists through PSCI CPU_ON and waits (bounded) for each to
-/// report. A CPU that fails to start is logged and left off.
-fn start_secondaries(platform: &Platform<'_>) {
+/// report. A CPU that fails to start is logged and left off. Returns the CPU indices in use
+/// (the boot CPU is 0, started CPUs 1, 2, ...).
+fn start_secondaries(platform: &Platform<'_>) -> usize {
     let cpus = platform.cpus();
     let Some(psci_node) = platform.psci() else {
         warn!("no /psci node: only the boot CPU runs");
-        return;
+        return 1;
     };
     if psci_node.conduit == Conduit::Hvc {
         warn!("/psci asks for HVC, which traps to Labyrinth itself at EL2: only the boot CPU runs");
-        return;
+        return 1;
     }
     let fid = psci_node.cpu_on.unwrap_or(psci::CPU_ON_64);
     let me = arch::mpidr();
@@ -155,6 +165,7 @@ fn start_secondaries(platform: &Platform<'_>) {
         warn!("{} CPU(s) started but never reported", started - online);
     }
     info!("{online} of {} CPUs online", cpus.len());
+    next_index
 }
 
 #[no_mangle]

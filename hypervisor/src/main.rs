@@ -8,7 +8,14 @@ mod arch;
 #[cfg(target_os = "none")]
 mod boot;
 #[cfg(target_os = "none")]
+mod bench;
+#[cfg(target_os = "none")]
+mod frames;
+#[cfg(target_os = "none")]
 mod selftest;
+
+#[cfg(target_os = "none")]
+extern crate alloc;
 
 #[cfg(target_os = "none")]
 use boot::primary_main;

@@ -2,18 +2,26 @@
 //! can prove that an unexpected exception or a panic at EL2 is reported and powers off instead
 //! of hanging: `data-abort`, `stack-overflow`, `panic`, `write-text`.
 
+use labyrinth::frame::FrameManager;
 use log::warn;
 
 /// An address nothing maps: reading it must fault.
 const UNMAPPED: u64 = 0xdead_0000;
 
-pub fn run(bootargs: Option<&str>) {
-    let Some(which) = bootargs
+/// The value of `key=` in the boot arguments (the last one wins).
+pub fn bootarg<'a>(bootargs: Option<&'a str>, key: &str) -> Option<&'a str> {
+    bootargs
         .into_iter()
         .flat_map(str::split_ascii_whitespace)
-        .filter_map(|w| w.strip_prefix("labyrinth.selftest="))
+        .filter_map(|w| w.strip_prefix(key)?.strip_prefix('='))
         .last()
-    else {
+}
+
+pub fn run(bootargs: Option<&str>, frames: &FrameManager<'_>) {
+    if let Some(which) = bootarg(bootargs, "labyrinth.bench") {
+        crate::bench::run(which, frames);
+    }
+    let Some(which) = bootarg(bootargs, "labyrinth.selftest") else {
         return;
     };
     warn!("selftest {which}: faulting on purpose");

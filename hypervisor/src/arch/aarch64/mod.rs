@@ -3,6 +3,7 @@ pub mod boot;
 pub mod console;
 pub mod cpu;
 pub mod exception;
+pub mod memory;
 pub mod mmu;
 pub mod power;
 
@@ -10,8 +11,10 @@ use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTPCT_EL0};
 
 pub use boot::{image_range, secondary_entry_address};
 
-/// The generic timer's count, for bounded waits.
+/// The generic timer's count, for bounded waits and path-length measurement.
 pub fn time_now_ticks() -> u64 {
+    // The ISB keeps the read from being taken early, ahead of the code being measured.
+    aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
     CNTPCT_EL0.get()
 }
 

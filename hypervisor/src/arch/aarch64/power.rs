@@ -34,9 +34,10 @@ pub fn power_off() -> ! {
     park()
 }
 
-/// Parks this CPU for good (interrupts are masked, so only an event wakes it, to sleep again).
+/// Parks this CPU for good. WFI, not WFE: QEMU treats WFE as a mere yield, so a CPU parked
+/// in a WFE loop would spin a host core; WFI halts it until an interrupt, and none is enabled.
 pub fn park() -> ! {
     loop {
-        aarch64_cpu::asm::wfe();
+        aarch64_cpu::asm::wfi();
     }
 }
