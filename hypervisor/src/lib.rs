@@ -18,3 +18,4 @@ pub mod logger;
 pub mod memmap;
 pub mod psci;
 pub mod stage2;
+pub mod vm;

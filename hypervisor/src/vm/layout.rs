@@ -1,0 +1,120 @@
+//! A guest's physical (IPA) layout, the QEMU virt machine's: RAM at 0x4000_0000, a PL011 at
+//! 0x0900_0000; and where its kernel, ramdisk and device tree go inside that RAM. Arithmetic
+//! only, on sizes Labyrinth has checked; every failure names what does not fit.
+
+use super::image::ImageHeader;
+
+pub const RAM_BASE: u64 = 0x4000_0000;
+pub const UART_BASE: u64 = 0x0900_0000;
+pub const UART_SIZE: u64 = 0x1000;
+const MIB2: u64 = 2 << 20;
+/// Room reserved for the guest's device tree (the boot protocol's maximum size).
+pub const DTB_ROOM: u64 = MIB2;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub ram_base: u64,
+    pub ram_size: u64,
+    pub kernel: u64,
+    pub kernel_size: u64,
+    pub ramdisk: Option<(u64, u64)>,
+    pub dtb: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutError {
+    /// RAM too small for the kernel, the ramdisk and the device tree.
+    TooSmall { need: u64, have: u64 },
+    /// RAM reaches past the IPA space.
+    BeyondIpa { ram_end: u64, ipa_bits: u32 },
+    /// The kernel asks for a text_offset that is not 4 KiB-aligned or too large.
+    BadTextOffset { text_offset: u64 },
+}
+
+impl core::fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            LayoutError::TooSmall { need, have } => {
+                write!(f, "memory {have:#x} bytes is too small: kernel, ramdisk and device tree need {need:#x}")
+            }
+            LayoutError::BeyondIpa { ram_end, ipa_bits } => {
+                write!(f, "memory ends at {ram_end:#x}, beyond the {ipa_bits}-bit IPA space")
+            }
+            LayoutError::BadTextOffset { text_offset } => write!(f, "kernel text_offset {text_offset:#x} unusable"),
+        }
+    }
+}
+
+fn align_up(x: u64, a: u64) -> u64 {
+    x.div_ceil(a) * a
+}
+
+/// Places the kernel at RAM base + text_offset, the device tree in the top 2 MiB of RAM and the
+/// ramdisk right below it (2 MiB-aligned), checking that nothing overlaps.
+pub fn plan(ram_size: u64, ipa_bits: u32, kernel: &ImageHeader, ramdisk_size: Option<u64>) -> Result<Layout, LayoutError> {
+    let ram_end = RAM_BASE.checked_add(ram_size).filter(|&e| ipa_bits >= 64 || e <= 1 << ipa_bits);
+    let Some(ram_end) = ram_end else {
+        return Err(LayoutError::BeyondIpa { ram_end: RAM_BASE.saturating_add(ram_size), ipa_bits });
+    };
+    if kernel.text_offset % 4096 != 0 || kernel.text_offset >= ram_size {
+        return Err(LayoutError::BadTextOffset { text_offset: kernel.text_offset });
+    }
+    let kernel_at = RAM_BASE + kernel.text_offset;
+    let kernel_end = align_up(kernel_at + kernel.effective_size, 4096);
+    let ramdisk_room = ramdisk_size.map_or(0, |s| align_up(s, MIB2));
+    let need = (kernel_end - RAM_BASE) + ramdisk_room + DTB_ROOM;
+    if need > ram_size || ram_size < DTB_ROOM {
+        return Err(LayoutError::TooSmall { need, have: ram_size });
+    }
+    let dtb = (ram_end - DTB_ROOM) & !(MIB2 - 1);
+    if dtb < kernel_end + ramdisk_room {
+        return Err(LayoutError::TooSmall { need: need + MIB2, have: ram_size });
+    }
+    let ramdisk = ramdisk_size.map(|s| (dtb - ramdisk_room, s));
+    Ok(Layout { ram_base: RAM_BASE, ram_size, kernel: kernel_at, kernel_size: kernel.effective_size, ramdisk, dtb })
+}
+
+impl Layout {
+    pub fn ram_end(&self) -> u64 {
+        self.ram_base + self.ram_size
+    }
+
+    pub fn in_ram(&self, ipa: u64) -> bool {
+        ipa >= self.ram_base && ipa < self.ram_end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    fn k(off: u64, size: u64) -> ImageHeader {
+        ImageHeader { text_offset: off, effective_size: size }
+    }
+
+    #[test]
+    fn kernel_at_text_offset_dtb_on_top_ramdisk_below() {
+        let l = plan(64 * MIB, 40, &k(0x8_0000, 3 * MIB), Some(5 * MIB)).unwrap();
+        assert_eq!(l.kernel, 0x4008_0000);
+        assert_eq!(l.dtb, 0x4000_0000 + 62 * MIB);
+        assert_eq!(l.ramdisk, Some((0x4000_0000 + 56 * MIB, 5 * MIB)));
+    }
+
+    #[test]
+    fn too_small_is_refused() {
+        assert!(matches!(plan(4 * MIB, 40, &k(0x8_0000, 3 * MIB), None), Err(LayoutError::TooSmall { .. })));
+        assert!(matches!(plan(MIB, 40, &k(0, 4096), None), Err(LayoutError::TooSmall { .. })));
+    }
+
+    #[test]
+    fn ram_beyond_ipa_space_is_refused() {
+        assert!(matches!(plan(1 << 40, 40, &k(0, 4096), None), Err(LayoutError::BeyondIpa { .. })));
+        assert!(matches!(plan(u64::MAX, 48, &k(0, 4096), None), Err(LayoutError::BeyondIpa { .. })));
+    }
+
+    #[test]
+    fn unaligned_text_offset_is_refused() {
+        assert!(matches!(plan(64 * MIB, 40, &k(0x123, 4096), None), Err(LayoutError::BadTextOffset { .. })));
+    }
+}

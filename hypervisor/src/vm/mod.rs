@@ -1,0 +1,9 @@
+//! Guests: their physical layout, kernel images, the devices and firmware calls Labyrinth
+//! emulates for them, and the decoding of their traps. All policy and no machine: the arch's
+//! vCPU code runs guests and calls in here to decide what a trap means.
+
+pub mod image;
+pub mod layout;
+pub mod trap;
+pub mod vpl011;
+pub mod vpsci;
