@@ -19,6 +19,10 @@ const CPU_ONLINE_TIMEOUT_MS: u64 = 1000;
 
 /// CPUs that have reached `secondary_main` (the boot CPU counts itself).
 static CPUS_ONLINE: AtomicUsize = AtomicUsize::new(0);
+/// MPIDR of each CPU index Labyrinth gave out (index 0: the boot CPU).
+static CPU_MPIDRS: spin::Mutex<alloc::vec::Vec<u64>> = spin::Mutex::new(alloc::vec::Vec::new());
+/// The firmware's CPU_ON function id.
+static CPU_ON_FID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(psci::CPU_ON_64 as u64);
 
 /// Reports why Labyrinth cannot go on, then powers off.
 fn refuse(args: core::fmt::Arguments<'_>) -> ! {
@@ -86,24 +90,43 @@ pub fn primary_main(dtb: u64, dtb_size: u64) -> ! {
         Ok(f) => f,
         Err(e) => refuse(format_args!("frame ownership: {e}")),
     };
+    record_cpus();
     crate::selftest::run(platform.bootargs(), frames);
 
-    let guests = platform.guests();
-    if guests.is_empty() {
+    if platform.guests().is_empty() {
         info!("no guests configured in /chosen: nothing to run, powering off");
         arch::power_off();
     }
-    for g in guests {
-        match g {
-            Ok(g) => info!(
-                "guest {}: {} KiB RAM, {} vCPU(s), kernel at {}",
-                g.name, g.memory_kib, g.cpus, g.kernel.region
-            ),
-            Err(e) => error!("{e}: not started"),
+    let running = crate::vmm::create_all(&platform, frames, cpus, cpu.pa_bits);
+    if running == 0 {
+        error!("no guest could be started: powering off");
+        arch::power_off();
+    }
+    // Guest i runs on CPU i: wake the others (parked off since they reported), then run ours.
+    for index in 1..running {
+        restart_cpu(index);
+    }
+    crate::vmm::run_this_cpu()
+}
+
+/// Starts CPU `index` again (it powered itself off after reporting online) to run its guest.
+fn restart_cpu(index: usize) {
+    let Some(&mpidr) = CPU_MPIDRS.lock().get(index) else { return };
+    let fid = CPU_ON_FID.load(Ordering::Relaxed) as u32;
+    // Make the guest's slot visible before the CPU starts (it reads it with its MMU on).
+    aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::ISH);
+    for _ in 0..1000 {
+        match arch::cpu_on(fid, mpidr, arch::secondary_entry_address(), index as u64) {
+            Ok(()) => return,
+            // Still on its way off: try again.
+            Err(psci::PsciError::AlreadyOn) | Err(psci::PsciError::OnPending) => core::hint::spin_loop(),
+            Err(e) => {
+                error!("CPU {mpidr:#x}: cannot start it for its guest ({e:?})");
+                return;
+            }
         }
     }
-    warn!("this build cannot run guests yet: powering off");
-    arch::power_off()
+    error!("CPU {mpidr:#x}: never powered off: its guest does not run");
 }
 
 fn image_region() -> Region {
@@ -140,9 +163,13 @@ fn start_secondaries(platform: &Platform<'_>) -> usize {
         return 1;
     }
     let fid = psci_node.cpu_on.unwrap_or(psci::CPU_ON_64);
+    CPU_ON_FID.store(fid as u64, Ordering::Relaxed);
     let me = arch::mpidr();
     let mut next_index = 1;
     let mut started = 1;
+    // No allocation yet (the heap comes with the frame manager): a fixed list, then the table.
+    let mut mpidrs = [0u64; arch::MAX_CPUS];
+    mpidrs[0] = me;
     for c in cpus.iter().filter(|c| c.mpidr != me) {
         if next_index >= arch::MAX_CPUS {
             warn!("CPU {:#x}: beyond the {} CPUs Labyrinth runs, left off", c.mpidr, arch::MAX_CPUS);
@@ -150,6 +177,7 @@ fn start_secondaries(platform: &Platform<'_>) -> usize {
         }
         match arch::cpu_on(fid, c.mpidr, arch::secondary_entry_address(), next_index as u64) {
             Ok(()) => {
+                mpidrs[next_index] = c.mpidr;
                 next_index += 1;
                 started += 1;
             }
@@ -165,14 +193,29 @@ fn start_secondaries(platform: &Platform<'_>) -> usize {
         warn!("{} CPU(s) started but never reported", started - online);
     }
     info!("{online} of {} CPUs online", cpus.len());
+    SECONDARIES_STARTED.store(next_index, Ordering::Relaxed);
+    PENDING_MPIDRS.lock().copy_from_slice(&mpidrs);
     next_index
+}
+
+static SECONDARIES_STARTED: AtomicUsize = AtomicUsize::new(1);
+static PENDING_MPIDRS: spin::Mutex<[u64; arch::MAX_CPUS]> = spin::Mutex::new([0; arch::MAX_CPUS]);
+
+/// Moves the CPU list into its table once the heap exists.
+fn record_cpus() {
+    let n = SECONDARIES_STARTED.load(Ordering::Relaxed);
+    CPU_MPIDRS.lock().extend_from_slice(&PENDING_MPIDRS.lock()[..n]);
 }
 
 #[no_mangle]
 extern "C" fn secondary_main(index: usize) -> ! {
+    if crate::vmm::has_guest(index) {
+        crate::vmm::run_this_cpu();
+    }
     info!("cpu{index} online, MPIDR {:#x}", arch::mpidr());
     CPUS_ONLINE.fetch_add(1, Ordering::Release);
-    // Parked until guests give it work.
+    // Off until a guest needs it: CPU_ON brings it back here with its guest in place.
+    arch::cpu_off();
     arch::park()
 }
 

@@ -56,6 +56,17 @@ impl Logger {
         self.owner.store(NO_OWNER, Ordering::Relaxed);
     }
 
+    /// Writes a line as it is, without CPU or level (a guest's console output).
+    pub fn raw_line(&self, args: core::fmt::Arguments<'_>) {
+        let cpu = (self.cpu_id)();
+        let guard = self.sink.lock();
+        self.owner.store(cpu, Ordering::Relaxed);
+        if let Some(out) = *guard {
+            let _ = writeln!(Out(out), "{args}");
+        }
+        self.owner.store(NO_OWNER, Ordering::Relaxed);
+    }
+
     /// Writes a line on the panic/exception path: waits a bounded time for the console, then
     /// takes it even if held (better a garbled line than a silent hang).
     pub fn emergency(&self, args: core::fmt::Arguments<'_>) {

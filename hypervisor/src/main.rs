@@ -13,6 +13,8 @@ mod bench;
 mod frames;
 #[cfg(target_os = "none")]
 mod selftest;
+#[cfg(target_os = "none")]
+mod vmm;
 
 #[cfg(target_os = "none")]
 extern crate alloc;

@@ -4,10 +4,13 @@
 mod aarch64;
 
 pub use aarch64::{
-    console::{emergency_line, init_console, install_fallback_console},
-    cpu::{mpidr, read_cpu_info, MAX_CPUS},
-    memory::{frame_db_storage, heap_bytes, init_heap, Heap, Scrubber},
+    console::{emergency_line, init_console, install_fallback_console, raw_line},
+    cpu::{cpu_index, mpidr, read_cpu_info, MAX_CPUS},
+    exception::TrapFrame,
+    memory::{clean_to_poc, copy_phys, frame_db_storage, heap_bytes, init_heap, Heap, Scrubber},
     mmu::{map_range, MapKind},
-    power::{cpu_on, park, power_off},
+    power::{cpu_off, cpu_on, park, power_off},
+    stage2_hw::HwStage2,
+    vcpu::{configure_el2, enter as enter_guest, inject_external_abort, inject_undefined, restart as restart_guest, trap_syndrome},
     image_range, secondary_entry_address, time_now_ticks, ticks_per_second,
 };

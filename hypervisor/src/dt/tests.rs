@@ -265,7 +265,25 @@ fn walker_agrees_with_the_fdt_crate_on_well_formed_blobs() {
             assert_eq!(tp, op, "{name}: properties of {our_name}");
         }
         assert_eq!(theirs.total_size(), check(blob).unwrap().total_size());
+        // Without duplicate names, every node is found by its own path.
+        for node in &our_nodes {
+            let path = node.path().to_string();
+            assert_eq!(ours.find(&path).map(|n| n.path()), Some(node.path()), "{name}: {path}");
+        }
     }
+}
+
+#[test]
+fn duplicate_sibling_names_resolve_to_the_first() {
+    // check does not refuse duplicates (finding them costs quadratic time); lookups take the
+    // first, and the parser never assumes uniqueness.
+    let mut w = FdtWriter::new();
+    w.begin("").begin("a").prop_u32("first", 1).end().begin("a").begin("b").end().end().end();
+    let blob = w.build();
+    let tree = check(&blob).unwrap().tree();
+    assert!(tree.find("/a").unwrap().property("first").is_some());
+    assert!(tree.find("/a/b").is_none());
+    assert_eq!(exercise(&blob), Outcome::Unparsed);
 }
 
 #[test]
@@ -1323,4 +1341,5 @@ fn a_bad_guest_does_not_hide_the_good_ones() {
     let res = platform_reservations(&p).unwrap();
     assert_eq!(res.len(), 1);
 }
+
 

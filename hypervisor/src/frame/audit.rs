@@ -206,30 +206,13 @@ pub(crate) fn audit<const ORDER: usize>(
         report.problem(AuditProblem::BuddyCount { in_blocks: report.free_in_buddy, recorded });
     }
 
-    let mut entries = Vec::new();
-    let mut tags = Vec::new();
+    let mut scratch = (Vec::new(), Vec::new());
     for (cpu, cpu_pools) in pools.iter().enumerate() {
-        for (pool, frames, holder) in [
-            (&cpu_pools.pages, 1, Holder::PagePool(cpu)),
-            (&cpu_pools.blocks, BLOCK_FRAMES, Holder::BlockPool(cpu)),
-        ] {
-            if !settled_snapshot(pool, frames, &tag_of, &mut entries, &mut tags) {
-                report.pools_unsettled += 1;
-                continue;
-            }
-            let mut next_tag = tags.iter();
-            for &first in &entries {
-                for i in 0..frames as u64 {
-                    let pfn = Pfn(first).add(i);
-                    let tag = next_tag.next().copied().flatten();
-                    check_held(&mut report, &mut held, pfn, tag, holder, scrubber);
-                }
-            }
-            match holder {
-                Holder::PagePool(_) => report.free_in_page_pools += entries.len(),
-                _ => report.free_in_block_pools += entries.len() * BLOCK_FRAMES,
-            }
-        }
+        let mut pool_audit = PoolAudit { report: &mut report, held: &mut held, scrubber, scratch: &mut scratch };
+        let pages = pool_audit.pool(&cpu_pools.pages, 1, Holder::PagePool(cpu), &tag_of);
+        let blocks = pool_audit.pool(&cpu_pools.blocks, BLOCK_FRAMES, Holder::BlockPool(cpu), &tag_of);
+        report.free_in_page_pools += pages;
+        report.free_in_block_pools += blocks;
     }
 
     let mut guests: BTreeMap<VmId, GuestFrames> = BTreeMap::new();
@@ -259,11 +242,44 @@ pub(crate) fn audit<const ORDER: usize>(
     report
 }
 
+/// Checks pools against the database, marking their frames held.
+struct PoolAudit<'r> {
+    report: &'r mut AuditReport,
+    held: &'r mut Held,
+    scrubber: Option<&'r dyn FrameScrubber>,
+    scratch: &'r mut (Vec<u64>, Vec<Option<u16>>),
+}
+
+impl PoolAudit<'_> {
+    /// Checks one pool whose entries are `frames` frames each; returns the frames it holds.
+    fn pool<const N: usize>(
+        &mut self,
+        pool: &FramePool<N>,
+        frames: usize,
+        holder: Holder,
+        tag_of: &impl Fn(Pfn) -> Option<u16>,
+    ) -> usize {
+        let (entries, tags) = &mut *self.scratch;
+        if !settled_snapshot(pool, frames, tag_of, entries, tags) {
+            self.report.pools_unsettled += 1;
+            return 0;
+        }
+        let mut next_tag = tags.iter();
+        for &first in entries.iter() {
+            for i in 0..frames as u64 {
+                let tag = next_tag.next().copied().flatten();
+                check_held(self.report, self.held, Pfn(first).add(i), tag, holder, self.scrubber);
+            }
+        }
+        entries.len() * frames
+    }
+}
+
 /// Reads a pool's entries and the tags of their frames under one unchanged pool head.
 /// Poppers claim a frame only after their pop moved the head (and the claim is a Release
 /// that our Acquire tag read pairs with), so an unchanged head means no entry we saw left.
-fn settled_snapshot(
-    pool: &FramePool,
+fn settled_snapshot<const N: usize>(
+    pool: &FramePool<N>,
     frames: usize,
     tag_of: &impl Fn(Pfn) -> Option<u16>,
     entries: &mut Vec<u64>,

@@ -25,26 +25,33 @@ use super::buddy::BuddyFrames;
 use super::db::{unexpected, FrameDb};
 use super::error::{AtomicError, FrameError};
 use super::heap::HeapSink;
-use super::pool::{FramePool, MAX_POOL_CAPACITY};
+use super::pool::FramePool;
 use super::scrub::FrameScrubber;
 use super::sync::Ordering;
 use super::tag::{Owner, TAG_FREE, TAG_HYPERVISOR, TAG_SCRUBBING};
 use super::{frames_of, Pfn, BLOCK_FRAMES};
 
+/// Slots in each CPU's page pool: the most 4 KiB frames it can hold (2 MiB worth).
+pub const PAGE_POOL_SLOTS: usize = 512;
+/// Slots in each CPU's block pool: the most 2 MiB blocks it can hold.
+pub const BLOCK_POOL_SLOTS: usize = 8;
+/// Compare-and-swap attempts on the own pool before the atomic path looks at other CPUs'.
+/// Only other CPUs taking surplus can make an attempt fail, so this is rarely reached.
+const POP_ATTEMPTS: u32 = 4;
+
 /// Sizes and watermarks of each CPU's pools. A pool below its low watermark is refilled up to
 /// its high watermark; another CPU may take from it only while it is above its low watermark.
+/// The room between high and capacity takes frames given back on the atomic path.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct PoolConfig {
-    /// 4 KiB frames each CPU's page pool can hold.
+    /// 4 KiB frames each CPU's page pool can hold (at most [`PAGE_POOL_SLOTS`]).
     pub page_capacity: usize,
     pub page_low: usize,
     pub page_high: usize,
-    /// 2 MiB blocks each CPU's block pool can hold (0 disables blocks).
+    /// 2 MiB blocks each CPU's block pool can hold (at most [`BLOCK_POOL_SLOTS`]; 0 disables).
     pub block_capacity: usize,
     pub block_low: usize,
     pub block_high: usize,
-    /// Compare-and-swap attempts on the own pool before the atomic path looks elsewhere (>= 1).
-    pub pop_attempts: u32,
     /// Other CPUs' pools the atomic path tries, one attempt each, when its own pool fails.
     pub steal_victims: usize,
 }
@@ -59,7 +66,6 @@ impl Default for PoolConfig {
             block_capacity: 2,
             block_low: 1,
             block_high: 1,
-            pop_attempts: 4,
             steal_victims: 3,
         }
     }
@@ -73,11 +79,8 @@ impl PoolConfig {
         if self.page_high > self.page_capacity || self.block_high > self.block_capacity {
             return Err(FrameError::BadConfig("high watermark above capacity"));
         }
-        if self.page_capacity > MAX_POOL_CAPACITY || self.block_capacity > MAX_POOL_CAPACITY {
-            return Err(FrameError::BadConfig("capacity above MAX_POOL_CAPACITY"));
-        }
-        if self.pop_attempts == 0 {
-            return Err(FrameError::BadConfig("pop_attempts must be at least 1"));
+        if self.page_capacity > PAGE_POOL_SLOTS || self.block_capacity > BLOCK_POOL_SLOTS {
+            return Err(FrameError::BadConfig("capacity above the pool's slots"));
         }
         Ok(())
     }
@@ -93,10 +96,12 @@ pub struct RefillReport {
 }
 
 /// One CPU's pools, on their own cache lines so CPUs popping their own pools never share one.
-#[repr(align(128))]
+/// The page pool's head comes first (`repr(C)`), at the address the handle points to.
+#[repr(C, align(128))]
 pub(crate) struct CpuPools {
-    pub(crate) pages: FramePool,
-    pub(crate) blocks: FramePool,
+    pub(crate) pages: FramePool<PAGE_POOL_SLOTS>,
+    pub(crate) blocks: FramePool<BLOCK_POOL_SLOTS>,
+    cpu: usize,
 }
 
 /// Every host frame, owned: the database, the buddy allocator and the per-CPU pools.
@@ -156,9 +161,10 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
             buddy.give_back(first, frames)?;
         }
         let pools = (0..cpus)
-            .map(|_| CpuPools {
+            .map(|cpu| CpuPools {
                 pages: FramePool::new(config.page_capacity),
                 blocks: FramePool::new(config.block_capacity),
+                cpu,
             })
             .collect();
         Ok(FrameManager { db, pools, config, buddy: spin::Mutex::new(buddy) })
@@ -179,101 +185,43 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
 
     // ---- The atomic path: trap-safe, lock-free, bounded. ----
 
-    /// Hands one zeroed, clean 4 KiB frame to `owner`, from `cpu`'s pool (or, failing that,
-    /// from another CPU's surplus). Lock-free, no heap, no zeroing, a bounded number of steps;
-    /// callable from a trap handler with interrupts masked. [`AtomicError::Empty`] means: leave
-    /// the trap, [`FrameManager::refill`], retry.
+    /// `cpu`'s handle to the atomic path: get it once when the CPU comes up and keep it in the
+    /// CPU's own data, so a trap goes straight to its pool (no CPU index check on the way).
+    pub fn cpu(&self, cpu: usize) -> Option<CpuFrames<'_, 'a, ORDER>> {
+        self.pools.get(cpu).map(|pools| CpuFrames { frames: self, pools })
+    }
+
+    /// [`CpuFrames::alloc_page_atomic_exclusive`] for CPU `cpu`.
     #[inline]
     pub fn alloc_page_atomic_exclusive(&self, cpu: usize, owner: Owner) -> Result<Pfn, AtomicError> {
-        if let Some(pools) = self.pools.get(cpu) {
-            if let Some(pfn) = pools.pages.pop(self.config.pop_attempts) {
-                return self.claim_popped_page(pfn, owner);
-            }
-        }
-        self.alloc_page_from_other_cpus(cpu, owner)
+        self.cpu(cpu).ok_or(AtomicError::InvalidCpu)?.alloc_page_atomic_exclusive(owner)
     }
 
-    /// Hands one zeroed, clean, 2 MiB-aligned block of 512 frames to `owner`, all claimed
-    /// together or none. Same guarantees as the page path; [`AtomicError::Empty`] means no
-    /// block was at hand (map 4 KiB pages instead, or refill and retry).
+    /// [`CpuFrames::alloc_block_atomic_exclusive`] for CPU `cpu`.
     pub fn alloc_block_atomic_exclusive(&self, cpu: usize, owner: Owner) -> Result<Pfn, AtomicError> {
-        let pools = self.pools.get(cpu).ok_or(AtomicError::InvalidCpu)?;
-        let first = match pools.blocks.pop(self.config.pop_attempts) {
-            Some(first) => first,
-            None => self.pop_from_other_cpus(cpu, |p| &p.blocks, self.config.block_low)?,
-        };
-        let cells = self.db.cells(Pfn(first), BLOCK_FRAMES).map_err(|_| AtomicError::Inconsistent)?;
-        for (i, cell) in cells.iter().enumerate() {
-            // Release: as for a page (see `FrameDb::claim_held`).
-            if cell.compare_exchange(TAG_FREE, owner.tag(), Ordering::Release, Ordering::Relaxed).is_err() {
-                for done in &cells[..i] {
-                    let _ = done.compare_exchange(owner.tag(), TAG_FREE, Ordering::Release, Ordering::Relaxed);
-                }
-                return Err(AtomicError::Inconsistent);
-            }
-        }
-        Ok(Pfn(first))
+        self.cpu(cpu).ok_or(AtomicError::InvalidCpu)?.alloc_block_atomic_exclusive(owner)
     }
 
-    /// Gives back a frame `owner` got from the atomic path and never used (never mapped, never
-    /// written: still zero and clean), e.g. a table page for a fault another CPU resolved
-    /// first. It goes straight back into `cpu`'s pool. Frames that may have been written must
-    /// go through [`FrameManager::release`], which scrubs. Nothing changes on error.
+    /// [`CpuFrames::return_unused_page_atomic`] for CPU `cpu`.
     pub fn return_unused_page_atomic(&self, cpu: usize, pfn: Pfn, owner: Owner) -> Result<(), AtomicError> {
-        let pools = self.pools.get(cpu).ok_or(AtomicError::InvalidCpu)?;
-        let filler = pools.pages.filler().ok_or(AtomicError::Busy)?;
-        // Only pops can run while we hold the filler, so room now means room at the push.
-        if pools.pages.len() >= pools.pages.capacity() {
-            return Err(AtomicError::Full);
-        }
-        let cell = self.db.cell(pfn.0).ok_or(AtomicError::NotOwner)?;
-        // Acquire: the owner's use of the frame is over before it is free; the push publishes.
-        cell.compare_exchange(owner.tag(), TAG_FREE, Ordering::Acquire, Ordering::Relaxed)
-            .map_err(|_| AtomicError::NotOwner)?;
-        if filler.push(pfn.0).is_err() {
-            let _ = cell.compare_exchange(TAG_FREE, owner.tag(), Ordering::Relaxed, Ordering::Relaxed);
-            return Err(AtomicError::Full);
-        }
-        Ok(())
+        self.cpu(cpu).ok_or(AtomicError::InvalidCpu)?.return_unused_page_atomic(pfn, owner)
     }
 
     /// Whether `cpu`'s pools are below a low watermark: call [`FrameManager::refill`] soon,
-    /// outside the trap. Lock-free.
+    /// outside the trap. Lock-free. False for an unknown CPU.
     pub fn needs_refill(&self, cpu: usize) -> bool {
-        match self.pools.get(cpu) {
-            Some(p) => p.pages.len() < self.config.page_low || p.blocks.len() < self.config.block_low,
-            None => false,
-        }
-    }
-
-    #[inline(always)]
-    fn claim_popped_page(&self, pfn: u64, owner: Owner) -> Result<Pfn, AtomicError> {
-        if self.db.claim_held(pfn, owner) {
-            Ok(Pfn(pfn))
-        } else {
-            Err(AtomicError::Inconsistent)
-        }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn alloc_page_from_other_cpus(&self, cpu: usize, owner: Owner) -> Result<Pfn, AtomicError> {
-        let pfn = self.pop_from_other_cpus(cpu, |p| &p.pages, self.config.page_low)?;
-        self.claim_popped_page(pfn, owner)
+        self.cpu(cpu).is_some_and(CpuFrames::needs_refill)
     }
 
     /// One pop attempt on each of up to `steal_victims` other CPUs' pools that are above their
     /// low watermark (their surplus), then give up.
-    fn pop_from_other_cpus(
+    fn pop_from_other_cpus<const N: usize>(
         &self,
         cpu: usize,
-        pool_of: impl Fn(&CpuPools) -> &FramePool,
+        pool_of: impl Fn(&CpuPools) -> &FramePool<N>,
         low: usize,
     ) -> Result<u64, AtomicError> {
         let cpus = self.pools.len();
-        if cpu >= cpus {
-            return Err(AtomicError::InvalidCpu);
-        }
         for step in 1..cpus.min(self.config.steal_victims.saturating_add(1)) {
             let Some(victim) = self.pools.get((cpu + step) % cpus) else { break };
             let pool = pool_of(victim);
@@ -346,17 +294,8 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         let _pages = pools.pages.filler().ok_or(FrameError::PoolBusy)?;
         let _blocks = pools.blocks.filler().ok_or(FrameError::PoolBusy)?;
         let mut buddy = self.buddy.lock();
-        let mut moved = 0;
-        for (pool, frames) in [(&pools.pages, 1), (&pools.blocks, BLOCK_FRAMES)] {
-            while pool.len() > 0 {
-                // Popped frames are ours alone and tagged Free: exactly what the buddy takes.
-                if let Some(first) = pool.pop(u32::MAX) {
-                    buddy.give_back(Pfn(first), frames)?;
-                    moved += frames;
-                }
-            }
-        }
-        Ok(moved)
+        let pages = drain_pool(&pools.pages, 1, &mut buddy)?;
+        Ok(pages + drain_pool(&pools.blocks, BLOCK_FRAMES, &mut buddy)?)
     }
 
     /// Allocates `frames` contiguous frames (a power of two, aligned to it) for `owner` from
@@ -419,19 +358,19 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
     }
 
     /// The buddy allocator's lock, for tests that must hold it.
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn buddy_for_test(&self) -> spin::MutexGuard<'_, BuddyFrames<ORDER>> {
         self.buddy.lock()
     }
 
     /// Holds `cpu`'s page pool fill token, as an interrupted refill would.
-    #[cfg(test)]
-    pub(crate) fn pool_filler_for_test(&self, cpu: usize) -> super::pool::Filler<'_> {
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn pool_filler_for_test(&self, cpu: usize) -> super::pool::Filler<'_, PAGE_POOL_SLOTS> {
         self.pools[cpu].pages.filler().unwrap()
     }
 
     /// The entries of `cpu`'s page (or block) pool, bottom to top.
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn pool_snapshot_for_test(&self, cpu: usize, blocks: bool, out: &mut Vec<u64>) {
         let pools = &self.pools[cpu];
         let _ = if blocks { pools.blocks.snapshot(out) } else { pools.pages.snapshot(out) };
@@ -445,6 +384,124 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         let mut buddy = self.buddy.lock();
         audit(&self.db, &mut buddy, &self.pools, scrubber)
     }
+}
+
+/// One CPU's way into the atomic path: its own pool and the database, two pointers, `Copy`.
+/// Everything here is trap-safe: lock-free, no heap, no zeroing or cache maintenance, a bounded
+/// number of steps, and an error instead of waiting.
+pub struct CpuFrames<'m, 'a, const ORDER: usize = 32> {
+    frames: &'m FrameManager<'a, ORDER>,
+    pools: &'m CpuPools,
+}
+
+impl<const ORDER: usize> Clone for CpuFrames<'_, '_, ORDER> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<const ORDER: usize> Copy for CpuFrames<'_, '_, ORDER> {}
+
+impl<'m, 'a, const ORDER: usize> CpuFrames<'m, 'a, ORDER> {
+    /// The CPU this handle belongs to.
+    pub fn index(self) -> usize {
+        self.pools.cpu
+    }
+
+    /// Hands one zeroed, clean 4 KiB frame to `owner`, from this CPU's pool (or, failing that,
+    /// from another CPU's surplus). Callable from a trap handler with interrupts masked.
+    /// [`AtomicError::Empty`] means: leave the trap, [`FrameManager::refill`], retry.
+    #[inline]
+    pub fn alloc_page_atomic_exclusive(self, owner: Owner) -> Result<Pfn, AtomicError> {
+        match self.pools.pages.pop(POP_ATTEMPTS) {
+            Some(pfn) => self.claim_popped_page(pfn, owner),
+            None => self.alloc_page_from_other_cpus(owner),
+        }
+    }
+
+    /// Hands one zeroed, clean, 2 MiB-aligned block of 512 frames to `owner`, all claimed
+    /// together or none. [`AtomicError::Empty`] means no block was at hand (map 4 KiB pages
+    /// instead, or refill and retry).
+    pub fn alloc_block_atomic_exclusive(self, owner: Owner) -> Result<Pfn, AtomicError> {
+        let first = match self.pools.blocks.pop(POP_ATTEMPTS) {
+            Some(first) => first,
+            None => self.frames.pop_from_other_cpus(self.pools.cpu, |p| &p.blocks, self.frames.config.block_low)?,
+        };
+        let cells = self.frames.db.cells(Pfn(first), BLOCK_FRAMES).map_err(|_| AtomicError::Inconsistent)?;
+        for (i, cell) in cells.iter().enumerate() {
+            // Release: as for a page (see `FrameDb::claim_held`).
+            if cell.compare_exchange(TAG_FREE, owner.tag(), Ordering::Release, Ordering::Relaxed).is_err() {
+                for done in &cells[..i] {
+                    let _ = done.compare_exchange(owner.tag(), TAG_FREE, Ordering::Release, Ordering::Relaxed);
+                }
+                return Err(AtomicError::Inconsistent);
+            }
+        }
+        Ok(Pfn(first))
+    }
+
+    /// Gives back a frame `owner` got from the atomic path and never used (never mapped, never
+    /// written: still zero and clean), e.g. a table page for a fault another CPU resolved
+    /// first. It goes straight back into this CPU's pool. Frames that may have been written
+    /// must go through [`FrameManager::release`], which scrubs. Nothing changes on error.
+    pub fn return_unused_page_atomic(self, pfn: Pfn, owner: Owner) -> Result<(), AtomicError> {
+        let pages = &self.pools.pages;
+        let filler = pages.filler().ok_or(AtomicError::Busy)?;
+        // Only pops can run while we hold the filler, so room now means room at the push.
+        if pages.len() >= pages.capacity() {
+            return Err(AtomicError::Full);
+        }
+        let cell = self.frames.db.cell(pfn.0).ok_or(AtomicError::NotOwner)?;
+        // Acquire: the owner's use of the frame is over before it is free; the push publishes.
+        cell.compare_exchange(owner.tag(), TAG_FREE, Ordering::Acquire, Ordering::Relaxed)
+            .map_err(|_| AtomicError::NotOwner)?;
+        if filler.push(pfn.0).is_err() {
+            let _ = cell.compare_exchange(TAG_FREE, owner.tag(), Ordering::Relaxed, Ordering::Relaxed);
+            return Err(AtomicError::Full);
+        }
+        Ok(())
+    }
+
+    /// Whether this CPU's pools are below a low watermark: call [`FrameManager::refill`] soon,
+    /// outside the trap.
+    pub fn needs_refill(self) -> bool {
+        let config = &self.frames.config;
+        self.pools.pages.len() < config.page_low || self.pools.blocks.len() < config.block_low
+    }
+
+    #[inline(always)]
+    fn claim_popped_page(self, pfn: u64, owner: Owner) -> Result<Pfn, AtomicError> {
+        if self.frames.db.claim_held(pfn, owner) {
+            Ok(Pfn(pfn))
+        } else {
+            Err(AtomicError::Inconsistent)
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn alloc_page_from_other_cpus(self, owner: Owner) -> Result<Pfn, AtomicError> {
+        let low = self.frames.config.page_low;
+        let pfn = self.frames.pop_from_other_cpus(self.pools.cpu, |p| &p.pages, low)?;
+        self.claim_popped_page(pfn, owner)
+    }
+}
+
+/// Pops every entry of `pool` (each `frames` frames) into the buddy allocator.
+fn drain_pool<const N: usize, const ORDER: usize>(
+    pool: &FramePool<N>,
+    frames: usize,
+    buddy: &mut BuddyFrames<ORDER>,
+) -> Result<usize, FrameError> {
+    let mut moved = 0;
+    while pool.len() > 0 {
+        // Popped frames are ours alone and tagged Free: exactly what the buddy takes.
+        if let Some(first) = pool.pop(u32::MAX) {
+            buddy.give_back(Pfn(first), frames)?;
+            moved += frames;
+        }
+    }
+    Ok(moved)
 }
 
 fn prev_power_of_two(n: usize) -> usize {

@@ -19,7 +19,6 @@ fn small() -> PoolConfig {
         block_capacity: 1,
         block_low: 1,
         block_high: 1,
-        pop_attempts: 4,
         steal_victims: 3,
     }
 }
@@ -106,8 +105,8 @@ fn new_rejects_bad_config() {
         PoolConfig { page_low: 7, page_high: 6, ..small() },
         PoolConfig { page_high: 9, ..small() },
         PoolConfig { block_high: 2, ..small() },
-        PoolConfig { pop_attempts: 0, ..small() },
-        PoolConfig { page_capacity: MAX_POOL_CAPACITY + 1, page_high: 0, page_low: 0, ..small() },
+        PoolConfig { page_capacity: PAGE_POOL_SLOTS + 1, ..small() },
+        PoolConfig { block_capacity: BLOCK_POOL_SLOTS + 1, ..small() },
     ] {
         let (db, ram, end) = boot_db(16);
         let err = FrameManager::<32>::new(db, &[(RAM_BASE + 0x1000, end)], 1, config, &ram).err();
@@ -653,4 +652,25 @@ fn audit_catches_frame_held_twice() {
     rig.frames.buddy_for_test().give_back(pfn, 1).unwrap();
     let report = rig.frames.audit(None);
     assert!(report.examples.iter().any(|p| matches!(p, AuditProblem::HeldTwice { pfn: f, .. } if *f == pfn)), "{report}");
+}
+
+// ---- Per-CPU handles ----
+
+// A CPU's handle exists only for real CPUs and allocates from that CPU's pool.
+#[test]
+fn cpu_handle_allocates_from_its_own_pool() {
+    let rig = rig(64, 2, small());
+    assert!(rig.frames.cpu(2).is_none());
+    rig.frames.refill(1).unwrap();
+    let cpu1 = rig.frames.cpu(1).unwrap();
+    assert_eq!(cpu1.index(), 1);
+    assert!(!cpu1.needs_refill());
+    let pfn = cpu1.alloc_page_atomic_exclusive(guest(1)).unwrap();
+    assert_eq!(state(&rig, pfn), FrameState::Guest(vm(1)));
+    let mut pooled = Vec::new();
+    rig.frames.pool_snapshot_for_test(1, false, &mut pooled);
+    assert_eq!(pooled.len(), 5);
+    cpu1.return_unused_page_atomic(pfn, guest(1)).unwrap();
+    rig.frames.pool_snapshot_for_test(1, false, &mut pooled);
+    assert_eq!(pooled.last(), Some(&pfn.0));
 }

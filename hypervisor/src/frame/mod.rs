@@ -6,7 +6,7 @@
 //! - the buddy allocator (`BuddyFrames`, a guarded `buddy_system_allocator::FrameAllocator`)
 //!   holding every free frame that is not in a per-CPU pool;
 //! - the per-CPU pools and the atomic, non-blocking allocation path
-//!   ([`FrameManager::alloc_page_atomic_exclusive`]), callable from a trap handler;
+//!   ([`CpuFrames::alloc_page_atomic_exclusive`]), callable from a trap handler;
 //! - release (scrub, then free) and the ownership audit ([`AuditReport`]).
 //!
 //! It must never: touch physical memory itself (zeroing and cache maintenance go through
@@ -43,8 +43,7 @@ pub use audit::{AuditProblem, AuditReport, GuestFrames, Holder};
 pub use db::{FrameDb, TagCell};
 pub use error::{AtomicError, FrameError};
 pub use heap::HeapSink;
-pub use manager::{FrameManager, PoolConfig, RefillReport};
-pub use pool::MAX_POOL_CAPACITY;
+pub use manager::{CpuFrames, FrameManager, PoolConfig, RefillReport, BLOCK_POOL_SLOTS, PAGE_POOL_SLOTS};
 pub use scrub::FrameScrubber;
 pub use tag::{FrameState, Owner, VmId};
 

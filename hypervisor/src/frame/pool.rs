@@ -6,43 +6,52 @@
 //! owning CPU's trap handlers and other CPUs taking its surplus); only the holder of the
 //! [`Filler`] token pushes, so pushes never race each other.
 //!
-//! The head packs the length (low 16 bits) with a generation (high 48 bits) bumped by every
-//! push and pop, so a pop that read a stale slot always fails its compare-and-swap (no ABA):
-//! 2^48 operations would have to happen between a pop's load and its CAS.
+//! The head packs the length (low 12 bits) with a generation (the 52 bits above) bumped by
+//! every push and pop, so a pop that read a stale slot always fails its compare-and-swap (no
+//! ABA): 2^52 operations would have to happen between a pop's load and its CAS. With the
+//! length in the low 12 bits a pop is one `add #0xfff` (an aarch64 immediate).
+//!
+//! The slots are an inline array of `N` so the pop's bounds check compares with a constant; the
+//! pool's runtime capacity (at most `N`) only limits pushes.
 
-use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use super::sync::{AtomicBool, AtomicU64, Ordering};
 
-const LEN_MASK: u64 = 0xffff;
-const GEN_ONE: u64 = 1 << 16;
+const LEN_BITS: u32 = 12;
+const LEN_MASK: u64 = (1 << LEN_BITS) - 1;
+const GEN_ONE: u64 = 1 << LEN_BITS;
 /// Pop: length - 1, generation + 1, in one add (length >= 1, so no borrow).
 const POP_DELTA: u64 = GEN_ONE - 1;
 /// Push: length + 1, generation + 1.
 const PUSH_DELTA: u64 = GEN_ONE + 1;
 
-/// Most slots a pool can have: its length lives in 16 bits.
-pub const MAX_POOL_CAPACITY: usize = LEN_MASK as usize;
+/// Most slots a pool type can have: its length lives in 12 bits.
+pub(crate) const MAX_SLOTS: usize = LEN_MASK as usize;
 
-pub(crate) struct FramePool {
+/// Head first (`repr(C)`): the pop addresses it with no offset.
+#[repr(C)]
+pub(crate) struct FramePool<const N: usize> {
     head: AtomicU64,
     filling: AtomicBool,
-    slots: Box<[AtomicU64]>,
+    capacity: usize,
+    slots: [AtomicU64; N],
 }
 
-impl FramePool {
-    pub(crate) fn new(capacity: usize) -> FramePool {
-        debug_assert!(capacity <= MAX_POOL_CAPACITY);
+impl<const N: usize> FramePool<N> {
+    /// A pool that holds at most `capacity` (<= `N`) entries.
+    pub(crate) fn new(capacity: usize) -> FramePool<N> {
+        const { assert!(N <= MAX_SLOTS) };
         FramePool {
             head: AtomicU64::new(0),
             filling: AtomicBool::new(false),
-            slots: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
+            capacity: capacity.min(N),
+            slots: core::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
     pub(crate) fn capacity(&self) -> usize {
-        self.slots.len()
+        self.capacity
     }
 
     /// Entries right now; Relaxed, a hint for watermarks only (it may change at once).
@@ -83,7 +92,7 @@ impl FramePool {
     }
 
     /// The right to push, or `None` while someone else holds it. Never waits.
-    pub(crate) fn filler(&self) -> Option<Filler<'_>> {
+    pub(crate) fn filler(&self) -> Option<Filler<'_, N>> {
         // Acquire: pushes under this token come after the previous holder's.
         if self.filling.swap(true, Ordering::Acquire) {
             None
@@ -111,11 +120,11 @@ impl FramePool {
 }
 
 /// The token of the one pusher of a pool; dropping it lets the next one in.
-pub(crate) struct Filler<'a> {
-    pool: &'a FramePool,
+pub(crate) struct Filler<'a, const N: usize> {
+    pool: &'a FramePool<N>,
 }
 
-impl Filler<'_> {
+impl<const N: usize> Filler<'_, N> {
     /// Pushes `value`; gives it back if the pool is full. Bounded: a retry happens only after a
     /// pop succeeded, and pops cannot outnumber the entries present.
     pub(crate) fn push(&self, value: u64) -> Result<(), u64> {
@@ -123,7 +132,8 @@ impl Filler<'_> {
         // Acquire: pairs with the pops' Release, so a pop that read the slot we reuse is done.
         let mut head = pool.head.load(Ordering::Acquire);
         loop {
-            let Some(slot) = pool.slots.get((head & LEN_MASK) as usize) else {
+            let len = (head & LEN_MASK) as usize;
+            let Some(slot) = pool.slots.get(len).filter(|_| len < pool.capacity) else {
                 return Err(value);
             };
             // Release: see `snapshot`; the audit must not take a rewritten slot for a stale one.
@@ -142,7 +152,7 @@ impl Filler<'_> {
     }
 }
 
-impl Drop for Filler<'_> {
+impl<const N: usize> Drop for Filler<'_, N> {
     fn drop(&mut self) {
         // Release: the next holder sees our pushes complete.
         self.pool.filling.store(false, Ordering::Release);
@@ -156,7 +166,7 @@ mod tests {
     // Pops come back in reverse push order, and an empty pool says so.
     #[test]
     fn pops_are_last_in_first_out() {
-        let pool = FramePool::new(4);
+        let pool = FramePool::<8>::new(4);
         let filler = pool.filler().unwrap();
         for v in [10, 11, 12] {
             filler.push(v).unwrap();
@@ -172,7 +182,7 @@ mod tests {
     // A full pool refuses a push and hands the value back.
     #[test]
     fn full_pool_refuses_push() {
-        let pool = FramePool::new(2);
+        let pool = FramePool::<8>::new(2);
         let filler = pool.filler().unwrap();
         filler.push(1).unwrap();
         filler.push(2).unwrap();
@@ -180,10 +190,20 @@ mod tests {
         assert_eq!(pool.len(), 2);
     }
 
+    // A pool holds no more than its runtime capacity, even with more slots.
+    #[test]
+    fn capacity_below_slots_limits_pushes() {
+        let pool = FramePool::<8>::new(1);
+        let filler = pool.filler().unwrap();
+        filler.push(1).unwrap();
+        assert_eq!(filler.push(2), Err(2));
+        assert_eq!(pool.capacity(), 1);
+    }
+
     // A zero-capacity pool is always empty and always full.
     #[test]
     fn zero_capacity_pool_is_empty_and_full() {
-        let pool = FramePool::new(0);
+        let pool = FramePool::<8>::new(0);
         assert_eq!(pool.pop(4), None);
         assert_eq!(pool.filler().unwrap().push(1), Err(1));
     }
@@ -191,7 +211,7 @@ mod tests {
     // Only one pusher at a time: the token is exclusive until dropped.
     #[test]
     fn filler_token_is_exclusive() {
-        let pool = FramePool::new(1);
+        let pool = FramePool::<8>::new(1);
         let first = pool.filler().unwrap();
         assert!(pool.filler().is_none());
         drop(first);
@@ -201,7 +221,7 @@ mod tests {
     // Every push and pop bumps the generation, so equal lengths never mean equal heads.
     #[test]
     fn generation_changes_on_every_operation() {
-        let pool = FramePool::new(2);
+        let pool = FramePool::<8>::new(2);
         let before = pool.head();
         pool.filler().unwrap().push(5).unwrap();
         pool.pop(1).unwrap();
@@ -213,7 +233,7 @@ mod tests {
     // A snapshot lists the entries bottom to top and validates against the head.
     #[test]
     fn snapshot_lists_entries_and_detects_change() {
-        let pool = FramePool::new(4);
+        let pool = FramePool::<8>::new(4);
         let filler = pool.filler().unwrap();
         filler.push(7).unwrap();
         filler.push(8).unwrap();
@@ -228,9 +248,9 @@ mod tests {
     // Two threads popping a shared pool get every entry exactly once between them.
     #[test]
     fn concurrent_pops_never_duplicate() {
-        let pool = FramePool::new(4096);
+        let pool = FramePool::<4000>::new(4000);
         let filler = pool.filler().unwrap();
-        for v in 0..4096 {
+        for v in 0..4000 {
             filler.push(v).unwrap();
         }
         drop(filler);
@@ -252,6 +272,6 @@ mod tests {
         });
         let mut all: Vec<u64> = taken.into_iter().flatten().collect();
         all.sort_unstable();
-        assert_eq!(all, (0..4096).collect::<Vec<_>>());
+        assert_eq!(all, (0..4000).collect::<Vec<_>>());
     }
 }

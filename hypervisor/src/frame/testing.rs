@@ -1,5 +1,7 @@
 //! Test doubles for the frame module: fake RAM behind the scrubber trait, tag storage, and a
 //! standard rig (one RAM bank, a hypervisor image and firmware at its start, the rest free).
+// The loom models use only part of this.
+#![cfg_attr(loom, allow(dead_code))]
 
 use std::boxed::Box;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -576,6 +576,13 @@ impl Stage2 {
         }
     }
 
+    /// Whether nothing is mapped in the `level`-sized, aligned region containing `ipa` (no leaf
+    /// and no table there): a block could be mapped without touching any entry.
+    #[inline]
+    pub fn is_unmapped(&self, env: &impl Stage2Env, ipa: u64, level: usize) -> bool {
+        self.find(env, ipa, level).raw & 1 == 0
+    }
+
     /// Translates `ipa` as the MMU would.
     pub fn translate(&self, env: &impl Stage2Env, ipa: u64) -> Option<Mapping> {
         if ipa >= self.geo.ipa_limit() {

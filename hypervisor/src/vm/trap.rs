@@ -46,6 +46,14 @@ fn hpfar_valid(fsc: u8) -> bool {
     matches!(fsc, 0x04..=0x0b)
 }
 
+/// Whether a trapped system instruction (`GuestTrap::SysReg` encoding) is a data-cache
+/// maintenance by set/way (DC ISW, DC CSW, DC CISW), which `HCR_EL2.TSW` traps.
+pub fn is_dc_set_way(encoding: u32) -> bool {
+    let (op0, op2, op1, crn, crm) =
+        ((encoding >> 20) & 3, (encoding >> 17) & 7, (encoding >> 14) & 7, (encoding >> 10) & 0xf, (encoding >> 1) & 0xf);
+    op0 == 1 && op1 == 0 && crn == 7 && op2 == 2 && matches!(crm, 6 | 10 | 14)
+}
+
 pub fn decode(esr: u64, far: u64, hpfar: u64) -> GuestTrap {
     let s = Syndrome(esr);
     let iss = s.iss();
@@ -114,6 +122,18 @@ mod tests {
     fn instruction_aborts_are_aborts_too() {
         let t = decode((0x20 << 26) | IL | 0x06, 0x8000_0000, (0x8000_0000u64 >> 12) << 4);
         assert_eq!(t, GuestTrap::Abort { instruction: true, ipa: Some(0x8000_0000), fsc: 6, write: false, access: None });
+    }
+
+    #[test]
+    fn dc_set_way_is_recognised() {
+        // DC CISW, x3: op0=1 op1=0 CRn=7 CRm=14 op2=2.
+        let iss = (1 << 20) | (2 << 17) | (7 << 10) | (3 << 5) | (14 << 1);
+        let GuestTrap::SysReg { encoding, read: false, reg: 3 } = decode((0x18 << 26) | iss, 0, 0) else { panic!() };
+        assert!(is_dc_set_way(encoding));
+        // DC CIVAC (CRn=7, CRm=14, op1=3, op2=1) is not set/way.
+        let iss = (1 << 20) | (1 << 17) | (3 << 14) | (7 << 10) | (14 << 1);
+        let GuestTrap::SysReg { encoding, .. } = decode((0x18 << 26) | iss, 0, 0) else { panic!() };
+        assert!(!is_dc_set_way(encoding));
     }
 
     #[test]

@@ -63,6 +63,11 @@ pub fn install_fallback_console() {
     let _ = install(FALLBACK_UART, LevelFilter::Info);
 }
 
+/// A line printed as it is (a guest's console output).
+pub fn raw_line(args: core::fmt::Arguments<'_>) {
+    LOGGER.raw_line(args);
+}
+
 /// A line on the panic/exception path (see `Logger::emergency`).
 pub fn emergency_line(args: core::fmt::Arguments<'_>) {
     LOGGER.emergency(args);

@@ -1,6 +1,7 @@
-//! EL2 exception vectors. Until guests run, every exception is unexpected: it is reported in
-//! full (class by name, syndrome, addresses, registers) and the machine is powered off, so
-//! Labyrinth never hangs silently.
+//! EL2 exception vectors. Exceptions from a guest (lower EL, AArch64) go to the vCPU's trap
+//! handler (`vcpu::guest_trap`), which returns to the guest through the same frame. Every other
+//! exception is unexpected: it is reported in full (class by name, syndrome, addresses,
+//! registers) and the machine is powered off, so Labyrinth never hangs silently.
 
 use core::arch::global_asm;
 use labyrinth::esr::Syndrome;
@@ -16,6 +17,15 @@ pub struct TrapFrame {
     _pad: u64,
 }
 
+impl TrapFrame {
+    /// A frame that enters a guest at `pc` with `x0` and PSTATE `spsr`, other registers zero.
+    pub const fn entry(pc: u64, x0: u64, spsr: u64) -> TrapFrame {
+        let mut x = [0; 31];
+        x[0] = x0;
+        TrapFrame { x, elr: pc, spsr, esr: 0, far: 0, _pad: 0 }
+    }
+}
+
 const FRAME_SIZE: usize = core::mem::size_of::<TrapFrame>();
 const _: () = assert!(FRAME_SIZE % 16 == 0);
 
@@ -27,6 +37,16 @@ global_asm!(
     stp     x0, x1, [sp, #0]
     mov     x0, #\kind
     b       el2_trap_common
+.endm
+
+// A guest's exception: save its registers in a frame on this CPU's exception stack, let Rust
+// handle it (it may rewrite the frame), restore and return to the guest.
+.macro GUEST_VENTRY kind
+    .balign 0x80
+    sub     sp, sp, #{frame}
+    stp     x0, x1, [sp, #0]
+    mov     x0, #\kind
+    b       guest_trap_common
 .endm
 
     .section .text.vectors, "ax"
@@ -41,10 +61,10 @@ el2_vectors:
     VENTRY 5
     VENTRY 6
     VENTRY 7
-    VENTRY 8
-    VENTRY 9
-    VENTRY 10
-    VENTRY 11
+    GUEST_VENTRY 8
+    GUEST_VENTRY 9
+    GUEST_VENTRY 10
+    GUEST_VENTRY 11
     VENTRY 12
     VENTRY 13
     VENTRY 14
@@ -76,6 +96,60 @@ el2_trap_common:
     bl      el2_unexpected_exception
 1:  wfe
     b       1b
+
+guest_trap_common:
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    stp     x18, x19, [sp, #144]
+    stp     x20, x21, [sp, #160]
+    stp     x22, x23, [sp, #176]
+    stp     x24, x25, [sp, #192]
+    stp     x26, x27, [sp, #208]
+    stp     x28, x29, [sp, #224]
+    mrs     x1, elr_el2
+    stp     x30, x1, [sp, #240]
+    mrs     x1, spsr_el2
+    str     x1, [sp, #256]
+    mov     x1, sp
+    bl      guest_trap
+    .global guest_resume
+guest_resume:                       // sp = a frame to load into the guest
+    ldp     x30, x1, [sp, #240]
+    msr     elr_el2, x1
+    ldr     x1, [sp, #256]
+    msr     spsr_el2, x1
+    ldp     x2, x3, [sp, #16]
+    ldp     x4, x5, [sp, #32]
+    ldp     x6, x7, [sp, #48]
+    ldp     x8, x9, [sp, #64]
+    ldp     x10, x11, [sp, #80]
+    ldp     x12, x13, [sp, #96]
+    ldp     x14, x15, [sp, #112]
+    ldp     x16, x17, [sp, #128]
+    ldp     x18, x19, [sp, #144]
+    ldp     x20, x21, [sp, #160]
+    ldp     x22, x23, [sp, #176]
+    ldp     x24, x25, [sp, #192]
+    ldp     x26, x27, [sp, #208]
+    ldp     x28, x29, [sp, #224]
+    ldp     x0, x1, [sp, #0]
+    add     sp, sp, #{frame}
+    eret
+
+// x0 = a frame at the top of this CPU's exception stack: switch to that stack and enter the
+// guest through it. Thread code never comes back here.
+    .global enter_guest
+enter_guest:
+    msr     spsel, #1
+    mov     sp, x0
+    msr     sp_el0, xzr             // from here on SP_EL0 is the guest's
+    b       guest_resume
 "#,
     frame = const FRAME_SIZE,
 );

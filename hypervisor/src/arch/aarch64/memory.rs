@@ -105,6 +105,30 @@ impl FrameScrubber for Scrubber {
     }
 }
 
+/// Cleans `[start, start + len)` to the point of coherency: what EL2 wrote through its
+/// cacheable map must reach memory before a guest with its MMU off (uncached) reads it.
+pub fn clean_to_poc(start: u64, len: u64) {
+    let line = dcache_line();
+    let mut a = start & !(line - 1);
+    while a < start + len {
+        // SAFETY: cache maintenance by address over memory mapped at EL2.
+        unsafe { core::arch::asm!("dc cvac, {}", in(reg) a, options(nostack)) };
+        a += line;
+    }
+    // SAFETY: a barrier.
+    unsafe { core::arch::asm!("dsb sy", options(nostack)) };
+}
+
+/// Copies `len` bytes from physical `src` to physical `dst` (both mapped at EL2).
+///
+/// # Safety
+/// Both ranges must be mapped at EL2 (`src` readable, `dst` writable), must not overlap, and
+/// `dst` must be a frame the caller owns.
+pub unsafe fn copy_phys(dst: u64, src: u64, len: usize) {
+    // SAFETY: per the contract.
+    unsafe { core::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
+}
+
 /// The frame database's storage at `[start, start + entries * 2)`.
 ///
 /// # Safety

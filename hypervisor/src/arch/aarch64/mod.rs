@@ -6,6 +6,8 @@ pub mod exception;
 pub mod memory;
 pub mod mmu;
 pub mod power;
+pub mod stage2_hw;
+pub mod vcpu;
 
 use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTPCT_EL0};
 

@@ -27,6 +27,12 @@ pub fn cpu_on(fid: u32, mpidr: u64, entry: u64, context: u64) -> Result<(), Psci
     psci::result(smc(fid, mpidr, entry, context)).map(|_| ())
 }
 
+/// Powers this CPU off through PSCI CPU_OFF; a later CPU_ON starts it again at the entry
+/// point. Returns only if firmware refuses.
+pub fn cpu_off() {
+    smc(psci::CPU_OFF, 0, 0, 0);
+}
+
 /// Powers the machine off through PSCI SYSTEM_OFF; if firmware returns, parks this CPU.
 pub fn power_off() -> ! {
     smc(psci::SYSTEM_OFF, 0, 0, 0);

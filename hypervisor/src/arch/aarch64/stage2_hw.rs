@@ -1,0 +1,106 @@
+//! The stage-2 code's machine on aarch64: table pages read and written through the identity
+//! map, table frames from the atomic path, and the real barriers and TLB instructions.
+
+use labyrinth::frame::{FrameManager, FrameState, Owner, Pfn, VmId};
+use labyrinth::stage2::{Stage2Env, Stage2Error};
+
+use super::memory::Scrubber;
+
+pub struct HwStage2<'a> {
+    pub frames: &'a FrameManager<'static>,
+    pub cpu: usize,
+    /// The guest's `VTTBR_EL2`: TLBI by IPA and VMALL*E1IS act on the VMID it holds.
+    pub vttbr: u64,
+}
+
+impl HwStage2<'_> {
+    /// TLB maintenance acts on the VMID in `VTTBR_EL2`: make sure it is this guest's.
+    fn select_vmid(&self, vmid: u16) {
+        let want = (self.vttbr & !(0xffff << 48)) | ((vmid as u64) << 48);
+        let cur: u64;
+        // SAFETY: reads VTTBR_EL2.
+        unsafe { core::arch::asm!("mrs {}, vttbr_el2", out(reg) cur, options(nomem, nostack)) };
+        if cur != want {
+            // SAFETY: no guest runs on this CPU while EL2 works; the next guest entry sets it.
+            unsafe { core::arch::asm!("msr vttbr_el2, {}", "isb", in(reg) want, options(nostack)) };
+        }
+    }
+}
+
+impl Stage2Env for HwStage2<'_> {
+    #[inline(always)]
+    fn read(&self, table: Pfn, index: usize) -> u64 {
+        // SAFETY: `table` is a page-table frame of this guest (tagged so by the frame database),
+        // in free RAM identity-mapped at EL2; `index` < 512 by construction of the caller.
+        unsafe { core::ptr::read_volatile((table.phys() as *const u64).add(index & 511)) }
+    }
+
+    #[inline(always)]
+    fn write(&mut self, table: Pfn, index: usize, value: u64) {
+        // SAFETY: as for `read`; a single 64-bit store, so a walker sees the old or new entry.
+        unsafe { core::ptr::write_volatile((table.phys() as *mut u64).add(index & 511), value) }
+    }
+
+    fn take_tables(&mut self, vm: VmId, out: &mut [Pfn]) -> Result<(), Stage2Error> {
+        let owner = Owner::page_table(vm);
+        for i in 0..out.len() {
+            match self.frames.alloc_page_atomic_exclusive(self.cpu, owner) {
+                Ok(p) => out[i] = p,
+                Err(_) => {
+                    for &p in &out[..i] {
+                        if self.frames.return_unused_page_atomic(self.cpu, p, owner).is_err() {
+                            let _ = self.frames.release(p, 1, owner, &Scrubber);
+                        }
+                    }
+                    return Err(Stage2Error::OutOfMemory);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn free_table(&mut self, vm: VmId, table: Pfn) {
+        if let Err(e) = self.frames.release(table, 1, Owner::page_table(vm), &Scrubber) {
+            log::error!("stage-2 table {table} of VM {} not released: {e}", vm.get());
+        }
+    }
+
+    #[inline(always)]
+    fn frame_state(&self, pfn: Pfn) -> Option<FrameState> {
+        self.frames.db().state(pfn).ok()
+    }
+
+    #[inline(always)]
+    fn dsb_ishst(&mut self) {
+        // SAFETY: a barrier.
+        unsafe { core::arch::asm!("dsb ishst", options(nostack)) };
+    }
+
+    fn dsb_ish(&mut self) {
+        // SAFETY: a barrier.
+        unsafe { core::arch::asm!("dsb ish", options(nostack)) };
+    }
+
+    fn isb(&mut self) {
+        // SAFETY: a barrier.
+        unsafe { core::arch::asm!("isb", options(nostack)) };
+    }
+
+    fn tlbi_ipas2e1is(&mut self, vmid: u16, ipa: u64, _level: usize) {
+        self.select_vmid(vmid);
+        // SAFETY: TLB maintenance for this guest's VMID; Xt holds IPA[51:12].
+        unsafe { core::arch::asm!("tlbi ipas2e1is, {}", in(reg) ipa >> 12, options(nostack)) };
+    }
+
+    fn tlbi_vmalle1is(&mut self, vmid: u16) {
+        self.select_vmid(vmid);
+        // SAFETY: TLB maintenance for this guest's VMID.
+        unsafe { core::arch::asm!("tlbi vmalle1is", options(nostack)) };
+    }
+
+    fn tlbi_vmalls12e1is(&mut self, vmid: u16) {
+        self.select_vmid(vmid);
+        // SAFETY: TLB maintenance for this guest's VMID.
+        unsafe { core::arch::asm!("tlbi vmalls12e1is", options(nostack)) };
+    }
+}

@@ -1,0 +1,203 @@
+//! Running a guest vCPU on this CPU: the EL2 controls chosen for guests, the EL1 state a vCPU
+//! starts with, entering the guest, and changing what it sees on return (injected aborts,
+//! skipped instructions, register values).
+//!
+//! One vCPU per physical CPU: while a guest runs, its EL1 system registers live in the CPU
+//! itself and EL2 never touches them, so a trap saves only general-purpose registers. They are
+//! saved and restored as a whole ([`El1Context`]) when a vCPU is put on or taken off a CPU.
+//!
+//! `HCR_EL2`, chosen deliberately:
+//! - `VM`: stage-2 translation on; `RW`: EL1 is AArch64; `SWIO`: set/way invalidate is treated
+//!   as clean+invalidate, so a guest cannot discard another's dirty lines;
+//! - `IMO`, `FMO`, `AMO`: physical interrupts and SErrors go to EL2 (none is enabled yet);
+//! - `TSC`: SMC traps (guests have no firmware of their own; PSCI is answered here);
+//! - `TSW`: data-cache set/way operations trap: they cannot be made safe for a guest that shares
+//!   caches, and are answered as no-ops (a guest with its MMU off reads memory uncached anyway);
+//! - `TIDCP`, `TACR`: implementation-defined and auxiliary control registers trap (UNDEFINED).
+//! Not set: `TWI`/`TWE` (a waiting guest halts its own CPU, which no one else uses), `TVM`,
+//! `TID3` (guests see the CPU's real ID registers: same CPU, nothing to hide yet).
+//! `CPTR_EL2`: nothing trapped (FP/SIMD and SVE stay with the guest: Labyrinth is built
+//! soft-float and never touches them). `MDCR_EL2`: debug and PMU registers left to the guest,
+//! all event counters given to it (HPMN = PMCR_EL0.N): one guest per CPU, nothing to switch.
+
+use aarch64_cpu::registers::{
+    Readable, Writeable, CNTHCTL_EL2, CNTVOFF_EL2, CPTR_EL2, ELR_EL1, ESR_EL1, ESR_EL2, FAR_EL1, FAR_EL2,
+    HCR_EL2, HPFAR_EL2, ID_AA64MMFR0_EL1, SPSR_EL1, VBAR_EL1, VTCR_EL2, VTTBR_EL2,
+};
+use labyrinth::stage2::Geometry;
+
+use super::cpu::{cpu_index, EXCEPTION_STACK_TOP, STACKS, STACKS_STRIDE};
+use super::exception::TrapFrame;
+
+/// PSTATE a vCPU starts in: EL1h, all exceptions masked (boot protocol).
+pub const SPSR_EL1H_MASKED: u64 = 0x3c5;
+/// SCTLR_EL1 at reset: MMU and caches off, RES1 bits set.
+const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
+const CPTR_EL2_RES1: u64 = 0x32ff;
+
+/// Programs the EL2 controls for running `vttbr`'s guest on this CPU.
+pub fn configure_el2(vttbr: u64, geo: Geometry) {
+    HCR_EL2.write(
+        HCR_EL2::VM::Enable
+            + HCR_EL2::SWIO::SET
+            + HCR_EL2::FMO::EnableVirtualFIQ
+            + HCR_EL2::IMO::EnableVirtualIRQ
+            + HCR_EL2::AMO::SET
+            + HCR_EL2::TSC::EnableTrapEl1SmcToEl2
+            + HCR_EL2::TSW::SET
+            + HCR_EL2::TIDCP::SET
+            + HCR_EL2::TACR::SET
+            + HCR_EL2::RW::EL1IsAarch64,
+    );
+    let ps = ID_AA64MMFR0_EL1.read(ID_AA64MMFR0_EL1::PARange).min(5);
+    VTCR_EL2.write(
+        VTCR_EL2::RES1::SET
+            + VTCR_EL2::PS.val(ps)
+            + VTCR_EL2::TG0::Granule4KB
+            + VTCR_EL2::SH0::Inner
+            + VTCR_EL2::ORGN0::NormalWBRAWA
+            + VTCR_EL2::IRGN0::NormalWBRAWA
+            + VTCR_EL2::SL0.val(geo.sl0())
+            + VTCR_EL2::T0SZ.val(geo.t0sz()),
+    );
+    VTTBR_EL2.set(vttbr);
+    CPTR_EL2.set(CPTR_EL2_RES1);
+    let pmcr: u64;
+    // SAFETY: reads PMCR_EL0 at EL2 (never trapped there).
+    unsafe { core::arch::asm!("mrs {}, pmcr_el0", out(reg) pmcr, options(nomem, nostack)) };
+    let hpmn = (pmcr >> 11) & 0x1f;
+    // SAFETY: MDCR_EL2 with only HPMN set: no debug or PMU trap, every counter to the guest.
+    unsafe { core::arch::asm!("msr mdcr_el2, {}", in(reg) hpmn, options(nomem, nostack)) };
+    CNTHCTL_EL2.write(CNTHCTL_EL2::EL1PCEN::SET + CNTHCTL_EL2::EL1PCTEN::SET);
+    CNTVOFF_EL2.set(0);
+    aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
+}
+
+/// Puts EL1 in its reset state for a fresh vCPU: MMU off, no vectors, nothing pending.
+pub fn reset_el1() {
+    El1Context::RESET.load();
+}
+
+/// The EL1 system registers of a vCPU that is not on a CPU. With one vCPU per CPU a running
+/// guest's EL1 state is never switched out; today this only loads the reset state.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct El1Context {
+    regs: [u64; EL1_REGS],
+}
+
+/// SP_EL0 is not among them: it is the hypervisor's thread stack until the guest first runs,
+/// and `enter_guest` / [`restart`] zero it from the exception stack.
+const EL1_REGS: usize = 17;
+
+/// Reads or writes one EL1 register by name through `mrs`/`msr`.
+macro_rules! el1_regs {
+    ($m:ident) => {
+        $m!(
+            0 sctlr_el1, 1 ttbr0_el1, 2 ttbr1_el1, 3 tcr_el1, 4 mair_el1, 5 amair_el1, 6 vbar_el1,
+            7 contextidr_el1, 8 tpidr_el1, 9 tpidr_el0, 10 tpidrro_el0, 11 sp_el1,
+            12 elr_el1, 13 spsr_el1, 14 cpacr_el1, 15 cntkctl_el1, 16 par_el1
+        )
+    };
+}
+
+impl El1Context {
+    const RESET: El1Context = {
+        let mut regs = [0; EL1_REGS];
+        regs[0] = SCTLR_EL1_RESET;
+        El1Context { regs }
+    };
+
+    /// Writes them back (a vCPU put on the CPU).
+    pub fn load(&self) {
+        macro_rules! wr {
+            ($($i:literal $r:ident),*) => {$(
+                // SAFETY: writes an EL1 system register from EL2; EL1 is not running.
+                unsafe { core::arch::asm!(concat!("msr ", stringify!($r), ", {}"), in(reg) self.regs[$i], options(nomem, nostack)) };
+            )*};
+        }
+        el1_regs!(wr);
+        aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
+    }
+}
+
+/// The syndrome registers of the trap being handled.
+pub struct Syndrome {
+    pub esr: u64,
+    pub far: u64,
+    pub hpfar: u64,
+}
+
+pub fn trap_syndrome() -> Syndrome {
+    Syndrome { esr: ESR_EL2.get(), far: FAR_EL2.get(), hpfar: HPFAR_EL2.get() }
+}
+
+/// Makes the guest take a synchronous exception at EL1 when it resumes, as the hardware would:
+/// ESR/FAR/ELR/SPSR_EL1 set, PC at the right vector, EL1h with everything masked.
+fn inject(frame: &mut TrapFrame, esr: u64, far: Option<u64>) {
+    let offset = match frame.spsr & 0xf {
+        0b0100 => 0x000, // EL1t
+        0b0101 => 0x200, // EL1h
+        _ => 0x400,      // EL0 (AArch64)
+    };
+    ESR_EL1.set(esr);
+    if let Some(far) = far {
+        FAR_EL1.set(far);
+    }
+    ELR_EL1.set(frame.elr);
+    SPSR_EL1.set(frame.spsr);
+    frame.elr = VBAR_EL1.get() + offset;
+    frame.spsr = SPSR_EL1H_MASKED;
+}
+
+/// A synchronous external abort on the access that trapped (data or instruction).
+pub fn inject_external_abort(frame: &mut TrapFrame, instruction: bool, trapped_esr: u64) {
+    let from_el0 = frame.spsr & 0xf == 0;
+    let class: u64 = match (instruction, from_el0) {
+        (true, true) => 0x20,
+        (true, false) => 0x21,
+        (false, true) => 0x24,
+        (false, false) => 0x25,
+    };
+    // Keep IL and, for data aborts, WnR; FSC 0x10 = synchronous external abort.
+    let keep = trapped_esr & ((1 << 25) | if instruction { 0 } else { 1 << 6 });
+    inject(frame, (class << 26) | keep | 0x10, Some(FAR_EL2.get()));
+}
+
+/// An UNDEFINED instruction exception for the trapped instruction.
+pub fn inject_undefined(frame: &mut TrapFrame) {
+    inject(frame, 1 << 25, None);
+}
+
+/// Starts this CPU's vCPU at `pc` with x0 = `x0`: EL1 reset state, then into the guest. The
+/// thread stack is left behind for good; from here on this CPU runs in trap handlers.
+pub fn enter(pc: u64, x0: u64) -> ! {
+    reset_el1();
+    let top = core::ptr::addr_of!(STACKS) as u64 + (cpu_index() * STACKS_STRIDE) as u64 + EXCEPTION_STACK_TOP as u64;
+    let frame_at = top - core::mem::size_of::<TrapFrame>() as u64;
+    let frame = TrapFrame::entry(pc, x0, SPSR_EL1H_MASKED);
+    // SAFETY: `frame_at` is the top of this CPU's exception stack, mapped and unused (this CPU
+    // is in thread mode, so no exception frame lives there); `enter_guest` makes it SP_EL2.
+    unsafe {
+        core::ptr::write(frame_at as *mut TrapFrame, frame);
+        enter_guest(frame_at);
+    }
+}
+
+extern "C" {
+    fn enter_guest(frame: u64) -> !;
+}
+
+/// Sets `SCTLR_EL1` etc. back to reset and restarts the guest through `frame` (for a reset).
+pub fn restart(frame: &mut TrapFrame, pc: u64, x0: u64) {
+    reset_el1();
+    // SAFETY: runs on the exception stack (SP_EL2), so SP_EL0 is the guest's, free to reset.
+    unsafe { core::arch::asm!("msr sp_el0, xzr", options(nomem, nostack)) };
+    *frame = TrapFrame::entry(pc, x0, SPSR_EL1H_MASKED);
+}
+
+/// Every guest exception lands here, on this CPU's exception stack, with the guest's registers
+/// in `frame`; what the frame holds on return is what the guest resumes with.
+#[no_mangle]
+extern "C" fn guest_trap(kind: u64, frame: &mut TrapFrame) {
+    crate::vmm::guest_trap(kind, frame);
+}

@@ -1,0 +1,113 @@
+//! The device tree Labyrinth writes for a guest: what the guest may assume about its machine
+//! (RAM, one CPU per vCPU, PSCI over HVC, the emulated PL011, its command line and ramdisk).
+//! Only what Labyrinth really provides appears in it.
+
+use alloc::string::{String, ToString};
+use alloc::vec;
+use alloc::vec::Vec;
+
+use super::layout::{Layout, UART_BASE, UART_SIZE};
+
+/// Why a device tree could not be written (only on internal limits: inputs are checked).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdtGenError;
+
+impl From<vm_fdt::Error> for FdtGenError {
+    fn from(_: vm_fdt::Error) -> Self {
+        FdtGenError
+    }
+}
+
+const APB_PCLK_PHANDLE: u32 = 1;
+
+/// Writes the guest's device tree blob.
+pub fn generate(layout: &Layout, vcpus: usize, bootargs: Option<&str>) -> Result<Vec<u8>, FdtGenError> {
+    let mut w = vm_fdt::FdtWriter::new()?;
+    let root = w.begin_node("")?;
+    w.property_string("compatible", "linux,dummy-virt")?;
+    w.property_u32("#address-cells", 2)?;
+    w.property_u32("#size-cells", 2)?;
+
+    let chosen = w.begin_node("chosen")?;
+    w.property_string("bootargs", bootargs.unwrap_or(""))?;
+    w.property_string("stdout-path", "/pl011@9000000")?;
+    if let Some((start, size)) = layout.ramdisk {
+        w.property_u64("linux,initrd-start", start)?;
+        w.property_u64("linux,initrd-end", start + size)?;
+    }
+    w.end_node(chosen)?;
+
+    let mem = w.begin_node(&node_name("memory", layout.ram_base))?;
+    w.property_string("device_type", "memory")?;
+    w.property_array_u64("reg", &[layout.ram_base, layout.ram_size])?;
+    w.end_node(mem)?;
+
+    let cpus = w.begin_node("cpus")?;
+    w.property_u32("#address-cells", 1)?;
+    w.property_u32("#size-cells", 0)?;
+    for i in 0..vcpus {
+        let cpu = w.begin_node(&node_name("cpu", i as u64))?;
+        w.property_string("device_type", "cpu")?;
+        w.property_string("compatible", "arm,armv8")?;
+        w.property_u32("reg", i as u32)?;
+        w.property_string("enable-method", "psci")?;
+        w.end_node(cpu)?;
+    }
+    w.end_node(cpus)?;
+
+    let psci = w.begin_node("psci")?;
+    w.property_string_list("compatible", vec!["arm,psci-1.0".to_string(), "arm,psci-0.2".to_string()])?;
+    w.property_string("method", "hvc")?;
+    w.end_node(psci)?;
+
+    let clk = w.begin_node("apb-pclk")?;
+    w.property_string("compatible", "fixed-clock")?;
+    w.property_u32("#clock-cells", 0)?;
+    w.property_u32("clock-frequency", 24_000_000)?;
+    w.property_string("clock-output-names", "clk24mhz")?;
+    w.property_phandle(APB_PCLK_PHANDLE)?;
+    w.end_node(clk)?;
+
+    let uart = w.begin_node(&node_name("pl011", UART_BASE))?;
+    w.property_string_list("compatible", vec!["arm,pl011".to_string(), "arm,primecell".to_string()])?;
+    w.property_array_u64("reg", &[UART_BASE, UART_SIZE])?;
+    w.property_array_u32("clocks", &[APB_PCLK_PHANDLE, APB_PCLK_PHANDLE])?;
+    w.property_string_list("clock-names", vec!["uartclk".to_string(), "apb_pclk".to_string()])?;
+    w.end_node(uart)?;
+
+    w.end_node(root)?;
+    Ok(w.finish()?)
+}
+
+fn node_name(base: &str, unit: u64) -> String {
+    use core::fmt::Write;
+    let mut s = String::new();
+    let _ = write!(s, "{base}@{unit:x}");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::image::ImageHeader;
+    use crate::vm::layout::plan;
+
+    #[test]
+    fn the_guest_tree_describes_memory_cpus_psci_uart_and_chosen() {
+        let k = ImageHeader { text_offset: 0x8_0000, effective_size: 0x10_0000 };
+        let layout = plan(64 << 20, 40, &k, Some(0x1000)).unwrap();
+        let blob = generate(&layout, 1, Some("console=ttyAMA0 stress.seed=3")).unwrap();
+        // Read it back with Labyrinth's own checked parser and with the fdt crate.
+        let p = crate::dt::parse(&blob).unwrap();
+        assert_eq!(p.memory()[0].base(), 0x4000_0000);
+        assert_eq!(p.memory()[0].size(), 64 << 20);
+        assert_eq!(p.cpus().len(), 1);
+        assert_eq!(p.bootargs(), Some("console=ttyAMA0 stress.seed=3"));
+        assert_eq!(p.uart().unwrap().region.base(), 0x0900_0000);
+        assert_eq!(p.psci().unwrap().conduit, crate::dt::Conduit::Hvc);
+        let f = fdt::Fdt::new(&blob).unwrap();
+        let chosen = f.find_node("/chosen").unwrap();
+        let start = chosen.property("linux,initrd-start").unwrap().as_usize().unwrap() as u64;
+        assert_eq!(start, layout.ramdisk.unwrap().0);
+    }
+}

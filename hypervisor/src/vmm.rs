@@ -1,0 +1,525 @@
+//! Guests on this machine: creating them from the device tree's guest nodes, loading their
+//! images, placing one vCPU per physical CPU, handling their traps, and taking them apart when
+//! they stop. The decisions about a trap's meaning are the portable `vm` modules'; the state
+//! lives here, one guest per CPU, touched only by that CPU once it runs.
+
+use alloc::vec::Vec;
+use core::cell::UnsafeCell;
+use core::fmt::Write as _;
+use core::sync::atomic::{AtomicUsize, Ordering};
+
+use labyrinth::dt::{GuestConfig, Platform};
+use labyrinth::frame::{FrameManager, Owner, Pfn, VmId, FRAME_SIZE};
+use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
+use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
+use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
+use labyrinth::vm::vpsci::{self, PsciAction};
+use labyrinth::vm::{fdt_gen, image, vpl011::VPl011};
+use log::{error, info, warn};
+use spin::Mutex;
+
+use crate::arch::{self, TrapFrame, MAX_CPUS};
+
+const BLOCK: u64 = 2 << 20;
+
+/// Why a guest stopped, for its report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StopCause {
+    SystemOff,
+    CpuOff,
+    OutOfMemory,
+    SError,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Stats {
+    page_faults: u64,
+    block_faults: u64,
+    aborts_injected: u64,
+    undefs_injected: u64,
+    mmio: u64,
+    hvc: u64,
+    smc: u64,
+    sysreg: u64,
+    resets: u64,
+    frames_returned: u64,
+}
+
+pub struct Vm {
+    name: &'static str,
+    config: GuestConfig<'static>,
+    id: VmId,
+    vmid: u16,
+    owner: Owner,
+    layout: Layout,
+    geo: Geometry,
+    s2: Option<Stage2>,
+    uart: VPl011,
+    stats: Stats,
+    dtb: Vec<u8>,
+    /// Aborts and undefined instructions are logged for the first few only.
+    logged: u32,
+}
+
+const LOG_LIMIT: u32 = 8;
+
+/// One slot per CPU; a slot is written by the boot CPU before its CPU starts the guest, and
+/// afterwards only by that CPU.
+struct PerCpu(UnsafeCell<[Option<Vm>; MAX_CPUS]>);
+
+// SAFETY: see `this_cpu_vm`: each slot has a single user at any time.
+unsafe impl Sync for PerCpu {}
+
+static VMS: PerCpu = PerCpu(UnsafeCell::new([const { None }; MAX_CPUS]));
+static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator::new());
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static REPORTS: Mutex<Vec<alloc::string::String>> = Mutex::new(Vec::new());
+static FRAMES: spin::Once<&'static FrameManager<'static>> = spin::Once::new();
+
+/// The guest that runs on CPU `cpu`.
+///
+/// # Safety
+/// Only CPU `cpu` may call this once it runs its guest, and only the boot CPU before that (the
+/// CPU is not started yet); interrupts are masked, so no call overlaps another on a CPU.
+unsafe fn vm_slot(cpu: usize) -> Option<&'static mut Option<Vm>> {
+    // SAFETY: per the contract, nobody else holds a reference into this slot.
+    unsafe { (*VMS.0.get()).get_mut(cpu) }
+}
+
+fn this_cpu_vm() -> Option<&'static mut Vm> {
+    // SAFETY: called only from this CPU's trap handler or guest entry, on its own slot.
+    unsafe { vm_slot(arch::cpu_index()) }?.as_mut()
+}
+
+fn frames() -> &'static FrameManager<'static> {
+    FRAMES.get().copied().expect("guests run only after the frame manager exists")
+}
+
+fn env(vm: &Vm) -> arch::HwStage2<'static> {
+    let vttbr = vm.s2.as_ref().map_or(0, |s| s.vttbr());
+    arch::HwStage2 { frames: frames(), cpu: arch::cpu_index(), vttbr }
+}
+
+/// Builds every well-formed guest the device tree describes and places guest `i` on CPU `i`.
+/// Returns how many will run. A guest that cannot be built is named, with its reason, and
+/// left out; the others go on.
+pub fn create_all(platform: &Platform<'static>, frames_mgr: &'static FrameManager<'static>, cpus: usize, pa_bits: u32) -> usize {
+    FRAMES.call_once(|| frames_mgr);
+    let geo = Geometry::for_pa_bits(pa_bits);
+    let mut next_cpu = 0;
+    for g in platform.guests() {
+        let cfg = match g {
+            Ok(cfg) => *cfg,
+            Err(e) => {
+                error!("{e}: not started");
+                continue;
+            }
+        };
+        if next_cpu >= cpus {
+            error!("guest {}: no physical CPU left for its vCPU ({cpus} CPUs): not started", cfg.name);
+            continue;
+        }
+        match build(&cfg, geo, cpus, next_cpu) {
+            Ok(vm) => {
+                info!(
+                    "guest {}: {} MiB RAM at {:#x}, kernel at {:#x}, device tree at {:#x}, {} mappings, on CPU {next_cpu}, VMID {}",
+                    vm.name,
+                    vm.layout.ram_size >> 20,
+                    vm.layout.ram_base,
+                    vm.layout.kernel,
+                    vm.layout.dtb,
+                    if cfg.no_block_mappings { "4 KiB" } else { "4 KiB and 2 MiB" },
+                    vm.vmid
+                );
+                // SAFETY: CPU `next_cpu` does not run a guest yet (boot CPU, before starting it).
+                if let Some(slot) = unsafe { vm_slot(next_cpu) } {
+                    *slot = Some(vm);
+                }
+                next_cpu += 1;
+            }
+            Err(msg) => error!("{msg}: not started"),
+        }
+    }
+    LIVE.store(next_cpu, Ordering::Release);
+    next_cpu
+}
+
+/// A formatted reason a guest cannot be built.
+type BuildError = alloc::string::String;
+
+/// Builds guest `cfg` for CPU `cpu`; the error names the guest and what is wrong.
+fn build(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usize) -> Result<Vm, BuildError> {
+    build_inner(cfg, geo, cpus, cpu).map_err(|e| {
+        if e.starts_with("guest ") { e } else { alloc::format!("guest {}: {e}", cfg.name) }
+    })
+}
+
+fn build_inner(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usize) -> Result<Vm, BuildError> {
+    use alloc::format;
+    cfg.validate(cpus, geo.ipa_bits).map_err(|e| format!("{e}"))?;
+    if cfg.cpus != 1 {
+        return Err(format!("cpus = {}: this version runs one vCPU per guest", cfg.cpus));
+    }
+    if cfg.device_tree.is_some() {
+        warn!("guest {}: its multiboot,device-tree module is ignored; Labyrinth writes the guest's device tree", cfg.name);
+    }
+    let kernel = module_bytes(cfg.kernel.region.base(), cfg.kernel.region.size())?;
+    let header = image::parse(kernel).map_err(|e| format!("kernel: {e}"))?;
+    let ramdisk_size = cfg.ramdisk.map(|r| r.region.size());
+    let layout = layout::plan(cfg.memory_bytes(), geo.ipa_bits, &header, ramdisk_size).map_err(|e| format!("memory: {e}"))?;
+    let dtb = fdt_gen::generate(&layout, 1, cfg.bootargs).map_err(|_| format!("cannot write its device tree"))?;
+    let id = VmId::new(cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
+    let vmid = VMIDS.lock().alloc().ok_or_else(|| format!("no VMID left"))?;
+    let mut vm = Vm {
+        name: cfg.name,
+        config: *cfg,
+        id,
+        vmid,
+        owner: Owner::guest(id),
+        layout,
+        geo,
+        s2: None,
+        uart: VPl011::new(),
+        stats: Stats::default(),
+        dtb,
+        logged: 0,
+    };
+    load(&mut vm, cpu).map_err(|e| format!("loading: {e}"))?;
+    Ok(vm)
+}
+
+/// A boot module's bytes, mapped read-only at EL2 for the copy.
+fn module_bytes(base: u64, size: u64) -> Result<&'static [u8], BuildError> {
+    arch::map_range(base, base + size, arch::MapKind::ReadOnly)
+        .map_err(|e| alloc::format!("cannot map module {base:#x}+{size:#x}: {e}"))?;
+    // SAFETY: the module lies in RAM the frame database tagged Reserved (nobody writes it) and
+    // was just mapped read-only at EL2 for the rest of the run.
+    Ok(unsafe { core::slice::from_raw_parts(base as *const u8, size as usize) })
+}
+
+/// A fresh stage-2 space with the kernel, ramdisk and device tree copied in (and cleaned to the
+/// point of coherency: the guest starts with its MMU and caches off). Everything else of its
+/// RAM is faulted in on first touch.
+fn load(vm: &mut Vm, cpu: usize) -> Result<(), Stage2Error> {
+    let mut env = arch::HwStage2 { frames: frames(), cpu, vttbr: 0 };
+    let s2 = Stage2::new(&mut env, vm.id, vm.vmid, vm.geo)?;
+    env.vttbr = s2.vttbr();
+    vm.s2 = Some(s2);
+    let kernel = module_bytes(vm.config.kernel.region.base(), vm.config.kernel.region.size()).map_err(|_| Stage2Error::OutOfMemory)?;
+    copy_in(vm, &mut env, vm.layout.kernel, kernel)?;
+    if let (Some(m), Some((at, _))) = (vm.config.ramdisk, vm.layout.ramdisk) {
+        let bytes = module_bytes(m.region.base(), m.region.size()).map_err(|_| Stage2Error::OutOfMemory)?;
+        copy_in(vm, &mut env, at, bytes)?;
+    }
+    let dtb: &'static [u8] = alloc::boxed::Box::leak(core::mem::take(&mut vm.dtb).into_boxed_slice());
+    copy_in(vm, &mut env, vm.layout.dtb, dtb)?;
+    vm.dtb = dtb.to_vec();
+    Ok(())
+}
+
+/// Copies `bytes` to guest IPA `at` (page-aligned), page by page into fresh frames.
+fn copy_in(vm: &mut Vm, env: &mut arch::HwStage2<'static>, at: u64, bytes: &[u8]) -> Result<(), Stage2Error> {
+    let s2 = vm.s2.as_mut().ok_or(Stage2Error::OutOfMemory)?;
+    for (i, chunk) in bytes.chunks(FRAME_SIZE as usize).enumerate() {
+        let pfn = alloc_page(env.cpu, vm.owner).ok_or(Stage2Error::OutOfMemory)?;
+        // SAFETY: `pfn` was just handed to this guest (zeroed, mapped at EL2 as free RAM) and
+        // `chunk` is at most a page of a module or of the heap.
+        unsafe { arch::copy_phys(pfn.phys(), chunk.as_ptr() as u64, chunk.len()) };
+        arch::clean_to_poc(pfn.phys(), FRAME_SIZE);
+        s2.map(env, at + i as u64 * FRAME_SIZE, pfn.phys(), 3, Attrs::RAM)?;
+    }
+    Ok(())
+}
+
+/// A frame for `owner` from the atomic path, refilling the pool once if it ran dry.
+fn alloc_page(cpu: usize, owner: Owner) -> Option<Pfn> {
+    let frames = frames();
+    frames.alloc_page_atomic_exclusive(cpu, owner).ok().or_else(|| {
+        frames.refill(cpu).ok()?;
+        frames.alloc_page_atomic_exclusive(cpu, owner).ok()
+    })
+}
+
+/// Whether CPU `cpu` has a guest to run.
+pub fn has_guest(cpu: usize) -> bool {
+    // SAFETY: read-only look at a slot the boot CPU filled before starting `cpu`.
+    unsafe { vm_slot(cpu) }.is_some_and(|s| s.is_some())
+}
+
+/// Runs this CPU's guest: never returns.
+pub fn run_this_cpu() -> ! {
+    let Some(vm) = this_cpu_vm() else {
+        arch::park();
+    };
+    let vttbr = vm.s2.as_ref().map_or(0, |s| s.vttbr());
+    arch::configure_el2(vttbr, vm.geo);
+    arch::enter_guest(vm.layout.kernel, vm.layout.dtb)
+}
+
+/// Every exception a guest takes comes here (on its CPU's exception stack).
+pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
+    let Some(vm) = this_cpu_vm() else {
+        arch::emergency_line(format_args!("guest exception on CPU {} with no guest", arch::cpu_index()));
+        arch::power_off();
+    };
+    match kind {
+        8 => {}
+        11 => {
+            error!("guest {}: SError (ESR {:#x}): stopped", vm.name, arch::trap_syndrome().esr);
+            stop(vm, StopCause::SError);
+        }
+        // No interrupt is enabled: a stray one is noted and the guest resumes.
+        _ => {
+            warn!("guest {}: unexpected interrupt (vector {kind}) ignored", vm.name);
+            return;
+        }
+    }
+    let syn = arch::trap_syndrome();
+    match trap::decode(syn.esr, syn.far, syn.hpfar) {
+        GuestTrap::Abort { ipa: Some(ipa), fsc: 0x04..=0x07, .. } if vm.layout.in_ram(ipa) => demand_fault(vm, frame, ipa),
+        GuestTrap::Abort { ipa: Some(ipa), access: Some(a), instruction: false, .. }
+            if (UART_BASE..UART_BASE + UART_SIZE).contains(&ipa) =>
+        {
+            mmio_uart(vm, frame, ipa - UART_BASE, a, syn.esr)
+        }
+        GuestTrap::Abort { ipa, instruction, fsc, .. } => {
+            refuse_access(vm, frame, instruction, syn.esr, format_args!("IPA {ipa:x?} (FAR {:#x}), fault status {fsc:#x}", syn.far))
+        }
+        GuestTrap::Hvc { .. } => {
+            vm.stats.hvc += 1;
+            psci(vm, frame);
+        }
+        GuestTrap::Smc { .. } => {
+            vm.stats.smc += 1;
+            // A trapped SMC leaves ELR at the SMC itself.
+            frame.elr += 4;
+            psci(vm, frame);
+        }
+        GuestTrap::SysReg { encoding, .. } if trap::is_dc_set_way(encoding) => {
+            vm.stats.sysreg += 1;
+            frame.elr += 4;
+        }
+        GuestTrap::SysReg { encoding, read, .. } => {
+            vm.stats.sysreg += 1;
+            undefined(vm, frame, format_args!("system register access {encoding:#x} ({})", if read { "read" } else { "write" }));
+        }
+        GuestTrap::Other { class } => undefined(vm, frame, format_args!("exception class {class:#x}")),
+    }
+}
+
+/// First touch of guest RAM: a 2 MiB block when allowed and the whole aligned block is
+/// unmapped and a block is at hand, else a 4 KiB page, from the atomic path.
+#[inline(always)]
+fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
+    let frames = frames();
+    let cpu = arch::cpu_index();
+    let mut env = env(vm);
+    let Some(s2) = vm.s2.as_mut() else { return };
+    if !vm.config.no_block_mappings {
+        let block = ipa & !(BLOCK - 1);
+        if block >= vm.layout.ram_base && block + BLOCK <= vm.layout.ram_end() && s2.is_unmapped(&env, block, 2) {
+            if let Ok(first) = frames.alloc_block_atomic_exclusive(cpu, vm.owner) {
+                match s2.map(&mut env, block, first.phys(), 2, Attrs::RAM) {
+                    Ok(()) => {
+                        vm.stats.block_faults += 1;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = frames.release(first, 512, vm.owner, &arch::Scrubber);
+                        warn!("guest {}: block at {block:#x} not mapped ({e}): using pages", vm.name);
+                    }
+                }
+            }
+        }
+    }
+    let pfn = match frames.alloc_page_atomic_exclusive(cpu, vm.owner) {
+        Ok(p) => p,
+        Err(_) => match alloc_page(cpu, vm.owner) {
+            Some(p) => p,
+            None => {
+                error!("guest {}: out of memory at IPA {ipa:#x}: no frame left", vm.name);
+                stop(vm, StopCause::OutOfMemory);
+            }
+        },
+    };
+    match s2.map(&mut env, ipa & !(FRAME_SIZE - 1), pfn.phys(), 3, Attrs::RAM) {
+        Ok(()) => vm.stats.page_faults += 1,
+        Err(Stage2Error::OutOfMemory) => {
+            let _ = frames.return_unused_page_atomic(cpu, pfn, vm.owner);
+            if frames.refill(cpu).is_err() || frames.needs_refill(cpu) {
+                error!("guest {}: out of memory for stage-2 tables at IPA {ipa:#x}", vm.name);
+                stop(vm, StopCause::OutOfMemory);
+            }
+            // Retried when the guest re-executes the access.
+        }
+        Err(e) => {
+            let _ = frames.return_unused_page_atomic(cpu, pfn, vm.owner);
+            refuse_access(vm, frame, false, arch::trap_syndrome().esr, format_args!("IPA {ipa:#x}: {e}"));
+        }
+    }
+    if frames.needs_refill(cpu) {
+        let _ = frames.refill(cpu);
+    }
+}
+
+fn reg(frame: &TrapFrame, r: u8) -> u64 {
+    frame.x.get(r as usize).copied().unwrap_or(0)
+}
+
+fn set_reg(frame: &mut TrapFrame, r: u8, v: u64) {
+    if let Some(x) = frame.x.get_mut(r as usize) {
+        *x = v;
+    }
+}
+
+fn mmio_uart(vm: &mut Vm, frame: &mut TrapFrame, offset: u64, a: MmioAccess, esr: u64) {
+    vm.stats.mmio += 1;
+    let name = vm.name;
+    let ok = if a.write {
+        let v = reg(frame, a.reg) as u32;
+        vm.uart.write(offset, a.size, v, &mut |line| emit(name, line))
+    } else {
+        match vm.uart.read(offset, a.size) {
+            Some(v) => {
+                let mask = if a.size >= 8 { u64::MAX } else { (1u64 << (a.size * 8)) - 1 };
+                let mut v = u64::from(v) & mask;
+                if a.sign_extend && a.size < 8 && v & (1 << (a.size * 8 - 1)) != 0 {
+                    v |= !mask;
+                }
+                if !a.sixty_four {
+                    v &= 0xffff_ffff;
+                }
+                set_reg(frame, a.reg, v);
+                true
+            }
+            None => false,
+        }
+    };
+    if ok {
+        frame.elr += 4;
+    } else {
+        refuse_access(vm, frame, false, esr, format_args!("UART offset {offset:#x}, {} bytes", a.size));
+    }
+}
+
+fn emit(name: &str, line: &[u8]) {
+    let text = core::str::from_utf8(line).unwrap_or("<non-UTF-8 output>");
+    arch::raw_line(format_args!("[{name}] {text}"));
+}
+
+fn refuse_access(vm: &mut Vm, frame: &mut TrapFrame, instruction: bool, esr: u64, what: core::fmt::Arguments<'_>) {
+    vm.stats.aborts_injected += 1;
+    if vm.logged < LOG_LIMIT {
+        vm.logged += 1;
+        warn!(
+            "guest {}: {} at PC {:#x} refused: {what}: external abort injected",
+            vm.name,
+            if instruction { "instruction fetch" } else { "data access" },
+            frame.elr
+        );
+    }
+    arch::inject_external_abort(frame, instruction, esr);
+}
+
+fn undefined(vm: &mut Vm, frame: &mut TrapFrame, what: core::fmt::Arguments<'_>) {
+    vm.stats.undefs_injected += 1;
+    if vm.logged < LOG_LIMIT {
+        vm.logged += 1;
+        warn!("guest {}: {what} at PC {:#x}: undefined instruction injected", vm.name, frame.elr);
+    }
+    arch::inject_undefined(frame);
+}
+
+fn psci(vm: &mut Vm, frame: &mut TrapFrame) {
+    let (fid, x1, x2, x3) = (frame.x[0], frame.x[1], frame.x[2], frame.x[3]);
+    match vpsci::handle(fid, x1, x2, x3, 0, &[true]) {
+        PsciAction::Return(v) => frame.x[0] = v,
+        PsciAction::CpuOn { .. } => frame.x[0] = labyrinth::psci::PsciError::InternalFailure.code() as u64,
+        PsciAction::CpuOff => stop(vm, StopCause::CpuOff),
+        PsciAction::SystemOff => stop(vm, StopCause::SystemOff),
+        PsciAction::SystemReset => reset(vm, frame),
+    }
+}
+
+/// Takes the guest's stage-2 space apart: every frame and table page goes back (scrubbed).
+fn teardown(vm: &mut Vm) {
+    let name = vm.name;
+    let mut uart = core::mem::take(&mut vm.uart);
+    uart.flush(&mut |line| emit(name, line));
+    let Some(s2) = vm.s2.take() else { return };
+    let mut env = env(vm);
+    let frames = frames();
+    let owner = vm.owner;
+    let mut returned = 0u64;
+    let proof = s2.teardown(&mut env, &mut |pa, size| {
+        let n = (size / FRAME_SIZE) as usize;
+        match frames.release(Pfn(pa / FRAME_SIZE), n, owner, &arch::Scrubber) {
+            Ok(()) => returned += n as u64,
+            Err(e) => error!("guest {name}: frames at {pa:#x} not returned: {e}"),
+        }
+    });
+    vm.stats.frames_returned += returned;
+    VMIDS.lock().release(proof);
+}
+
+fn reset(vm: &mut Vm, frame: &mut TrapFrame) {
+    info!("guest {}: SYSTEM_RESET: reclaiming and reloading", vm.name);
+    teardown(vm);
+    vm.stats.resets += 1;
+    let cpu = arch::cpu_index();
+    vm.vmid = match VMIDS.lock().alloc() {
+        Some(v) => v,
+        None => stop(vm, StopCause::OutOfMemory),
+    };
+    if let Err(e) = load(vm, cpu) {
+        error!("guest {}: cannot reload after reset: {e}", vm.name);
+        stop(vm, StopCause::OutOfMemory);
+    }
+    let vttbr = vm.s2.as_ref().map_or(0, |s| s.vttbr());
+    arch::configure_el2(vttbr, vm.geo);
+    arch::restart_guest(frame, vm.layout.kernel, vm.layout.dtb);
+}
+
+/// The guest is done: reclaim, audit, report; the last guest to stop powers the machine off.
+fn stop(vm: &mut Vm, cause: StopCause) -> ! {
+    teardown(vm);
+    let audit = frames().audit(None);
+    let left = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory + g.page_tables);
+    let s = vm.stats;
+    let mut line = alloc::string::String::new();
+    let _ = write!(
+        line,
+        "guest {}: stopped by {cause:?}; faults {} (4 KiB pages {}, 2 MiB blocks {}); aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {}; frames returned {}, still owned {left}",
+        vm.name,
+        s.page_faults + s.block_faults,
+        s.page_faults,
+        s.block_faults,
+        s.aborts_injected,
+        s.undefs_injected,
+        s.mmio,
+        s.hvc,
+        s.smc,
+        s.sysreg,
+        s.resets,
+        s.frames_returned,
+    );
+    info!("{line}");
+    REPORTS.lock().push(line);
+    if LIVE.fetch_sub(1, Ordering::AcqRel) == 1 {
+        info!("all guests stopped");
+        for r in REPORTS.lock().iter() {
+            info!("report: {r}");
+        }
+        let audit = frames().audit(None);
+        info!("ownership audit: {audit}");
+        if audit.is_consistent() && audit.guests.iter().all(|g| g.memory + g.page_tables == 0) {
+            info!("ownership audit: consistent, no frame owned by any guest");
+        } else {
+            error!("ownership audit: FAILED");
+        }
+        arch::power_off();
+    }
+    arch::park()
+}
+
+const _: () = assert!(BLOCK == level_size(2));

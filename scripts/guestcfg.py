@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Describe guests for Labyrinth the way a bootloader would: a host device tree (QEMU's own,
+from -machine dumpdtb, edited with dtc) with one /chosen node per guest, and QEMU -device loader
+arguments that put each guest's kernel (and ramdisk) image at the host address the node names.
+
+The binding (docs/configuration.md):
+    chosen {
+        NAME {
+            compatible = "labyrinth,guest";
+            #address-cells = <2>; #size-cells = <2>;
+            memory = <0x0 KIB>;  cpus = <1>;
+            [labyrinth,no-block-mappings;]
+            module@ADDR { compatible = "multiboot,kernel", "multiboot,module";
+                          reg = <0x0 ADDR 0x0 SIZE>; bootargs = "..."; };
+        };
+    };
+
+Usage as a program:
+    scripts/guestcfg.py OUT.dtb [--mem 1G] [--smp 2] [--cpu cortex-a72]
+        --guest NAME=IMAGE,ADDR,MEMORY_KIB[,noblocks][,args=...] ...
+prints the QEMU arguments to add (-dtb and -device loader ...).
+"""
+import argparse
+import os
+import subprocess
+import tempfile
+
+
+def qemu_base(cpu="cortex-a72", smp=2, mem="1G"):
+    return ["qemu-system-aarch64", "-M", "virt,virtualization=on,gic-version=3", "-cpu", cpu,
+            "-smp", str(smp), "-m", mem, "-nographic", "-net", "none"]
+
+
+def host_dts(cpu="cortex-a72", smp=2, mem="1G"):
+    """QEMU's own device tree for this machine, as dts text."""
+    with tempfile.TemporaryDirectory() as wd:
+        raw = os.path.join(wd, "raw.dtb")
+        subprocess.run(qemu_base(cpu, smp, mem) + ["-machine", "dumpdtb=" + raw], check=True,
+                       capture_output=True, timeout=60)
+        return subprocess.run(["dtc", "-q", "-I", "dtb", "-O", "dts", raw], check=True,
+                              capture_output=True, text=True).stdout
+
+
+class Guest:
+    def __init__(self, name, image, addr, memory_kib, no_blocks=False, bootargs="", cpus=1,
+                 compatible="labyrinth,guest", extra=""):
+        self.name, self.image, self.addr = name, image, addr
+        self.memory_kib, self.no_blocks, self.bootargs = memory_kib, no_blocks, bootargs
+        self.cpus, self.compatible, self.extra = cpus, compatible, extra
+
+    def size(self):
+        return os.path.getsize(self.image) if self.image else 0x1000
+
+    def node(self):
+        flags = "\t\t\tlabyrinth,no-block-mappings;\n" if self.no_blocks else ""
+        kernel = ""
+        if self.image is not None:
+            kernel = (
+                "\t\t\tmodule@%x {\n"
+                "\t\t\t\tcompatible = \"multiboot,kernel\", \"multiboot,module\";\n"
+                "\t\t\t\treg = <0x%x 0x%x 0x%x 0x%x>;\n"
+                "\t\t\t\tbootargs = \"%s\";\n"
+                "\t\t\t};\n"
+            ) % (self.addr, self.addr >> 32, self.addr & 0xffffffff, self.size() >> 32,
+                 self.size() & 0xffffffff, self.bootargs)
+        return (
+            "\t\t%s {\n"
+            "\t\t\tcompatible = \"%s\";\n"
+            "\t\t\t#address-cells = <2>;\n"
+            "\t\t\t#size-cells = <2>;\n"
+            "\t\t\tmemory = <0x%x 0x%x>;\n"
+            "\t\t\tcpus = <%d>;\n"
+            "%s%s%s"
+            "\t\t};\n"
+        ) % (self.name, self.compatible, self.memory_kib >> 32, self.memory_kib & 0xffffffff,
+             self.cpus, flags, self.extra, kernel)
+
+    def loader_args(self):
+        if self.image is None:
+            return []
+        return ["-device", "loader,file=%s,addr=0x%x,force-raw=on" % (self.image, self.addr)]
+
+
+def add_guests(dts, guests):
+    """Inserts the guest nodes into the dts's /chosen node."""
+    nodes = "".join(g.node() for g in guests)
+    start = dts.find("\tchosen {\n")
+    if start < 0:
+        raise ValueError("no /chosen node in the host device tree")
+    # Subnodes go after /chosen's properties, just before its closing brace.
+    end = dts.index("\n\t};", start) + 1
+    return dts[:end] + nodes + dts[end:]
+
+
+def make_dtb(out, guests, cpu="cortex-a72", smp=2, mem="1G", edit=None):
+    """Writes the host DTB with `guests` to `out`; returns the QEMU arguments to add."""
+    dts = add_guests(host_dts(cpu, smp, mem), guests)
+    if edit:
+        dts = edit(dts)
+    subprocess.run(["dtc", "-q", "-I", "dts", "-O", "dtb", "-o", out, "-"], input=dts, text=True,
+                   check=True, capture_output=True)
+    args = ["-dtb", out]
+    for g in guests:
+        args += g.loader_args()
+    return args
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--mem", default="1G")
+    ap.add_argument("--smp", type=int, default=2)
+    ap.add_argument("--cpu", default="cortex-a72")
+    ap.add_argument("--guest", action="append", default=[],
+                    help="NAME=IMAGE,ADDR,MEMORY_KIB[,noblocks][,args=BOOTARGS]")
+    a = ap.parse_args()
+    guests = []
+    for spec in a.guest:
+        name, rest = spec.split("=", 1)
+        parts = rest.split(",")
+        image, addr, kib = parts[0], int(parts[1], 0), int(parts[2], 0)
+        noblocks = "noblocks" in parts[3:]
+        args = next((p[5:] for p in parts[3:] if p.startswith("args=")), "")
+        guests.append(Guest(name, image, addr, kib, noblocks, args))
+    print(" ".join(make_dtb(a.out, guests, a.cpu, a.smp, a.mem)))
+
+
+if __name__ == "__main__":
+    main()
