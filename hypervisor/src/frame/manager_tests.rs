@@ -659,7 +659,7 @@ fn audit_catches_frame_held_twice() {
 // A CPU's handle exists only for real CPUs and allocates from that CPU's pool.
 #[test]
 fn cpu_handle_allocates_from_its_own_pool() {
-    let rig = rig(64, 2, small());
+    let rig = rig(2048, 2, small());
     assert!(rig.frames.cpu(2).is_none());
     rig.frames.refill(1).unwrap();
     let cpu1 = rig.frames.cpu(1).unwrap();
