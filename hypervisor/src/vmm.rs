@@ -54,6 +54,8 @@ pub struct Vm {
     layout: Layout,
     geo: Geometry,
     s2: Option<Stage2>,
+    /// `VTTBR_EL2` of `s2` (0 while it has none), kept at hand for the fault path.
+    vttbr: u64,
     uart: VPl011,
     stats: Stats,
     dtb: Vec<u8>,
@@ -74,7 +76,8 @@ static VMS: PerCpu = PerCpu(UnsafeCell::new([const { None }; MAX_CPUS]));
 static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator::new());
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static REPORTS: Mutex<Vec<alloc::string::String>> = Mutex::new(Vec::new());
-static FRAMES: spin::Once<&'static FrameManager<'static>> = spin::Once::new();
+/// Set once before any guest runs; read on every fault, so a plain pointer, not a `Once`.
+static FRAMES: core::sync::atomic::AtomicPtr<FrameManager<'static>> = core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
 
 /// The guest that runs on CPU `cpu`.
 ///
@@ -91,20 +94,24 @@ fn this_cpu_vm() -> Option<&'static mut Vm> {
     unsafe { vm_slot(arch::cpu_index()) }?.as_mut()
 }
 
+#[inline(always)]
 fn frames() -> &'static FrameManager<'static> {
-    FRAMES.get().copied().expect("guests run only after the frame manager exists")
+    let p = FRAMES.load(Ordering::Acquire);
+    // SAFETY: set from a `&'static FrameManager` in `create_all` before any guest exists, and
+    // never changed; no guest (hence no caller) runs before it is set.
+    unsafe { p.as_ref() }.expect("guests run only after the frame manager exists")
 }
 
+#[inline(always)]
 fn env(vm: &Vm) -> arch::HwStage2<'static> {
-    let vttbr = vm.s2.as_ref().map_or(0, |s| s.vttbr());
-    arch::HwStage2 { frames: frames(), cpu: arch::cpu_index(), vttbr }
+    arch::HwStage2 { frames: frames(), cpu: arch::cpu_index(), vttbr: vm.vttbr }
 }
 
 /// Builds every well-formed guest the device tree describes and places guest `i` on CPU `i`.
 /// Returns how many will run. A guest that cannot be built is named, with its reason, and
 /// left out; the others go on.
 pub fn create_all(platform: &Platform<'static>, frames_mgr: &'static FrameManager<'static>, cpus: usize, pa_bits: u32) -> usize {
-    FRAMES.call_once(|| frames_mgr);
+    FRAMES.store(frames_mgr as *const _ as *mut _, Ordering::Release);
     let geo = Geometry::for_pa_bits(pa_bits);
     let mut next_cpu = 0;
     for g in platform.guests() {
@@ -179,6 +186,7 @@ fn build_inner(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usiz
         layout,
         geo,
         s2: None,
+        vttbr: 0,
         uart: VPl011::new(),
         stats: Stats::default(),
         dtb,
@@ -204,6 +212,7 @@ fn load(vm: &mut Vm, cpu: usize) -> Result<(), Stage2Error> {
     let mut env = arch::HwStage2 { frames: frames(), cpu, vttbr: 0 };
     let s2 = Stage2::new(&mut env, vm.id, vm.vmid, vm.geo)?;
     env.vttbr = s2.vttbr();
+    vm.vttbr = s2.vttbr();
     vm.s2 = Some(s2);
     let kernel = module_bytes(vm.config.kernel.region.base(), vm.config.kernel.region.size()).map_err(|_| Stage2Error::OutOfMemory)?;
     copy_in(vm, &mut env, vm.layout.kernel, kernel)?;
@@ -251,8 +260,7 @@ pub fn run_this_cpu() -> ! {
     let Some(vm) = this_cpu_vm() else {
         arch::park();
     };
-    let vttbr = vm.s2.as_ref().map_or(0, |s| s.vttbr());
-    arch::configure_el2(vttbr, vm.geo);
+    arch::configure_el2(vm.vttbr, vm.geo);
     arch::enter_guest(vm.layout.kernel, vm.layout.dtb)
 }
 
@@ -307,6 +315,33 @@ pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
     }
 }
 
+/// The demand-fault fast path, called before any frame is built: a 4 KiB page for a guest
+/// without block mappings, taken from the atomic path and mapped with `Stage2::map_page`.
+/// `false` leaves the fault to the general path (blocks, pool refills, errors, MMIO...).
+#[inline(always)]
+pub fn fast_fault(ipa_page: u64) -> bool {
+    let Some(vm) = this_cpu_vm() else { return false };
+    if !vm.config.no_block_mappings || !vm.layout.in_ram(ipa_page) {
+        return false;
+    }
+    let frames = frames();
+    let cpu = arch::cpu_index();
+    let Ok(pfn) = frames.alloc_page_atomic_exclusive(cpu, vm.owner) else { return false };
+    let mut env = env(vm);
+    let Some(s2) = vm.s2.as_mut() else { return false };
+    match s2.map_page(&mut env, ipa_page, pfn.phys(), Attrs::RAM) {
+        Ok(()) => {
+            vm.stats.page_faults += 1;
+            true
+        }
+        Err(_) => {
+            // Nothing changed: hand the frame back and let the general path explain.
+            let _ = frames.return_unused_page_atomic(cpu, pfn, vm.owner);
+            false
+        }
+    }
+}
+
 /// First touch of guest RAM: a 2 MiB block when allowed and the whole aligned block is
 /// unmapped and a block is at hand, else a 4 KiB page, from the atomic path.
 #[inline(always)]
@@ -342,7 +377,7 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
             }
         },
     };
-    match s2.map(&mut env, ipa & !(FRAME_SIZE - 1), pfn.phys(), 3, Attrs::RAM) {
+    match s2.map_page(&mut env, ipa & !(FRAME_SIZE - 1), pfn.phys(), Attrs::RAM) {
         Ok(()) => vm.stats.page_faults += 1,
         Err(Stage2Error::OutOfMemory) => {
             let _ = frames.return_unused_page_atomic(cpu, pfn, vm.owner);
@@ -448,6 +483,7 @@ fn teardown(vm: &mut Vm) {
     uart.flush(&mut |line| emit(name, line));
     let Some(s2) = vm.s2.take() else { return };
     let mut env = env(vm);
+    vm.vttbr = 0;
     let frames = frames();
     let owner = vm.owner;
     let mut returned = 0u64;
@@ -475,8 +511,7 @@ fn reset(vm: &mut Vm, frame: &mut TrapFrame) {
         error!("guest {}: cannot reload after reset: {e}", vm.name);
         stop(vm, StopCause::OutOfMemory);
     }
-    let vttbr = vm.s2.as_ref().map_or(0, |s| s.vttbr());
-    arch::configure_el2(vttbr, vm.geo);
+    arch::configure_el2(vm.vttbr, vm.geo);
     arch::restart_guest(frame, vm.layout.kernel, vm.layout.dtb);
 }
 

@@ -90,6 +90,7 @@ pub enum Entry {
 
 impl Entry {
     /// Decodes a raw descriptor found at `level`.
+    #[inline(always)]
     pub fn decode(raw: u64, level: usize) -> Entry {
         let d = LocalRegisterCopy::<u64, S2DESC::Register>::new(raw);
         if !d.is_set(S2DESC::VALID) {
@@ -124,6 +125,7 @@ impl Entry {
     }
 
     /// Encodes for `level`.
+    #[inline(always)]
     pub fn encode(self, level: usize) -> u64 {
         match self {
             Entry::Invalid => 0,

@@ -130,7 +130,9 @@ impl Exercise {
         let mapped = self.guests[gi].expect.contains_key(&ipa);
         let Some(pfn) = self.env.claim_frame(FrameState::Guest(vm)) else { return };
         let (s2, env) = self.s2(gi);
-        match s2.map(env, ipa, pfn.phys(), 3, Attrs::RAM) {
+        // Two thirds of page faults take the demand-fault path, the rest the general one.
+        let r = if page % 3 == 0 { s2.map(env, ipa, pfn.phys(), 3, Attrs::RAM) } else { s2.map_page(env, ipa, pfn.phys(), Attrs::RAM) };
+        match r {
             Ok(()) => {
                 assert!(!mapped, "mapped over the live page at {ipa:#x}");
                 self.guests[gi].expect.insert(ipa, (pfn.phys(), Attrs::RAM));

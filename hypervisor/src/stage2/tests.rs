@@ -319,3 +319,35 @@ fn model_catches_a_live_entry_changed_in_place() {
     env.check_quiescent();
     assert!(env.violations.iter().any(|v| v.contains("without break-before-make")), "{:#?}", env.violations);
 }
+
+#[test]
+fn map_page_takes_the_shortcut_and_still_checks_ownership() {
+    let (mut env, mut s2) = setup(64);
+    let a = guest_frame(&mut env, 1);
+    let b = guest_frame(&mut env, 1);
+    let foreign = guest_frame(&mut env, 2);
+    s2.map_page(&mut env, GUEST_RAM, a, Attrs::RAM).unwrap();
+    // Same level-3 table: the shortcut.
+    s2.map_page(&mut env, GUEST_RAM + 0x1000, b, Attrs::RAM).unwrap();
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x1000).unwrap().pa, b);
+    assert!(matches!(s2.map_page(&mut env, GUEST_RAM + 0x2000, foreign, Attrs::RAM), Err(Stage2Error::NotOwned { .. })));
+    assert_eq!(s2.map_page(&mut env, GUEST_RAM + 0x1000, a, Attrs::RAM), Err(Stage2Error::AlreadyMapped { ipa: GUEST_RAM + 0x1000 }));
+    clean(&mut env);
+}
+
+#[test]
+fn map_page_forgets_a_freed_table() {
+    let (mut env, mut s2) = setup(64);
+    let a = guest_frame(&mut env, 1);
+    s2.map_page(&mut env, GUEST_RAM, a, Attrs::RAM).unwrap();
+    let mut got = Vec::new();
+    s2.unmap(&mut env, GUEST_RAM, 0x1000, &mut |pa, size| got.push((pa, size))).unwrap();
+    for (pa, size) in got {
+        env.release_frames(pa, size);
+    }
+    // The level-3 table is gone; mapping again must build a new one, not write into the old.
+    let b = guest_frame(&mut env, 1);
+    s2.map_page(&mut env, GUEST_RAM + 0x1000, b, Attrs::RAM).unwrap();
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x1000).unwrap().pa, b);
+    clean(&mut env);
+}

@@ -61,7 +61,10 @@ el2_vectors:
     VENTRY 5
     VENTRY 6
     VENTRY 7
-    GUEST_VENTRY 8
+    .balign 0x80                    // lower EL, AArch64, synchronous: the hot one
+    sub     sp, sp, #{frame}
+    stp     x0, x1, [sp, #0]
+    b       guest_sync_fast
     GUEST_VENTRY 9
     GUEST_VENTRY 10
     GUEST_VENTRY 11
@@ -96,6 +99,53 @@ el2_trap_common:
     bl      el2_unexpected_exception
 1:  wfe
     b       1b
+
+// Fast path: save only what a Rust call may clobber (x0-x18, x30). If `guest_fast` handles
+// the trap (a demand fault), restore those and return; the guest's ELR/SPSR are untouched.
+guest_sync_fast:
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    str     x18, [sp, #144]
+    str     x30, [sp, #240]
+    bl      guest_fast
+    cbz     w0, guest_sync_slow
+    ldp     x2, x3, [sp, #16]
+    ldp     x4, x5, [sp, #32]
+    ldp     x6, x7, [sp, #48]
+    ldp     x8, x9, [sp, #64]
+    ldp     x10, x11, [sp, #80]
+    ldp     x12, x13, [sp, #96]
+    ldp     x14, x15, [sp, #112]
+    ldp     x16, x17, [sp, #128]
+    ldr     x18, [sp, #144]
+    ldr     x30, [sp, #240]
+    ldp     x0, x1, [sp, #0]
+    add     sp, sp, #{frame}
+    eret
+
+// Not handled fast: the callee-saved registers still hold the guest's values (Rust kept
+// them); complete the frame and take the general path.
+guest_sync_slow:
+    str     x19, [sp, #152]
+    stp     x20, x21, [sp, #160]
+    stp     x22, x23, [sp, #176]
+    stp     x24, x25, [sp, #192]
+    stp     x26, x27, [sp, #208]
+    stp     x28, x29, [sp, #224]
+    mrs     x1, elr_el2
+    str     x1, [sp, #248]
+    mrs     x1, spsr_el2
+    str     x1, [sp, #256]
+    mov     x0, #8
+    mov     x1, sp
+    bl      guest_trap
+    b       guest_resume
 
 guest_trap_common:
     stp     x2, x3, [sp, #16]

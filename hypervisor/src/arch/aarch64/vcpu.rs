@@ -195,6 +195,21 @@ pub fn restart(frame: &mut TrapFrame, pc: u64, x0: u64) {
     *frame = TrapFrame::entry(pc, x0, SPSR_EL1H_MASKED);
 }
 
+/// The fast path for a guest's synchronous exception: a stage-2 translation fault (data or
+/// instruction) is offered to `vmm::fast_fault`; `false` sends everything else, and faults it
+/// declines, to [`guest_trap`] with a full frame.
+#[no_mangle]
+extern "C" fn guest_fast() -> bool {
+    let esr = ESR_EL2.get();
+    let class = esr >> 26;
+    // Data or instruction abort from EL1/EL0 with a translation fault at any level (FSC 0b0001xx).
+    if (class != 0x24 && class != 0x20) || esr & 0x3c != 0x04 {
+        return false;
+    }
+    let ipa = ((HPFAR_EL2.get() >> 4) & ((1 << 40) - 1)) << 12;
+    crate::vmm::fast_fault(ipa)
+}
+
 /// Every guest exception lands here, on this CPU's exception stack, with the guest's registers
 /// in `frame`; what the frame holds on return is what the guest resumes with.
 #[no_mangle]
