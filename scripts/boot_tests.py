@@ -20,6 +20,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = os.path.join(ROOT, "build", "labyrinth.bin")
+STRESS = os.path.join(ROOT, "build", "guest-stress.bin")
+ISOLATION = os.path.join(ROOT, "build", "guest-isolation.bin")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import guestcfg  # noqa: E402
 TIMEOUT = 60  # seconds per boot: a boot takes well under 5 s; a hang fails the test
 PAGE = 4096
 MIB = 1 << 20
@@ -31,9 +35,9 @@ def qemu_cmd(cpu="cortex-a72", smp=2, mem="1G", extra=()):
             "-smp", str(smp), "-m", mem, "-nographic", "-net", "none", *extra]
 
 
-def boot(cpu="cortex-a72", smp=2, mem="1G", dtb=None, append=None):
+def boot(cpu="cortex-a72", smp=2, mem="1G", dtb=None, append=None, extra_args=()):
     """Boots Labyrinth; returns (exit status or None on timeout, console text)."""
-    extra = ["-kernel", IMAGE]
+    extra = ["-kernel", IMAGE, *extra_args]
     if dtb:
         extra += ["-dtb", dtb]
     if append is not None:
@@ -329,13 +333,95 @@ def text_is_not_writable(wd):
     check("permission fault" in out, "a write to the hypervisor's code did not fault", out)
 
 
+# ---------------------------------------------------------------- guests
+
+def boot_guests(wd, name, guests, mem="1G", smp=2, edit=None):
+    """Boots Labyrinth with `guests` described in its device tree; returns (rc, out)."""
+    args = guestcfg.make_dtb(os.path.join(wd, name + ".dtb"), guests, smp=smp, mem=mem, edit=edit)
+    return boot(smp=smp, mem=mem, extra_args=args)
+
+
+def expect_audit_clean(out):
+    check("all guests stopped" in out, "Labyrinth never saw every guest stop", out)
+    check("ownership audit: consistent, no frame owned by any guest" in out, "ownership audit failed", out)
+    check("problems 0" in out, "audit reported problems", out)
+
+
+def guest_lines(out, name):
+    return [l.split("] ", 1)[1] for l in out.splitlines() if l.startswith("[%s] " % name)]
+
+
+@test
+def two_guests_run_side_by_side(wd):
+    rc, out = boot_guests(wd, "two", [
+        guestcfg.Guest("stress", STRESS, 0x5000_0000, 64 * 1024, bootargs="stress.seed=11"),
+        guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 64 * 1024,
+                       bootargs="isolation.probe=0x40200000,0x50000000,0x48000000"),
+    ])
+    expect_clean_exit(rc, out)
+    st, iso = guest_lines(out, "stress"), guest_lines(out, "isolation")
+    check("stress: done" in st, "stress guest did not finish", out)
+    check("stress: fresh pages not zero: 0" in st, "a fresh page was not zero", out)
+    check(any(re.match(r"stress: random ops=\d+ verify=ok", l) for l in st), "stress patterns did not verify", out)
+    check("isolation: done" in iso, "isolation guest did not finish", out)
+    check(not any("ALLOWED" in l or "FOREIGN" in l for l in iso), "an isolation attempt succeeded", out)
+    summary = [l for l in iso if re.match(r"isolation: \d+ attempts", l)]
+    check(summary and re.search(r", 0 allowed", summary[0]), "isolation summary missing or not all denied", out)
+    check(re.search(r"guest stress: stopped by SystemOff; faults [1-9]", out), "no stress report with faults", out)
+    check(re.search(r"guest isolation: stopped by SystemOff; .*aborts injected [1-9]", out), "no isolation report with aborts", out)
+    expect_audit_clean(out)
+
+
+@test
+def overcommitted_guest_runs_out_while_the_other_finishes(wd):
+    # 256 MiB of host RAM; the second guest is promised 512 MiB and touches all of it.
+    rc, out = boot_guests(wd, "over", [
+        guestcfg.Guest("small", STRESS, 0x4c00_0000, 32 * 1024, bootargs="stress.seed=3"),
+        guestcfg.Guest("greedy", STRESS, 0x4d00_0000, 512 * 1024, no_blocks=True, bootargs="stress.seed=5"),
+    ], mem="256M")
+    expect_clean_exit(rc, out)
+    check("stress: done" in guest_lines(out, "small"), "the small guest did not finish", out)
+    check(re.search(r"guest greedy: out of memory", out), "no out-of-memory message for the greedy guest", out)
+    check(re.search(r"guest greedy: stopped by OutOfMemory", out), "greedy guest not stopped cleanly", out)
+    expect_audit_clean(out)
+
+
+@test
+def reset_restarts_the_guest_with_fresh_memory(wd):
+    rc, out = boot_guests(wd, "reset", [
+        guestcfg.Guest("resetter", STRESS, 0x5000_0000, 32 * 1024, bootargs="stress.reset stress.seed=9"),
+    ], smp=1)
+    expect_clean_exit(rc, out)
+    lines = guest_lines(out, "resetter")
+    check("stress: requesting reset" in lines, "the guest did not ask for a reset", out)
+    check("stress: after reset fresh=yes" in lines, "memory after reset was not fresh", out)
+    check("stress: done" in lines, "the restarted guest did not finish", out)
+    check(re.search(r"resets 1", out), "report does not count the reset", out)
+    expect_audit_clean(out)
+
+
+@test
+def bad_configuration_beside_a_good_one(wd):
+    rc, out = boot_guests(wd, "bad", [
+        guestcfg.Guest("nokernel", None, 0, 32 * 1024),
+        guestcfg.Guest("zerocpus", STRESS, 0x5000_0000, 32 * 1024, cpus=0),
+        guestcfg.Guest("good", STRESS, 0x5100_0000, 32 * 1024, bootargs="stress.seed=1"),
+    ])
+    expect_clean_exit(rc, out)
+    check(re.search(r"guest nokernel: .*kernel.*not started", out), "missing-kernel guest not named", out)
+    check(re.search(r"guest zerocpus: cpus is 0.*not started", out), "zero-cpus guest not named", out)
+    check("stress: done" in guest_lines(out, "good"), "the good guest did not run", out)
+    expect_audit_clean(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("-k", default="")
     ap.add_argument("-v", action="store_true")
     args = ap.parse_args()
-    if not os.path.exists(IMAGE):
-        sys.exit("build/labyrinth.bin missing: run scripts/build.sh")
+    for img in (IMAGE, STRESS, ISOLATION):
+        if not os.path.exists(img):
+            sys.exit("%s missing: run scripts/build.sh and scripts/build-guests.sh" % img)
     passed = failed = 0
     with tempfile.TemporaryDirectory() as wd:
         for t in TESTS:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every test Labyrinth has, in one command (the README's; .ci/run calls exactly this):
 #   1. host unit, property and regression tests of the portable core (cargo test),
-#   2. the device-tree fuzz smoke run (cargo fuzz, nightly) after the corpus replay in (1),
-#   3. QEMU boot tests that assert on the console (scripts/boot_tests.py).
+#   2. QEMU boot tests that assert on the console (scripts/boot_tests.py), with Labyrinth's
+#      guest kernels (scripts/build-guests.sh) for the two-guest scenarios,
+#   3. fuzz smoke runs (cargo fuzz, nightly) of the device-tree parser and the stage-2 tables,
+#      after the corpus replay in (1).
 # Installs what is missing first. Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +22,10 @@ step() {
 
 step "host tests" timeout 1200 cargo test --workspace
 step "build (aarch64)" scripts/build.sh
+step "build guest kernels" scripts/build-guests.sh
 step "QEMU boot tests" timeout 900 python3 scripts/boot_tests.py
 step "device-tree fuzz smoke" timeout 600 scripts/fuzz.sh dt_parse "${FUZZ_SECONDS:-30}"
+step "stage-2 fuzz smoke" timeout 600 scripts/fuzz.sh stage2_ops "${FUZZ_SECONDS:-30}"
 
 if [ $status -ne 0 ]; then
     echo "scripts/test.sh: some steps FAILED"

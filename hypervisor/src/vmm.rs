@@ -174,7 +174,7 @@ fn build_inner(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usiz
     let header = image::parse(kernel).map_err(|e| format!("kernel: {e}"))?;
     let ramdisk_size = cfg.ramdisk.map(|r| r.region.size());
     let layout = layout::plan(cfg.memory_bytes(), geo.ipa_bits, &header, ramdisk_size).map_err(|e| format!("memory: {e}"))?;
-    let dtb = fdt_gen::generate(&layout, 1, cfg.bootargs).map_err(|_| format!("cannot write its device tree"))?;
+    let dtb = fdt_gen::generate(&layout, 1, cfg.bootargs, 0).map_err(|_| format!("cannot write its device tree"))?;
     let id = VmId::new(cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
     let vmid = VMIDS.lock().alloc().ok_or_else(|| format!("no VMID left"))?;
     let mut vm = Vm {
@@ -220,10 +220,10 @@ fn load(vm: &mut Vm, cpu: usize) -> Result<(), Stage2Error> {
         let bytes = module_bytes(m.region.base(), m.region.size()).map_err(|_| Stage2Error::OutOfMemory)?;
         copy_in(vm, &mut env, at, bytes)?;
     }
-    let dtb: &'static [u8] = alloc::boxed::Box::leak(core::mem::take(&mut vm.dtb).into_boxed_slice());
-    copy_in(vm, &mut env, vm.layout.dtb, dtb)?;
-    vm.dtb = dtb.to_vec();
-    Ok(())
+    let dtb = core::mem::take(&mut vm.dtb);
+    let r = copy_in(vm, &mut env, vm.layout.dtb, &dtb);
+    vm.dtb = dtb;
+    r
 }
 
 /// Copies `bytes` to guest IPA `at` (page-aligned), page by page into fresh frames.
@@ -507,6 +507,13 @@ fn reset(vm: &mut Vm, frame: &mut TrapFrame) {
         Some(v) => v,
         None => stop(vm, StopCause::OutOfMemory),
     };
+    match fdt_gen::generate(&vm.layout, 1, vm.config.bootargs, vm.stats.resets as u32) {
+        Ok(dtb) => vm.dtb = dtb,
+        Err(_) => {
+            error!("guest {}: cannot rewrite its device tree after reset", vm.name);
+            stop(vm, StopCause::OutOfMemory);
+        }
+    }
     if let Err(e) = load(vm, cpu) {
         error!("guest {}: cannot reload after reset: {e}", vm.name);
         stop(vm, StopCause::OutOfMemory);

@@ -20,8 +20,10 @@ impl From<vm_fdt::Error> for FdtGenError {
 
 const APB_PCLK_PHANDLE: u32 = 1;
 
-/// Writes the guest's device tree blob.
-pub fn generate(layout: &Layout, vcpus: usize, bootargs: Option<&str>) -> Result<Vec<u8>, FdtGenError> {
+/// Writes the guest's device tree blob. `resets` (how many times the guest was reset) goes to
+/// `/chosen/labyrinth,reset-count`: a guest's RAM is fresh after a reset, so this is the only
+/// way it can tell a reboot from a first boot.
+pub fn generate(layout: &Layout, vcpus: usize, bootargs: Option<&str>, resets: u32) -> Result<Vec<u8>, FdtGenError> {
     let mut w = vm_fdt::FdtWriter::new()?;
     let root = w.begin_node("")?;
     w.property_string("compatible", "linux,dummy-virt")?;
@@ -31,6 +33,7 @@ pub fn generate(layout: &Layout, vcpus: usize, bootargs: Option<&str>) -> Result
     let chosen = w.begin_node("chosen")?;
     w.property_string("bootargs", bootargs.unwrap_or(""))?;
     w.property_string("stdout-path", "/pl011@9000000")?;
+    w.property_u32("labyrinth,reset-count", resets)?;
     if let Some((start, size)) = layout.ramdisk {
         w.property_u64("linux,initrd-start", start)?;
         w.property_u64("linux,initrd-end", start + size)?;
@@ -96,7 +99,7 @@ mod tests {
     fn the_guest_tree_describes_memory_cpus_psci_uart_and_chosen() {
         let k = ImageHeader { text_offset: 0x8_0000, effective_size: 0x10_0000 };
         let layout = plan(64 << 20, 40, &k, Some(0x1000)).unwrap();
-        let blob = generate(&layout, 1, Some("console=ttyAMA0 stress.seed=3")).unwrap();
+        let blob = generate(&layout, 1, Some("console=ttyAMA0 stress.seed=3"), 2).unwrap();
         // Read it back with Labyrinth's own checked parser and with the fdt crate.
         let p = crate::dt::parse(&blob).unwrap();
         assert_eq!(p.memory()[0].base(), 0x4000_0000);
@@ -109,5 +112,6 @@ mod tests {
         let chosen = f.find_node("/chosen").unwrap();
         let start = chosen.property("linux,initrd-start").unwrap().as_usize().unwrap() as u64;
         assert_eq!(start, layout.ramdisk.unwrap().0);
+        assert_eq!(chosen.property("labyrinth,reset-count").unwrap().as_usize(), Some(2));
     }
 }
