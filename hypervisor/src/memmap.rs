@@ -131,9 +131,9 @@ impl fmt::Display for Size {
         const KIB: u64 = 1024;
         const MIB: u64 = 1024 * 1024;
         let n = self.0;
-        if n % MIB == 0 {
+        if n.is_multiple_of(MIB) {
             write!(f, "{} MiB", n / MIB)
-        } else if n % KIB == 0 {
+        } else if n.is_multiple_of(KIB) {
             write!(f, "{} KiB", n / KIB)
         } else {
             write!(f, "{n} B")

@@ -342,6 +342,22 @@ pub fn fast_fault(ipa_page: u64) -> bool {
     }
 }
 
+/// An HVC on the fast path: PSCI calls whose whole effect is a return value (VERSION,
+/// FEATURES, AFFINITY_INFO, errors) are answered from x0-x3; calls that stop, reset or start a
+/// vCPU go to the general path.
+#[inline(always)]
+pub fn fast_hvc(frame: &mut TrapFrame) -> bool {
+    let Some(vm) = this_cpu_vm() else { return false };
+    match vpsci::handle(frame.x[0], frame.x[1], frame.x[2], frame.x[3], 0, &[true]) {
+        PsciAction::Return(v) => {
+            vm.stats.hvc += 1;
+            frame.x[0] = v;
+            true
+        }
+        _ => false,
+    }
+}
+
 /// First touch of guest RAM: a 2 MiB block when allowed and the whole aligned block is
 /// unmapped and a block is at hand, else a 4 KiB page, from the atomic path.
 #[inline(always)]

@@ -161,12 +161,12 @@ pub fn check(blob: &[u8]) -> Result<Checked<'_>, DtError<'static>> {
 
     let memreserve = check_memreserve(blob, &h, header_size)?;
 
-    if h.off_dt_struct % 4 != 0 {
+    if !h.off_dt_struct.is_multiple_of(4) {
         return Err(DtError::BlockMisaligned { block: Block::Struct, offset: h.off_dt_struct, align: 4 });
     }
     let strings = block_range(Block::Strings, h.off_dt_strings, h.size_dt_strings, header_size, h.totalsize)?;
     let structs = if h.version >= 17 {
-        if h.size_dt_struct % 4 != 0 {
+        if !h.size_dt_struct.is_multiple_of(4) {
             return Err(DtError::BlockMisaligned { block: Block::Struct, offset: h.size_dt_struct, align: 4 });
         }
         block_range(Block::Struct, h.off_dt_struct, h.size_dt_struct, header_size, h.totalsize)?
@@ -210,7 +210,7 @@ fn check_memreserve<'a>(blob: &'a [u8], h: &Header, header_size: usize) -> Resul
     if (off as usize) < header_size {
         return Err(DtError::BlockInHeader { block: Block::MemReserve, offset: off });
     }
-    if off % 8 != 0 {
+    if !off.is_multiple_of(8) {
         return Err(DtError::BlockMisaligned { block: Block::MemReserve, offset: off, align: 8 });
     }
     let start = off as usize;

@@ -6,6 +6,8 @@
 
 use core::fmt;
 
+use super::tree::NodePath;
+
 /// The four parts of a flattened device tree, as named in error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Block {
@@ -27,73 +29,6 @@ impl fmt::Display for Block {
             Block::Struct => "struct block",
             Block::Strings => "strings block",
         })
-    }
-}
-
-/// How many trailing components a [`NodePath`] keeps; deeper paths print as `/.../x/y/z/w`.
-pub const MAX_PATH_PARTS: usize = 6;
-
-/// The path of a node, kept without allocation for error messages (`/cpus/cpu@1`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct NodePath<'a> {
-    parts: [&'a str; MAX_PATH_PARTS],
-    len: usize,
-    truncated: bool,
-}
-
-impl<'a> NodePath<'a> {
-    /// The root node's path, `/`.
-    pub const fn root() -> Self {
-        NodePath { parts: [""; MAX_PATH_PARTS], len: 0, truncated: false }
-    }
-
-    /// Builds a path from its components, root first (the root's empty name excluded).
-    pub fn from_parts<I: IntoIterator<Item = &'a str>>(parts: I) -> Self {
-        let mut path = Self::root();
-        for part in parts {
-            path.push(part);
-        }
-        path
-    }
-
-    /// Appends a component, dropping the oldest one when full.
-    pub fn push(&mut self, part: &'a str) {
-        if self.len == MAX_PATH_PARTS {
-            self.parts.rotate_left(1);
-            if let Some(last) = self.parts.last_mut() {
-                *last = part;
-            }
-            self.truncated = true;
-        } else if let Some(slot) = self.parts.get_mut(self.len) {
-            *slot = part;
-            self.len += 1;
-        }
-    }
-
-    /// The last component (the node's own name), or "" for the root.
-    pub fn name(&self) -> &'a str {
-        self.len.checked_sub(1).and_then(|i| self.parts.get(i)).copied().unwrap_or("")
-    }
-}
-
-impl fmt::Display for NodePath<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.len == 0 {
-            return f.write_str("/");
-        }
-        if self.truncated {
-            f.write_str("/...")?;
-        }
-        for part in self.parts.iter().take(self.len) {
-            write!(f, "/{part}")?;
-        }
-        Ok(())
-    }
-}
-
-impl fmt::Debug for NodePath<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "\"{self}\"")
     }
 }
 
@@ -335,28 +270,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn node_path_prints_root_and_nested_nodes() {
-        assert_eq!(NodePath::root().to_string(), "/");
-        let p = NodePath::from_parts(["cpus", "cpu@1"]);
-        assert_eq!(p.to_string(), "/cpus/cpu@1");
-        assert_eq!(p.name(), "cpu@1");
-    }
-
-    #[test]
-    fn node_path_keeps_the_deepest_components() {
-        let p = NodePath::from_parts(["a", "b", "c", "d", "e", "f", "g", "h"]);
-        assert_eq!(p.to_string(), "/.../c/d/e/f/g/h");
-        assert_eq!(p.name(), "h");
-    }
-
-    #[test]
-    fn messages_name_the_fault() {
-        let e = DtError::Property {
-            node: NodePath::from_parts(["memory@40000000"]),
-            prop: "reg",
-            problem: Problem::LengthNotMultiple { len: 12, entry: 16 },
-        };
-        assert_eq!(e.to_string(), "/memory@40000000: reg length 12 not a multiple of 16");
+    fn structural_messages_name_the_fault() {
         let e = DtError::BlockBeyondTotalSize {
             block: Block::Struct,
             offset: 0x2000,
@@ -365,5 +279,9 @@ mod tests {
         };
         assert_eq!(e.to_string(), "struct block offset 0x2000 size 0x10 beyond totalsize 0x1000");
         assert_eq!(DtError::NoCpusNode.to_string(), "no /cpus node");
+        assert_eq!(
+            Problem::LengthNotMultiple { len: 12, entry: 16 }.to_string(),
+            "length 12 not a multiple of 16"
+        );
     }
 }

@@ -12,16 +12,25 @@
 //! - [`parse`] reads the [`Platform`] into fixed-size tables (no heap), and every malformed
 //!   property is a [`DtError`] whose `Display` names the node, the property and the fault.
 //!
-//! It must never hand the blob to the `fdt` crate (0.1.5): that crate panics on malformed input
-//! (slice indexing, `expect`, `assert_eq!`), even on some blobs that pass [`check`]: it loops
-//! forever on an alias pointing at itself (`find_node` falls back to aliases recursively),
-//! panics in `skip_current_node` when a NOP sits between properties or child nodes (which the
-//! specification allows), panics in `Fdt::chosen`/`cpus`/`memory`/`root` when the node is
-//! absent, in `CpuIds::first` for `#address-cells` other than 1 or 2, in `Chosen::bootargs` on an
-//! empty value, in `Compatible::first`, `Root::model`, and `Cpu::clock_frequency` on ordinary
-//! missing or odd-sized properties, and its `all_nodes` indexes a 64-entry array by depth. It
-//! also uses 5 for FDT_END (the specification says 9). Reading the checked structure ourselves
-//! is simpler than fencing all of that.
+//! It must never hand the blob to the `fdt` crate (0.1.5, a dependency): that crate checks only
+//! the magic and `totalsize`, then panics on malformed input (slice indexing, `expect`,
+//! `assert_eq!`), and some of its panics survive even a blob that passes [`check`]:
+//! - `Fdt::find_node` (and `Chosen::stdout`, `Aliases::resolve_node`) falls back to /aliases
+//!   and recurses without bound when an alias names itself: a stack overflow;
+//! - `skip_current_node` (used by `find_node` and `children`) asserts END_NODE when a NOP sits
+//!   between properties or between child nodes, which the specification allows;
+//! - `Fdt::chosen`, `cpus`, `memory` and `root` `expect` their node; `Memory::regions` unwraps
+//!   `reg`; `Cpu::ids` expects `reg`, and `CpuIds::first`/`all` panic for `#address-cells` other
+//!   than 1 or 2 or a `reg` shorter than a cell;
+//! - `FdtNode::cell_sizes` (behind `reg`, `Cpu::ids`) expects `#address-cells`/`#size-cells` to
+//!   hold 4 bytes; `Chosen::bootargs`/`stdout`/`stdin` slice `value[..len - 1]`, which panics on
+//!   an empty value; `Compatible::first` expects a NUL and UTF-8; `Root::model` and
+//!   `Root::compatible` unwrap; `Cpu::clock_frequency`/`timebase_frequency` hit `unreachable!`
+//!   unless the value is 4 or 8 bytes; `Memory::initial_mapped_area` expects 20 bytes;
+//! - `all_nodes` indexes a 64-entry parent array by depth and decrements it on every END_NODE.
+//! It also uses 5 for FDT_END (the specification says 9). Reading the checked structure
+//! ourselves is simpler and safer than fencing all of that; the crate only serves as a test
+//! oracle on well-formed blobs.
 //!
 //! The fuzz target `hypervisor/fuzz/fuzz_targets/dt_parse.rs` drives [`parse`] and the memory
 //! map built from its result; docs/fuzzing.md says how to run it.
@@ -45,7 +54,7 @@ mod testutil;
 mod tests;
 
 pub use check::{check, total_size, Checked, HEADER_SIZE, MAGIC, MAX_DEPTH};
-pub use error::{Block, DtError, NodePath, Problem, MAX_PATH_PARTS};
+pub use error::{Block, DtError, Problem};
 pub use guest::{GuestConfig, GuestError, GuestProblem, Module, ModuleKind, MAX_GUESTS, MAX_MODULES};
 pub use list::{FixedList, Full};
 pub use platform::{
@@ -55,4 +64,4 @@ pub use platform::{
 };
 pub use prop::{Cells, Property};
 pub use region::Region;
-pub use tree::{Children, Node, Nodes, Properties, Tree};
+pub use tree::{Children, Node, NodePath, Nodes, Properties, Tree};

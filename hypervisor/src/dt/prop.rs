@@ -230,7 +230,6 @@ pub(crate) fn translate<'a>(node: &Node<'a>, r: Region) -> Result<Region, DtErro
         if !ranges.value.is_empty() {
             let child = check_cells(&bus, cells(&bus)?, 1)?;
             let parent_address = check_cells(&above, cells(&above)?, 0)?.address;
-            let layout = Cells { address: child.address, size: 0 };
             let entry = (child.address + parent_address + child.size) as usize * 4;
             if ranges.value.len() % entry != 0 {
                 return Err(DtError::Property {
@@ -242,7 +241,7 @@ pub(crate) fn translate<'a>(node: &Node<'a>, r: Region) -> Result<Region, DtErro
             let mut mapped = None;
             for pos in (0..ranges.value.len()).step_by(entry) {
                 let (Some(child_base), Some(parent_base), Some(size)) = (
-                    read_cells(ranges.value, pos, layout.address),
+                    read_cells(ranges.value, pos, child.address),
                     read_cells(ranges.value, pos + child.address as usize * 4, parent_address),
                     read_cells(ranges.value, pos + (child.address + parent_address) as usize * 4, child.size),
                 ) else {

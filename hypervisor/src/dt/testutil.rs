@@ -32,7 +32,7 @@ impl FdtWriter {
     }
 
     fn pad(&mut self) {
-        while self.structs.len() % 4 != 0 {
+        while !self.structs.len().is_multiple_of(4) {
             self.structs.push(0);
         }
     }

@@ -8,7 +8,8 @@
 //! its own (fdt 0.1.5 loops forever on a self-referencing alias; lookups here take literal paths).
 
 use super::check::MAX_DEPTH;
-use super::error::NodePath;
+use core::fmt;
+
 use super::prop::Property;
 use super::token::{Blocks, Skim};
 
@@ -109,18 +110,21 @@ impl<'a> Node<'a> {
         self.depth
     }
 
-    /// The node's path, for messages.
+    /// The node's path, for messages: a reference rendered on demand.
     pub fn path(&self) -> NodePath<'a> {
-        let mut path = NodePath::root();
-        for i in 1..self.depth {
-            if let Some(name) = self.ancestor(i).map(|n| n.name) {
-                path.push(name);
-            }
-        }
-        if self.depth > 0 {
-            path.push(self.name);
-        }
-        path
+        NodePath { blocks: self.blocks, begin: self.begin }
+    }
+
+    /// The node's position in the struct block: its identity within one blob.
+    pub fn offset(&self) -> u32 {
+        self.begin
+    }
+
+    /// The names from the root's child down to this node (nothing for the root).
+    pub fn components(&self) -> impl Iterator<Item = &'a str> + '_ {
+        (1..self.depth).filter_map(|d| self.ancestor(d).map(|n| n.name)).chain(
+            core::iter::once(self.name).filter(|_| self.depth > 0),
+        )
     }
 
     /// The ancestor at depth `depth` (0 = root), if `depth` is above this node.
@@ -318,3 +322,58 @@ impl<'a> Iterator for Children<'a> {
         None
     }
 }
+
+/// A node's path, for error messages (`/cpus/cpu@1`). Small and `Copy`: it refers to the node
+/// and renders its path only when displayed or compared (a walk from the root), so errors that
+/// carry it stay cheap to return.
+#[derive(Clone, Copy)]
+pub struct NodePath<'a> {
+    blocks: Blocks<'a>,
+    begin: u32,
+}
+
+impl<'a> NodePath<'a> {
+    /// The node this path names, found again by walking from the root.
+    fn node(&self) -> Option<Node<'a>> {
+        Tree::new(self.blocks).nodes().find(|n| n.begin == self.begin)
+    }
+
+    /// The node's own name ("" for the root).
+    pub fn name(&self) -> &'a str {
+        match self.blocks.skim(self.begin as usize) {
+            Some((Skim::BeginNode { raw_name }, _)) => core::str::from_utf8(raw_name).unwrap_or(""),
+            _ => "",
+        }
+    }
+}
+
+impl fmt::Display for NodePath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some(node) = self.node() else { return write!(f, "<node at {:#x}>", self.begin) };
+        if node.depth == 0 {
+            return f.write_str("/");
+        }
+        for part in node.components() {
+            write!(f, "/{part}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for NodePath<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+impl PartialEq for NodePath<'_> {
+    /// Equal when the paths read the same (two nodes may share a path).
+    fn eq(&self, other: &Self) -> bool {
+        match (self.node(), other.node()) {
+            (Some(a), Some(b)) => a.depth == b.depth && a.components().eq(b.components()),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for NodePath<'_> {}

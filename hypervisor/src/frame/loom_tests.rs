@@ -21,7 +21,10 @@ use super::*;
 fn check(f: impl Fn() + Sync + Send + 'static) {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = None;
-    builder.check(f);
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    RUNS.store(0, std::sync::atomic::Ordering::Relaxed);
+    builder.check(move || { RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed); f() });
+    std::println!("iterations {}", RUNS.load(std::sync::atomic::Ordering::Relaxed));
 }
 
 /// Eight free frames, two CPUs, pools of up to four pages (CPU 0's filled to `page_high`,
@@ -49,7 +52,7 @@ fn tiny(page_high: usize) -> (Arc<FrameManager<'static>>, FakeRam) {
 #[test]
 fn pool_push_and_pops_never_duplicate_or_lose() {
     check(|| {
-        let pool = Arc::new(FramePool::new(3));
+        let pool = Arc::new(FramePool::<3>::new(3));
         pool.filler().unwrap().push(1).unwrap();
         let pushing = {
             let pool = pool.clone();

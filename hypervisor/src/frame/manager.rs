@@ -3,10 +3,10 @@
 //!
 //! It owns the rule that a frame changes hands only through the database's transitions, and
 //! the split between paths:
-//! - atomic (trap handlers, interrupts masked): [`FrameManager::alloc_page_atomic_exclusive`],
-//!   [`FrameManager::alloc_block_atomic_exclusive`], [`FrameManager::return_unused_page_atomic`].
-//!   They touch only pools and tags: no lock, no heap, no zeroing, no cache maintenance, a
-//!   bounded number of steps, and an error instead of waiting.
+//! - atomic (trap handlers, interrupts masked), through a CPU's handle [`CpuFrames`] (or the
+//!   `FrameManager` methods of the same names taking a CPU index): allocate a page, allocate a
+//!   2 MiB block, return an unused page. They touch only pools and tags: no lock, no heap, no
+//!   zeroing, no cache maintenance, a bounded number of steps, and an error instead of waiting.
 //! - slow (boot, idle loop, VM creation and teardown, never in a trap): refill, drain,
 //!   contiguous allocation, release (which scrubs), heap growth, audit. They take the buddy
 //!   allocator's lock, which the atomic path never takes, so a trap that interrupts a slow
@@ -175,10 +175,12 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         &self.db
     }
 
+    /// The pool sizes and watermarks it was built with.
     pub fn config(&self) -> &PoolConfig {
         &self.config
     }
 
+    /// Number of CPUs (pools).
     pub fn cpus(&self) -> usize {
         self.pools.len()
     }

@@ -161,7 +161,7 @@ fn atomic_alloc_takes_other_cpus_surplus() {
     rig.frames.refill(1).unwrap();
     let pfn = rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
     assert_eq!(state(&rig, pfn), FrameState::Guest(vm(1)));
-    assert_eq!(rig.frames.needs_refill(0), true);
+    assert!(rig.frames.needs_refill(0));
 }
 
 // Another CPU's pool at or below its low watermark is left alone.

@@ -67,7 +67,7 @@ pub struct Pfn(pub u64);
 impl Pfn {
     /// The frame starting at `addr`, or `None` if `addr` is not frame-aligned.
     pub const fn from_phys(addr: u64) -> Option<Pfn> {
-        if addr % FRAME_SIZE == 0 {
+        if addr.is_multiple_of(FRAME_SIZE) {
             Some(Pfn(addr >> FRAME_SHIFT))
         } else {
             None

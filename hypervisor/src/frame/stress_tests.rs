@@ -97,7 +97,7 @@ fn concurrent_cpus_never_share_a_frame() {
                                     }
                                 }
                             }
-                            5 if rng.next() % 8 == 0 => {
+                            5 if rng.next().is_multiple_of(8) => {
                                 if let Ok(first) = rig.frames.alloc_block_atomic_exclusive(cpu, owner) {
                                     take(first, BLOCK_FRAMES, me);
                                     held.push((first, BLOCK_FRAMES));

@@ -101,7 +101,8 @@ el2_trap_common:
     b       1b
 
 // Fast path: save only what a Rust call may clobber (x0-x18, x30). If `guest_fast` handles
-// the trap (a demand fault), restore those and return; the guest's ELR/SPSR are untouched.
+// the trap (a demand fault, a PSCI query), restore those (x0-x18 as it may have rewritten them)
+// and return; the guest's ELR/SPSR are untouched.
 guest_sync_fast:
     stp     x2, x3, [sp, #16]
     stp     x4, x5, [sp, #32]
@@ -113,6 +114,7 @@ guest_sync_fast:
     stp     x16, x17, [sp, #128]
     str     x18, [sp, #144]
     str     x30, [sp, #240]
+    mov     x0, sp
     bl      guest_fast
     cbz     w0, guest_sync_slow
     ldp     x2, x3, [sp, #16]

@@ -195,13 +195,18 @@ pub fn restart(frame: &mut TrapFrame, pc: u64, x0: u64) {
     *frame = TrapFrame::entry(pc, x0, SPSR_EL1H_MASKED);
 }
 
-/// The fast path for a guest's synchronous exception: a stage-2 translation fault (data or
-/// instruction) is offered to `vmm::fast_fault`; `false` sends everything else, and faults it
-/// declines, to [`guest_trap`] with a full frame.
+/// The fast path for a guest's synchronous exception, with only x0-x18 and x30 saved in
+/// `frame`: a stage-2 translation fault (data or instruction) is offered to `vmm::fast_fault`,
+/// an HVC to `vmm::fast_hvc`; `false` sends everything else, and what they decline, to
+/// [`guest_trap`] with a full frame.
 #[no_mangle]
-extern "C" fn guest_fast() -> bool {
+extern "C" fn guest_fast(frame: &mut TrapFrame) -> bool {
     let esr = ESR_EL2.get();
     let class = esr >> 26;
+    // HVC (ELR already past it): PSCI calls that only return a value are answered here.
+    if class == 0x16 {
+        return crate::vmm::fast_hvc(frame);
+    }
     // Data or instruction abort from EL1/EL0 with a translation fault at any level (FSC 0b0001xx).
     if (class != 0x24 && class != 0x20) || esr & 0x3c != 0x04 {
         return false;
