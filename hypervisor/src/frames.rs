@@ -35,7 +35,17 @@ pub fn init(map: &MemoryMap<'_>, image: Region, cpus: usize) -> Result<&'static 
     );
 
     arch::init_heap();
-    let config = PoolConfig::default();
+    // Large pools: a guest's demand faults then reach the buddy allocator (a refill, on the
+    // trap path but outside the atomic allocation) once per few hundred pages, not per dozens.
+    let config = PoolConfig {
+        page_capacity: 512,
+        page_low: 64,
+        page_high: 512,
+        block_capacity: 4,
+        block_low: 1,
+        block_high: 4,
+        ..PoolConfig::default()
+    };
     let manager = FrameManager::new(db, free.as_slice(), cpus, config, &arch::Scrubber)
         .map_err(|_| "frame manager refused the free ranges")?;
     let manager = FRAMES.call_once(|| manager);
