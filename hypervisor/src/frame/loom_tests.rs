@@ -21,10 +21,7 @@ use super::*;
 fn check(f: impl Fn() + Sync + Send + 'static) {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = None;
-    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    RUNS.store(0, std::sync::atomic::Ordering::Relaxed);
-    builder.check(move || { RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed); f() });
-    std::println!("iterations {}", RUNS.load(std::sync::atomic::Ordering::Relaxed));
+    builder.check(f);
 }
 
 /// Eight free frames, two CPUs, pools of up to four pages (CPU 0's filled to `page_high`,
