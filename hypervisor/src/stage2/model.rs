@@ -14,7 +14,7 @@
 //! a walk cache may still use, lets a frame go while a TLB may still translate to it, maps a
 //! frame the guest does not own, or leaves table writes unpublished (no DSB) when it returns.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::format;
 use std::string::String;
 use std::vec::Vec;
@@ -77,9 +77,9 @@ pub struct ModelEnv {
     roots: Vec<(u16, Pfn, usize)>,
     /// Every table reachable from a root: its VMID, level and the first IPA it covers.
     info: HashMap<u64, (u16, usize, u64)>,
-    s2: Vec<CachedLeaf>,
-    combined: Vec<CachedLeaf>,
-    walks: Vec<CachedWalk>,
+    s2: HashSet<CachedLeaf>,
+    combined: HashSet<CachedLeaf>,
+    walks: HashSet<CachedWalk>,
     pending: Vec<Pending>,
     unpublished: bool,
     pub sabotage: Sabotage,
@@ -99,9 +99,9 @@ impl ModelEnv {
             free_list: (ram_base..ram_base + frames as u64).rev().collect(),
             roots: Vec::new(),
             info: HashMap::new(),
-            s2: Vec::new(),
-            combined: Vec::new(),
-            walks: Vec::new(),
+            s2: HashSet::new(),
+            combined: HashSet::new(),
+            walks: HashSet::new(),
             pending: Vec::new(),
             unpublished: false,
             sabotage: Sabotage::None,
@@ -248,30 +248,18 @@ impl ModelEnv {
                 l.vmid, l.ipa, l.pa, l.size, c.pa, c.size, c.ipa
             ));
         }
-        if !self.s2.contains(&l) {
-            self.s2.push(l);
-        }
-        if !self.combined.contains(&l) {
-            self.combined.push(l);
-        }
+        self.s2.insert(l);
+        self.combined.insert(l);
     }
 
     /// After an invalidation completes, the current tables may be cached again at once.
     fn cache_reachable(&mut self, vmid: u16) {
         let (leaves, walks) = self.reachable(vmid);
         for l in leaves {
-            if !self.s2.contains(&l) {
-                self.s2.push(l);
-            }
-            if !self.combined.contains(&l) {
-                self.combined.push(l);
-            }
+            self.s2.insert(l);
+            self.combined.insert(l);
         }
-        for w in walks {
-            if !self.walks.contains(&w) {
-                self.walks.push(w);
-            }
-        }
+        self.walks.extend(walks);
     }
 
     /// After an operation, before the guest runs again: no TLB may hold anything the tables do
@@ -287,6 +275,8 @@ impl ModelEnv {
         let vmids: Vec<u16> = self.roots.iter().map(|r| r.0).collect();
         for vmid in vmids {
             let (leaves, walks) = self.reachable(vmid);
+            let leaves: HashSet<CachedLeaf> = leaves.into_iter().collect();
+            let walks: HashSet<CachedWalk> = walks.into_iter().collect();
             let stale_leaf = self
                 .s2
                 .iter()
@@ -333,11 +323,7 @@ impl ModelEnv {
                 Pending::Stage1 { vmid, refill } => {
                     self.combined.retain(|c| c.vmid != vmid);
                     // A walk may refill combined entries from stage-2 entries cached at issue.
-                    for c in refill {
-                        if !self.combined.contains(&c) {
-                            self.combined.push(c);
-                        }
-                    }
+                    self.combined.extend(refill);
                     touched.push(vmid);
                 }
                 Pending::All { vmid } => {
@@ -404,11 +390,7 @@ impl Stage2Env for ModelEnv {
                 for l in leaves {
                     self.cache_leaf(l);
                 }
-                for w in walks {
-                    if !self.walks.contains(&w) {
-                        self.walks.push(w);
-                    }
-                }
+                self.walks.extend(walks);
             }
             Entry::Invalid => {
                 if old_was_table {
