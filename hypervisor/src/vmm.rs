@@ -9,7 +9,7 @@ use core::fmt::Write as _;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use labyrinth::dt::{GuestConfig, Platform};
-use labyrinth::frame::{FrameManager, Owner, Pfn, VmId, FRAME_SIZE};
+use labyrinth::frame::{CpuFrames, FrameManager, Owner, Pfn, VmId, FRAME_SIZE};
 use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
 use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
 use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
@@ -54,6 +54,8 @@ pub struct Vm {
     layout: Layout,
     geo: Geometry,
     s2: Option<Stage2>,
+    /// The atomic path of the CPU this guest runs on.
+    pool: Option<CpuFrames<'static, 'static>>,
     /// `VTTBR_EL2` of `s2` (0 while it has none), kept at hand for the fault path.
     vttbr: u64,
     uart: VPl011,
@@ -186,6 +188,7 @@ fn build_inner(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usiz
         layout,
         geo,
         s2: None,
+        pool: frames().cpu(cpu),
         vttbr: 0,
         uart: VPl011::new(),
         stats: Stats::default(),
@@ -324,9 +327,8 @@ pub fn fast_fault(ipa_page: u64) -> bool {
     if !vm.config.no_block_mappings || !vm.layout.in_ram(ipa_page) {
         return false;
     }
-    let frames = frames();
-    let cpu = arch::cpu_index();
-    let Ok(pfn) = frames.alloc_page_atomic_exclusive(cpu, vm.owner) else { return false };
+    let Some(pool) = vm.pool else { return false };
+    let Ok(pfn) = pool.alloc_page_atomic_exclusive(vm.owner) else { return false };
     let mut env = env(vm);
     let Some(s2) = vm.s2.as_mut() else { return false };
     match s2.map_page(&mut env, ipa_page, pfn.phys(), Attrs::RAM) {
@@ -336,7 +338,7 @@ pub fn fast_fault(ipa_page: u64) -> bool {
         }
         Err(_) => {
             // Nothing changed: hand the frame back and let the general path explain.
-            let _ = frames.return_unused_page_atomic(cpu, pfn, vm.owner);
+            let _ = pool.return_unused_page_atomic(pfn, vm.owner);
             false
         }
     }
