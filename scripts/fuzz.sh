@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Time-limited fuzz run of one of Labyrinth's cargo-fuzz targets (see docs/fuzzing.md).
+#
+#   scripts/fuzz.sh [TARGET] [SECONDS] [extra libFuzzer flags...]
+#
+# TARGET defaults to dt_parse, SECONDS to 60. Installs cargo-fuzz if missing. Seeds come from
+# hypervisor/fuzz/corpus/TARGET and hypervisor/fuzz/regressions/TARGET (both read-only); new
+# inputs go to hypervisor/fuzz/work/TARGET (git-ignored, kept between runs). Exits 1 if
+# libFuzzer finds a crash, a hang or a leak (the input is then in hypervisor/fuzz/artifacts/TARGET/),
+# 2 on bad arguments, 3 if the target does not build. FUZZ_SANITIZER=address turns ASan on.
+set -euo pipefail
+
+target="${1:-dt_parse}"
+seconds="${2:-60}"
+shift $(( $# > 2 ? 2 : $# ))
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+fuzz_dir="$root/hypervisor/fuzz"
+cd "$root"
+
+if [[ ! -f "$fuzz_dir/fuzz_targets/$target.rs" ]]; then
+    echo "fuzz.sh: no fuzz target '$target' in $fuzz_dir/fuzz_targets" >&2
+    exit 2
+fi
+if ! [[ "$seconds" =~ ^[0-9]+$ ]] || (( seconds < 1 )); then
+    echo "fuzz.sh: SECONDS must be a positive integer, got '$seconds'" >&2
+    exit 2
+fi
+
+# cargo-fuzz needs the nightly toolchain; `+nightly` overrides the repo's rust-toolchain.toml.
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "fuzz.sh: installing cargo-fuzz (about a minute)" >&2
+    (cd / && cargo +nightly install cargo-fuzz --locked)
+fi
+
+work="$fuzz_dir/work/$target"
+seeds="$fuzz_dir/corpus/$target"
+regressions="$fuzz_dir/regressions/$target"
+mkdir -p "$work" "$seeds" "$regressions"
+
+flags=(-max_total_time="$seconds" -timeout=10 -max_len=16384 -print_final_stats=1)
+if [[ -f "$fuzz_dir/$target.dict" ]]; then
+    flags+=(-dict="$fuzz_dir/$target.dict")
+fi
+
+# The code is safe Rust: AddressSanitizer finds nothing there and halves the speed, so it is off
+# unless FUZZ_SANITIZER (address, memory, thread, leak) asks for it.
+sanitizer="${FUZZ_SANITIZER:-none}"
+
+# Build first, so that a compile error is not reported as a crash.
+if ! cargo +nightly fuzz build --fuzz-dir "$fuzz_dir" --sanitizer "$sanitizer" "$target"; then
+    echo "fuzz.sh: building $target FAILED (the crate does not compile); nothing was fuzzed" >&2
+    exit 3
+fi
+
+echo "fuzz.sh: $target for ${seconds}s (seeds: $seeds, $regressions; work corpus: $work)" >&2
+status=0
+cargo +nightly fuzz run --fuzz-dir "$fuzz_dir" --sanitizer "$sanitizer" "$target" \
+    "$work" "$seeds" "$regressions" -- "${flags[@]}" "$@" || status=$?
+
+if (( status != 0 )); then
+    echo >&2
+    echo "fuzz.sh: $target FAILED (exit $status). The input is in $fuzz_dir/artifacts/$target/." >&2
+    echo "fuzz.sh: fix the bug, then copy the input to $regressions/ (cargo test replays it)." >&2
+fi
+exit "$status"
