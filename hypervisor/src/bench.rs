@@ -3,7 +3,8 @@
 //! virtual clock by 1 ns: generic-timer ticks then count instructions exactly.
 //!
 //! `alloc`: instructions per `alloc_page_atomic_exclusive` and per `return_unused_page_atomic`
-//! on the boot CPU's own pool, with the loop's own cost measured and subtracted.
+//! through the boot CPU's `CpuFrames` handle (as the fault path calls them), with the loop's
+//! own cost measured and subtracted.
 
 use core::hint::black_box;
 use labyrinth::frame::{FrameManager, Owner, Pfn, VmId};
@@ -28,6 +29,8 @@ fn ns(ticks: u64) -> u64 {
 
 fn alloc(frames: &FrameManager<'_>) {
     let Some(vm) = VmId::new(1) else { return };
+    // The trap path's way in: the CPU's own handle (what a guest fault uses).
+    let Some(cpu0) = frames.cpu(0) else { return };
     let owner = Owner::guest(vm);
     let mut got = [Pfn(0); BATCH];
     let (mut base_ns, mut alloc_ns, mut free_ns) = (0, 0, 0);
@@ -43,7 +46,7 @@ fn alloc(frames: &FrameManager<'_>) {
         }
         let t1 = arch::time_now_ticks();
         for slot in got.iter_mut() {
-            match frames.alloc_page_atomic_exclusive(0, owner) {
+            match cpu0.alloc_page_atomic_exclusive(owner) {
                 Ok(p) => *slot = black_box(p),
                 Err(e) => {
                     warn!("bench alloc: pool ran dry ({e:?})");
@@ -53,7 +56,7 @@ fn alloc(frames: &FrameManager<'_>) {
         }
         let t2 = arch::time_now_ticks();
         for &p in got.iter() {
-            if frames.return_unused_page_atomic(0, black_box(p), owner).is_err() {
+            if cpu0.return_unused_page_atomic(black_box(p), owner).is_err() {
                 warn!("bench alloc: could not return {p}");
                 return;
             }

@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Guest-visible path lengths under QEMU -icount shift=0 (1 instruction = 1 ns of virtual time;
+the guest's generic timer counts it): instructions per 4 KiB demand fault, per 2 MiB block
+fault and per PSCI_VERSION round trip through HVC, measured by Labyrinth's stress guest (first
+touch minus second touch of the same pages).
+
+Writes docs/fault-cost.svg (a bar chart against Linux KVM's figures on the same QEMU, from
+shared/docs/prior-art.md) and prints a table. Run it through scripts/bench-qemu.sh.
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import guestcfg  # noqa: E402
+
+STRESS = os.path.join(ROOT, "build", "guest-stress.bin")
+KERNEL = os.path.join(ROOT, "build", "labyrinth.bin")
+# Linux 6.1 KVM on this machine's QEMU 7.2, nVHE, same toucher guest (prior-art.md).
+KVM = {"4 KiB fault": 8000, "2 MiB fault": 451000, "HVC round trip": 1482}
+GOALS = {"4 KiB fault": 100, "2 MiB fault": 200, "HVC round trip": 100}
+
+
+def run(wd, name, guests, append=None):
+    args = guestcfg.make_dtb(os.path.join(wd, name + ".dtb"), guests, smp=1)
+    cmd = guestcfg.qemu_base(smp=1) + ["-icount", "shift=0", "-kernel", KERNEL] + args
+    if append:
+        cmd += ["-append", append]
+    out = subprocess.run(cmd, capture_output=True, timeout=600, stdin=subprocess.DEVNULL).stdout
+    return out.decode(errors="replace").replace("\r", "")
+
+
+def grab(pattern, text, what):
+    m = re.search(pattern, text)
+    if not m:
+        sys.exit("fault_bench: no %s in the output:\n%s" % (what, text[-3000:]))
+    return int(m.group(1))
+
+
+def svg(results):
+    """A horizontal log-scale bar chart: Labyrinth vs KVM per path, with the goal marked."""
+    import math
+    rows = list(results.keys())
+    w, h, left, top, bar = 760, 60 + 70 * len(rows), 150, 40, 22
+    scale = lambda v: left + (w - left - 40) * math.log10(max(v, 1)) / 6  # 1 .. 10^6
+    out = ['<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="12">' % (w, h),
+           '<text x="10" y="20" font-size="14">Instructions per operation (QEMU 7.2, -icount shift=0; log scale)</text>']
+    for d in range(7):
+        x = scale(10 ** d)
+        out.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#ddd"/>' % (x, top, x, h - 20))
+        out.append('<text x="%.1f" y="%d" text-anchor="middle" fill="#666">%s</text>' % (x, h - 5, "{:,}".format(10 ** d)))
+    for i, name in enumerate(rows):
+        y = top + 10 + 70 * i
+        out.append('<text x="10" y="%d">%s</text>' % (y + 25, name))
+        for j, (label, v, colour) in enumerate([("Labyrinth", results[name], "#2a7"), ("Linux KVM", KVM[name], "#c44")]):
+            yy = y + j * (bar + 4)
+            out.append('<rect x="%d" y="%d" width="%.1f" height="%d" fill="%s"/>' % (left, yy, scale(v) - left, bar, colour))
+            out.append('<text x="%.1f" y="%d">%s %s</text>' % (scale(v) + 4, yy + 16, label, "{:,}".format(v)))
+        gx = scale(GOALS[name])
+        out.append('<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#000" stroke-dasharray="3,3"/>' % (gx, y - 4, gx, y + 2 * bar + 8))
+        out.append('<text x="%.1f" y="%d" font-size="10">goal %d</text>' % (gx + 2, y - 6, GOALS[name]))
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def main():
+    results = {}
+    with tempfile.TemporaryDirectory() as wd:
+        pages = run(wd, "pages", [guestcfg.Guest("stress", STRESS, 0x5000_0000, 64 * 1024, no_blocks=True,
+                                                 bootargs="stress.seed=1")])
+        results["4 KiB fault"] = grab(r"4k first-touch .* fault=(-?\d+) instructions/page", pages, "4 KiB figure")
+        results["HVC round trip"] = grab(r"hvc psci_version round trip=(-?\d+) instructions", pages, "HVC figure")
+        blocks = run(wd, "blocks", [guestcfg.Guest("stress", STRESS, 0x5000_0000, 64 * 1024,
+                                                  bootargs="stress.seed=1 stress.blocks")])
+        results["2 MiB fault"] = grab(r"2m first-touch .* fault=(-?\d+) instructions/block", blocks, "2 MiB figure")
+    print("%-16s %12s %12s %8s" % ("path", "Labyrinth", "Linux KVM", "goal"))
+    for k, v in results.items():
+        print("%-16s %12d %12d %8d" % (k, v, KVM[k], GOALS[k]))
+    with open(os.path.join(ROOT, "docs", "fault-cost.svg"), "w") as f:
+        f.write(svg(results))
+    print("wrote docs/fault-cost.svg")
+
+
+if __name__ == "__main__":
+    main()
