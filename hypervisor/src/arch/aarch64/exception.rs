@@ -31,6 +31,62 @@ const _: () = assert!(FRAME_SIZE % 16 == 0);
 
 global_asm!(
     r#"
+// Frame layout (TrapFrame): x0..x30 at 8*n, ELR at 248, SPSR at 256, ESR at 264, FAR at 272.
+// x0/x1 are stored by the vector entry itself, to free two registers.
+
+// The rest of what a Rust call may clobber: x2-x18.
+.macro SAVE_CALLER_REST
+    stp     x2, x3, [sp, #16]
+    stp     x4, x5, [sp, #32]
+    stp     x6, x7, [sp, #48]
+    stp     x8, x9, [sp, #64]
+    stp     x10, x11, [sp, #80]
+    stp     x12, x13, [sp, #96]
+    stp     x14, x15, [sp, #112]
+    stp     x16, x17, [sp, #128]
+    str     x18, [sp, #144]
+.endm
+
+.macro RESTORE_CALLER_REST
+    ldp     x2, x3, [sp, #16]
+    ldp     x4, x5, [sp, #32]
+    ldp     x6, x7, [sp, #48]
+    ldp     x8, x9, [sp, #64]
+    ldp     x10, x11, [sp, #80]
+    ldp     x12, x13, [sp, #96]
+    ldp     x14, x15, [sp, #112]
+    ldp     x16, x17, [sp, #128]
+    ldr     x18, [sp, #144]
+.endm
+
+// What Rust preserves itself: x19-x29 (needed in the frame only where the handler reads or
+// rewrites every register).
+.macro SAVE_CALLEE
+    str     x19, [sp, #152]
+    stp     x20, x21, [sp, #160]
+    stp     x22, x23, [sp, #176]
+    stp     x24, x25, [sp, #192]
+    stp     x26, x27, [sp, #208]
+    stp     x28, x29, [sp, #224]
+.endm
+
+.macro RESTORE_CALLEE
+    ldr     x19, [sp, #152]
+    ldp     x20, x21, [sp, #160]
+    ldp     x22, x23, [sp, #176]
+    ldp     x24, x25, [sp, #192]
+    ldp     x26, x27, [sp, #208]
+    ldp     x28, x29, [sp, #224]
+.endm
+
+// x30, ELR and SPSR into the frame (x1 is free: already saved).
+.macro SAVE_LINK_AND_STATE
+    mrs     x1, elr_el2
+    stp     x30, x1, [sp, #240]
+    mrs     x1, spsr_el2
+    str     x1, [sp, #256]
+.endm
+
 .macro VENTRY kind
     .balign 0x80
     sub     sp, sp, #{frame}
@@ -74,27 +130,12 @@ el2_vectors:
     VENTRY 15
 
 el2_trap_common:
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    stp     x18, x19, [sp, #144]
-    stp     x20, x21, [sp, #160]
-    stp     x22, x23, [sp, #176]
-    stp     x24, x25, [sp, #192]
-    stp     x26, x27, [sp, #208]
-    stp     x28, x29, [sp, #224]
-    mrs     x1, elr_el2
-    stp     x30, x1, [sp, #240]
-    mrs     x1, spsr_el2
+    SAVE_CALLER_REST
+    SAVE_CALLEE
+    SAVE_LINK_AND_STATE
     mrs     x2, esr_el2
-    stp     x1, x2, [sp, #256]
-    mrs     x1, far_el2
-    str     x1, [sp, #272]
+    mrs     x3, far_el2
+    stp     x2, x3, [sp, #264]
     mov     x1, sp
     bl      el2_unexpected_exception
 1:  wfe
@@ -104,28 +145,12 @@ el2_trap_common:
 // the trap (a demand fault, a PSCI query), restore those (x0-x18 as it may have rewritten them)
 // and return; the guest's ELR/SPSR are untouched.
 guest_sync_fast:
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    str     x18, [sp, #144]
+    SAVE_CALLER_REST
     str     x30, [sp, #240]
     mov     x0, sp
     bl      guest_fast
     cbz     w0, guest_sync_slow
-    ldp     x2, x3, [sp, #16]
-    ldp     x4, x5, [sp, #32]
-    ldp     x6, x7, [sp, #48]
-    ldp     x8, x9, [sp, #64]
-    ldp     x10, x11, [sp, #80]
-    ldp     x12, x13, [sp, #96]
-    ldp     x14, x15, [sp, #112]
-    ldp     x16, x17, [sp, #128]
-    ldr     x18, [sp, #144]
+    RESTORE_CALLER_REST
     ldr     x30, [sp, #240]
     ldp     x0, x1, [sp, #0]
     add     sp, sp, #{frame}
@@ -134,12 +159,7 @@ guest_sync_fast:
 // Not handled fast: the callee-saved registers still hold the guest's values (Rust kept
 // them); complete the frame and take the general path.
 guest_sync_slow:
-    str     x19, [sp, #152]
-    stp     x20, x21, [sp, #160]
-    stp     x22, x23, [sp, #176]
-    stp     x24, x25, [sp, #192]
-    stp     x26, x27, [sp, #208]
-    stp     x28, x29, [sp, #224]
+    SAVE_CALLEE
     mrs     x1, elr_el2
     str     x1, [sp, #248]
     mrs     x1, spsr_el2
@@ -150,24 +170,9 @@ guest_sync_slow:
     b       guest_resume
 
 guest_trap_common:
-    stp     x2, x3, [sp, #16]
-    stp     x4, x5, [sp, #32]
-    stp     x6, x7, [sp, #48]
-    stp     x8, x9, [sp, #64]
-    stp     x10, x11, [sp, #80]
-    stp     x12, x13, [sp, #96]
-    stp     x14, x15, [sp, #112]
-    stp     x16, x17, [sp, #128]
-    stp     x18, x19, [sp, #144]
-    stp     x20, x21, [sp, #160]
-    stp     x22, x23, [sp, #176]
-    stp     x24, x25, [sp, #192]
-    stp     x26, x27, [sp, #208]
-    stp     x28, x29, [sp, #224]
-    mrs     x1, elr_el2
-    stp     x30, x1, [sp, #240]
-    mrs     x1, spsr_el2
-    str     x1, [sp, #256]
+    SAVE_CALLER_REST
+    SAVE_CALLEE
+    SAVE_LINK_AND_STATE
     mov     x1, sp
     bl      guest_trap
     .global guest_resume
@@ -176,20 +181,8 @@ guest_resume:                       // sp = a frame to load into the guest
     msr     elr_el2, x1
     ldr     x1, [sp, #256]
     msr     spsr_el2, x1
-    ldp     x2, x3, [sp, #16]
-    ldp     x4, x5, [sp, #32]
-    ldp     x6, x7, [sp, #48]
-    ldp     x8, x9, [sp, #64]
-    ldp     x10, x11, [sp, #80]
-    ldp     x12, x13, [sp, #96]
-    ldp     x14, x15, [sp, #112]
-    ldp     x16, x17, [sp, #128]
-    ldp     x18, x19, [sp, #144]
-    ldp     x20, x21, [sp, #160]
-    ldp     x22, x23, [sp, #176]
-    ldp     x24, x25, [sp, #192]
-    ldp     x26, x27, [sp, #208]
-    ldp     x28, x29, [sp, #224]
+    RESTORE_CALLER_REST
+    RESTORE_CALLEE
     ldp     x0, x1, [sp, #0]
     add     sp, sp, #{frame}
     eret
