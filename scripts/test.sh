@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test Labyrinth has, in one command (the README's; .ci/run calls exactly this):
-#   1. host unit, property and regression tests of the portable core (cargo test),
+#   1. host unit, property, stress and regression tests of the portable core (cargo test),
+#      and the loom model check of the frame pools' lock-free paths,
 #   2. QEMU boot tests that assert on the console (scripts/boot_tests.py), with Labyrinth's
 #      guest kernels (scripts/build-guests.sh) for the two-guest scenarios,
 #   3. fuzz smoke runs (cargo fuzz, nightly) of the device-tree parser and the stage-2 tables,
@@ -21,6 +22,8 @@ step() {
 }
 
 step "host tests" timeout 1200 cargo test --workspace
+step "loom model check of the frame pools" env RUSTFLAGS="--cfg loom" timeout 1200 \
+    cargo test --release -p labyrinth --lib frame::loom --target-dir target/loom
 step "build (aarch64)" scripts/build.sh
 step "build guest kernels" scripts/build-guests.sh
 step "QEMU boot tests" timeout 900 python3 scripts/boot_tests.py
