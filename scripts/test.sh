@@ -12,12 +12,17 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 
 status=0
+passed=0
+failed=0
 step() {
     local name=$1; shift
     echo "== $name"
-    if ! "$@"; then
+    if "$@"; then
+        passed=$((passed + 1))
+    else
         echo "== $name: FAILED"
         status=1
+        failed=$((failed + 1))
     fi
 }
 
@@ -30,7 +35,5 @@ step "QEMU boot tests" timeout 900 python3 scripts/boot_tests.py
 step "device-tree fuzz smoke" timeout 600 scripts/fuzz.sh dt_parse "${FUZZ_SECONDS:-30}"
 step "stage-2 fuzz smoke" timeout 600 scripts/fuzz.sh stage2_ops "${FUZZ_SECONDS:-30}"
 
-if [ $status -ne 0 ]; then
-    echo "scripts/test.sh: some steps FAILED"
-fi
+echo "steps: $passed passed, $failed failed"
 exit $status
