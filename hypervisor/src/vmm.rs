@@ -540,8 +540,36 @@ fn reset(vm: &mut Vm, frame: &mut TrapFrame) {
     arch::restart_guest(frame, vm.layout.kernel, vm.layout.dtb);
 }
 
+/// The guest's stage-2 mappings, merged into runs, at debug level (`loglevel=debug`).
+fn dump_mappings(vm: &Vm) {
+    if log::max_level() < log::LevelFilter::Debug {
+        return;
+    }
+    let Some(s2) = vm.s2.as_ref() else { return };
+    let env = env(vm);
+    let mut n = 0u32;
+    s2.for_each_run(&env, &mut |m| {
+        if n < 64 {
+            log::debug!(
+                "guest {}: IPA {:#x}-{:#x} -> PA {:#x} ({} KiB, {}{}{})",
+                vm.name,
+                m.ipa,
+                m.ipa + m.size - 1,
+                m.pa,
+                m.size >> 10,
+                if m.attrs.read { "r" } else { "-" },
+                if m.attrs.write { "w" } else { "-" },
+                if m.attrs.exec { "x" } else { "-" }
+            );
+        }
+        n += 1;
+    });
+    log::debug!("guest {}: {n} mapping runs, {} table pages", vm.name, s2.table_pages());
+}
+
 /// The guest is done: reclaim, audit, report; the last guest to stop powers the machine off.
 fn stop(vm: &mut Vm, cause: StopCause) -> ! {
+    dump_mappings(vm);
     teardown(vm);
     let audit = frames().audit(None);
     let left = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory + g.page_tables);

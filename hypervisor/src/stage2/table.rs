@@ -646,6 +646,26 @@ impl Stage2 {
         });
     }
 
+    /// The mappings as runs: consecutive leaves that continue each other (contiguous IPA and PA,
+    /// same attributes) are reported once, as `(first mapping, total size)`; for a debug log.
+    pub fn for_each_run(&self, env: &impl Stage2Env, f: &mut dyn FnMut(Mapping)) {
+        let mut run: Option<Mapping> = None;
+        self.for_each_mapping(env, &mut |m| {
+            match run.as_mut() {
+                Some(r) if r.ipa + r.size == m.ipa && r.pa + r.size == m.pa && r.attrs == m.attrs => r.size += m.size,
+                _ => {
+                    if let Some(r) = run.take() {
+                        f(r);
+                    }
+                    run = Some(m);
+                }
+            }
+        });
+        if let Some(r) = run {
+            f(r);
+        }
+    }
+
     /// Every table page, root first (for the audit and the fuzzer).
     pub fn for_each_table(&self, env: &impl Stage2Env, f: &mut dyn FnMut(Pfn)) {
         f(self.root);

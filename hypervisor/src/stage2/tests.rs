@@ -351,3 +351,18 @@ fn map_page_forgets_a_freed_table() {
     assert_eq!(s2.translate(&env, GUEST_RAM + 0x1000).unwrap().pa, b);
     clean(&mut env);
 }
+
+#[test]
+fn runs_merge_contiguous_mappings_for_the_dump() {
+    let (mut env, mut s2) = setup(4096);
+    let blk = guest_block(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, blk, 2, Attrs::RAM).unwrap();
+    s2.split(&mut env, GUEST_RAM, 2).unwrap();
+    let lone = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM + 4 * MIB, lone, 3, Attrs::RAM).unwrap();
+    let mut runs = Vec::new();
+    s2.for_each_run(&env, &mut |m| runs.push((m.ipa, m.pa, m.size)));
+    // The split block is one run again; the lone page is its own.
+    assert_eq!(runs, vec![(GUEST_RAM, blk, 2 * MIB), (GUEST_RAM + 4 * MIB, lone, 0x1000)]);
+    clean(&mut env);
+}
