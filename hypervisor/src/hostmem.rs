@@ -43,7 +43,8 @@ impl core::fmt::Display for HostMemError {
     }
 }
 
-fn bank_list(map: &MemoryMap<'_>) -> FixedList<(u64, u64), MAX_FREE> {
+/// RAM banks as whole-frame `(start, end)` ranges, as the frame database wants them.
+pub fn ram_banks(map: &MemoryMap<'_>) -> FixedList<(u64, u64), MAX_FREE> {
     let mut banks = FixedList::new();
     for r in map.ram() {
         // Whole frames only: a partial frame at a bank edge is not RAM Labyrinth can own.
@@ -56,15 +57,10 @@ fn bank_list(map: &MemoryMap<'_>) -> FixedList<(u64, u64), MAX_FREE> {
     banks
 }
 
-/// RAM banks as whole-frame `(start, end)` ranges, as the frame database wants them.
-pub fn ram_banks(map: &MemoryMap<'_>) -> FixedList<(u64, u64), MAX_FREE> {
-    bank_list(map)
-}
-
 /// Places the database at the top of the highest free range that holds it (away from the
 /// image and firmware at the bottom of RAM).
 pub fn place_frame_db(map: &MemoryMap<'_>) -> Result<DbPlacement, HostMemError> {
-    let banks = bank_list(map);
+    let banks = ram_banks(map);
     let (base, entries) = FrameDb::span_of(banks.as_slice())?;
     let bytes = (entries as u64 * FrameDb::BYTES_PER_FRAME as u64).div_ceil(FRAME_SIZE) * FRAME_SIZE;
     let range = map
@@ -89,7 +85,7 @@ pub fn tag_frames(db: &mut FrameDb<'_>, map: &MemoryMap<'_>, hypervisor: &[Regio
     }
     // Everything in RAM that the map does not call free is reserved: firmware, the device
     // tree, /memreserve/, /reserved-memory, boot modules.
-    for &(bank_start, bank_end) in bank_list(map).iter() {
+    for &(bank_start, bank_end) in ram_banks(map).iter() {
         let mut cursor = bank_start;
         for f in map.free().iter().filter(|f| f.base() < bank_end && f.end() > bank_start) {
             mark_runs(db, cursor, f.base().max(bank_start), FrameState::Reserved)?;
