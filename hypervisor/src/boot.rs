@@ -19,8 +19,8 @@ const CPU_ONLINE_TIMEOUT_MS: u64 = 1000;
 
 /// CPUs that have reached `secondary_main` (the boot CPU counts itself).
 static CPUS_ONLINE: AtomicUsize = AtomicUsize::new(0);
-/// MPIDR of each CPU index Labyrinth gave out (index 0: the boot CPU).
-static CPU_MPIDRS: spin::Mutex<alloc::vec::Vec<u64>> = spin::Mutex::new(alloc::vec::Vec::new());
+/// MPIDR of each CPU index Labyrinth gave out (index 0: the boot CPU; 0 for none).
+static CPU_MPIDRS: spin::Mutex<[u64; arch::MAX_CPUS]> = spin::Mutex::new([0; arch::MAX_CPUS]);
 /// The firmware's CPU_ON function id.
 static CPU_ON_FID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(psci::CPU_ON_64 as u64);
 
@@ -90,7 +90,6 @@ pub fn primary_main(dtb: u64, dtb_size: u64) -> ! {
         Ok(f) => f,
         Err(e) => refuse(format_args!("frame ownership: {e}")),
     };
-    record_cpus();
     crate::selftest::run(platform.bootargs(), frames);
 
     if platform.guests().is_empty() {
@@ -167,9 +166,7 @@ fn start_secondaries(platform: &Platform<'_>) -> usize {
     let me = arch::mpidr();
     let mut next_index = 1;
     let mut started = 1;
-    // No allocation yet (the heap comes with the frame manager): a fixed list, then the table.
-    let mut mpidrs = [0u64; arch::MAX_CPUS];
-    mpidrs[0] = me;
+    CPU_MPIDRS.lock()[0] = me;
     for c in cpus.iter().filter(|c| c.mpidr != me) {
         if next_index >= arch::MAX_CPUS {
             warn!("CPU {:#x}: beyond the {} CPUs Labyrinth runs, left off", c.mpidr, arch::MAX_CPUS);
@@ -177,7 +174,7 @@ fn start_secondaries(platform: &Platform<'_>) -> usize {
         }
         match arch::cpu_on(fid, c.mpidr, arch::secondary_entry_address(), next_index as u64) {
             Ok(()) => {
-                mpidrs[next_index] = c.mpidr;
+                CPU_MPIDRS.lock()[next_index] = c.mpidr;
                 next_index += 1;
                 started += 1;
             }
@@ -193,18 +190,7 @@ fn start_secondaries(platform: &Platform<'_>) -> usize {
         warn!("{} CPU(s) started but never reported", started - online);
     }
     info!("{online} of {} CPUs online", cpus.len());
-    SECONDARIES_STARTED.store(next_index, Ordering::Relaxed);
-    PENDING_MPIDRS.lock().copy_from_slice(&mpidrs);
     next_index
-}
-
-static SECONDARIES_STARTED: AtomicUsize = AtomicUsize::new(1);
-static PENDING_MPIDRS: spin::Mutex<[u64; arch::MAX_CPUS]> = spin::Mutex::new([0; arch::MAX_CPUS]);
-
-/// Moves the CPU list into its table once the heap exists.
-fn record_cpus() {
-    let n = SECONDARIES_STARTED.load(Ordering::Relaxed);
-    CPU_MPIDRS.lock().extend_from_slice(&PENDING_MPIDRS.lock()[..n]);
 }
 
 #[no_mangle]
