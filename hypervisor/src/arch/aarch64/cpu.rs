@@ -7,7 +7,8 @@ use aarch64_cpu::registers::{
 /// CPUs Labyrinth will bring up; further CPUs in the device tree are left off.
 pub const MAX_CPUS: usize = 8;
 pub const MAIN_STACK_SIZE: usize = 64 * 1024;
-pub const EXCEPTION_STACK_SIZE: usize = 16 * 1024;
+/// Guests' traps run here, teardown and reports included: not a small stack.
+pub const EXCEPTION_STACK_SIZE: usize = 32 * 1024;
 const PAGE: usize = 4096;
 
 /// One CPU's stacks. Thread code runs on `main` (SP_EL0); exceptions taken at EL2 switch to
