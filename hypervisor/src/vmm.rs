@@ -20,7 +20,7 @@ use spin::Mutex;
 
 use crate::arch::{self, TrapFrame, MAX_CPUS};
 
-const BLOCK: u64 = 2 << 20;
+const BLOCK: u64 = level_size(2);
 
 /// Why a guest stopped, for its report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -385,15 +385,9 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
             }
         }
     }
-    let pfn = match frames.alloc_page_atomic_exclusive(cpu, vm.owner) {
-        Ok(p) => p,
-        Err(_) => match alloc_page(cpu, vm.owner) {
-            Some(p) => p,
-            None => {
-                error!("guest {}: out of memory at IPA {ipa:#x}: no frame left", vm.name);
-                stop(vm, StopCause::OutOfMemory);
-            }
-        },
+    let Some(pfn) = alloc_page(cpu, vm.owner) else {
+        error!("guest {}: out of memory at IPA {ipa:#x}: no frame left", vm.name);
+        stop(vm, StopCause::OutOfMemory);
     };
     match s2.map_page(&mut env, ipa & !(FRAME_SIZE - 1), pfn.phys(), Attrs::RAM) {
         Ok(()) => vm.stats.page_faults += 1,
@@ -610,4 +604,3 @@ fn stop(vm: &mut Vm, cause: StopCause) -> ! {
     arch::park()
 }
 
-const _: () = assert!(BLOCK == level_size(2));
