@@ -312,33 +312,68 @@ impl ModelEnv {
 
     fn complete(&mut self) {
         let pending = std::mem::take(&mut self.pending);
-        let mut touched = Vec::new();
+        let mut whole = Vec::new();
+        let mut paths = Vec::new();
         for p in pending {
             match p {
                 Pending::Ipa { vmid, ipa } => {
                     self.s2.retain(|c| !(c.vmid == vmid && c.ipa <= ipa && ipa < c.ipa + c.size));
                     self.walks.retain(|w| !(w.vmid == vmid && w.ipa <= ipa && ipa < w.ipa + w.size));
-                    touched.push(vmid);
+                    paths.push((vmid, ipa));
                 }
                 Pending::Stage1 { vmid, refill } => {
                     self.combined.retain(|c| c.vmid != vmid);
-                    // A walk may refill combined entries from stage-2 entries cached at issue.
+                    // A walk may refill combined entries from stage-2 entries cached at issue
+                    // (a superset of the current ones: nothing else to add back).
                     self.combined.extend(refill);
-                    touched.push(vmid);
                 }
                 Pending::All { vmid } => {
                     self.s2.retain(|c| c.vmid != vmid);
                     self.combined.retain(|c| c.vmid != vmid);
                     self.walks.retain(|w| w.vmid != vmid);
-                    touched.push(vmid);
+                    whole.push(vmid);
                 }
             }
         }
-        // The current tables may be cached again at once.
-        touched.sort_unstable();
-        touched.dedup();
-        for vmid in touched {
+        // What the current tables say may be cached again at once: the whole space after a
+        // VMID-wide invalidation, else the walk path of each invalidated address.
+        whole.sort_unstable();
+        whole.dedup();
+        for &vmid in &whole {
             self.cache_reachable(vmid);
+        }
+        for (vmid, ipa) in paths {
+            if !whole.contains(&vmid) {
+                self.cache_path(vmid, ipa);
+            }
+        }
+    }
+
+    /// Caches what a walk of `ipa` under `vmid` reaches now: its table descriptors and leaf.
+    fn cache_path(&mut self, vmid: u16, ipa: u64) {
+        let Some(&(_, root, start)) = self.roots.iter().find(|r| r.0 == vmid) else { return };
+        let (mut table, mut level) = (root, start);
+        loop {
+            let size = level_size(level);
+            let base = ipa & !(size - 1);
+            let raw = self.tables.get(&table.0).map_or(0, |t| t[((ipa >> (12 + 9 * (3 - level))) & 511) as usize]);
+            match Entry::decode(raw, level) {
+                Entry::Invalid => return,
+                Entry::Leaf { pa, attrs } => {
+                    let l = CachedLeaf { vmid, ipa: base, size, pa, attrs };
+                    self.s2.insert(l);
+                    self.combined.insert(l);
+                    return;
+                }
+                Entry::Table(child) => {
+                    self.walks.insert(CachedWalk { vmid, ipa: base, size, table: child });
+                    if level >= 3 {
+                        return;
+                    }
+                    table = child;
+                    level += 1;
+                }
+            }
         }
     }
 }
