@@ -118,6 +118,13 @@ impl<'a> FrameDb<'a> {
         FrameState::from_tag(tag).ok_or(FrameError::CorruptTag { pfn, tag })
     }
 
+    /// Whether `pfn` is in `state` right now: one load and one compare, for the fault path's
+    /// owner check (Acquire, as [`FrameDb::state`]).
+    #[inline(always)]
+    pub fn is_in(&self, pfn: Pfn, state: FrameState) -> bool {
+        self.cell(pfn.0).is_some_and(|c| c.load(Ordering::Acquire) == state.tag())
+    }
+
     /// Boot only: tags the hypervisor's own frames (image, stacks, this database, the bootstrap
     /// heap) so no path can ever hand them to a guest. All frames must be free.
     pub fn mark_hypervisor(&mut self, range: (u64, u64)) -> Result<(), FrameError> {
@@ -366,6 +373,18 @@ mod tests {
         assert_eq!(db.state(Pfn(0x40007)), Err(FrameError::CorruptTag { pfn: Pfn(0x40007), tag: 0x7777 }));
         let err = db.transition(Pfn(0x40007), 1, TAG_FREE, TAG_HYPERVISOR).err();
         assert_eq!(err, Some(FrameError::CorruptTag { pfn: Pfn(0x40007), tag: 0x7777 }));
+    }
+
+    // `is_in` agrees with `state`, and says no outside the database.
+    #[test]
+    fn is_in_matches_state() {
+        let tags = crate::frame::testing::leak_tags(16);
+        let mut db = FrameDb::new(tags, Pfn(0x40000), &[(0x4000_0000, 0x4001_0000)]).unwrap();
+        db.mark_hypervisor((0x4000_0000, 0x4000_1000)).unwrap();
+        assert!(db.is_in(Pfn(0x40000), FrameState::Hypervisor));
+        assert!(!db.is_in(Pfn(0x40000), FrameState::Free));
+        assert!(db.is_in(Pfn(0x40001), FrameState::Free));
+        assert!(!db.is_in(Pfn(0x1), FrameState::Absent));
     }
 
     // The atomic claim takes only free frames, and only once.

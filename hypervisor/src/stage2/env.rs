@@ -21,6 +21,13 @@ pub trait Stage2Env {
     /// The frame database's view of `pfn`; `None` if it is not RAM.
     fn frame_state(&self, pfn: Pfn) -> Option<FrameState>;
 
+    /// Whether `pfn` is in `state` (the demand-fault path's owner check; an environment may
+    /// answer it more cheaply than by decoding the state).
+    #[inline(always)]
+    fn frame_is(&self, pfn: Pfn, state: FrameState) -> bool {
+        self.frame_state(pfn) == Some(state)
+    }
+
     /// `DSB ISHST`: table writes before it are visible to walkers after it.
     fn dsb_ishst(&mut self);
     /// `DSB ISH`: earlier TLB maintenance is complete after it.

@@ -239,10 +239,10 @@ impl Stage2 {
                 if env.read(table, idx) & 1 != 0 {
                     return Err(Stage2Error::AlreadyMapped { ipa });
                 }
-                // One frame: its owner, checked inline (RAM only takes this path's caller).
-                let state = env.frame_state(Pfn(pa >> 12));
-                if attrs.mem != MemType::Normal || state != Some(FrameState::Guest(self.vm)) {
-                    return Err(Stage2Error::NotOwned { pfn: Pfn(pa >> 12), state });
+                // One frame: its owner, checked inline.
+                if attrs.mem != MemType::Normal || !env.frame_is(Pfn(pa >> 12), FrameState::Guest(self.vm)) {
+                    let pfn = Pfn(pa >> 12);
+                    return Err(Stage2Error::NotOwned { pfn, state: env.frame_state(pfn) });
                 }
                 env.write(table, idx, Entry::Leaf { pa, attrs }.encode(3));
                 env.dsb_ishst();

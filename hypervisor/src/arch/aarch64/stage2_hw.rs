@@ -71,6 +71,11 @@ impl Stage2Env for HwStage2<'_> {
     }
 
     #[inline(always)]
+    fn frame_is(&self, pfn: Pfn, state: FrameState) -> bool {
+        self.frames.db().is_in(pfn, state)
+    }
+
+    #[inline(always)]
     fn dsb_ishst(&mut self) {
         // SAFETY: a barrier.
         unsafe { core::arch::asm!("dsb ishst", options(nostack)) };
