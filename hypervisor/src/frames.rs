@@ -1,12 +1,12 @@
 //! Boot wiring of host frame ownership: place and build the frame database from the memory
-//! map, tag every frame, start the heap, hand the free frames to the frame manager and fill
+//! map, tag every frame (the image, the database and the device tree Hypervisor), start the heap, hand the free frames to the frame manager and fill
 //! each CPU's pool. The decisions are the portable `hostmem` and `frame` modules'; this only
 //! connects them to raw memory through `arch`.
 
 use labyrinth::dt::Region;
 use labyrinth::frame::{FrameDb, FrameManager, PoolConfig};
 use labyrinth::hostmem;
-use labyrinth::memmap::{MemoryMap, Size};
+use labyrinth::memmap::{MemoryMap, Reason, Size};
 use log::info;
 use spin::Once;
 
@@ -25,7 +25,11 @@ pub fn init(map: &MemoryMap<'_>, image: Region, cpus: usize) -> Result<&'static 
     let banks = hostmem::ram_banks(map);
     let mut db = FrameDb::new(tags, placement.base, banks.as_slice()).map_err(|_| "frame database does not fit")?;
     let db_region = Region::from_bounds(placement.start, placement.end).ok_or("empty frame database")?;
-    let free = hostmem::tag_frames(&mut db, map, &[image, db_region]).map_err(|_| "cannot tag frames")?;
+    // The device tree stays Labyrinth's for the whole run (its strings are the guests' names).
+    let dtb = map.reserved().iter().find(|r| r.reason == Reason::DeviceTree && !r.outside_ram).map(|r| r.region);
+    // Without a device tree in RAM the image stands in for it: tagging a range twice is a no-op.
+    let own = [image, db_region, dtb.unwrap_or(image)];
+    let free = hostmem::tag_frames(&mut db, map, &own).map_err(|_| "cannot tag frames")?;
     info!(
         "frame database: {} frames from {:#x}, {} bytes per frame, {} at {db_region}",
         placement.entries,
