@@ -205,6 +205,29 @@ impl<'a> Node<'a> {
     }
 }
 
+impl<'a> Node<'a> {
+    /// The node whose BEGIN_NODE token at `begin` carries `raw_name`, its body starting at
+    /// `body`; `None` if the name is not UTF-8 (the checker refuses such blobs) or a position
+    /// does not fit 32 bits.
+    fn at(
+        blocks: Blocks<'a>,
+        begin: usize,
+        body: usize,
+        raw_name: &'a [u8],
+        depth: usize,
+        ancestors: [u32; MAX_DEPTH],
+    ) -> Option<Node<'a>> {
+        Some(Node {
+            blocks,
+            begin: u32::try_from(begin).ok()?,
+            body: u32::try_from(body).ok()?,
+            name: core::str::from_utf8(raw_name).ok()?,
+            depth,
+            ancestors,
+        })
+    }
+}
+
 /// Depth-first iterator over every node; see [`Tree::nodes`].
 pub struct Nodes<'a> {
     blocks: Blocks<'a>,
@@ -222,18 +245,9 @@ impl<'a> Iterator for Nodes<'a> {
             let Some((token, next)) = self.blocks.skim(self.pos) else { break };
             match token {
                 Skim::BeginNode { raw_name } => {
-                    let name = core::str::from_utf8(raw_name).ok()?;
-                    let begin = u32::try_from(self.pos).ok()?;
-                    let node = Node {
-                        blocks: self.blocks,
-                        begin,
-                        body: u32::try_from(next).ok()?,
-                        name,
-                        depth: self.depth,
-                        ancestors: self.stack,
-                    };
+                    let node = Node::at(self.blocks, self.pos, next, raw_name, self.depth, self.stack)?;
                     let slot = self.stack.get_mut(self.depth)?;
-                    *slot = begin;
+                    *slot = node.begin;
                     self.depth += 1;
                     self.pos = next;
                     return Some(node);
@@ -299,14 +313,8 @@ impl<'a> Iterator for Children<'a> {
             let Some((token, next)) = self.blocks.skim(self.pos) else { break };
             match token {
                 Skim::BeginNode { raw_name } => {
-                    let Ok(name) = core::str::from_utf8(raw_name) else { break };
-                    let node = Node {
-                        blocks: self.blocks,
-                        begin: u32::try_from(self.pos).ok()?,
-                        body: u32::try_from(next).ok()?,
-                        name,
-                        depth: self.depth,
-                        ancestors: self.ancestors,
+                    let Some(node) = Node::at(self.blocks, self.pos, next, raw_name, self.depth, self.ancestors) else {
+                        break;
                     };
                     match skip_subtree(&self.blocks, self.pos) {
                         Some(after) => self.pos = after,
