@@ -9,12 +9,12 @@ use core::fmt::Write as _;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use labyrinth::dt::{GuestConfig, Platform};
-use labyrinth::frame::{CpuFrames, FrameManager, Owner, Pfn, VmId, FRAME_SIZE};
+use labyrinth::frame::{CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
 use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
 use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
 use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
 use labyrinth::vm::vpsci::{self, PsciAction};
-use labyrinth::vm::{fdt_gen, image, vpl011::VPl011};
+use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
 use log::{error, info, warn};
 use spin::Mutex;
 
@@ -60,6 +60,8 @@ pub struct Vm {
     vttbr: u64,
     uart: VPl011,
     stats: Stats,
+    /// Frames promised to this guest at creation; every frame it draws is counted here first.
+    budget: MemoryBudget,
     dtb: Vec<u8>,
     /// Aborts and undefined instructions are logged for the first few only.
     logged: u32,
@@ -178,7 +180,11 @@ fn build_inner(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usiz
     let layout = layout::plan(cfg.memory_bytes(), geo.ipa_bits, &header, ramdisk_size).map_err(|e| format!("memory: {e}"))?;
     let dtb = fdt_gen::generate(&layout, 1, cfg.bootargs, 0).map_err(|_| format!("cannot write its device tree"))?;
     let id = VmId::new(cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
-    let vmid = VMIDS.lock().alloc().ok_or_else(|| format!("no VMID left"))?;
+    let budget = promise_memory(cfg.name, &layout, geo)?;
+    let Some(vmid) = VMIDS.lock().alloc() else {
+        frames().uncommit(budget.promised());
+        return Err(format!("no VMID left"));
+    };
     let mut vm = Vm {
         name: cfg.name,
         config: *cfg,
@@ -192,11 +198,37 @@ fn build_inner(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usiz
         vttbr: 0,
         uart: VPl011::new(),
         stats: Stats::default(),
+        budget,
         dtb,
         logged: 0,
     };
-    load(&mut vm, cpu).map_err(|e| format!("loading: {e}"))?;
+    if let Err(e) = load(&mut vm, cpu) {
+        teardown(&mut vm);
+        frames().uncommit(vm.budget.promised());
+        return Err(format!("loading: {e}"));
+    }
     Ok(vm)
+}
+
+/// Promises the guest the frames its RAM and their stage-2 tables can take, or what is left if
+/// that is less (an overcommitted guest: it is stopped when it touches more). Promises are
+/// made in configuration order, so the guests named first are the ones served in full.
+fn promise_memory(name: &str, layout: &Layout, geo: Geometry) -> Result<MemoryBudget, BuildError> {
+    let pages = (layout.ram_size / FRAME_SIZE) as usize;
+    let tables = geo.max_table_pages(layout.ram_base, layout.ram_size);
+    let promised = frames().commit(pages + tables);
+    let Some(budget) = MemoryBudget::new(promised, tables) else {
+        frames().uncommit(promised);
+        return Err(alloc::format!("no host memory left to promise it ({promised} frames, {tables} needed for its tables alone)"));
+    };
+    if budget.pages() < pages {
+        warn!(
+            "guest {name}: {} MiB of RAM but {} KiB left to promise it: overcommitted, it is stopped if it touches more",
+            layout.ram_size >> 20,
+            budget.pages() * 4
+        );
+    }
+    Ok(budget)
 }
 
 /// A boot module's bytes, mapped read-only at EL2 for the copy.
@@ -233,6 +265,9 @@ fn load(vm: &mut Vm, cpu: usize) -> Result<(), Stage2Error> {
 fn copy_in(vm: &mut Vm, env: &mut arch::HwStage2<'static>, at: u64, bytes: &[u8]) -> Result<(), Stage2Error> {
     let s2 = vm.s2.as_mut().ok_or(Stage2Error::OutOfMemory)?;
     for (i, chunk) in bytes.chunks(FRAME_SIZE as usize).enumerate() {
+        if !vm.budget.take(1) {
+            return Err(Stage2Error::OutOfMemory);
+        }
         let pfn = alloc_page(env.cpu, vm.owner).ok_or(Stage2Error::OutOfMemory)?;
         // SAFETY: `pfn` was just handed to this guest (zeroed, mapped at EL2 as free RAM) and
         // `chunk` is at most a page of a module or of the heap.
@@ -328,20 +363,29 @@ pub fn fast_fault(ipa_page: u64) -> bool {
         return false;
     }
     let Some(pool) = vm.pool else { return false };
-    let Ok(pfn) = pool.alloc_page_atomic_exclusive(vm.owner) else { return false };
-    let mut env = env(vm);
-    let Some(s2) = vm.s2.as_mut() else { return false };
-    match s2.map_page(&mut env, ipa_page, pfn.phys(), Attrs::RAM) {
-        Ok(()) => {
-            vm.stats.page_faults += 1;
-            true
-        }
-        Err(_) => {
-            // Nothing changed: hand the frame back and let the general path explain.
-            let _ = pool.return_unused_page_atomic(pfn, vm.owner);
-            false
-        }
+    if !vm.budget.take(1) {
+        return false;
     }
+    let mapped = match pool.alloc_page_atomic_exclusive(vm.owner) {
+        Ok(pfn) => {
+            let mut env = env(vm);
+            match vm.s2.as_mut().map(|s2| s2.map_page(&mut env, ipa_page, pfn.phys(), Attrs::RAM)) {
+                Some(Ok(())) => true,
+                _ => {
+                    // Nothing changed: hand the frame back and let the general path explain.
+                    let _ = pool.return_unused_page_atomic(pfn, vm.owner);
+                    false
+                }
+            }
+        }
+        Err(_) => false,
+    };
+    if mapped {
+        vm.stats.page_faults += 1;
+    } else {
+        vm.budget.untake(1);
+    }
+    mapped
 }
 
 /// An HVC on the fast path: PSCI calls whose whole effect is a return value (VERSION,
@@ -370,20 +414,34 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
     let Some(s2) = vm.s2.as_mut() else { return };
     if !vm.config.no_block_mappings {
         let block = ipa & !(BLOCK - 1);
-        if block >= vm.layout.ram_base && block + BLOCK <= vm.layout.ram_end() && s2.is_unmapped(&env, block, 2) {
-            if let Ok(first) = frames.alloc_block_atomic_exclusive(cpu, vm.owner) {
-                match s2.map(&mut env, block, first.phys(), 2, Attrs::RAM) {
+        if block >= vm.layout.ram_base
+            && block + BLOCK <= vm.layout.ram_end()
+            && s2.is_unmapped(&env, block, 2)
+            && vm.budget.take(BLOCK_FRAMES)
+        {
+            match frames.alloc_block_atomic_exclusive(cpu, vm.owner) {
+                Ok(first) => match s2.map(&mut env, block, first.phys(), 2, Attrs::RAM) {
                     Ok(()) => {
                         vm.stats.block_faults += 1;
                         return;
                     }
                     Err(e) => {
-                        let _ = frames.release(first, 512, vm.owner, &arch::Scrubber);
+                        vm.budget.untake(BLOCK_FRAMES);
+                        let _ = frames.release(first, BLOCK_FRAMES, vm.owner, &arch::Scrubber);
                         warn!("guest {}: block at {block:#x} not mapped ({e}): using pages", vm.name);
                     }
-                }
+                },
+                Err(_) => vm.budget.untake(BLOCK_FRAMES),
             }
         }
+    }
+    if !vm.budget.take(1) {
+        error!(
+            "guest {}: out of memory at IPA {ipa:#x}: the {} KiB promised to it are used up",
+            vm.name,
+            vm.budget.pages() * 4
+        );
+        stop(vm, StopCause::OutOfMemory);
     }
     let Some(pfn) = alloc_page(cpu, vm.owner) else {
         error!("guest {}: out of memory at IPA {ipa:#x}: no frame left", vm.name);
@@ -392,6 +450,7 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
     match s2.map_page(&mut env, ipa & !(FRAME_SIZE - 1), pfn.phys(), Attrs::RAM) {
         Ok(()) => vm.stats.page_faults += 1,
         Err(Stage2Error::OutOfMemory) => {
+            vm.budget.untake(1);
             let _ = frames.return_unused_page_atomic(cpu, pfn, vm.owner);
             if frames.refill(cpu).is_err() || frames.needs_refill(cpu) {
                 error!("guest {}: out of memory for stage-2 tables at IPA {ipa:#x}", vm.name);
@@ -400,6 +459,7 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
             // Retried when the guest re-executes the access.
         }
         Err(e) => {
+            vm.budget.untake(1);
             let _ = frames.return_unused_page_atomic(cpu, pfn, vm.owner);
             refuse_access(vm, frame, false, arch::trap_syndrome().esr, format_args!("IPA {ipa:#x}: {e}"));
         }
@@ -507,6 +567,7 @@ fn teardown(vm: &mut Vm) {
         }
     });
     vm.stats.frames_returned += returned;
+    vm.budget.reclaimed();
     VMIDS.lock().release(proof);
 }
 
@@ -565,6 +626,7 @@ fn dump_mappings(vm: &Vm) {
 fn stop(vm: &mut Vm, cause: StopCause) -> ! {
     dump_mappings(vm);
     teardown(vm);
+    frames().uncommit(vm.budget.promised());
     let audit = frames().audit(None);
     let left = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory + g.page_tables);
     let s = vm.stats;

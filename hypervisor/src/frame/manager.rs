@@ -111,6 +111,9 @@ pub struct FrameManager<'a, const ORDER: usize = 32> {
     pools: Box<[CpuPools]>,
     config: PoolConfig,
     buddy: spin::Mutex<BuddyFrames<ORDER>>,
+    /// Frames promised to guests by [`FrameManager::commit`]. Locked after `buddy`, never alone
+    /// around a buddy operation.
+    committed: spin::Mutex<usize>,
 }
 
 impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
@@ -167,7 +170,7 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
                 cpu,
             })
             .collect();
-        Ok(FrameManager { db, pools, config, buddy: spin::Mutex::new(buddy) })
+        Ok(FrameManager { db, pools, config, buddy: spin::Mutex::new(buddy), committed: spin::Mutex::new(0) })
     }
 
     /// The database, read-only: [`FrameDb::state`] tells who owns a frame.
@@ -351,12 +354,51 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         Ok(range)
     }
 
+    /// Promises up to `wanted` frames to one holder (a guest) and returns how many it got: the
+    /// free frames not yet promised, less what the pools could ever hold (their capacity), so
+    /// the buddy allocator always keeps enough for every holder's unused promise however the
+    /// pools happen to be filled. A guest holding a promise of `n` can then always draw `n`
+    /// frames, whatever other guests do, provided every holder draws no more than it was
+    /// promised (the holder counts; the manager does not) and nothing else takes free frames
+    /// while promises stand (the heap grows at boot only). Call it before the holder draws
+    /// anything: promises are made against the frames free now. Slow path.
+    pub fn commit(&self, wanted: usize) -> usize {
+        let buddy = self.buddy.lock();
+        let mut committed = self.committed.lock();
+        let free = buddy.free_frames() + self.pooled_frames();
+        let available = free.saturating_sub(*committed + self.pool_capacity_frames());
+        let granted = wanted.min(available);
+        *committed += granted;
+        granted
+    }
+
+    /// Withdraws a promise of `frames` made by [`FrameManager::commit`] (its holder is gone and
+    /// owns nothing). Slow path.
+    pub fn uncommit(&self, frames: usize) {
+        let _buddy = self.buddy.lock();
+        let mut committed = self.committed.lock();
+        *committed = committed.saturating_sub(frames);
+    }
+
+    /// Frames promised and not withdrawn.
+    pub fn committed_frames(&self) -> usize {
+        let _buddy = self.buddy.lock();
+        *self.committed.lock()
+    }
+
+    /// Frames all pools together can hold when full.
+    fn pool_capacity_frames(&self) -> usize {
+        self.pools.len() * (self.config.page_capacity + self.config.block_capacity * BLOCK_FRAMES)
+    }
+
+    fn pooled_frames(&self) -> usize {
+        self.pools.iter().map(|p| p.pages.len() + p.blocks.len() * BLOCK_FRAMES).sum()
+    }
+
     /// Free frames held by the buddy allocator and all pools.
     pub fn free_frames(&self) -> usize {
         let buddy = self.buddy.lock().free_frames();
-        let pooled: usize =
-            self.pools.iter().map(|p| p.pages.len() + p.blocks.len() * BLOCK_FRAMES).sum();
-        buddy + pooled
+        buddy + self.pooled_frames()
     }
 
     /// The buddy allocator's lock, for tests that must hold it.

@@ -417,6 +417,54 @@ fn released_block_is_a_block_again() {
     assert!(rig.ram.reads_zero(block.add(7)));
 }
 
+// ---- Promises ----
+
+/// Draws one page for `owner` on `cpu` the way the fault path does: the atomic path, and on
+/// failure one refill and a second try.
+fn draw_page(rig: &Rig, cpu: usize, owner: Owner) -> Option<Pfn> {
+    rig.frames.alloc_page_atomic_exclusive(cpu, owner).ok().or_else(|| {
+        rig.frames.refill(cpu).ok()?;
+        rig.frames.alloc_page_atomic_exclusive(cpu, owner).ok()
+    })
+}
+
+// Promises never exceed the free frames less what the pools can hold, and run out cleanly.
+#[test]
+fn commit_grants_free_frames_less_pool_capacity() {
+    let rig = filled(2048, 2);
+    let free = rig.frames.free_frames();
+    let pools = 2 * (small().page_capacity + small().block_capacity * BLOCK_FRAMES);
+    let first = rig.frames.commit(100);
+    assert_eq!(first, 100);
+    let second = rig.frames.commit(usize::MAX);
+    assert_eq!(first + second, free - pools);
+    assert_eq!(rig.frames.commit(1), 0, "nothing is left to promise");
+    assert_eq!(rig.frames.committed_frames(), free - pools);
+    rig.frames.uncommit(100);
+    assert_eq!(rig.frames.commit(usize::MAX), 100, "a withdrawn promise can be made again");
+}
+
+// The point of a promise: a guest that draws exactly its promise always gets it, even after
+// another guest drew all of its own and the pools were left in the worst state (the other
+// CPU's pool full of frames nobody will use).
+#[test]
+fn promise_holds_whatever_the_other_holder_draws() {
+    let rig = filled(4096, 2);
+    let small_promise = rig.frames.commit(300);
+    let greedy_promise = rig.frames.commit(usize::MAX);
+    assert_eq!(small_promise, 300);
+    for _ in 0..greedy_promise {
+        draw_page(&rig, 1, guest(2)).expect("the greedy guest gets its own promise");
+    }
+    rig.frames.refill(1).unwrap();
+    let mut seen = BTreeSet::new();
+    for i in 0..small_promise {
+        let pfn = draw_page(&rig, 0, guest(1)).unwrap_or_else(|| panic!("frame {i} of the promise missing"));
+        assert!(seen.insert(pfn));
+    }
+    assert!(rig.frames.audit(None).is_consistent());
+}
+
 // ---- Refill and drain ----
 
 // A pool above its low watermark is left alone; one below is filled to its high watermark.

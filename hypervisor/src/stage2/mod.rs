@@ -54,6 +54,23 @@ impl Geometry {
         ((self.ipa_limit() / covered) as usize).clamp(1, ENTRIES)
     }
 
+    /// The most table pages (root included) mapping every page of `[base, base + size)` can
+    /// take: one table per level-`l - 1` region the range touches, for each level below the
+    /// root. Callers reserve this many frames before a guest draws any.
+    pub fn max_table_pages(&self, base: u64, size: u64) -> usize {
+        if size == 0 {
+            return 1;
+        }
+        let last = base + (size - 1);
+        let below_root = (self.start_level + 1..=3)
+            .map(|level| {
+                let parent = table::level_size(level - 1);
+                (last / parent - base / parent + 1) as usize
+            })
+            .sum::<usize>();
+        1 + below_root
+    }
+
     /// `VTCR_EL2.T0SZ`.
     pub fn t0sz(&self) -> u64 {
         64 - self.ipa_bits as u64

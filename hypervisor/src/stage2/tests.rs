@@ -43,6 +43,24 @@ fn geometry_follows_pa_range() {
     assert_eq!(Geometry::for_pa_bits(44).root_entries(), 32);
 }
 
+// The table bound a guest's memory promise is built on: mapping every page of a range never
+// takes more, and takes exactly as many when the walk needs a table in every region.
+#[test]
+fn max_table_pages_bounds_mapping_every_page() {
+    for (base, pages) in [(GUEST_RAM, 1u64), (GUEST_RAM, 1024), (GUEST_RAM + 0x1f_f000, 2), (GUEST_RAM - 0x1000, 3)] {
+        let (mut env, mut s2) = setup(pages as usize + 64);
+        for i in 0..pages {
+            let pa = guest_frame(&mut env, 1);
+            s2.map(&mut env, base + i * PAGE_SIZE, pa, 3, Attrs::RAM).unwrap();
+        }
+        assert_eq!(s2.table_pages(), s2.geometry().max_table_pages(base, pages * PAGE_SIZE), "range {base:#x}+{pages} pages");
+        clean(&mut env);
+    }
+    let g = Geometry::for_pa_bits(44);
+    // 512 MiB at 1 GiB: root, one L1, one L2, 256 L3.
+    assert_eq!(g.max_table_pages(GUEST_RAM, 512 * MIB), 1 + 1 + 1 + 256);
+}
+
 #[test]
 fn maps_a_page_and_translates_it() {
     let (mut env, mut s2) = setup(64);

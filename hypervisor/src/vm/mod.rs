@@ -2,6 +2,7 @@
 //! emulates for them, and the decoding of their traps. All policy and no machine: the arch's
 //! vCPU code runs guests and calls in here to decide what a trap means.
 
+pub mod budget;
 pub mod fdt_gen;
 pub mod image;
 pub mod layout;
