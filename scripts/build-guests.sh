@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds Labyrinth's guest test kernels (guest-images/, its own cargo workspace) for
 # aarch64-unknown-none and writes the raw arm64 Images build/guest-stress.bin and
-# build/guest-isolation.bin (plus their ELFs, for gdb). Quiet: prints nothing unless the build
+# build/guest-isolation.bin (plus their ELFs, for gdb), and the Linux guest's /init
+# (build/linux/init) packed into its initramfs, build/linux/initramfs.cpio. Quiet: prints nothing unless the build
 # fails (then cargo's whole output); fails on any error. Installs nothing: run
 # scripts/setup.sh first.
 set -euo pipefail
@@ -18,7 +19,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 if ! RUSTC_BOOTSTRAP=1 cargo build --release --target aarch64-unknown-none \
     -Zbuild-std=core,alloc,compiler_builtins -Zbuild-std-features=compiler-builtins-mem \
-    -p stress -p isolation >"$log" 2>&1; then
+    -p stress -p isolation -p linux-init >"$log" 2>&1; then
     cat "$log" >&2
     echo "build-guests: cargo build failed" >&2
     exit 1
@@ -40,3 +41,8 @@ for k in stress isolation; do
     cp "$elf" "$root/build/guest-$k.elf"
     llvm-objcopy -O binary "$elf" "$root/build/guest-$k.bin"
 done
+# The Linux guest's init is a Linux user program (its MMU is on): no such check. Stripped, it
+# is about 1 KiB.
+mkdir -p "$root/build/linux"
+llvm-objcopy --strip-all target/aarch64-unknown-none/release/linux-init "$root/build/linux/init"
+python3 "$root/scripts/mkinitramfs.py" "$root/build/linux/init" "$root/build/linux/initramfs.cpio"

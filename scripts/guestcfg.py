@@ -17,7 +17,7 @@ The binding (docs/configuration.md):
 
 Usage as a program:
     scripts/guestcfg.py OUT.dtb [--mem 1G] [--smp 2] [--cpu cortex-a72]
-        --guest NAME=IMAGE,ADDR,MEMORY_KIB[,noblocks][,args=...] ...
+        --guest NAME=IMAGE,ADDR,MEMORY_KIB[,noblocks][,initrd=FILE@ADDR][,args=...] ...
 prints the QEMU arguments to add (-dtb and -device loader ...).
 """
 import argparse
@@ -43,8 +43,10 @@ def host_dts(cpu="cortex-a72", smp=2, mem="1G"):
 
 class Guest:
     def __init__(self, name, image, addr, memory_kib, no_blocks=False, bootargs="", cpus=1,
-                 compatible="labyrinth,guest", extra=""):
+                 compatible="labyrinth,guest", extra="", ramdisk=None, ramdisk_addr=None):
         self.name, self.image, self.addr = name, image, addr
+        # An optional initramfs, placed by the loader at ramdisk_addr.
+        self.ramdisk, self.ramdisk_addr = ramdisk, ramdisk_addr
         self.memory_kib, self.no_blocks, self.bootargs = memory_kib, no_blocks, bootargs
         self.cpus, self.compatible, self.extra = cpus, compatible, extra
 
@@ -63,6 +65,15 @@ class Guest:
                 "\t\t\t};\n"
             ) % (self.addr, self.addr >> 32, self.addr & 0xffffffff, self.size() >> 32,
                  self.size() & 0xffffffff, self.bootargs)
+        if self.ramdisk is not None:
+            size = os.path.getsize(self.ramdisk)
+            kernel += (
+                "\t\t\tmodule@%x {\n"
+                "\t\t\t\tcompatible = \"multiboot,ramdisk\", \"multiboot,module\";\n"
+                "\t\t\t\treg = <0x%x 0x%x 0x%x 0x%x>;\n"
+                "\t\t\t};\n"
+            ) % (self.ramdisk_addr, self.ramdisk_addr >> 32, self.ramdisk_addr & 0xffffffff,
+                 size >> 32, size & 0xffffffff)
         return (
             "\t\t%s {\n"
             "\t\t\tcompatible = \"%s\";\n"
@@ -78,7 +89,10 @@ class Guest:
     def loader_args(self):
         if self.image is None:
             return []
-        return ["-device", "loader,file=%s,addr=0x%x,force-raw=on" % (self.image, self.addr)]
+        args = ["-device", "loader,file=%s,addr=0x%x,force-raw=on" % (self.image, self.addr)]
+        if self.ramdisk is not None:
+            args += ["-device", "loader,file=%s,addr=0x%x,force-raw=on" % (self.ramdisk, self.ramdisk_addr)]
+        return args
 
 
 def add_guests(dts, guests):
@@ -112,16 +126,22 @@ def main():
     ap.add_argument("--smp", type=int, default=2)
     ap.add_argument("--cpu", default="cortex-a72")
     ap.add_argument("--guest", action="append", default=[],
-                    help="NAME=IMAGE,ADDR,MEMORY_KIB[,noblocks][,args=BOOTARGS]")
+                    help="NAME=IMAGE,ADDR,MEMORY_KIB[,noblocks][,initrd=FILE@ADDR][,args=BOOTARGS]"
+                         " (args= last: it takes the rest, commas included)")
     a = ap.parse_args()
     guests = []
     for spec in a.guest:
         name, rest = spec.split("=", 1)
+        rest, _, args = rest.partition(",args=")
         parts = rest.split(",")
         image, addr, kib = parts[0], int(parts[1], 0), int(parts[2], 0)
         noblocks = "noblocks" in parts[3:]
-        args = next((p[5:] for p in parts[3:] if p.startswith("args=")), "")
-        guests.append(Guest(name, image, addr, kib, noblocks, args))
+        initrd = next((p[7:] for p in parts[3:] if p.startswith("initrd=")), None)
+        rd, rd_addr = (None, None)
+        if initrd:
+            rd, at = initrd.rsplit("@", 1)
+            rd_addr = int(at, 0)
+        guests.append(Guest(name, image, addr, kib, noblocks, args, ramdisk=rd, ramdisk_addr=rd_addr))
     print(" ".join(make_dtb(a.out, guests, a.cpu, a.smp, a.mem)))
 
 
