@@ -7,5 +7,6 @@ pub mod fdt_gen;
 pub mod image;
 pub mod layout;
 pub mod trap;
+pub mod vgic;
 pub mod vpl011;
 pub mod vpsci;
