@@ -14,6 +14,7 @@ use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAl
 use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
 use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
 use labyrinth::vm::vpsci::{self, PsciAction};
+use labyrinth::vm::vgic::{self, VGic};
 use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
 use log::{error, info, warn};
 use spin::Mutex;
@@ -29,6 +30,8 @@ enum StopCause {
     CpuOff,
     OutOfMemory,
     SError,
+    /// The host GIC could not be set up for its virtual GIC.
+    HostGic,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -41,6 +44,12 @@ struct Stats {
     hvc: u64,
     smc: u64,
     sysreg: u64,
+    /// Physical interrupts taken while it ran, virtual timer interrupts injected, SGIs it sent
+    /// itself, accesses to its virtual GIC's registers.
+    irqs: u64,
+    vtimer: u64,
+    sgis: u64,
+    vgic_mmio: u64,
     resets: u64,
     frames_returned: u64,
 }
@@ -59,6 +68,8 @@ pub struct Vm {
     /// `VTTBR_EL2` of `s2` (0 while it has none), kept at hand for the fault path.
     vttbr: u64,
     uart: VPl011,
+    /// Its virtual GICv3, when configured (`labyrinth,virtual-gic`).
+    vgic: Option<VGic>,
     stats: Stats,
     /// Frames promised to this guest at creation; every frame it draws is counted here first.
     budget: MemoryBudget,
@@ -117,6 +128,14 @@ fn env(vm: &Vm) -> arch::HwStage2<'static> {
 pub fn create_all(platform: &Platform<'static>, frames_mgr: &'static FrameManager<'static>, cpus: usize, pa_bits: u32) -> usize {
     FRAMES.store(frames_mgr as *const _ as *mut _, Ordering::Release);
     let geo = Geometry::for_pa_bits(pa_bits);
+    // The physical GIC is set up only if some guest gets a virtual one.
+    let mut host_gic = None;
+    if platform.guests().iter().any(|g| g.as_ref().is_ok_and(|c| c.virtual_gic)) {
+        host_gic = Some(match platform.gic() {
+            Some(gic) => arch::gic::init(gic).map_err(|e| alloc::format!("{e}")),
+            None => Err(alloc::format!("the host device tree describes no GIC")),
+        });
+    }
     let mut next_cpu = 0;
     for g in platform.guests() {
         let cfg = match g {
@@ -128,6 +147,10 @@ pub fn create_all(platform: &Platform<'static>, frames_mgr: &'static FrameManage
         };
         if next_cpu >= cpus {
             error!("guest {}: no physical CPU left for its vCPU ({cpus} CPUs): not started", cfg.name);
+            continue;
+        }
+        if let (true, Some(Err(e))) = (cfg.virtual_gic, &host_gic) {
+            error!("guest {}: needs a virtual GIC but {e}: not started", cfg.name);
             continue;
         }
         match build(&cfg, geo, cpus, next_cpu) {
@@ -178,7 +201,7 @@ fn build_inner(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usiz
     let header = image::parse(kernel).map_err(|e| format!("kernel: {e}"))?;
     let ramdisk_size = cfg.ramdisk.map(|r| r.region.size());
     let layout = layout::plan(cfg.memory_bytes(), geo.ipa_bits, &header, ramdisk_size).map_err(|e| format!("memory: {e}"))?;
-    let dtb = fdt_gen::generate(&layout, 1, cfg.bootargs, 0).map_err(|_| format!("cannot write its device tree"))?;
+    let dtb = fdt_gen::generate(&layout, 1, cfg.bootargs, 0, cfg.virtual_gic).map_err(|_| format!("cannot write its device tree"))?;
     let id = VmId::new(cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
     let budget = promise_memory(cfg.name, &layout, geo)?;
     let Some(vmid) = VMIDS.lock().alloc() else {
@@ -197,6 +220,7 @@ fn build_inner(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usiz
         pool: frames().cpu(cpu),
         vttbr: 0,
         uart: VPl011::new(),
+        vgic: cfg.virtual_gic.then(VGic::new),
         stats: Stats::default(),
         budget,
         dtb,
@@ -299,6 +323,12 @@ pub fn run_this_cpu() -> ! {
         arch::park();
     };
     arch::configure_el2(vm.vttbr, vm.geo);
+    if vm.vgic.is_some() {
+        if let Err(e) = arch::gic::init_cpu() {
+            error!("guest {}: cannot set up this CPU's GIC: {e}", vm.name);
+            stop(vm, StopCause::HostGic);
+        }
+    }
     arch::enter_guest(vm.layout.kernel, vm.layout.dtb)
 }
 
@@ -314,7 +344,12 @@ pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
             error!("guest {}: SError (ESR {:#x}): stopped", vm.name, arch::trap_syndrome().esr);
             stop(vm, StopCause::SError);
         }
-        // No interrupt is enabled: a stray one is noted and the guest resumes.
+        // IRQ (or FIQ) while the guest ran: the virtual timer or the vGIC's maintenance.
+        9 | 10 if vm.vgic.is_some() => {
+            guest_irq(vm);
+            return;
+        }
+        // Without a virtual GIC no interrupt is enabled: a stray one is noted, the guest resumes.
         _ => {
             warn!("guest {}: unexpected interrupt (vector {kind}) ignored", vm.name);
             return;
@@ -327,6 +362,11 @@ pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
             if (UART_BASE..UART_BASE + UART_SIZE).contains(&ipa) =>
         {
             mmio_uart(vm, frame, ipa - UART_BASE, a, syn.esr)
+        }
+        GuestTrap::Abort { ipa: Some(ipa), access: Some(a), instruction: false, .. }
+            if vm.vgic.is_some() && vgic::frame_of(ipa).is_some() =>
+        {
+            mmio_vgic(vm, frame, ipa, a, syn.esr)
         }
         GuestTrap::Abort { ipa, instruction, fsc, .. } => {
             refuse_access(vm, frame, instruction, syn.esr, format_args!("IPA {ipa:x?} (FAR {:#x}), fault status {fsc:#x}", syn.far))
@@ -343,6 +383,11 @@ pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
         }
         GuestTrap::SysReg { encoding, .. } if trap::is_dc_set_way(encoding) => {
             vm.stats.sysreg += 1;
+            frame.elr += 4;
+        }
+        GuestTrap::SysReg { encoding, read: false, reg: r } if vm.vgic.is_some() && trap::is_gic_sgi_register(encoding) => {
+            vm.stats.sysreg += 1;
+            send_sgi(vm, reg(frame, r));
             frame.elr += 4;
         }
         GuestTrap::SysReg { encoding, read, .. } => {
@@ -488,15 +533,7 @@ fn mmio_uart(vm: &mut Vm, frame: &mut TrapFrame, offset: u64, a: MmioAccess, esr
     } else {
         match vm.uart.read(offset, a.size) {
             Some(v) => {
-                let mask = if a.size >= 8 { u64::MAX } else { (1u64 << (a.size * 8)) - 1 };
-                let mut v = u64::from(v) & mask;
-                if a.sign_extend && a.size < 8 && v & (1 << (a.size * 8 - 1)) != 0 {
-                    v |= !mask;
-                }
-                if !a.sixty_four {
-                    v &= 0xffff_ffff;
-                }
-                set_reg(frame, a.reg, v);
+                set_reg(frame, a.reg, load_value(a, u64::from(v)));
                 true
             }
             None => false,
@@ -507,6 +544,89 @@ fn mmio_uart(vm: &mut Vm, frame: &mut TrapFrame, offset: u64, a: MmioAccess, esr
     } else {
         refuse_access(vm, frame, false, esr, format_args!("UART offset {offset:#x}, {} bytes", a.size));
     }
+}
+
+/// A load's value as the register receives it: zero- or sign-extended from `a.size` bytes,
+/// truncated to 32 bits for a W register.
+fn load_value(a: MmioAccess, v: u64) -> u64 {
+    let mask = if a.size >= 8 { u64::MAX } else { (1u64 << (a.size * 8)) - 1 };
+    let mut v = v & mask;
+    if a.sign_extend && a.size < 8 && v & (1 << (a.size * 8 - 1)) != 0 {
+        v |= !mask;
+    }
+    if !a.sixty_four {
+        v &= 0xffff_ffff;
+    }
+    v
+}
+
+/// An access to the virtual GIC's distributor or redistributor.
+fn mmio_vgic(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64, a: MmioAccess, esr: u64) {
+    vm.stats.vgic_mmio += 1;
+    let (Some(g), Some((f, offset))) = (vm.vgic.as_mut(), vgic::frame_of(ipa)) else { return };
+    let ok = if a.write {
+        let ok = g.write(f, offset, a.size, reg(frame, a.reg));
+        // An enable, a pending bit or a priority may have changed what the guest should see.
+        sync_lrs(g);
+        ok
+    } else {
+        match g.read(f, offset, a.size) {
+            Some(v) => {
+                set_reg(frame, a.reg, load_value(a, v));
+                true
+            }
+            None => false,
+        }
+    };
+    if ok {
+        frame.elr += 4;
+    } else {
+        refuse_access(vm, frame, false, esr, format_args!("GIC {f:?} offset {offset:#x}, {} bytes", a.size));
+    }
+}
+
+/// A trapped `ICC_SGI1R_EL1` (or ASGI1R/SGI0R) write: an SGI the guest sends, possibly to its
+/// own (only) vCPU.
+fn send_sgi(vm: &mut Vm, value: u64) {
+    let Some(g) = vm.vgic.as_mut() else { return };
+    if let Some(intid) = VGic::sgi_for_self(value) {
+        vm.stats.sgis += 1;
+        g.raise(intid);
+        sync_lrs(g);
+    }
+}
+
+/// Physical interrupts that arrived while the guest ran: the virtual timer's is masked at its
+/// source and injected as virtual PPI 27; the maintenance interrupt only asks for a refill.
+fn guest_irq(vm: &mut Vm) {
+    let Some(g) = vm.vgic.as_mut() else { return };
+    // Bounded: each INTID is completed before the next acknowledge, and a masked timer does
+    // not come back, so more than a few rounds means a misbehaving GIC.
+    for _ in 0..16 {
+        let intid = arch::gic::ack();
+        if intid >= arch::gic::SPURIOUS {
+            break;
+        }
+        vm.stats.irqs += 1;
+        if intid == arch::gic::VTIMER_PPI {
+            arch::gic::mask_vtimer();
+            g.raise(vgic::VTIMER_INTID);
+            vm.stats.vtimer += 1;
+        }
+        arch::gic::eoi(intid);
+    }
+    sync_lrs(g);
+}
+
+/// Hands the list registers back to the model and refills them (see `vm::vgic`).
+fn sync_lrs(g: &mut VGic) {
+    let mut buf = [0u64; 8];
+    let lrs = &mut buf[..arch::gic::lr_count()];
+    arch::gic::read_lrs(lrs);
+    g.fold(lrs);
+    let left_out = g.refill(lrs);
+    arch::gic::write_lrs(lrs);
+    arch::gic::set_underflow(left_out);
 }
 
 fn emit(name: &str, line: &[u8]) {
@@ -580,7 +700,7 @@ fn reset(vm: &mut Vm, frame: &mut TrapFrame) {
         Some(v) => v,
         None => stop(vm, StopCause::OutOfMemory),
     };
-    match fdt_gen::generate(&vm.layout, 1, vm.config.bootargs, vm.stats.resets as u32) {
+    match fdt_gen::generate(&vm.layout, 1, vm.config.bootargs, vm.stats.resets as u32, vm.vgic.is_some()) {
         Ok(dtb) => vm.dtb = dtb,
         Err(_) => {
             error!("guest {}: cannot rewrite its device tree after reset", vm.name);
@@ -592,6 +712,10 @@ fn reset(vm: &mut Vm, frame: &mut TrapFrame) {
         stop(vm, StopCause::OutOfMemory);
     }
     arch::configure_el2(vm.vttbr, vm.geo);
+    if let Some(g) = vm.vgic.as_mut() {
+        *g = VGic::new();
+        arch::gic::vcpu_reset();
+    }
     arch::restart_guest(frame, vm.layout.kernel, vm.layout.dtb);
 }
 
@@ -624,6 +748,9 @@ fn dump_mappings(vm: &Vm) {
 
 /// The guest is done: reclaim, audit, report; the last guest to stop powers the machine off.
 fn stop(vm: &mut Vm, cause: StopCause) -> ! {
+    if vm.vgic.is_some() {
+        arch::gic::vcpu_off();
+    }
     dump_mappings(vm);
     teardown(vm);
     frames().uncommit(vm.budget.promised());
@@ -633,7 +760,7 @@ fn stop(vm: &mut Vm, cause: StopCause) -> ! {
     let mut line = alloc::string::String::new();
     let _ = write!(
         line,
-        "guest {}: stopped by {cause:?}; faults {} (4 KiB pages {}, 2 MiB blocks {}); aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {}; frames returned {}, still owned {left}",
+        "guest {}: stopped by {cause:?}; faults {} (4 KiB pages {}, 2 MiB blocks {}); aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {}; frames returned {}, still owned {left}; interrupts {} (virtual timer {}), own SGIs {}, vgic mmio {}",
         vm.name,
         s.page_faults + s.block_faults,
         s.page_faults,
@@ -646,6 +773,10 @@ fn stop(vm: &mut Vm, cause: StopCause) -> ! {
         s.sysreg,
         s.resets,
         s.frames_returned,
+        s.irqs,
+        s.vtimer,
+        s.sgis,
+        s.vgic_mmio,
     );
     info!("{line}");
     REPORTS.lock().push(line);

@@ -7,6 +7,7 @@ pub use aarch64::{
     console::{emergency_line, init_console, install_fallback_console, raw_line},
     cpu::{cpu_index, mpidr, read_cpu_info, MAX_CPUS},
     exception::TrapFrame,
+    gic,
     memory::{clean_to_poc, copy_phys, frame_db_storage, heap_bytes, init_heap, Heap, Scrubber},
     mmu::{map_range, MapKind},
     power::{cpu_off, cpu_on, park, power_off},

@@ -11,6 +11,7 @@
 //!         memory = <0x0 0x40000>;          // RAM in KiB, two cells
 //!         cpus = <1>;                      // vCPU count
 //!         labyrinth,no-block-mappings;     // optional: map guest RAM with 4 KiB pages only
+//!         labyrinth,virtual-gic;           // optional: a virtual GICv3 and timer interrupt
 //!         bootargs = "console=ttyAMA0";    // optional, overridden by the kernel module's
 //!         module@48000000 {
 //!             compatible = "multiboot,kernel", "multiboot,module";
@@ -91,6 +92,9 @@ pub struct GuestConfig<'a> {
     pub bootargs: Option<&'a str>,
     /// `labyrinth,no-block-mappings` is present.
     pub no_block_mappings: bool,
+    /// `labyrinth,virtual-gic` is present: the guest gets a virtual GICv3 and the virtual
+    /// timer's interrupt (what Linux needs); without it, no interrupt controller at all.
+    pub virtual_gic: bool,
 }
 
 impl<'a> GuestConfig<'a> {
@@ -308,6 +312,7 @@ pub(crate) fn parse_guest<'a>(node: &Node<'a>, root_cells: Cells) -> Result<Gues
         device_tree: find(ModuleKind::DeviceTree),
         bootargs: kernel_bootargs.or(guest_bootargs),
         no_block_mappings: node.property("labyrinth,no-block-mappings").is_some(),
+        virtual_gic: node.property("labyrinth,virtual-gic").is_some(),
     })
 }
 

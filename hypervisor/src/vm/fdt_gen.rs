@@ -1,12 +1,14 @@
 //! The device tree Labyrinth writes for a guest: what the guest may assume about its machine
 //! (RAM, one CPU per vCPU, PSCI over HVC, the emulated PL011, its command line and ramdisk).
-//! Only what Labyrinth really provides appears in it.
+//! Only what Labyrinth really provides appears in it: the GICv3 and the timer's interrupts
+//! only for a guest given a virtual GIC (`vm::vgic`).
 
 use alloc::string::{String, ToString};
 use alloc::vec;
 use alloc::vec::Vec;
 
 use super::layout::{Layout, UART_BASE, UART_SIZE};
+use super::vgic::{GICD_BASE, GICD_SIZE, GICR_BASE, GICR_SIZE, UART_INTID};
 
 /// Why a device tree could not be written (only on internal limits: inputs are checked).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,16 +21,25 @@ impl From<vm_fdt::Error> for FdtGenError {
 }
 
 const APB_PCLK_PHANDLE: u32 = 1;
+const GIC_PHANDLE: u32 = 2;
+/// Interrupt specifier cells (arm,gic-v3 binding): type, number, flags.
+const GIC_SPI: u32 = 0;
+const GIC_PPI: u32 = 1;
+const IRQ_LEVEL_HIGH: u32 = 4;
 
 /// Writes the guest's device tree blob. `resets` (how many times the guest was reset) goes to
 /// `/chosen/labyrinth,reset-count`: a guest's RAM is fresh after a reset, so this is the only
-/// way it can tell a reboot from a first boot.
-pub fn generate(layout: &Layout, vcpus: usize, bootargs: Option<&str>, resets: u32) -> Result<Vec<u8>, FdtGenError> {
+/// way it can tell a reboot from a first boot. `gic`: the guest has a virtual GICv3, so the
+/// tree describes it, the architected timer's four PPIs and the UART's SPI.
+pub fn generate(layout: &Layout, vcpus: usize, bootargs: Option<&str>, resets: u32, gic: bool) -> Result<Vec<u8>, FdtGenError> {
     let mut w = vm_fdt::FdtWriter::new()?;
     let root = w.begin_node("")?;
     w.property_string("compatible", "linux,dummy-virt")?;
     w.property_u32("#address-cells", 2)?;
     w.property_u32("#size-cells", 2)?;
+    if gic {
+        w.property_u32("interrupt-parent", GIC_PHANDLE)?;
+    }
 
     let chosen = w.begin_node("chosen")?;
     w.property_string("bootargs", bootargs.unwrap_or(""))?;
@@ -76,7 +87,35 @@ pub fn generate(layout: &Layout, vcpus: usize, bootargs: Option<&str>, resets: u
     w.property_array_u64("reg", &[UART_BASE, UART_SIZE])?;
     w.property_array_u32("clocks", &[APB_PCLK_PHANDLE, APB_PCLK_PHANDLE])?;
     w.property_string_list("clock-names", vec!["uartclk".to_string(), "apb_pclk".to_string()])?;
+    if gic {
+        // Linux's PL011 driver requests its interrupt when the console is opened; the model
+        // never raises it (transmit always completes at once, nothing is ever received).
+        w.property_array_u32("interrupts", &[GIC_SPI, UART_INTID - 32, IRQ_LEVEL_HIGH])?;
+    }
     w.end_node(uart)?;
+
+    if gic {
+        let intc = w.begin_node(&node_name("intc", GICD_BASE))?;
+        w.property_string("compatible", "arm,gic-v3")?;
+        w.property_u32("#interrupt-cells", 3)?;
+        w.property_null("interrupt-controller")?;
+        w.property_u32("#redistributor-regions", 1)?;
+        w.property_array_u64("reg", &[GICD_BASE, GICD_SIZE, GICR_BASE, GICR_SIZE])?;
+        w.property_phandle(GIC_PHANDLE)?;
+        w.end_node(intc)?;
+
+        // Secure physical, non-secure physical, virtual and hypervisor timer PPIs (13, 14,
+        // 11, 10 = INTIDs 29, 30, 27, 26); a guest at EL1 uses the virtual one.
+        let timer = w.begin_node("timer")?;
+        w.property_string("compatible", "arm,armv8-timer")?;
+        let mut irqs = Vec::new();
+        for ppi in [13, 14, 11, 10] {
+            irqs.extend_from_slice(&[GIC_PPI, ppi, IRQ_LEVEL_HIGH]);
+        }
+        w.property_array_u32("interrupts", &irqs)?;
+        w.property_null("always-on")?;
+        w.end_node(timer)?;
+    }
 
     w.end_node(root)?;
     Ok(w.finish()?)
@@ -99,7 +138,7 @@ mod tests {
     fn the_guest_tree_describes_memory_cpus_psci_uart_and_chosen() {
         let k = ImageHeader { text_offset: 0x8_0000, effective_size: 0x10_0000 };
         let layout = plan(64 << 20, 40, &k, Some(0x1000)).unwrap();
-        let blob = generate(&layout, 1, Some("console=ttyAMA0 stress.seed=3"), 2).unwrap();
+        let blob = generate(&layout, 1, Some("console=ttyAMA0 stress.seed=3"), 2, false).unwrap();
         // Read it back with Labyrinth's own checked parser and with the fdt crate.
         let p = crate::dt::parse(&blob).unwrap();
         assert_eq!(p.memory()[0].base(), 0x4000_0000);
@@ -113,5 +152,36 @@ mod tests {
         let start = chosen.property("linux,initrd-start").unwrap().as_usize().unwrap() as u64;
         assert_eq!(start, layout.ramdisk.unwrap().0);
         assert_eq!(chosen.property("labyrinth,reset-count").unwrap().as_usize(), Some(2));
+    }
+
+    #[test]
+    fn a_virtual_gic_brings_the_gic_timer_and_uart_interrupt_nodes() {
+        let k = ImageHeader { text_offset: 0, effective_size: 0x100_0000 };
+        let layout = plan(128 << 20, 40, &k, None).unwrap();
+        let without = generate(&layout, 1, None, 0, false).unwrap();
+        let f = fdt::Fdt::new(&without).unwrap();
+        assert!(f.find_compatible(&["arm,gic-v3"]).is_none(), "test kernels see no GIC");
+        assert!(f.find_compatible(&["arm,armv8-timer"]).is_none());
+
+        let blob = generate(&layout, 1, None, 0, true).unwrap();
+        let f = fdt::Fdt::new(&blob).unwrap();
+        let gic = f.find_compatible(&["arm,gic-v3"]).unwrap();
+        assert_eq!(gic.property("#interrupt-cells").unwrap().as_usize(), Some(3));
+        assert!(gic.property("interrupt-controller").is_some());
+        let reg: Vec<_> = gic.reg().unwrap().map(|r| (r.starting_address as u64, r.size.unwrap() as u64)).collect();
+        assert_eq!(reg, [(0x0800_0000, 0x1_0000), (0x080a_0000, 0x2_0000)]);
+        let phandle = gic.property("phandle").unwrap().as_usize().unwrap();
+        assert_eq!(f.find_node("/").unwrap().property("interrupt-parent").unwrap().as_usize(), Some(phandle));
+        let timer = f.find_compatible(&["arm,armv8-timer"]).unwrap();
+        let cells: Vec<u32> =
+            timer.property("interrupts").unwrap().value.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(cells, [1, 13, 4, 1, 14, 4, 1, 11, 4, 1, 10, 4], "PPI 11 = INTID 27, the virtual timer");
+        let uart = f.find_compatible(&["arm,pl011"]).unwrap();
+        let cells: Vec<u32> =
+            uart.property("interrupts").unwrap().value.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(cells, [0, 1, 4], "SPI 1");
+        // Labyrinth's own checked parser accepts it and finds the GIC.
+        let p = crate::dt::parse(&blob).unwrap();
+        assert_eq!(p.gic().unwrap().distributor.base(), 0x0800_0000);
     }
 }

@@ -54,6 +54,15 @@ pub fn is_dc_set_way(encoding: u32) -> bool {
     op0 == 1 && op1 == 0 && crn == 7 && op2 == 2 && matches!(crm, 6 | 10 | 14)
 }
 
+/// Whether a trapped system register (`GuestTrap::SysReg` encoding) is one of the GICv3 SGI
+/// generation registers, `ICC_SGI1R_EL1`, `ICC_ASGI1R_EL1`, `ICC_SGI0R_EL1` (op0 3, op1 0,
+/// CRn 12, CRm 11, op2 5/6/7), which trap to EL2 when `HCR_EL2.IMO`/`FMO` are set.
+pub fn is_gic_sgi_register(encoding: u32) -> bool {
+    let (op0, op2, op1, crn, crm) =
+        ((encoding >> 20) & 3, (encoding >> 17) & 7, (encoding >> 14) & 7, (encoding >> 10) & 0xf, (encoding >> 1) & 0xf);
+    op0 == 3 && op1 == 0 && crn == 12 && crm == 11 && matches!(op2, 5..=7)
+}
+
 pub fn decode(esr: u64, far: u64, hpfar: u64) -> GuestTrap {
     let s = Syndrome(esr);
     let iss = s.iss();
@@ -134,6 +143,18 @@ mod tests {
         let iss = (1 << 20) | (1 << 17) | (3 << 14) | (7 << 10) | (14 << 1);
         let GuestTrap::SysReg { encoding, .. } = decode((0x18 << 26) | iss, 0, 0) else { panic!() };
         assert!(!is_dc_set_way(encoding));
+    }
+
+    #[test]
+    fn gic_sgi_registers_are_recognised() {
+        // MSR ICC_SGI1R_EL1, x2.
+        let iss = (3 << 20) | (5 << 17) | (12 << 10) | (2 << 5) | (11 << 1);
+        let GuestTrap::SysReg { encoding, read: false, reg: 2 } = decode((0x18 << 26) | iss, 0, 0) else { panic!() };
+        assert!(is_gic_sgi_register(encoding));
+        // ICC_SGI0R_EL1 (op2 7) too; ICC_EOIR1_EL1 (CRm 12, op2 1) and the DC set/way ops are not.
+        assert!(is_gic_sgi_register((3 << 20) | (7 << 17) | (12 << 10) | (11 << 1)));
+        assert!(!is_gic_sgi_register((3 << 20) | (1 << 17) | (12 << 10) | (12 << 1)));
+        assert!(!is_gic_sgi_register((1 << 20) | (2 << 17) | (7 << 10) | (14 << 1)));
     }
 
     #[test]

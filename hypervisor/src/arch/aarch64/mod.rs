@@ -3,6 +3,7 @@ pub mod boot;
 pub mod console;
 pub mod cpu;
 pub mod exception;
+pub mod gic;
 pub mod memory;
 pub mod mmu;
 pub mod power;

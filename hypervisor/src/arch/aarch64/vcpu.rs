@@ -68,8 +68,20 @@ pub fn configure_el2(vttbr: u64, geo: Geometry) {
     let hpmn = (pmcr >> 11) & 0x1f;
     // SAFETY: MDCR_EL2 with only HPMN set: no debug or PMU trap, every counter to the guest.
     unsafe { core::arch::asm!("msr mdcr_el2, {}", in(reg) hpmn, options(nomem, nostack)) };
-    CNTHCTL_EL2.write(CNTHCTL_EL2::EL1PCEN::SET + CNTHCTL_EL2::EL1PCTEN::SET);
+    // The physical counter stays readable at EL1 (CNTPCT = CNTVCT: CNTVOFF is 0, one guest per
+    // CPU, nothing to hide), the physical timer traps: its interrupt (PPI 30) is never routed
+    // to a guest, so a guest must use the virtual timer, whose PPI 27 Labyrinth injects.
+    CNTHCTL_EL2.write(CNTHCTL_EL2::EL1PCTEN::SET);
     CNTVOFF_EL2.set(0);
+    // The guest's only vCPU is vCPU 0 of its device tree: MPIDR_EL1 reads Aff0 = 0 (bit 31
+    // RES1), whichever physical CPU runs it; MIDR_EL1 reads the real CPU's.
+    let midr: u64;
+    // SAFETY: reads MIDR_EL1, writes VPIDR_EL2 and VMPIDR_EL2 (what EL1 reads as MIDR and MPIDR).
+    unsafe {
+        core::arch::asm!("mrs {m}, midr_el1", "msr vpidr_el2, {m}", "msr vmpidr_el2, {v}",
+            m = out(reg) midr, v = in(reg) 0x8000_0000u64, options(nomem, nostack));
+    }
+    let _ = midr;
     aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
 }
 
