@@ -22,6 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = os.path.join(ROOT, "build", "labyrinth.bin")
 STRESS = os.path.join(ROOT, "build", "guest-stress.bin")
 ISOLATION = os.path.join(ROOT, "build", "guest-isolation.bin")
+LINUX = os.path.join(ROOT, "build", "linux", "Image")
+INITRAMFS = os.path.join(ROOT, "build", "linux", "initramfs.cpio")
+# loglevel=6: notices (the "Linux version" banner) and worse reach the console, the ~200
+# informational boot lines do not (`quiet` would hide the banner too).
+LINUX_ARGS = "console=ttyAMA0 earlycon loglevel=6 rdinit=/init"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import guestcfg  # noqa: E402
 TIMEOUT = 60  # seconds per boot: a boot takes well under 5 s; a hang fails the test
@@ -35,7 +40,7 @@ def qemu_cmd(cpu="cortex-a72", smp=2, mem="1G", extra=()):
             "-smp", str(smp), "-m", mem, "-nographic", "-net", "none", *extra]
 
 
-def boot(cpu="cortex-a72", smp=2, mem="1G", dtb=None, append=None, extra_args=()):
+def boot(cpu="cortex-a72", smp=2, mem="1G", dtb=None, append=None, extra_args=(), timeout=TIMEOUT):
     """Boots Labyrinth; returns (exit status or None on timeout, console text)."""
     extra = ["-kernel", IMAGE, *extra_args]
     if dtb:
@@ -44,7 +49,7 @@ def boot(cpu="cortex-a72", smp=2, mem="1G", dtb=None, append=None, extra_args=()
         extra += ["-append", append]
     try:
         p = subprocess.run(qemu_cmd(cpu, smp, mem, extra), stdin=subprocess.DEVNULL,
-                           capture_output=True, timeout=TIMEOUT)
+                           capture_output=True, timeout=timeout)
         return p.returncode, p.stdout.decode(errors="replace").replace("\r", "")
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode(errors="replace").replace("\r", "")
@@ -335,10 +340,10 @@ def text_is_not_writable(wd):
 
 # ---------------------------------------------------------------- guests
 
-def boot_guests(wd, name, guests, mem="1G", smp=2, edit=None):
+def boot_guests(wd, name, guests, mem="1G", smp=2, edit=None, timeout=TIMEOUT):
     """Boots Labyrinth with `guests` described in its device tree; returns (rc, out)."""
     args = guestcfg.make_dtb(os.path.join(wd, name + ".dtb"), guests, smp=smp, mem=mem, edit=edit)
-    return boot(smp=smp, mem=mem, extra_args=args)
+    return boot(smp=smp, mem=mem, extra_args=args, timeout=timeout)
 
 
 def expect_audit_clean(out):
@@ -418,6 +423,31 @@ def bad_configuration_beside_a_good_one(wd):
     check(re.search(r"guest zerocpus: cpus is 0.*not started", out), "zero-cpus guest not named", out)
     check("stress: done" in guest_lines(out, "good"), "the good guest did not run", out)
     expect_audit_clean(out)
+
+
+@test
+def linux_runs_beside_a_test_kernel(wd):
+    for f in (LINUX, INITRAMFS):
+        check(os.path.exists(f), "%s missing: run scripts/fetch-linux.sh and scripts/build-guests.sh" % f)
+    t0 = time.time()
+    # Linux boots in about 2 s of its own time under TCG; the limit leaves room for a loaded CI.
+    rc, out = boot_guests(wd, "linux", [
+        guestcfg.Guest("stress", STRESS, 0x5000_0000, 64 * 1024, bootargs="stress.seed=7"),
+        guestcfg.Guest("linux", LINUX, 0x5200_0000, 256 * 1024, bootargs=LINUX_ARGS,
+                       ramdisk=INITRAMFS, ramdisk_addr=0x5100_0000, vgic=True),
+    ], timeout=180)
+    expect_clean_exit(rc, out)
+    lx, st = guest_lines(out, "linux"), guest_lines(out, "stress")
+    check(any("Linux version" in l for l in lx), "no Linux banner", out)
+    check("labyrinth-init: hello from user space, powering off" in lx, "Linux's init did not print its line", out)
+    check("stress: done" in st, "the stress guest did not finish beside Linux", out)
+    check(re.search(r"guest linux: stopped by SystemOff; .*interrupts [1-9]\d* \(virtual timer [1-9]", out),
+          "Linux was not powered off by its init, or took no timer interrupt", out)
+    check(re.search(r"guest stress: stopped by SystemOff", out), "stress not stopped by SystemOff", out)
+    check(not re.search(r"guest linux: .*(undefined instruction injected|refused)", out),
+          "Linux tripped on a trap", out)
+    expect_audit_clean(out)
+    print("      (Linux beside stress: %.1f s wall)" % (time.time() - t0), flush=True)
 
 
 def main():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Labyrinth needs, if it is missing (Debian bookworm):
 # Debian's Rust 1.96 with its library source (rustup cannot add the aarch64 target here),
-# ld.lld, QEMU, dtc. Idempotent and quiet when everything is present.
+# ld.lld, QEMU, dtc, and what fetching the Linux guest kernel needs (curl, xz, ar). Idempotent and quiet when everything is present.
 set -euo pipefail
 
 need=()
@@ -13,6 +13,10 @@ command -v llvm-objcopy >/dev/null || need+=(llvm)
 command -v qemu-system-aarch64 >/dev/null || need+=(qemu-system-arm)
 command -v dtc >/dev/null || need+=(device-tree-compiler)
 command -v python3 >/dev/null || need+=(python3)
+# scripts/fetch-linux.sh: download, unpack the .deb (ar, xz).
+command -v curl >/dev/null || need+=(curl)
+command -v xz >/dev/null || need+=(xz-utils)
+command -v ar >/dev/null || need+=(binutils)
 if [ "${WITH_GDB:-0}" = 1 ]; then command -v gdb-multiarch >/dev/null || need+=(gdb-multiarch); fi
 
 if [ ${#need[@]} -gt 0 ]; then
