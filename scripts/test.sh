@@ -3,7 +3,8 @@
 #   1. host unit, property, stress and regression tests of the portable core (cargo test),
 #      and the loom model check of the frame pools' lock-free paths,
 #   2. QEMU boot tests that assert on the console (scripts/boot_tests.py), with Labyrinth's
-#      guest kernels (scripts/build-guests.sh) for the two-guest scenarios,
+#      guest kernels (scripts/build-guests.sh) for the two-guest scenarios and Debian's arm64
+#      Linux (scripts/fetch-linux.sh, downloaded once into build/) for the Linux guest,
 #   3. fuzz smoke runs (cargo fuzz, nightly) of the device-tree parser and the stage-2 tables,
 #      after the corpus replay in (1).
 # Installs what is missing first. Exits non-zero on any failure.
@@ -31,6 +32,7 @@ step "loom model check of the frame pools" env RUSTFLAGS="--cfg loom" timeout 12
     cargo test --release -p labyrinth --lib frame::loom --target-dir target/loom
 step "build (aarch64)" scripts/build.sh
 step "build guest kernels" scripts/build-guests.sh
+step "fetch the Linux guest kernel" scripts/fetch-linux.sh
 step "QEMU boot tests" timeout 900 python3 scripts/boot_tests.py
 step "device-tree fuzz smoke" timeout 600 scripts/fuzz.sh dt_parse "${FUZZ_SECONDS:-30}"
 step "stage-2 fuzz smoke" timeout 600 scripts/fuzz.sh stage2_ops "${FUZZ_SECONDS:-30}"

@@ -87,6 +87,17 @@ mod tests {
         assert_eq!(handle(0x8400_000a, 0xdead, 0, 0, 0, &[true]), PsciAction::Return(NOT_SUPPORTED));
     }
 
+    /// SMCCC 1.0 semantics, on purpose: SMCCC_VERSION and SMCCC_ARCH_FEATURES are not
+    /// supported, and neither is asking PSCI_FEATURES about them, so Linux assumes SMCCC 1.0
+    /// ("SMC Calling Convention v1.0") and never probes the Spectre workaround calls.
+    #[test]
+    fn smccc_discovery_is_not_supported() {
+        for fid in [0x8000_0000u64, 0x8000_0001, 0x8000_7fff, 0x8600_ff01] {
+            assert_eq!(handle(fid, 0x8000_8000, 0, 0, 0, &[true]), PsciAction::Return(NOT_SUPPORTED), "{fid:#x}");
+        }
+        assert_eq!(handle(0x8400_000a, 0x8000_0000, 0, 0, 0, &[true]), PsciAction::Return(NOT_SUPPORTED));
+    }
+
     #[test]
     fn wild_function_ids_are_not_supported() {
         for fid in [0, 0xdead_beef, 0xc400_0005, 0x8600_0000, u64::MAX] {

@@ -14,11 +14,15 @@
 //! - `TSW`: data-cache set/way operations trap: they cannot be made safe for a guest that shares
 //!   caches, and are answered as no-ops (a guest with its MMU off reads memory uncached anyway);
 //! - `TIDCP`, `TACR`: implementation-defined and auxiliary control registers trap (UNDEFINED).
-//! Not set: `TWI`/`TWE` (a waiting guest halts its own CPU, which no one else uses), `TVM`,
+//! Not set: `TWI`/`TWE` (a waiting guest halts its own CPU, which no one else uses, and wakes
+//! on its timer's physical interrupt or a pending virtual one: never a busy spin), `TVM`,
 //! `TID3` (guests see the CPU's real ID registers: same CPU, nothing to hide yet).
 //! `CPTR_EL2`: nothing trapped (FP/SIMD and SVE stay with the guest: Labyrinth is built
 //! soft-float and never touches them). `MDCR_EL2`: debug and PMU registers left to the guest,
 //! all event counters given to it (HPMN = PMCR_EL0.N): one guest per CPU, nothing to switch.
+//! `CNTHCTL_EL2`: EL1 reads the physical counter, the physical timer traps (only the virtual
+//! timer's interrupt is delivered, see `gic`); `CNTVOFF_EL2` = 0. `VMPIDR_EL2`: the vCPU is
+//! Aff0 = 0 whatever CPU runs it, as its device tree says.
 
 use aarch64_cpu::registers::{
     Readable, Writeable, CNTHCTL_EL2, CNTVOFF_EL2, CPTR_EL2, ELR_EL1, ESR_EL1, ESR_EL2, FAR_EL1, FAR_EL2,
