@@ -439,6 +439,7 @@ def linux_runs_beside_a_test_kernel(wd):
     expect_clean_exit(rc, out)
     lx, st = guest_lines(out, "linux"), guest_lines(out, "stress")
     check(any("Linux version" in l for l in lx), "no Linux banner", out)
+    check("labyrinth-init: reset count 0" in lx, "Linux's init did not read labyrinth,reset-count from its device tree", out)
     check("labyrinth-init: hello from user space, powering off" in lx, "Linux's init did not print its line", out)
     check("stress: done" in st, "the stress guest did not finish beside Linux", out)
     check(re.search(r"guest linux: stopped by SystemOff; .*interrupts [1-9]\d* \(virtual timer [1-9]", out),
@@ -448,6 +449,27 @@ def linux_runs_beside_a_test_kernel(wd):
           "Linux tripped on a trap", out)
     expect_audit_clean(out)
     print("      (Linux beside stress: %.1f s wall)" % (time.time() - t0), flush=True)
+
+
+@test
+def linux_reset_boots_it_again_with_fresh_memory(wd):
+    # init asks for a restart while the reset count is 0: Labyrinth reclaims Linux's frames,
+    # resets its virtual GIC and timer, reloads it, and Linux boots a second time to power off.
+    rc, out = boot_guests(wd, "linux-reset", [
+        guestcfg.Guest("linux", LINUX, 0x5200_0000, 256 * 1024, bootargs=LINUX_ARGS + " init_reset=1",
+                       ramdisk=INITRAMFS, ramdisk_addr=0x5100_0000, vgic=True),
+    ], smp=1, timeout=240)
+    expect_clean_exit(rc, out)
+    lx = guest_lines(out, "linux")
+    check(lx.count("labyrinth-init: reset count 0") == 1 and "labyrinth-init: asking for a reset" in lx,
+          "Linux's init did not ask for a reset on its first boot", out)
+    check(sum("Linux version" in l for l in lx) == 2, "Linux did not boot twice", out)
+    check("labyrinth-init: reset count 1" in lx and "labyrinth-init: hello from user space, powering off" in lx,
+          "Linux did not come back with reset count 1 and power off", out)
+    check(re.search(r"guest linux: stopped by SystemOff; .*resets 1; .*interrupts [1-9]", out),
+          "report does not show one reset and interrupts", out)
+    check(not re.search(r"guest linux: .*(undefined instruction injected|refused)", out), "Linux tripped on a trap", out)
+    expect_audit_clean(out)
 
 
 def main():

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Packs the Linux guest's initramfs: a newc ("070701") cpio archive, the format Linux's
 initramfs unpacker reads, holding /dev, /dev/console (char 5:1, so the kernel can open a console
-for init even without its built-in initramfs) and /init (our static init).
+for init even without its built-in initramfs), /sys (where init mounts sysfs to read its
+device tree) and /init (our static init).
 
 Written here rather than with cpio(1) so that no root is needed for the device node and the
 archive is byte-for-byte reproducible (fixed mtimes, uid/gid 0).
@@ -26,7 +27,8 @@ def pack(init_bytes):
     parts = [
         entry("dev", 0o040755, ino=1),
         entry("dev/console", 0o020600, rdev=(5, 1), ino=2),
-        entry("init", 0o100755, init_bytes, ino=3),
+        entry("sys", 0o040755, ino=3),
+        entry("init", 0o100755, init_bytes, ino=4),
         entry("TRAILER!!!", 0, ino=0),
     ]
     blob = b"".join(parts)
