@@ -527,23 +527,45 @@ fn set_reg(frame: &mut TrapFrame, r: u8, v: u64) {
 fn mmio_uart(vm: &mut Vm, frame: &mut TrapFrame, offset: u64, a: MmioAccess, esr: u64) {
     vm.stats.mmio += 1;
     let name = vm.name;
-    let ok = if a.write {
-        let v = reg(frame, a.reg) as u32;
-        vm.uart.write(offset, a.size, v, &mut |line| emit(name, line))
-    } else {
-        match vm.uart.read(offset, a.size) {
-            Some(v) => {
-                set_reg(frame, a.reg, load_value(a, u64::from(v)));
-                true
-            }
-            None => false,
-        }
-    };
-    if ok {
-        frame.elr += 4;
-    } else {
+    let uart = &mut vm.uart;
+    let ok = emulate_mmio(frame, a, |write| match write {
+        Some(v) => uart.write(offset, a.size, v as u32, &mut |line| emit(name, line)).then_some(0),
+        None => uart.read(offset, a.size).map(u64::from),
+    });
+    if !ok {
         refuse_access(vm, frame, false, esr, format_args!("UART offset {offset:#x}, {} bytes", a.size));
     }
+}
+
+/// An access to the virtual GIC's distributor or redistributor.
+fn mmio_vgic(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64, a: MmioAccess, esr: u64) {
+    vm.stats.vgic_mmio += 1;
+    let (Some(g), Some((f, offset))) = (vm.vgic.as_mut(), vgic::frame_of(ipa)) else { return };
+    let ok = emulate_mmio(frame, a, |write| match write {
+        Some(v) => {
+            let ok = g.write(f, offset, a.size, v);
+            // An enable, a pending bit or a priority may have changed what the guest should see.
+            sync_lrs(g);
+            ok.then_some(0)
+        }
+        None => g.read(f, offset, a.size),
+    });
+    if !ok {
+        refuse_access(vm, frame, false, esr, format_args!("GIC {f:?} offset {offset:#x}, {} bytes", a.size));
+    }
+}
+
+/// Carries out a trapped MMIO access on a device model: `device(None)` reads (the value, or
+/// `None` to refuse), `device(Some(v))` writes `v` (`Some(_)` when accepted). On success the
+/// load's register gets the value as the instruction would have, and the instruction is
+/// skipped; `false` leaves the frame as it was for the caller to inject an abort.
+fn emulate_mmio(frame: &mut TrapFrame, a: MmioAccess, device: impl FnOnce(Option<u64>) -> Option<u64>) -> bool {
+    let Some(value) = device(a.write.then(|| reg(frame, a.reg))) else { return false };
+    if !a.write {
+        set_reg(frame, a.reg, load_value(a, value));
+    }
+    frame.elr += 4;
+    true
 }
 
 /// A load's value as the register receives it: zero- or sign-extended from `a.size` bytes,
@@ -558,31 +580,6 @@ fn load_value(a: MmioAccess, v: u64) -> u64 {
         v &= 0xffff_ffff;
     }
     v
-}
-
-/// An access to the virtual GIC's distributor or redistributor.
-fn mmio_vgic(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64, a: MmioAccess, esr: u64) {
-    vm.stats.vgic_mmio += 1;
-    let (Some(g), Some((f, offset))) = (vm.vgic.as_mut(), vgic::frame_of(ipa)) else { return };
-    let ok = if a.write {
-        let ok = g.write(f, offset, a.size, reg(frame, a.reg));
-        // An enable, a pending bit or a priority may have changed what the guest should see.
-        sync_lrs(g);
-        ok
-    } else {
-        match g.read(f, offset, a.size) {
-            Some(v) => {
-                set_reg(frame, a.reg, load_value(a, v));
-                true
-            }
-            None => false,
-        }
-    };
-    if ok {
-        frame.elr += 4;
-    } else {
-        refuse_access(vm, frame, false, esr, format_args!("GIC {f:?} offset {offset:#x}, {} bytes", a.size));
-    }
 }
 
 /// A trapped `ICC_SGI1R_EL1` (or ASGI1R/SGI0R) write: an SGI the guest sends, possibly to its
