@@ -265,13 +265,13 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
                         }
                     }
                 };
-                for i in 0..chunk as u64 {
-                    if pages.push(first.0 + i).is_err() {
-                        // Cannot happen (we are the only pusher, below capacity); keep the rest.
-                        buddy.give_back(first.add(i), chunk - i as usize)?;
-                        break 'fill;
-                    }
-                    report.pages_added += 1;
+                // One publication for the whole chunk (one head CAS, not one per frame).
+                let pushed = pages.push_many(first.0..first.0 + chunk as u64);
+                report.pages_added += pushed;
+                if pushed < chunk {
+                    // Cannot happen (we are the only pusher, below capacity); keep the rest.
+                    buddy.give_back(first.add(pushed as u64), chunk - pushed)?;
+                    break 'fill;
                 }
             }
         }
