@@ -127,7 +127,10 @@ fn empty_pools_are_reported_not_waited_on() {
     let frames = FrameManager::<32>::new(db, &banks, 1, PoolConfig::default(), &ram).unwrap();
     let owner = Owner::HYPERVISOR;
     assert_eq!(frames.alloc_page_atomic_exclusive(0, owner), Err(AtomicError::Empty));
-    assert_eq!(frames.alloc_block_atomic_exclusive(0, owner), Err(AtomicError::Empty));
+    // Blocks are for guests (a hypervisor request is refused as such, before the pool).
+    assert_eq!(frames.alloc_block_atomic_exclusive(0, owner), Err(AtomicError::NotOwner));
+    let guest = Owner::guest(labyrinth::frame::VmId::new(1).unwrap());
+    assert_eq!(frames.alloc_block_atomic_exclusive(0, guest), Err(AtomicError::Empty));
     assert!(frames.needs_refill(0));
     let report = frames.refill(0).unwrap();
     assert!(report.exhausted && report.pages_added == 16, "{report:?}");

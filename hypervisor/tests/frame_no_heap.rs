@@ -71,8 +71,11 @@ fn atomic_path_never_allocates() {
             let page = frames.alloc_page_atomic_exclusive(0, owner).unwrap();
             frames.return_unused_page_atomic(0, page, owner).unwrap();
         }
-        frames.alloc_block_atomic_exclusive(0, owner).unwrap();
-        let _ = frames.alloc_block_atomic_exclusive(0, owner); // empty now: an error, still no heap
+        // Blocks are guest memory only: a table owner is refused before anything is popped.
+        assert!(frames.alloc_block_atomic_exclusive(0, owner).is_err());
+        let guest = Owner::guest(VmId::new(3).unwrap());
+        frames.alloc_block_atomic_exclusive(0, guest).unwrap();
+        let _ = frames.alloc_block_atomic_exclusive(0, guest); // empty now: an error, still no heap
     });
     assert_eq!(heap_use, 0);
 }

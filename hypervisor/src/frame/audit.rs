@@ -18,7 +18,8 @@ use super::manager::CpuPools;
 use super::pool::FramePool;
 use super::scrub::FrameScrubber;
 use super::sync::Ordering;
-use super::tag::{FrameState, VmId, TAG_FREE};
+use super::error::FrameError;
+use super::tag::{FrameState, Shape, VmId, TAG_FREE, TAG_FREE_HEAD};
 use super::{Pfn, BLOCK_FRAMES};
 
 /// Examples kept in a report; the rest are only counted.
@@ -49,6 +50,11 @@ pub enum AuditProblem {
     Dirty { pfn: Pfn, holder: Holder },
     /// The buddy allocator's blocks do not add up to the free count the wrapper keeps.
     BuddyCount { in_blocks: usize, recorded: usize },
+    /// A block pool holds a block that is not one compound free block (its claim would fail).
+    NotOneUnit { pfn: Pfn, holder: Holder },
+    /// A compound block out of shape: a tail whose head is no head, a head not 2 MiB-aligned
+    /// or running past the database, or a frame inside a block in another state than its head.
+    BrokenBlock { pfn: Pfn, tag: u16 },
 }
 
 /// Frames of one guest.
@@ -70,6 +76,8 @@ pub struct AuditReport {
     pub reserved: usize,
     pub hypervisor: usize,
     pub scrubbing: usize,
+    /// 2 MiB blocks held or owned as one unit (their frames are counted in their state too).
+    pub compound_blocks: usize,
     /// Per guest, by VM id.
     pub guests: Vec<GuestFrames>,
     pub free_in_buddy: usize,
@@ -109,7 +117,7 @@ impl fmt::Display for AuditReport {
         writeln!(
             f,
             "frames {}: absent {}, reserved {}, hypervisor {}, scrubbing {}, free {} \
-             (buddy {}, page pools {}, block pools {}, unheld {})",
+             (buddy {}, page pools {}, block pools {}, unheld {}); 2 MiB blocks as one unit {}",
             self.frames,
             self.absent,
             self.reserved,
@@ -120,6 +128,7 @@ impl fmt::Display for AuditReport {
             self.free_in_page_pools,
             self.free_in_block_pools,
             self.free_unheld,
+            self.compound_blocks,
         )?;
         for g in &self.guests {
             writeln!(f, "  guest {}: memory {}, page tables {}", g.vm.get(), g.memory, g.page_tables)?;
@@ -192,7 +201,13 @@ pub(crate) fn audit<const ORDER: usize>(
 ) -> AuditReport {
     let mut report = AuditReport { frames: db.len(), ..AuditReport::default() };
     let mut held = Held { base: db.base().0, bits: vec![0; db.len().div_ceil(64)], len: db.len() };
-    let tag_of = |pfn: Pfn| db.cell(pfn.0).map(|c| c.load(Ordering::Acquire));
+    // A frame's tag as a single frame's: a compound block's frames read as their head's state,
+    // so "held free" means the same for pooled pages, pooled blocks and the buddy's frames.
+    let tag_of = |pfn: Pfn| match db.unit(pfn) {
+        Ok((state, _)) => Some(state.tag()),
+        Err(FrameError::CorruptTag { tag, .. }) => Some(tag),
+        Err(_) => None,
+    };
 
     buddy.for_each_block(|first, frames| {
         for i in 0..frames as u64 {
@@ -211,6 +226,12 @@ pub(crate) fn audit<const ORDER: usize>(
         let mut pool_audit = PoolAudit { report: &mut report, held: &mut held, scrubber, scratch: &mut scratch };
         let pages = pool_audit.pool(&cpu_pools.pages, 1, Holder::PagePool(cpu), &tag_of);
         let blocks = pool_audit.pool(&cpu_pools.blocks, BLOCK_FRAMES, Holder::BlockPool(cpu), &tag_of);
+        // A pooled block is claimed with one CAS on its head: it must be one unit.
+        for &first in scratch.0.iter().take(blocks / BLOCK_FRAMES) {
+            if db.cell(first).map(|c| c.load(Ordering::Acquire)) != Some(TAG_FREE_HEAD) {
+                report.problem(AuditProblem::NotOneUnit { pfn: Pfn(first), holder: Holder::BlockPool(cpu) });
+            }
+        }
         report.free_in_page_pools += pages;
         report.free_in_block_pools += blocks;
     }
@@ -218,7 +239,36 @@ pub(crate) fn audit<const ORDER: usize>(
     let mut guests: BTreeMap<VmId, GuestFrames> = BTreeMap::new();
     for (i, cell) in db.tags().iter().enumerate() {
         let tag = cell.load(Ordering::Acquire);
-        match FrameState::from_tag(tag) {
+        let pfn = db.base().add(i as u64);
+        let state = match Shape::of(tag) {
+            Some(Shape::Frame(state)) => {
+                // Inside a compound block only a split in progress leaves per-frame tags, and
+                // those carry the head's state.
+                if let Ok((head_state, _)) = db.unit(Pfn(pfn.0 & !(BLOCK_FRAMES as u64 - 1))) {
+                    let head_tag = db.cell(pfn.0 & !(BLOCK_FRAMES as u64 - 1)).map(|c| c.load(Ordering::Acquire));
+                    if head_tag.and_then(Shape::of).is_some_and(|s| matches!(s, Shape::Head(_))) && head_state != state {
+                        report.problem(AuditProblem::BrokenBlock { pfn, tag });
+                    }
+                }
+                Some(state)
+            }
+            Some(Shape::Head(state)) => {
+                report.compound_blocks += 1;
+                if pfn.0 % BLOCK_FRAMES as u64 != 0 || db.cells(pfn, BLOCK_FRAMES).is_err() {
+                    report.problem(AuditProblem::BrokenBlock { pfn, tag });
+                }
+                Some(state)
+            }
+            Some(Shape::Tail) => match db.unit(pfn) {
+                Ok((state, _)) => Some(state),
+                Err(_) => {
+                    report.problem(AuditProblem::BrokenBlock { pfn, tag });
+                    continue;
+                }
+            },
+            None => None,
+        };
+        match state {
             Some(FrameState::Absent) => report.absent += 1,
             Some(FrameState::Free) => {
                 report.free += 1;

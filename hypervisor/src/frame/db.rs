@@ -15,12 +15,26 @@
 //! - release: owner -> Scrubbing -> Free, only by the manager, which scrubs in between;
 //! - return of an untouched frame: owner -> Free, only on the atomic path.
 //!
+//! A 2 MiB-aligned block can also be held or owned as one unit (a compound block, see `tag.rs`):
+//! one head tag and 511 tails. It is formed from free frames under the buddy lock
+//! ([`FrameDb::compound_free`]), claimed with one CAS on the head ([`FrameDb::claim_block_held`]),
+//! released as a unit by the same transitions (a head in range counts for its 512 frames), and
+//! turned back into per-frame tags on the slow path ([`FrameDb::split_block`]) when part of it
+//! goes its own way. Order keeps every frame's owner exact while that happens: forming writes
+//! the head first, splitting rewrites the tails first, so a tail's head is always a head.
+//!
 //! Absent and Reserved frames take part in no transition.
 
 use super::error::FrameError;
 use super::sync::{AtomicU16, Ordering};
-use super::tag::{state_of, FrameState, Owner, TAG_ABSENT, TAG_FREE, TAG_HYPERVISOR, TAG_RESERVED};
-use super::{frames_of, Pfn};
+use super::tag::{
+    head_form, state_of, FrameState, Owner, Shape, HEAD, TAG_ABSENT, TAG_FREE, TAG_FREE_HEAD, TAG_HYPERVISOR,
+    TAG_RESERVED, TAG_TAIL,
+};
+use super::{frames_of, Pfn, BLOCK_FRAMES};
+
+/// Frame-number bits below a 2 MiB block's head.
+const BLOCK_MASK: u64 = BLOCK_FRAMES as u64 - 1;
 
 /// One frame's entry. On the target the boot code carves an array of these out of RAM
 /// (see [`FrameDb::span_of`]) and hands it over as `&'static [TagCell]`.
@@ -111,18 +125,47 @@ impl<'a> FrameDb<'a> {
         self.tags.is_empty()
     }
 
-    /// The current state of one frame. Acquire: a caller that sees a frame's new owner also
-    /// sees what was published before the owner took it.
+    /// The current state of one frame (a compound block's tail answers with its head's state).
+    /// Acquire: a caller that sees a frame's new owner also sees what was published before the
+    /// owner took it.
     pub fn state(&self, pfn: Pfn) -> Result<FrameState, FrameError> {
-        let tag = self.cell(pfn.0).ok_or(FrameError::OutOfRange(pfn))?.load(Ordering::Acquire);
-        FrameState::from_tag(tag).ok_or(FrameError::CorruptTag { pfn, tag })
+        self.unit(pfn).map(|(state, _)| state)
     }
 
-    /// Whether `pfn` is in `state` right now: one load and one compare, for the fault path's
-    /// owner check (Acquire, as [`FrameDb::state`]).
+    /// The state of `pfn` and how many frames from it on are sure to share it as one unit: the
+    /// rest of its compound block, or 1. Lets a 2 MiB owner check read one tag, not 512.
+    pub fn unit(&self, pfn: Pfn) -> Result<(FrameState, u64), FrameError> {
+        let tag = self.cell(pfn.0).ok_or(FrameError::OutOfRange(pfn))?.load(Ordering::Acquire);
+        match Shape::of(tag) {
+            Some(Shape::Frame(state)) => Ok((state, 1)),
+            Some(Shape::Head(state)) => Ok((state, BLOCK_FRAMES as u64)),
+            Some(Shape::Tail) => {
+                let head = Pfn(pfn.0 & !BLOCK_MASK);
+                let left = BLOCK_FRAMES as u64 - (pfn.0 & BLOCK_MASK);
+                match self.cell(head.0).map(|c| c.load(Ordering::Acquire)).and_then(Shape::of) {
+                    Some(Shape::Head(state)) => Ok((state, left)),
+                    // A tail without a head: no transition leaves one.
+                    _ => Err(FrameError::CorruptTag { pfn, tag }),
+                }
+            }
+            None => Err(FrameError::CorruptTag { pfn, tag }),
+        }
+    }
+
+    /// Whether `pfn` is in `state` right now: one load and one compare for a frame tagged on its
+    /// own (the fault path's owner check), one more load for a compound block's tail.
     #[inline(always)]
     pub fn is_in(&self, pfn: Pfn, state: FrameState) -> bool {
-        self.cell(pfn.0).is_some_and(|c| c.load(Ordering::Acquire) == state.tag())
+        match self.cell(pfn.0) {
+            Some(c) => c.load(Ordering::Acquire) == state.tag() || self.is_in_block(pfn, state),
+            None => false,
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn is_in_block(&self, pfn: Pfn, state: FrameState) -> bool {
+        self.state(pfn) == Ok(state)
     }
 
     /// Boot only: tags the hypervisor's own frames (image, stacks, this database, the bootstrap
@@ -173,23 +216,156 @@ impl<'a> FrameDb<'a> {
         }
     }
 
+    /// Atomic path: takes a compound free block the caller holds exclusively (popped from a
+    /// block pool) for `owner` with one CAS on its head (Release, as [`FrameDb::claim_held`]).
+    /// The tails say "as my head" and need no change. `false` if it is not a compound free
+    /// block, or `owner` cannot own blocks.
+    #[inline(always)]
+    pub(crate) fn claim_block_held(&self, head: u64, owner: Owner) -> bool {
+        match (self.cell(head), owner.block_tag()) {
+            (Some(cell), Some(to)) if head & BLOCK_MASK == 0 => {
+                cell.compare_exchange(TAG_FREE_HEAD, to, Ordering::Release, Ordering::Relaxed).is_ok()
+            }
+            _ => false,
+        }
+    }
+
+    /// Slow path, under the buddy lock, for a 2 MiB-aligned block the caller holds: makes it
+    /// one compound free block (head first, then the tails, so a tail always finds its head).
+    /// A block that already is one is left alone. Every frame must be free.
+    pub(crate) fn compound_free(&self, head: Pfn) -> Result<(), FrameError> {
+        if head.0 & BLOCK_MASK != 0 {
+            return Err(FrameError::Unaligned(head));
+        }
+        let cells = self.cells(head, BLOCK_FRAMES)?;
+        if cells[0].load(Ordering::Acquire) == TAG_FREE_HEAD {
+            return Ok(());
+        }
+        for (i, cell) in cells.iter().enumerate() {
+            let found = cell.load(Ordering::Acquire);
+            if found != TAG_FREE {
+                return Err(unexpected(head.add(i as u64), TAG_FREE, found));
+            }
+        }
+        commit(&cells[..1], head, TAG_FREE, TAG_FREE_HEAD)?;
+        if let Err(e) = commit(&cells[1..], head.add(1), TAG_FREE, TAG_TAIL) {
+            let _ = cells[0].compare_exchange(TAG_FREE_HEAD, TAG_FREE, Ordering::AcqRel, Ordering::Relaxed);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Slow path: if `head` heads a compound block in single-frame state `tag` (Free, Scrubbing
+    /// or a guest's), gives its 512 frames per-frame tags `tag` again: tails first, then the head,
+    /// so every tail reads as `tag` throughout. `Ok(false)` if it is not a compound block;
+    /// `WrongState` (nothing changed) if it is one in another state. Idempotent if raced.
+    pub(crate) fn split_block(&self, head: Pfn, tag: u16) -> Result<bool, FrameError> {
+        let head = Pfn(head.0 & !BLOCK_MASK);
+        // A block that does not fit the database was never formed.
+        let Ok(cells) = self.cells(head, BLOCK_FRAMES) else { return Ok(false) };
+        let found = cells[0].load(Ordering::Acquire);
+        if found & HEAD == 0 {
+            return Ok(false);
+        }
+        if Some(found) != head_form(tag) {
+            return Err(unexpected(head, tag | HEAD, found));
+        }
+        for cell in &cells[1..] {
+            // AcqRel: as any transition. A tail already rewritten (a racing split) is left alone.
+            let _ = cell.compare_exchange(TAG_TAIL, tag, Ordering::AcqRel, Ordering::Relaxed);
+        }
+        let _ = cells[0].compare_exchange(found, tag, Ordering::AcqRel, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Slow path: splits every compound free block overlapping `frames` frames from `first`
+    /// (just taken from the buddy allocator under its lock, for per-frame use). The caller holds
+    /// those blocks' frames exclusively: they are all in the buddy allocator or just left it.
+    pub(crate) fn split_free_blocks(&self, first: Pfn, frames: usize) -> Result<(), FrameError> {
+        let mut head = first.0 & !BLOCK_MASK;
+        while head < first.0 + frames as u64 {
+            if let Ok(cells) = self.cells(Pfn(head), BLOCK_FRAMES) {
+                if cells[0].load(Ordering::Acquire) == TAG_FREE_HEAD {
+                    // The caller holds every frame of the block (buddy lock): nobody else
+                    // changes these tags, so plain stores (tails first) do what CASes would,
+                    // at a third of the cost on the page refill path.
+                    for cell in &cells[1..] {
+                        cell.store(TAG_FREE, Ordering::Release);
+                    }
+                    cells[0].store(TAG_FREE, Ordering::Release);
+                }
+            }
+            head += BLOCK_FRAMES as u64;
+        }
+        Ok(())
+    }
+
+    /// Checks that every one of `frames` frames from `first` is in single-frame state `from`
+    /// (compound blocks answer through their head), changing nothing.
+    pub(crate) fn check(&self, first: Pfn, frames: usize, from: u16) -> Result<(), FrameError> {
+        if frames == 0 {
+            return Err(FrameError::BadFrameCount(0));
+        }
+        self.cells(first, frames)?;
+        let mut pfn = first.0;
+        let end = first.0 + frames as u64;
+        while pfn < end {
+            let (state, run) = self.unit(Pfn(pfn))?;
+            if state.tag() != from {
+                return Err(unexpected(Pfn(pfn), from, state.tag()));
+            }
+            pfn += run;
+        }
+        Ok(())
+    }
+
+    /// Slow path, for a range about to change hands per frame: the compound blocks it covers
+    /// only in part (at most the two at its ends) go back to per-frame tags. Call it after
+    /// [`FrameDb::check`] so a refused change leaves every tag as it was.
+    pub(crate) fn split_partial_blocks(&self, first: Pfn, frames: usize, tag: u16) -> Result<(), FrameError> {
+        let end = first.0 + frames as u64;
+        for edge in [first.0, end] {
+            if edge & BLOCK_MASK != 0 {
+                self.split_block(Pfn(edge & !BLOCK_MASK), tag)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Moves `frames` frames from `first` from tag `from` to tag `to`: checks every frame,
-    /// then commits each by compare-and-swap. A wrong expectation changes nothing. A commit
-    /// that loses a race undoes the frames already changed and reports [`FrameError::Race`].
-    /// AcqRel: the new owner sees what the previous owner published, and publishes its own
-    /// writes (scrubbed zeros) to whoever takes the frame next.
+    /// then commits each by compare-and-swap. A compound block lying wholly in the range is one
+    /// unit: its head moves between the head forms of `from` and `to`, its tails stay. A block
+    /// only partly in the range is refused (`PartialBlock`; see [`FrameDb::split_partial_blocks`]).
+    /// A wrong expectation changes nothing. A commit that loses a race undoes the frames already
+    /// changed and reports [`FrameError::Race`]. AcqRel: the new owner sees what the previous
+    /// owner published, and publishes its own writes (scrubbed zeros) to whoever takes it next.
     pub(crate) fn transition(&self, first: Pfn, frames: usize, from: u16, to: u16) -> Result<(), FrameError> {
         if frames == 0 {
             return Err(FrameError::BadFrameCount(0));
         }
         let cells = self.cells(first, frames)?;
-        for (i, cell) in cells.iter().enumerate() {
-            let found = cell.load(Ordering::Acquire);
-            if found != from {
-                return Err(unexpected(first.add(i as u64), from, found));
+        let heads = (head_form(from), head_form(to));
+        let mut i = 0;
+        while i < cells.len() {
+            let found = cells[i].load(Ordering::Acquire);
+            let pfn = first.add(i as u64);
+            if found == from {
+                i += 1;
+            } else if found & HEAD != 0 && Some(found) == heads.0 {
+                if pfn.0 & BLOCK_MASK != 0 || i + BLOCK_FRAMES > cells.len() || heads.1.is_none() {
+                    return Err(FrameError::PartialBlock(pfn));
+                }
+                i += BLOCK_FRAMES;
+            } else if found == TAG_TAIL && self.state(pfn).map(|s| s.tag()) == Ok(from) {
+                return Err(FrameError::PartialBlock(pfn));
+            } else {
+                return Err(match self.state(pfn) {
+                    Ok(state) => unexpected(pfn, from, state.tag()),
+                    Err(e) => e,
+                });
             }
         }
-        commit(cells, first, from, to)
+        commit_units(cells, first, (from, to), heads)
     }
 
     /// Raw tags of every entry, for the audit.
@@ -198,8 +374,32 @@ impl<'a> FrameDb<'a> {
     }
 }
 
-/// The commit half of [`FrameDb::transition`]: CAS every cell from `from` to `to`; on a lost
-/// race, undo the cells already changed.
+/// The commit half of [`FrameDb::transition`]: CAS every frame from `from` to `to`, and every
+/// compound head (with its tails: skipped) between the head forms; on a lost race, undo.
+fn commit_units(cells: &[TagCell], first: Pfn, (from, to): (u16, u16), heads: (Option<u16>, Option<u16>)) -> Result<(), FrameError> {
+    let mut i = 0;
+    while i < cells.len() {
+        let (want, new, step) = match heads {
+            (Some(hf), Some(ht)) if cells[i].load(Ordering::Acquire) == hf => (hf, ht, BLOCK_FRAMES),
+            _ => (from, to, 1),
+        };
+        if cells[i].compare_exchange(want, new, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            for done in &cells[..i] {
+                // Only the same caller racing itself on the same frames could have moved these
+                // on from `to`; then there is nothing right to restore anyway. Tails fail both.
+                let _ = done.compare_exchange(to, from, Ordering::AcqRel, Ordering::Relaxed);
+                if let (Some(hf), Some(ht)) = heads {
+                    let _ = done.compare_exchange(ht, hf, Ordering::AcqRel, Ordering::Relaxed);
+                }
+            }
+            return Err(FrameError::Race(first.add(i as u64)));
+        }
+        i += step;
+    }
+    Ok(())
+}
+
+/// CAS every cell from `from` to `to`; on a lost race, undo the cells already changed.
 fn commit(cells: &[TagCell], first: Pfn, from: u16, to: u16) -> Result<(), FrameError> {
     for (i, cell) in cells.iter().enumerate() {
         if cell.compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire).is_err() {
@@ -216,9 +416,12 @@ fn commit(cells: &[TagCell], first: Pfn, from: u16, to: u16) -> Result<(), Frame
 
 /// The error for a frame found in tag `found` where the transition expected `from`.
 pub(crate) fn unexpected(pfn: Pfn, from: u16, found: u16) -> FrameError {
-    match FrameState::from_tag(found) {
-        Some(FrameState::Absent) => FrameError::NotRam(pfn),
-        Some(found) => FrameError::WrongState { pfn, expected: state_of(from), found },
+    match Shape::of(found) {
+        Some(Shape::Frame(FrameState::Absent)) => FrameError::NotRam(pfn),
+        Some(Shape::Frame(found) | Shape::Head(found)) => {
+            FrameError::WrongState { pfn, expected: state_of(from & !HEAD), found }
+        }
+        Some(Shape::Tail) => FrameError::PartialBlock(pfn),
         None => FrameError::CorruptTag { pfn, tag: found },
     }
 }

@@ -40,6 +40,8 @@ pub enum FrameError {
     /// A frame changed under a multi-frame transition after it was checked; the frames already
     /// changed were put back.
     Race(Pfn),
+    /// The range covers only part of a 2 MiB block held or owned as one unit (split it first).
+    PartialBlock(Pfn),
 }
 
 impl core::fmt::Display for FrameError {
@@ -73,6 +75,7 @@ impl core::fmt::Display for FrameError {
             FrameError::OutOfFrames => f.write_str("out of frames"),
             FrameError::PoolBusy => f.write_str("pool is being filled"),
             FrameError::Race(pfn) => write!(f, "{pfn} changed during a transition"),
+            FrameError::PartialBlock(pfn) => write!(f, "{pfn} is part of a 2 MiB block owned as one unit"),
         }
     }
 }

@@ -162,6 +162,13 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
             let frames = (end.0 - first.0) as usize;
             scrubber.scrub(first, frames);
             buddy.give_back(first, frames)?;
+            // Every whole 2 MiB block starts out as one unit: a block refill or fault then
+            // claims it with one tag change; a page refill splits it (once per 512 pages).
+            let mut head = first.0.next_multiple_of(BLOCK_FRAMES as u64);
+            while head + BLOCK_FRAMES as u64 <= end.0 {
+                db.compound_free(Pfn(head))?;
+                head += BLOCK_FRAMES as u64;
+            }
         }
         let pools = (0..cpus)
             .map(|cpu| CpuPools {
@@ -265,27 +272,50 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
                         }
                     }
                 };
-                for i in 0..chunk as u64 {
-                    if pages.push(first.0 + i).is_err() {
-                        // Cannot happen (we are the only pusher, below capacity); keep the rest.
-                        buddy.give_back(first.add(i), chunk - i as usize)?;
-                        break 'fill;
-                    }
-                    report.pages_added += 1;
+                // Pages are claimed one by one: the block they come from gets per-frame tags.
+                if let Err(e) = self.db.split_free_blocks(first, chunk) {
+                    buddy.give_back(first, chunk)?;
+                    return Err(e);
+                }
+                // One publication for the whole chunk (one head CAS, not one per frame).
+                let pushed = pages.push_many(first.0..first.0 + chunk as u64);
+                report.pages_added += pushed;
+                if pushed < chunk {
+                    // Cannot happen (we are the only pusher, below capacity); keep the rest.
+                    buddy.give_back(first.add(pushed as u64), chunk - pushed)?;
+                    break 'fill;
                 }
             }
         }
         if pools.blocks.len() < self.config.block_low {
-            while pools.blocks.len() < self.config.block_high {
-                let Ok(first) = buddy.alloc(BLOCK_FRAMES) else {
-                    report.exhausted = true;
-                    break;
+            'blocks: while pools.blocks.len() < self.config.block_high {
+                // As for pages: the largest run of blocks still wanted, from one buddy call.
+                let mut chunk = prev_power_of_two(self.config.block_high - pools.blocks.len());
+                let first = loop {
+                    match buddy.alloc(chunk * BLOCK_FRAMES) {
+                        Ok(first) => break first,
+                        Err(_) if chunk > 1 => chunk /= 2,
+                        Err(_) => {
+                            report.exhausted = true;
+                            break 'blocks;
+                        }
+                    }
                 };
-                if blocks.push(first.0).is_err() {
-                    buddy.give_back(first, BLOCK_FRAMES)?;
+                // Each block as one unit (already one if it was never split): one CAS to claim.
+                for b in 0..chunk as u64 {
+                    if let Err(e) = self.db.compound_free(first.add(b * BLOCK_FRAMES as u64)) {
+                        self.db.split_free_blocks(first, chunk * BLOCK_FRAMES)?;
+                        buddy.give_back(first, chunk * BLOCK_FRAMES)?;
+                        return Err(e);
+                    }
+                }
+                let pushed = blocks.push_many((0..chunk as u64).map(|b| first.0 + b * BLOCK_FRAMES as u64));
+                report.blocks_added += pushed;
+                if pushed < chunk {
+                    let rest = first.add((pushed * BLOCK_FRAMES) as u64);
+                    buddy.give_back(rest, (chunk - pushed) * BLOCK_FRAMES)?;
                     break;
                 }
-                report.blocks_added += 1;
             }
         }
         Ok(report)
@@ -308,7 +338,11 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
     pub fn alloc_contiguous(&self, frames: usize, owner: Owner) -> Result<Pfn, FrameError> {
         let mut buddy = self.buddy.lock();
         let first = buddy.alloc(frames)?;
-        if let Err(err) = self.db.transition(first, frames, TAG_FREE, owner.tag()) {
+        if let Err(err) = self
+            .db
+            .split_free_blocks(first, frames)
+            .and_then(|()| self.db.transition(first, frames, TAG_FREE, owner.tag()))
+        {
             buddy.give_back(first, frames)?;
             return Err(err);
         }
@@ -327,6 +361,10 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         owner: Owner,
         scrubber: &impl FrameScrubber,
     ) -> Result<(), FrameError> {
+        // Check all first (a refusal changes nothing), then give blocks owned as one unit but
+        // released only in part per-frame tags; a block released whole stays one unit.
+        self.db.check(first, frames, owner.tag())?;
+        self.db.split_partial_blocks(first, frames, owner.tag())?;
         self.db.transition(first, frames, owner.tag(), TAG_SCRUBBING)?;
         scrubber.scrub(first, frames);
         // Free them under the buddy lock, so an audit (which holds it) never sees them free
@@ -336,6 +374,13 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         buddy.give_back(first, frames)
     }
 
+    /// Gives the 2 MiB block around `pfn`, if `owner` owns it as one unit, per-frame tags (its
+    /// 4 KiB pages are about to be mapped or released on their own: a stage-2 split). `Ok(false)`
+    /// if it was not one unit. Slow path.
+    pub fn split_block(&self, pfn: Pfn, owner: Owner) -> Result<bool, FrameError> {
+        self.db.split_block(pfn, owner.tag())
+    }
+
     /// Carves `frames` contiguous frames (a power of two) from the buddy allocator, tags them
     /// Hypervisor and hands them to the heap through `heap`. Returns the physical range.
     /// Slow path; never from inside the heap's own allocation path (see [`HeapSink`]).
@@ -343,7 +388,11 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         let first = {
             let mut buddy = self.buddy.lock();
             let first = buddy.alloc(frames)?;
-            if let Err(err) = self.db.transition(first, frames, TAG_FREE, TAG_HYPERVISOR) {
+            if let Err(err) = self
+                .db
+                .split_free_blocks(first, frames)
+                .and_then(|()| self.db.transition(first, frames, TAG_FREE, TAG_HYPERVISOR))
+            {
                 buddy.give_back(first, frames)?;
                 return Err(err);
             }
@@ -464,25 +513,24 @@ impl<'m, 'a, const ORDER: usize> CpuFrames<'m, 'a, ORDER> {
         }
     }
 
-    /// Hands one zeroed, clean, 2 MiB-aligned block of 512 frames to `owner`, all claimed
-    /// together or none. [`AtomicError::Empty`] means no block was at hand (map 4 KiB pages
+    /// Hands one zeroed, clean, 2 MiB-aligned block of 512 frames to `owner` (a guest), owned as
+    /// one unit: claimed with one CAS on its head tag. [`AtomicError::Empty`] means no block was at hand (map 4 KiB pages
     /// instead, or refill and retry).
     pub fn alloc_block_atomic_exclusive(self, owner: Owner) -> Result<Pfn, AtomicError> {
+        // Only guests own blocks; refuse others before a block leaves the pool.
+        if owner.block_tag().is_none() {
+            return Err(AtomicError::NotOwner);
+        }
         let first = match self.pools.blocks.pop(POP_ATTEMPTS) {
             Some(first) => first,
             None => self.frames.pop_from_other_cpus(self.pools.cpu, |p| &p.blocks, self.frames.config.block_low)?,
         };
-        let cells = self.frames.db.cells(Pfn(first), BLOCK_FRAMES).map_err(|_| AtomicError::Inconsistent)?;
-        for (i, cell) in cells.iter().enumerate() {
-            // Release: as for a page (see `FrameDb::claim_held`).
-            if cell.compare_exchange(TAG_FREE, owner.tag(), Ordering::Release, Ordering::Relaxed).is_err() {
-                for done in &cells[..i] {
-                    let _ = done.compare_exchange(owner.tag(), TAG_FREE, Ordering::Release, Ordering::Relaxed);
-                }
-                return Err(AtomicError::Inconsistent);
-            }
+        // Pooled blocks are compound: one CAS on the head claims all 512 frames.
+        if self.frames.db.claim_block_held(first, owner) {
+            Ok(Pfn(first))
+        } else {
+            Err(AtomicError::Inconsistent)
         }
-        Ok(Pfn(first))
     }
 
     /// Gives back a frame `owner` got from the atomic path and never used (never mapped, never

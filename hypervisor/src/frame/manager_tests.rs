@@ -283,18 +283,40 @@ fn atomic_block_without_blocks_is_empty() {
     assert_eq!(rig.frames.alloc_block_atomic_exclusive(0, guest(1)), Err(AtomicError::Empty));
 }
 
-// A block whose last frame is not free is refused whole: none of its frames change owner.
+// A pooled block whose head is not a free block's (a bug elsewhere took it) is refused whole:
+// none of its frames change owner.
 #[test]
 fn atomic_block_is_all_or_nothing() {
     let rig = filled(2048, 1);
     let mut pooled = Vec::new();
     rig.frames.pool_snapshot_for_test(0, true, &mut pooled);
     let first = Pfn(pooled[0]);
+    rig.frames.db().cell(first.0).unwrap().store(TAG_HYPERVISOR, Ordering::Relaxed);
+    assert_eq!(rig.frames.alloc_block_atomic_exclusive(0, guest(1)), Err(AtomicError::Inconsistent));
+    assert_eq!(state(&rig, first), FrameState::Hypervisor);
+    for i in 1..BLOCK_FRAMES as u64 {
+        assert_eq!(rig.frames.db().state(first.add(i)), Err(FrameError::CorruptTag { pfn: first.add(i), tag: 0x7000 }));
+    }
+}
+
+// A pooled block is claimed with one CAS on its head and then owned whole; a tail that is not
+// a tail (the claim does not read 511 tags) is the audit's to find.
+#[test]
+fn pooled_block_is_one_unit_and_a_broken_tail_is_audited() {
+    let rig = filled(2048, 1);
+    let mut pooled = Vec::new();
+    rig.frames.pool_snapshot_for_test(0, true, &mut pooled);
+    let first = Pfn(pooled[0]);
+    assert_eq!(rig.frames.db().cell(first.0).unwrap().load(Ordering::Relaxed), 0x9000);
+    assert_eq!(rig.frames.db().unit(first.add(7)), Ok((FrameState::Free, BLOCK_FRAMES as u64 - 7)));
     let last = first.add(BLOCK_FRAMES as u64 - 1);
     rig.frames.db().cell(last.0).unwrap().store(TAG_HYPERVISOR, Ordering::Relaxed);
-    assert_eq!(rig.frames.alloc_block_atomic_exclusive(0, guest(1)), Err(AtomicError::Inconsistent));
-    for i in 0..BLOCK_FRAMES as u64 - 1 {
-        assert_eq!(state(&rig, first.add(i)), FrameState::Free);
+    let report = rig.frames.audit(None);
+    assert!(report.examples.contains(&AuditProblem::BrokenBlock { pfn: last, tag: TAG_HYPERVISOR }), "{report}");
+    rig.frames.db().cell(last.0).unwrap().store(0x7000, Ordering::Relaxed);
+    assert_eq!(rig.frames.alloc_block_atomic_exclusive(0, guest(1)), Ok(first));
+    for i in 0..BLOCK_FRAMES as u64 {
+        assert_eq!(state(&rig, first.add(i)), FrameState::Guest(vm(1)));
     }
 }
 
@@ -721,4 +743,91 @@ fn cpu_handle_allocates_from_its_own_pool() {
     cpu1.return_unused_page_atomic(pfn, guest(1)).unwrap();
     rig.frames.pool_snapshot_for_test(1, false, &mut pooled);
     assert_eq!(pooled.last(), Some(&pfn.0));
+}
+
+// ---- 2 MiB blocks owned as one unit ----
+
+fn raw(rig: &Rig, pfn: Pfn) -> u16 {
+    rig.frames.db().cell(pfn.0).unwrap().load(Ordering::Relaxed)
+}
+
+// Releasing a guest's block whole keeps it one unit (one head change each way) and hands it
+// back to the buddy allocator as a compound free block.
+#[test]
+fn block_released_whole_stays_one_unit() {
+    let rig = filled(2048, 1);
+    let first = rig.frames.alloc_block_atomic_exclusive(0, guest(1)).unwrap();
+    assert_eq!(raw(&rig, first), 0xd001);
+    assert_eq!(raw(&rig, first.add(3)), 0x7000);
+    rig.frames.release(first, BLOCK_FRAMES, guest(1), &rig.ram).unwrap();
+    assert_eq!(raw(&rig, first), 0x9000);
+    assert_eq!(raw(&rig, first.add(3)), 0x7000);
+    assert!((0..BLOCK_FRAMES as u64).all(|i| rig.ram.reads_zero(first.add(i))));
+    let report = rig.frames.audit(Some(&rig.ram));
+    assert!(report.is_exact(), "{report}");
+}
+
+// Releasing part of a block gives its frames per-frame tags first: the rest stays the guest's,
+// frame by frame, and a second release of the same part is refused.
+#[test]
+fn block_released_in_part_goes_back_to_per_frame_tags() {
+    let rig = filled(2048, 1);
+    let first = rig.frames.alloc_block_atomic_exclusive(0, guest(1)).unwrap();
+    let part = first.add(16);
+    rig.frames.release(part, 16, guest(1), &rig.ram).unwrap();
+    assert_eq!(raw(&rig, first), guest(1).tag());
+    assert_eq!(raw(&rig, first.add(300)), guest(1).tag());
+    assert_eq!(state(&rig, part.add(3)), FrameState::Free);
+    assert!(matches!(rig.frames.release(part, 16, guest(1), &rig.ram), Err(FrameError::WrongState { .. })));
+    assert!(rig.frames.audit(Some(&rig.ram)).is_exact());
+}
+
+// A release as someone else, or of a range running past a block into free frames, changes
+// no tag, not even the block's shape.
+#[test]
+fn refused_release_leaves_a_block_whole() {
+    let rig = filled(2048, 1);
+    let first = rig.frames.alloc_block_atomic_exclusive(0, guest(1)).unwrap();
+    assert!(rig.frames.release(first.add(8), 8, guest(2), &rig.ram).is_err());
+    assert!(rig.frames.release(first.add(500), 16, guest(1), &rig.ram).is_err());
+    assert_eq!(raw(&rig, first), 0xd001);
+    assert!((1..BLOCK_FRAMES as u64).all(|i| raw(&rig, first.add(i)) == 0x7000));
+}
+
+// A transition over part of a block is refused as such (callers split first).
+#[test]
+fn transition_over_part_of_a_block_is_refused() {
+    let rig = filled(2048, 1);
+    let first = rig.frames.alloc_block_atomic_exclusive(0, guest(1)).unwrap();
+    let err = rig.frames.db().transition(first.add(1), 4, guest(1).tag(), TAG_FREE).err();
+    assert_eq!(err, Some(FrameError::PartialBlock(first.add(1))));
+}
+
+// A stage-2 split turns a block back into per-frame tags, once; nobody else's block splits.
+#[test]
+fn split_block_converts_once_and_only_for_its_owner() {
+    let rig = filled(2048, 1);
+    let first = rig.frames.alloc_block_atomic_exclusive(0, guest(1)).unwrap();
+    assert!(rig.frames.split_block(first.add(9), guest(2)).is_err());
+    assert_eq!(raw(&rig, first), 0xd001);
+    assert_eq!(rig.frames.split_block(first.add(9), guest(1)), Ok(true));
+    assert_eq!(rig.frames.split_block(first, guest(1)), Ok(false));
+    assert!((0..BLOCK_FRAMES as u64).all(|i| raw(&rig, first.add(i)) == guest(1).tag()));
+    assert!(rig.frames.audit(None).is_consistent());
+}
+
+// Free RAM starts as whole blocks; a page refill splits the one it takes pages from, so pooled
+// pages are claimable one by one.
+#[test]
+fn page_refill_splits_the_block_it_takes_from() {
+    let rig = rig(2048, 1, small());
+    let report = rig.frames.audit(None);
+    assert!(report.compound_blocks >= 2, "{report}");
+    rig.frames.refill(0).unwrap();
+    let mut pages = Vec::new();
+    rig.frames.pool_snapshot_for_test(0, false, &mut pages);
+    for &p in &pages {
+        assert_eq!(raw(&rig, Pfn(p)), TAG_FREE);
+    }
+    assert!(rig.frames.audit(None).is_exact());
 }

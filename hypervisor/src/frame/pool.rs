@@ -16,7 +16,7 @@
 
 use alloc::vec::Vec;
 
-use super::sync::{AtomicBool, AtomicU64, Ordering};
+use super::sync::{fence, AtomicBool, AtomicU64, Ordering};
 
 const LEN_BITS: u32 = 12;
 const LEN_MASK: u64 = (1 << LEN_BITS) - 1;
@@ -25,6 +25,10 @@ const GEN_ONE: u64 = 1 << LEN_BITS;
 const POP_DELTA: u64 = GEN_ONE - 1;
 /// Push: length + 1, generation + 1.
 const PUSH_DELTA: u64 = GEN_ONE + 1;
+/// Push of many: length + n, generation + 1 (one publication, one generation step).
+const fn push_many_delta(n: usize) -> u64 {
+    GEN_ONE + n as u64
+}
 
 /// Most slots a pool type can have: its length lives in 12 bits.
 pub(crate) const MAX_SLOTS: usize = LEN_MASK as usize;
@@ -152,6 +156,44 @@ impl<const N: usize> Filler<'_, N> {
     }
 }
 
+impl<const N: usize> Filler<'_, N> {
+    /// Pushes as many of `values` as there is room for with one publication (one head
+    /// compare-and-swap for all of them) and returns how many it pushed; they pop in reverse
+    /// order, as if pushed one by one. Bounded like [`Filler::push`]: a retry happens only
+    /// after a pop moved the head, and then the slots are written again at the new top.
+    pub(crate) fn push_many<I: Iterator<Item = u64> + Clone>(&self, values: I) -> usize {
+        let pool = self.pool;
+        // Acquire: pairs with the pops' Release, so a pop that read a slot we reuse is done.
+        let mut head = pool.head.load(Ordering::Acquire);
+        loop {
+            let len = (head & LEN_MASK) as usize;
+            let room = pool.capacity.saturating_sub(len);
+            let Some(slots) = pool.slots.get(len..) else { return 0 };
+            // Release fence, then plain stores: for the audit (see `snapshot`), one fence orders
+            // everything we saw before every slot store after it, as a Release per store would.
+            fence(Ordering::Release);
+            let mut n = 0;
+            for (slot, value) in slots.iter().zip(values.clone().take(room)) {
+                slot.store(value, Ordering::Relaxed);
+                n += 1;
+            }
+            if n == 0 {
+                return 0;
+            }
+            // Release: publishes every slot and scrubbed frame to poppers at once.
+            match pool.head.compare_exchange(
+                head,
+                head.wrapping_add(push_many_delta(n)),
+                Ordering::Release,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return n,
+                Err(now) => head = now,
+            }
+        }
+    }
+}
+
 impl<const N: usize> Drop for Filler<'_, N> {
     fn drop(&mut self) {
         // Release: the next holder sees our pushes complete.
@@ -243,6 +285,29 @@ mod tests {
         assert_eq!(pool.head(), head);
         pool.pop(1).unwrap();
         assert_ne!(pool.head(), head);
+    }
+
+    // A bulk push fills up to capacity in one publication and pops in reverse order.
+    #[test]
+    fn push_many_stops_at_capacity_and_pops_in_reverse() {
+        let pool = FramePool::<8>::new(5);
+        let filler = pool.filler().unwrap();
+        filler.push(1).unwrap();
+        let before = pool.head();
+        assert_eq!(filler.push_many(10..20), 4);
+        assert_eq!(pool.head() >> LEN_BITS, (before >> LEN_BITS) + 1, "one generation step");
+        assert_eq!(filler.push_many(30..31), 0, "full");
+        let popped: Vec<u64> = core::iter::from_fn(|| pool.pop(1)).collect();
+        assert_eq!(popped, [13, 12, 11, 10, 1]);
+    }
+
+    // A bulk push of nothing changes nothing.
+    #[test]
+    fn push_many_of_nothing_leaves_the_head() {
+        let pool = FramePool::<8>::new(4);
+        let before = pool.head();
+        assert_eq!(pool.filler().unwrap().push_many(core::iter::empty()), 0);
+        assert_eq!(pool.head(), before);
     }
 
     // Two threads popping a shared pool get every entry exactly once between them.

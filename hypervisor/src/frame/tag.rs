@@ -11,6 +11,15 @@
 //! | `0x4000`         | [`FrameState::Scrubbing`] | released, being zeroed by the releasing path    |
 //! | `0x5000 \| vm`   | [`FrameState::Guest`]    | guest memory of VM `vm`                          |
 //! | `0x6000 \| vm`   | [`FrameState::PageTable`] | a stage-2 table page of VM `vm`                 |
+//! | `0x7000`         | tail of a 2 MiB block    | its state is its head's, at `pfn & !511`         |
+//! | `0x9000`         | head of a free block     | [`FrameState::Free`], for all 512 frames         |
+//! | `0xc000`         | head of a scrubbing block | [`FrameState::Scrubbing`], for all 512 frames   |
+//! | `0xd000 \| vm`   | head of a guest block    | [`FrameState::Guest`], for all 512 frames        |
+//!
+//! A 2 MiB-aligned block held or owned as one unit (a compound block) is one head tag (the
+//! single-frame tag with bit 15 set) and 511 tail tags: it changes hands with one
+//! compare-and-swap on the head, and a tail's owner is one more load away, so every frame still
+//! has exactly one owner, answered in O(1). Only Free, Scrubbing and Guest have a head form.
 //!
 //! Every other value is corrupt and is reported by the audit. Absent is zero so that storage
 //! nobody initialised makes nothing usable. This module never reads or writes a tag cell: it
@@ -27,6 +36,55 @@ pub(crate) const TAG_HYPERVISOR: u16 = 0x3000;
 pub(crate) const TAG_SCRUBBING: u16 = 0x4000;
 const KIND_GUEST: u16 = 0x5;
 const KIND_PAGE_TABLE: u16 = 0x6;
+/// A tail frame of a compound block: "my state is the head's, at `pfn & !511`".
+pub(crate) const TAG_TAIL: u16 = 0x7000;
+/// Set on the head frame of a compound block, over the tag of the state all 512 frames are in.
+pub(crate) const HEAD: u16 = 0x8000;
+pub(crate) const TAG_FREE_HEAD: u16 = TAG_FREE | HEAD;
+
+/// How one tag describes its frame.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Shape {
+    /// A frame on its own, in this state.
+    Frame(FrameState),
+    /// The head of a compound block: it and its 511 tails are in this state.
+    Head(FrameState),
+    /// A tail of the compound block headed at `pfn & !511`.
+    Tail,
+}
+
+impl Shape {
+    /// Decodes any tag; `None` for a value no transition writes.
+    pub(crate) const fn of(tag: u16) -> Option<Shape> {
+        if tag == TAG_TAIL {
+            return Some(Shape::Tail);
+        }
+        if tag & HEAD == 0 {
+            return match FrameState::from_tag(tag) {
+                Some(s) => Some(Shape::Frame(s)),
+                None => None,
+            };
+        }
+        match head_form(tag & !HEAD) {
+            Some(_) => match FrameState::from_tag(tag & !HEAD) {
+                Some(s) => Some(Shape::Head(s)),
+                None => None,
+            },
+            None => None,
+        }
+    }
+}
+
+/// The head tag of a compound block whose frames are in single-frame state `tag`: only Free,
+/// Scrubbing and Guest blocks exist (pooled, being released, mapped as one 2 MiB block).
+#[inline(always)]
+pub(crate) const fn head_form(tag: u16) -> Option<u16> {
+    match tag {
+        TAG_FREE | TAG_SCRUBBING => Some(tag | HEAD),
+        _ if tag >> VM_BITS == KIND_GUEST => Some(tag | HEAD),
+        _ => None,
+    }
+}
 
 /// A guest (VM) number as the frame database records it: 12 bits, 0..=4095.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
@@ -71,6 +129,16 @@ impl Owner {
     #[inline(always)]
     pub const fn tag(self) -> u16 {
         self.0
+    }
+
+    /// The head tag of a 2 MiB block owned by `self` as one unit; only guests own blocks.
+    #[inline(always)]
+    pub const fn block_tag(self) -> Option<u16> {
+        if self.0 >> VM_BITS == KIND_GUEST {
+            Some(self.0 | HEAD)
+        } else {
+            None
+        }
     }
 
     pub fn state(self) -> FrameState {
@@ -146,8 +214,8 @@ impl core::fmt::Display for FrameState {
     }
 }
 
-/// Decodes a tag read from the database for an error message: corrupt values show as absent,
-/// which no transition accepts either.
+/// Decodes a single-frame tag for an error message: corrupt values show as absent, which no
+/// transition accepts either.
 pub(crate) fn state_of(tag: u16) -> FrameState {
     FrameState::from_tag(tag).unwrap_or(FrameState::Absent)
 }
@@ -188,12 +256,28 @@ mod tests {
         assert_eq!(FrameState::from_tag(0), Some(FrameState::Absent));
     }
 
-    // Values no transition writes decode as corrupt.
+    // Values no transition writes decode as corrupt, as single frames and in any shape.
     #[test]
     fn unused_encodings_are_corrupt() {
-        for tag in [0x0001, 0x1001, 0x3fff, 0x4001, 0x7000, 0xffff] {
-            assert_eq!(FrameState::from_tag(tag), None, "{tag:#x}");
+        for tag in [0x0001, 0x1001, 0x3fff, 0x4001, 0x7001, 0x8000, 0x9001, 0xa000, 0xb000, 0xe000, 0xf000, 0xffff] {
+            assert_eq!(FrameState::from_tag(tag & !HEAD).filter(|_| tag & HEAD == 0), None, "{tag:#x}");
+            assert_eq!(Shape::of(tag), None, "{tag:#x}");
         }
+    }
+
+    // Heads exist for free, scrubbing and guest blocks only, and decode to their state; the
+    // tail is one exact value.
+    #[test]
+    fn compound_shapes_decode() {
+        assert_eq!(Shape::of(TAG_TAIL), Some(Shape::Tail));
+        assert_eq!(Shape::of(TAG_FREE_HEAD), Some(Shape::Head(FrameState::Free)));
+        assert_eq!(Shape::of(TAG_SCRUBBING | HEAD), Some(Shape::Head(FrameState::Scrubbing)));
+        let g = Owner::guest(vm(9));
+        assert_eq!(g.block_tag().and_then(Shape::of), Some(Shape::Head(FrameState::Guest(vm(9)))));
+        assert_eq!(Owner::page_table(vm(9)).block_tag(), None);
+        assert_eq!(Owner::HYPERVISOR.block_tag(), None);
+        assert_eq!(head_form(TAG_RESERVED), None);
+        assert_eq!(Shape::of(TAG_FREE), Some(Shape::Frame(FrameState::Free)));
     }
 
     // VM ids are limited to the 12 bits the tag has room for.

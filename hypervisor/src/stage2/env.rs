@@ -21,6 +21,16 @@ pub trait Stage2Env {
     /// The frame database's view of `pfn`; `None` if it is not RAM.
     fn frame_state(&self, pfn: Pfn) -> Option<FrameState>;
 
+    /// The state of `pfn` and how many frames from it on share it as one unit (the rest of a
+    /// 2 MiB block owned whole, else 1): a block's owner check reads one tag, not 512.
+    fn frame_unit(&self, pfn: Pfn) -> (Option<FrameState>, u64) {
+        (self.frame_state(pfn), 1)
+    }
+
+    /// The 2 MiB block of guest `vm` headed at `head` is being split into pages: if the frame
+    /// database holds it as one unit, give its frames per-frame tags (same owner).
+    fn split_frames(&mut self, vm: VmId, head: Pfn);
+
     /// Whether `pfn` is in `state` (the demand-fault path's owner check; an environment may
     /// answer it more cheaply than by decoding the state).
     #[inline(always)]

@@ -65,12 +65,17 @@ pub enum Sabotage {
     DropDsbIsh,
     /// Every `TLBI VMALLS12E1IS` is dropped.
     DropVmidTlbi,
+    /// The frame database is never told a 2 MiB block was split (blocks stay one unit).
+    KeepBlocksWhole,
 }
 
 pub struct ModelEnv {
     tables: HashMap<u64, Box<[u64; ENTRIES]>>,
     /// Frame states from `ram_base` on.
     frames: Vec<FrameState>,
+    /// Heads of 2 MiB blocks the frame database holds as one unit (claimed whole for a block
+    /// fault): they must be split before any part of them is released on its own.
+    compound: HashSet<u64>,
     ram_base: u64,
     free_list: Vec<u64>,
     /// Root table, start level and VMID of each live address space.
@@ -95,6 +100,7 @@ impl ModelEnv {
         ModelEnv {
             tables: HashMap::new(),
             frames: vec![FrameState::Free; frames],
+            compound: HashSet::new(),
             ram_base,
             free_list: (ram_base..ram_base + frames as u64).rev().collect(),
             roots: Vec::new(),
@@ -118,6 +124,11 @@ impl ModelEnv {
     fn state_mut(&mut self, pfn: u64) -> Option<&mut FrameState> {
         let i = pfn.checked_sub(self.ram_base)? as usize;
         self.frames.get_mut(i)
+    }
+
+    /// Whether the block headed at `head` is still held as one unit (for tests).
+    pub fn is_compound(&self, head: Pfn) -> bool {
+        self.compound.contains(&head.0)
     }
 
     /// Registers an address space so the model knows which VMID a table belongs to.
@@ -166,6 +177,10 @@ impl ModelEnv {
                 for s in &mut self.frames[start..start + count] {
                     *s = state;
                 }
+                // A guest's 2 MiB block is owned as one unit, as the atomic path hands it out.
+                if count == 512 && pfn % 512 == 0 && matches!(state, FrameState::Guest(_)) {
+                    self.compound.insert(pfn);
+                }
                 self.free_list.retain(|&f| f < pfn || f >= pfn + count as u64);
                 return Some(Pfn(pfn));
             }
@@ -190,6 +205,21 @@ impl ModelEnv {
                 "frames {pa:#x}+{size:#x} released while VMID {} may still translate IPA {:#x} to {:#x}",
                 c.vmid, c.ipa, c.pa
             ));
+        }
+        let partial: Vec<u64> = self
+            .compound
+            .iter()
+            .filter(|&&h| h < end >> 12 && pa >> 12 < h + 512)
+            .copied()
+            .collect();
+        for head in partial {
+            if head < pa >> 12 || head + 512 > end >> 12 {
+                self.violation(format!(
+                    "frames {pa:#x}+{size:#x} released out of the 2 MiB block at {:#x}, still owned as one unit",
+                    head << 12
+                ));
+            }
+            self.compound.remove(&head);
         }
         for pfn in pa >> 12..end >> 12 {
             if let Some(s) = self.state_mut(pfn) {
@@ -481,6 +511,23 @@ impl Stage2Env for ModelEnv {
     fn frame_state(&self, pfn: Pfn) -> Option<FrameState> {
         let i = pfn.0.checked_sub(self.ram_base)? as usize;
         self.frames.get(i).copied()
+    }
+
+    fn frame_unit(&self, pfn: Pfn) -> (Option<FrameState>, u64) {
+        let head = pfn.0 & !511;
+        let run = if self.compound.contains(&head) { 512 - (pfn.0 - head) } else { 1 };
+        (self.frame_state(pfn), run)
+    }
+
+    fn split_frames(&mut self, vm: VmId, head: Pfn) {
+        if self.sabotage == Sabotage::KeepBlocksWhole || !self.compound.contains(&head.0) {
+            return;
+        }
+        if self.frame_state(head) != Some(FrameState::Guest(vm)) {
+            self.violation(format!("VM {} split the block at {head}, which is not its own", vm.get()));
+            return;
+        }
+        self.compound.remove(&head.0);
     }
 
     fn dsb_ishst(&mut self) {

@@ -239,10 +239,13 @@ impl Stage2 {
                 if env.read(table, idx) & 1 != 0 {
                     return Err(Stage2Error::AlreadyMapped { ipa });
                 }
-                // One frame: its owner, checked inline.
-                if attrs.mem != MemType::Normal || !env.frame_is(Pfn(pa >> 12), FrameState::Guest(self.vm)) {
-                    let pfn = Pfn(pa >> 12);
-                    return Err(Stage2Error::NotOwned { pfn, state: env.frame_state(pfn) });
+                // One frame: its owner, checked inline (a block's tail answers through its head).
+                let pfn = Pfn(pa >> 12);
+                if attrs.mem != MemType::Normal || !env.frame_is(pfn, FrameState::Guest(self.vm)) {
+                    let state = env.frame_state(pfn);
+                    if attrs.mem != MemType::Normal || state != Some(FrameState::Guest(self.vm)) {
+                        return Err(Stage2Error::NotOwned { pfn, state });
+                    }
                 }
                 env.write(table, idx, Entry::Leaf { pa, attrs }.encode(3));
                 env.dsb_ishst();
@@ -264,9 +267,11 @@ impl Stage2 {
     }
 
     fn check_owner(&self, env: &impl Stage2Env, pa: u64, size: u64, mem: MemType) -> Result<(), Stage2Error> {
-        let first = pa >> 12;
-        for pfn in first..first + (size >> 12) {
-            let state = env.frame_state(Pfn(pfn));
+        let (first, end) = (pa >> 12, (pa + size) >> 12);
+        let mut pfn = first;
+        while pfn < end {
+            // A block owned as one unit answers for all its frames at once.
+            let (state, run) = env.frame_unit(Pfn(pfn));
             let ok = match mem {
                 MemType::Normal => state == Some(FrameState::Guest(self.vm)),
                 MemType::Device => matches!(state, None | Some(FrameState::Absent)),
@@ -274,6 +279,7 @@ impl Stage2 {
             if !ok {
                 return Err(Stage2Error::NotOwned { pfn: Pfn(pfn), state });
             }
+            pfn += run.max(1);
         }
         Ok(())
     }
@@ -344,6 +350,11 @@ impl Stage2 {
         let Entry::Leaf { pa, attrs } = Entry::decode(slot.raw, slot.level) else { return };
         let child = slot.level + 1;
         let step = level_size(child);
+        // A 2 MiB block becomes 512 pages that may go their own ways: the frame database stops
+        // holding its frames as one unit (a 1 GiB split keeps 2 MiB blocks, which stay units).
+        if child == 3 && attrs.mem == MemType::Normal {
+            env.split_frames(self.vm, Pfn(pa >> 12));
+        }
         for i in 0..ENTRIES {
             env.write(table, i, Entry::Leaf { pa: pa + i as u64 * step, attrs }.encode(child));
         }

@@ -384,3 +384,41 @@ fn runs_merge_contiguous_mappings_for_the_dump() {
     assert_eq!(runs, vec![(GUEST_RAM, blk, 2 * MIB), (GUEST_RAM + 4 * MIB, lone, 0x1000)]);
     clean(&mut env);
 }
+
+// A 2 MiB block the frame database holds as one unit maps after one owner check, and only for
+// its owner; splitting the mapping turns it back into per-frame tags, so its pages can then be
+// unmapped and released on their own.
+#[test]
+fn block_owned_as_one_unit_maps_and_splits_into_pages() {
+    let (mut env, mut s2) = setup(2048);
+    let pa = guest_block(&mut env, 1);
+    let head = Pfn(pa >> 12);
+    assert!(env.is_compound(head));
+    let foreign = env.claim_contiguous(512, 512, FrameState::Guest(vm(2))).unwrap().phys();
+    assert!(matches!(s2.map(&mut env, GUEST_RAM + 2 * MIB, foreign, 2, Attrs::RAM), Err(Stage2Error::NotOwned { .. })));
+    s2.map(&mut env, GUEST_RAM, pa, 2, Attrs::RAM).unwrap();
+    s2.split(&mut env, GUEST_RAM, 2).unwrap();
+    assert!(!env.is_compound(head));
+    let mut released = Vec::new();
+    s2.unmap(&mut env, GUEST_RAM + 0x3000, 0x2000, &mut |pa, size| released.push((pa, size))).unwrap();
+    for (pa, size) in released {
+        env.release_frames(pa, size);
+    }
+    clean(&mut env);
+}
+
+// Unmapping part of a block whose frames stay one unit (the split never reaches the frame
+// database) is caught: part of a block would be released while still owned whole.
+#[test]
+fn model_catches_a_block_split_without_its_frames() {
+    let (mut env, mut s2) = setup(2048);
+    let pa = guest_block(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, pa, 2, Attrs::RAM).unwrap();
+    env.sabotage = Sabotage::KeepBlocksWhole;
+    let mut released = Vec::new();
+    s2.unmap(&mut env, GUEST_RAM, 0x1000, &mut |pa, size| released.push((pa, size))).unwrap();
+    for (pa, size) in released {
+        env.release_frames(pa, size);
+    }
+    assert!(env.violations.iter().any(|v| v.contains("still owned as one unit")), "{:?}", env.violations);
+}

@@ -70,6 +70,19 @@ impl Stage2Env for HwStage2<'_> {
         self.frames.db().state(pfn).ok()
     }
 
+    fn frame_unit(&self, pfn: Pfn) -> (Option<FrameState>, u64) {
+        match self.frames.db().unit(pfn) {
+            Ok((state, run)) => (Some(state), run),
+            Err(_) => (None, 1),
+        }
+    }
+
+    fn split_frames(&mut self, vm: VmId, head: Pfn) {
+        if let Err(e) = self.frames.split_block(head, Owner::guest(vm)) {
+            log::error!("block at {head} of VM {} not split in the frame database: {e}", vm.get());
+        }
+    }
+
     #[inline(always)]
     fn frame_is(&self, pfn: Pfn, state: FrameState) -> bool {
         self.frames.db().is_in(pfn, state)
