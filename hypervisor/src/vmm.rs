@@ -407,36 +407,46 @@ pub fn fast_fault(ipa_page: u64) -> bool {
     if !vm.config.no_block_mappings || !vm.layout.in_ram(ipa_page) {
         return false;
     }
-    let Some(pool) = vm.pool else { return false };
+    let (Some(pool), Some(s2)) = (vm.pool, vm.s2.as_mut()) else { return false };
+    // Built from the pool handle, not the global: nothing to load that the shortcut does not use.
+    let mut env = arch::HwStage2 { frames: pool.manager(), cpu: pool.index(), vttbr: vm.vttbr };
+    // Only the cached level-3 table's free slots are served here: everything that could fail
+    // after the frame is taken (a walk, a table page) is the general path's, so this path makes
+    // no call (its caller saved only the caller-saved registers).
+    let Some(slot) = s2.cached_page_slot(&env, ipa_page) else { return false };
     if !vm.budget.take(1) {
         return false;
     }
-    let mapped = match pool.alloc_page_atomic_exclusive(vm.owner) {
-        Ok(pfn) => {
-            let mut env = env(vm);
-            match vm.s2.as_mut().map(|s2| s2.map_page(&mut env, ipa_page, pfn.phys(), Attrs::RAM)) {
-                Some(Ok(())) => true,
-                _ => {
-                    // Nothing changed: hand the frame back and let the general path explain.
-                    let _ = pool.return_unused_page_atomic(pfn, vm.owner);
-                    false
-                }
-            }
-        }
-        Err(_) => false,
-    };
-    if mapped {
-        vm.stats.page_faults += 1;
-    } else {
+    let Ok(page) = pool.alloc_guest_page_own_pool(vm.id) else {
         vm.budget.untake(1);
+        return false;
+    };
+    match slot.fill(&mut env, page) {
+        Ok(()) => {
+            vm.stats.page_faults += 1;
+            true
+        }
+        Err(page) => give_back_unmapped(vm, page),
     }
-    mapped
+}
+
+/// A claimed page the fast path could not map (cannot happen: it was claimed for this guest):
+/// back to the pool, and the general path explains.
+#[cold]
+#[inline(never)]
+fn give_back_unmapped(vm: &mut Vm, page: labyrinth::frame::ClaimedPage) -> bool {
+    vm.budget.untake(1);
+    if let Some(pool) = vm.pool {
+        let _ = pool.return_unused_page_atomic(page.pfn(), Owner::guest(page.vm()));
+    }
+    false
 }
 
 /// An HVC on the fast path: PSCI calls whose whole effect is a return value (VERSION,
 /// FEATURES, AFFINITY_INFO, errors) are answered from x0-x3; calls that stop, reset or start a
-/// vCPU go to the general path.
-#[inline(always)]
+/// vCPU go to the general path. Not inlined: the fault path beside it in `guest_fast` then
+/// needs no stack frame of its own (this is a tail call).
+#[inline(never)]
 pub fn fast_hvc(frame: &mut TrapFrame) -> bool {
     let Some(vm) = this_cpu_vm() else { return false };
     match vpsci::handle(frame.x[0], frame.x[1], frame.x[2], frame.x[3], 0, &[true]) {

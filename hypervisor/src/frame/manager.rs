@@ -21,6 +21,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use super::audit::{audit, AuditReport};
+use super::claimed::ClaimedPage;
 use super::buddy::BuddyFrames;
 use super::db::{unexpected, FrameDb};
 use super::error::{AtomicError, FrameError};
@@ -28,7 +29,7 @@ use super::heap::HeapSink;
 use super::pool::FramePool;
 use super::scrub::FrameScrubber;
 use super::sync::Ordering;
-use super::tag::{Owner, TAG_FREE, TAG_HYPERVISOR, TAG_SCRUBBING};
+use super::tag::{Owner, VmId, TAG_FREE, TAG_HYPERVISOR, TAG_SCRUBBING};
 use super::{frames_of, Pfn, BLOCK_FRAMES};
 
 /// Slots in each CPU's page pool: the most 4 KiB frames it can hold (2 MiB worth).
@@ -511,6 +512,22 @@ impl<'m, 'a, const ORDER: usize> CpuFrames<'m, 'a, ORDER> {
             Some(pfn) => self.claim_popped_page(pfn, owner),
             None => self.alloc_page_from_other_cpus(owner),
         }
+    }
+
+    /// The demand-fault fast path's allocation: a page for guest `vm` from this CPU's own pool
+    /// only, with the claim's proof ([`ClaimedPage`]) so the stage-2 code need not check the
+    /// frame again. [`AtomicError::Empty`] as soon as the own pool is: the caller's general
+    /// path then tries other CPUs' surplus and refills. No call on its way, so it fits a trap
+    /// handler that saved only the caller-saved registers.
+    #[inline(always)]
+    pub fn alloc_guest_page_own_pool(self, vm: VmId) -> Result<ClaimedPage, AtomicError> {
+        let pfn = self.pools.pages.pop(POP_ATTEMPTS).ok_or(AtomicError::Empty)?;
+        self.claim_popped_page(pfn, Owner::guest(vm)).map(|pfn| ClaimedPage::new(pfn, vm))
+    }
+
+    /// The frame manager this handle belongs to.
+    pub fn manager(self) -> &'m FrameManager<'a, ORDER> {
+        self.frames
     }
 
     /// Hands one zeroed, clean, 2 MiB-aligned block of 512 frames to `owner` (a guest), owned as

@@ -18,6 +18,7 @@
 
 mod audit;
 mod buddy;
+mod claimed;
 mod db;
 mod error;
 mod heap;
@@ -40,6 +41,7 @@ mod stress_tests;
 mod loom_tests;
 
 pub use audit::{AuditProblem, AuditReport, GuestFrames, Holder};
+pub use claimed::ClaimedPage;
 pub use db::{FrameDb, TagCell};
 pub use error::{AtomicError, FrameError};
 pub use heap::HeapSink;

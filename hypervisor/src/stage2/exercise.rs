@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::vec::Vec;
 
-use crate::frame::{FrameState, Pfn, VmId};
+use crate::frame::{ClaimedPage, FrameState, Pfn, VmId};
 
 use super::model::ModelEnv;
 use super::{level_size, Attrs, Geometry, MemType, PageState, Stage2, Stage2Env, Stage2Error};
@@ -130,8 +130,15 @@ impl Exercise {
         let mapped = self.guests[gi].expect.contains_key(&ipa);
         let Some(pfn) = self.env.claim_frame(FrameState::Guest(vm)) else { return };
         let (s2, env) = self.s2(gi);
-        // Two thirds of page faults take the demand-fault path, the rest the general one.
-        let r = if page % 3 == 0 { s2.map(env, ipa, pfn.phys(), 3, Attrs::RAM) } else { s2.map_page(env, ipa, pfn.phys(), Attrs::RAM) };
+        // Page faults take the general path, the demand-fault path, or its claimed-page form.
+        let r = match page % 3 {
+            0 => s2.map(env, ipa, pfn.phys(), 3, Attrs::RAM),
+            1 => s2.map_page(env, ipa, pfn.phys(), Attrs::RAM),
+            _ => match s2.cached_page_slot(env, ipa) {
+                Some(slot) => slot.fill(env, ClaimedPage::assume(pfn, vm)).map_err(|_| Stage2Error::NotOwned { pfn, state: None }),
+                None => s2.map_page(env, ipa, pfn.phys(), Attrs::RAM),
+            },
+        };
         match r {
             Ok(()) => {
                 assert!(!mapped, "mapped over the live page at {ipa:#x}");

@@ -12,7 +12,7 @@
 //!   changes, so running out of memory leaves the address space exactly as it was.
 //! - A RAM frame is mapped only if the frame database says this guest owns it.
 
-use crate::frame::{FrameState, Pfn, VmId};
+use crate::frame::{ClaimedPage, FrameState, Pfn, VmId};
 
 use super::desc::{Attrs, Entry, MemType};
 use super::env::Stage2Env;
@@ -101,6 +101,29 @@ pub struct Mapping {
     pub pa: u64,
     pub size: u64,
     pub attrs: Attrs,
+}
+
+/// A free level-3 entry of one guest's space, found by [`Stage2::cached_page_slot`] and
+/// holding the space's borrow until it is filled.
+pub struct PageSlot<'s> {
+    vm: VmId,
+    table: Pfn,
+    index: usize,
+    _space: core::marker::PhantomData<&'s mut Stage2>,
+}
+
+impl PageSlot<'_> {
+    /// Maps `page` here as guest RAM. The claim stands for the owner check (see
+    /// [`ClaimedPage`]); a claim for another guest is handed back, nothing written.
+    #[inline(always)]
+    pub fn fill(self, env: &mut impl Stage2Env, page: ClaimedPage) -> Result<(), ClaimedPage> {
+        if page.vm() != self.vm {
+            return Err(page);
+        }
+        env.write(self.table, self.index, Entry::Leaf { pa: page.pfn().phys(), attrs: Attrs::RAM }.encode(3));
+        env.dsb_ishst();
+        Ok(())
+    }
 }
 
 /// One guest's stage-2 address space.
@@ -233,12 +256,9 @@ impl Stage2 {
     /// the page's level-3 table is the one the previous page went into.
     #[inline(always)]
     pub fn map_page(&mut self, env: &mut impl Stage2Env, ipa: u64, pa: u64, attrs: Attrs) -> Result<(), Stage2Error> {
-        if let Some((base, table)) = self.last_l3 {
-            if ipa & !(level_size(2) - 1) == base && ipa % PAGE_SIZE == 0 && pa % PAGE_SIZE == 0 {
-                let idx = index(ipa, 3);
-                if env.read(table, idx) & 1 != 0 {
-                    return Err(Stage2Error::AlreadyMapped { ipa });
-                }
+        if pa % PAGE_SIZE == 0 {
+            if let Some(slot) = self.cached_l3_slot(env, ipa) {
+                let (table, idx) = slot?;
                 // One frame: its owner, checked inline (a block's tail answers through its head).
                 let pfn = Pfn(pa >> 12);
                 if attrs.mem != MemType::Normal || !env.frame_is(pfn, FrameState::Guest(self.vm)) {
@@ -253,6 +273,28 @@ impl Stage2 {
             }
         }
         self.map_page_walk(env, ipa, pa, attrs)
+    }
+
+    /// The demand-fault fast path's first step: the free level-3 slot of page `ipa` when it
+    /// lies in the table the previous page went into, or `None` (walk, already mapped: the
+    /// general path's business). The slot borrows the space, so no table can change before
+    /// [`PageSlot::fill`] writes it.
+    #[inline(always)]
+    pub fn cached_page_slot(&mut self, env: &impl Stage2Env, ipa: u64) -> Option<PageSlot<'_>> {
+        let (table, index) = self.cached_l3_slot(env, ipa)?.ok()?;
+        Some(PageSlot { vm: self.vm, table, index, _space: core::marker::PhantomData })
+    }
+
+    /// The free level-3 slot of page `ipa` when it lies in the table the previous page went
+    /// into (`None`: walk), or why it cannot be mapped.
+    #[inline(always)]
+    fn cached_l3_slot(&self, env: &impl Stage2Env, ipa: u64) -> Option<Result<(Pfn, usize), Stage2Error>> {
+        let (base, table) = self.last_l3?;
+        if ipa & !(level_size(2) - 1) != base || ipa % PAGE_SIZE != 0 {
+            return None;
+        }
+        let idx = index(ipa, 3);
+        Some(if env.read(table, idx) & 1 != 0 { Err(Stage2Error::AlreadyMapped { ipa }) } else { Ok((table, idx)) })
     }
 
     /// `map_page` without the shortcut: the general map, then remember the level-3 table.

@@ -3,7 +3,7 @@
 
 use super::model::{ModelEnv, Sabotage};
 use super::*;
-use crate::frame::VmId;
+use crate::frame::{ClaimedPage, VmId};
 
 const RAM_BASE_PFN: u64 = 0x40000; // 0x4000_0000
 const MIB: u64 = 1 << 20;
@@ -350,6 +350,29 @@ fn map_page_takes_the_shortcut_and_still_checks_ownership() {
     assert_eq!(s2.translate(&env, GUEST_RAM + 0x1000).unwrap().pa, b);
     assert!(matches!(s2.map_page(&mut env, GUEST_RAM + 0x2000, foreign, Attrs::RAM), Err(Stage2Error::NotOwned { .. })));
     assert_eq!(s2.map_page(&mut env, GUEST_RAM + 0x1000, a, Attrs::RAM), Err(Stage2Error::AlreadyMapped { ipa: GUEST_RAM + 0x1000 }));
+    clean(&mut env);
+}
+
+// The fast path's form: a slot only through the cached table and only while free; the claim
+// stands for the owner check, but only a claim for this guest fills it.
+#[test]
+fn cached_page_slot_takes_only_this_guests_claims() {
+    let (mut env, mut s2) = setup(64);
+    assert!(s2.cached_page_slot(&env, GUEST_RAM).is_none(), "no table cached yet: walk");
+    let a = guest_frame(&mut env, 1);
+    s2.map_page(&mut env, GUEST_RAM, a, Attrs::RAM).unwrap();
+    assert!(s2.cached_page_slot(&env, GUEST_RAM).is_none(), "a live entry is no slot");
+    assert!(s2.cached_page_slot(&env, GUEST_RAM + 4 * MIB).is_none(), "another table: walk");
+    assert!(s2.cached_page_slot(&env, GUEST_RAM + 0x1001).is_none(), "unaligned");
+    let b = guest_frame(&mut env, 1);
+    let slot = s2.cached_page_slot(&env, GUEST_RAM + 0x1000).unwrap();
+    slot.fill(&mut env, ClaimedPage::assume(Pfn(b >> 12), vm(1))).unwrap();
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x1000).unwrap().pa, b);
+    let foreign = guest_frame(&mut env, 2);
+    let slot = s2.cached_page_slot(&env, GUEST_RAM + 0x2000).unwrap();
+    let back = slot.fill(&mut env, ClaimedPage::assume(Pfn(foreign >> 12), vm(2)));
+    assert_eq!(back, Err(ClaimedPage::assume(Pfn(foreign >> 12), vm(2))));
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x2000), None);
     clean(&mut env);
 }
 

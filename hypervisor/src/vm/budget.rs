@@ -11,14 +11,15 @@
 pub struct MemoryBudget {
     promised: usize,
     tables: usize,
-    used: usize,
+    /// Guest pages the promise still covers: what the fault path tests and decrements.
+    left: usize,
 }
 
 impl MemoryBudget {
     /// `promised` frames, of which `tables` are kept for stage-2 tables. `None` when nothing
     /// would be left for the guest's own pages.
     pub fn new(promised: usize, tables: usize) -> Option<Self> {
-        (promised > tables).then_some(MemoryBudget { promised, tables, used: 0 })
+        (promised > tables).then(|| MemoryBudget { promised, tables, left: promised - tables })
     }
 
     /// Frames promised in all (the figure to withdraw when the guest is gone).
@@ -33,27 +34,27 @@ impl MemoryBudget {
 
     /// Guest pages drawn and not given back.
     pub fn used(&self) -> usize {
-        self.used
+        self.pages() - self.left
     }
 
     /// Counts `frames` more guest pages if the promise covers them; `false` changes nothing.
     #[inline(always)]
     pub fn take(&mut self, frames: usize) -> bool {
-        if frames > self.pages() - self.used {
+        if frames > self.left {
             return false;
         }
-        self.used += frames;
+        self.left -= frames;
         true
     }
 
     /// Uncounts `frames` pages taken but never used (handed straight back).
     pub fn untake(&mut self, frames: usize) {
-        self.used = self.used.saturating_sub(frames);
+        self.left = (self.left + frames).min(self.pages());
     }
 
     /// Every page is back (the guest's memory was reclaimed).
     pub fn reclaimed(&mut self) {
-        self.used = 0;
+        self.left = self.pages();
     }
 }
 
