@@ -7,10 +7,12 @@
 //!   `FrameManager` methods of the same names taking a CPU index): allocate a page, allocate a
 //!   2 MiB block, return an unused page. They touch only pools and tags: no lock, no heap, no
 //!   zeroing, no cache maintenance, a bounded number of steps, and an error instead of waiting.
-//! - slow (boot, idle loop, VM creation and teardown, never in a trap): refill, drain,
-//!   contiguous allocation, release (which scrubs), heap growth, audit. They take the buddy
-//!   allocator's lock, which the atomic path never takes, so a trap that interrupts a slow
-//!   path on the same CPU cannot deadlock.
+//! - slow (boot, VM creation and teardown, and a trap's general path around, never inside,
+//!   its atomic allocation, as KVM tops up its memory cache before it takes `mmu_lock`):
+//!   refill, drain, contiguous allocation, release (which scrubs), heap growth, audit. They
+//!   take the buddy allocator's lock, which the atomic path never takes. EL2 runs with
+//!   interrupts masked, so nothing interrupts a slow path on its own CPU; it waits at most for
+//!   another CPU's critical section.
 //!
 //! Pooled frames are tagged Free, like frames in the buddy allocator: "free" means zeroed,
 //! clean, owned by nobody and held by exactly one of the buddy allocator or one pool. Nobody
@@ -247,7 +249,7 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         Err(AtomicError::Empty)
     }
 
-    // ---- The slow paths: never in a trap. ----
+    // ---- The slow paths: never inside the atomic section. ----
 
     /// Tops `cpu`'s pools up from the buddy allocator if they are below their low watermarks,
     /// to their high watermarks. Slow path: takes the buddy lock and may use the heap. Frames
