@@ -83,7 +83,7 @@ fn alloc(frames: &FrameManager<'_>) {
 fn block_refill(frames: &FrameManager<'_>) {
     let Some(vm) = VmId::new(1) else { return };
     let owner = Owner::guest(vm);
-    let mut got = [Pfn(0); 8];
+    let mut got = [Pfn(0); labyrinth::frame::BLOCK_POOL_SLOTS];
     let (mut refill_ns, mut blocks) = (0, 0);
     for _ in 0..ROUNDS {
         let mut n = 0;
