@@ -11,6 +11,6 @@ scripts/build.sh
 scripts/build-guests.sh
 timeout 120 qemu-system-aarch64 -M virt,virtualization=on,gic-version=3 -cpu cortex-a72 \
     -smp 2 -m 1G -nographic -net none -icount shift=0 -kernel build/labyrinth.bin \
-    -append "labyrinth.bench=alloc" | sed 's/\r//' | grep -E "bench alloc" \
+    -append "labyrinth.bench=alloc" | sed 's/\r//' | grep -E "bench (alloc|refill)" \
     || { echo "bench alloc: no result" >&2; exit 1; }
 python3 scripts/fault_bench.py

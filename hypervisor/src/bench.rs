@@ -7,7 +7,7 @@
 //! own cost measured and subtracted.
 
 use core::hint::black_box;
-use labyrinth::frame::{FrameManager, Owner, Pfn, VmId};
+use labyrinth::frame::{FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES};
 use log::{info, warn};
 
 use crate::arch;
@@ -17,7 +17,10 @@ const ROUNDS: usize = 16;
 
 pub fn run(which: &str, frames: &FrameManager<'_>) {
     match which {
-        "alloc" => alloc(frames),
+        "alloc" => {
+            alloc(frames);
+            block_refill(frames);
+        }
         other => warn!("unknown benchmark {other:?}: ignored"),
     }
 }
@@ -72,5 +75,39 @@ fn alloc(frames: &FrameManager<'_>) {
         alloc_ns.saturating_sub(base_ns) / n,
         free_ns.saturating_sub(base_ns) / n,
         base_ns / n
+    );
+}
+
+/// Instructions per block refill (the boot CPU's block pool emptied, then refilled), and per
+/// block it brings: what a block fault pays for refills, amortized.
+fn block_refill(frames: &FrameManager<'_>) {
+    let Some(vm) = VmId::new(1) else { return };
+    let owner = Owner::guest(vm);
+    let mut got = [Pfn(0); labyrinth::frame::BLOCK_POOL_SLOTS];
+    let (mut refill_ns, mut blocks) = (0, 0);
+    for _ in 0..ROUNDS {
+        let mut n = 0;
+        while n < got.len() {
+            match frames.alloc_block_atomic_exclusive(0, owner) {
+                Ok(p) => {
+                    got[n] = p;
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        let t0 = arch::time_now_ticks();
+        let report = frames.refill(0);
+        let t1 = arch::time_now_ticks();
+        refill_ns += ns(t1 - t0);
+        blocks += report.map_or(0, |r| r.blocks_added);
+        for &p in &got[..n] {
+            let _ = frames.release(p, BLOCK_FRAMES, owner, &arch::Scrubber);
+        }
+    }
+    info!(
+        "bench refill: {ROUNDS} block refills, {} instructions each, {} blocks each",
+        refill_ns / ROUNDS as u64,
+        blocks / ROUNDS
     );
 }

@@ -9,7 +9,7 @@ use core::fmt::Write as _;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use labyrinth::dt::{GuestConfig, Platform};
-use labyrinth::frame::{CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
+use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
 use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
 use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
 use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
@@ -399,12 +399,23 @@ pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
 }
 
 /// The demand-fault fast path, called before any frame is built: a 4 KiB page for a guest
-/// without block mappings, taken from the atomic path and mapped with `Stage2::map_page`.
-/// `false` leaves the fault to the general path (blocks, pool refills, errors, MMIO...).
+/// without block mappings, taken from the atomic path and mapped with `Stage2::map_page`; a
+/// guest with blocks goes to [`fast_block_fault`]. `false` leaves the fault to the general
+/// path (pages of a block guest, pool refills, errors, MMIO...).
 #[inline(always)]
 pub fn fast_fault(ipa_page: u64) -> bool {
     let Some(vm) = this_cpu_vm() else { return false };
-    if !vm.config.no_block_mappings || !vm.layout.in_ram(ipa_page) {
+    if !vm.config.no_block_mappings {
+        return fast_block_fault(vm, ipa_page);
+    }
+    fast_page_fault(vm, ipa_page)
+}
+
+/// A 4 KiB page through the cached level-3 table (inlined into both callers: `fast_fault`
+/// for guests without blocks, `fast_block_fault` where a block cannot go).
+#[inline(always)]
+fn fast_page_fault(vm: &mut Vm, ipa_page: u64) -> bool {
+    if !vm.layout.in_ram(ipa_page) {
         return false;
     }
     let (Some(pool), Some(s2)) = (vm.pool, vm.s2.as_mut()) else { return false };
@@ -442,6 +453,64 @@ fn give_back_unmapped(vm: &mut Vm, page: labyrinth::frame::ClaimedPage) -> bool 
     false
 }
 
+/// The block fault's fast path, for a guest that allows blocks: when the aligned 2 MiB around
+/// `ipa` lies in its RAM, its promise covers 512 more frames and nothing is mapped there
+/// (the level-2 entry is invalid), a block from this CPU's block pool, claimed with one CAS
+/// on its head, mapped with one entry; where a block cannot go, the page path. `false`
+/// changes nothing and leaves the fault to the general path (no level-2 table yet, no block
+/// at hand...).
+/// Out of line: inlined it would save ~16 instructions here but add registers to
+/// `guest_fast`'s frame, costing the 4 KiB and HVC paths 2-3 each.
+#[inline(never)]
+fn fast_block_fault(vm: &mut Vm, ipa: u64) -> bool {
+    let block = ipa & !(BLOCK - 1);
+    // Where no block can go (RAM ends inside this 2 MiB, or part of it is mapped already: a
+    // level-3 table is there), a page can, through the cached level-3 table.
+    if block < vm.layout.ram_base || block + BLOCK > vm.layout.ram_end() {
+        return fast_page_fault(vm, ipa);
+    }
+    let (Some(pool), Some(s2)) = (vm.pool, vm.s2.as_mut()) else { return false };
+    let mut env = arch::HwStage2 { frames: pool.manager(), cpu: pool.index(), vttbr: vm.vttbr };
+    let Some(vacant) = s2.vacant_block(&env, block) else { return fast_page_fault(vm, ipa) };
+    if !vm.budget.take(BLOCK_FRAMES) {
+        return false;
+    }
+    let Ok(head) = pool.alloc_block_atomic_exclusive(vm.owner) else {
+        vm.budget.untake(BLOCK_FRAMES);
+        return false;
+    };
+    if vacant.map(&mut env, head.phys(), Attrs::RAM).is_err() {
+        // Claimed for this guest but not mapped (cannot happen: it was just claimed whole).
+        give_back_block(vm, head);
+        return false;
+    }
+    vm.stats.block_faults += 1;
+    // The pool just ran dry: refill it now, several blocks at once, so the next faults find
+    // blocks here instead of taking the general path to refill (the call the general path
+    // would make, with the same lock; paid once per `block_high` blocks).
+    if pool.needs_block_refill() {
+        refill_blocks(pool);
+    }
+    true
+}
+
+#[cold]
+#[inline(never)]
+fn refill_blocks(pool: CpuFrames<'static, 'static>) {
+    let _ = pool.manager().refill(pool.index());
+}
+
+/// A block claimed on the fast path and not mapped: never used, but released the slow way
+/// (scrubbed), which a block has no atomic return for.
+#[cold]
+#[inline(never)]
+fn give_back_block(vm: &mut Vm, head: Pfn) {
+    vm.budget.untake(BLOCK_FRAMES);
+    if let Err(e) = frames().release(head, BLOCK_FRAMES, vm.owner, &arch::Scrubber) {
+        error!("guest {}: block {head} claimed and not mapped, not returned: {e}", vm.name);
+    }
+}
+
 /// An HVC on the fast path: PSCI calls whose whole effect is a return value (VERSION,
 /// FEATURES, AFFINITY_INFO, errors) are answered from x0-x3; calls that stop, reset or start a
 /// vCPU go to the general path. Not inlined: the fault path beside it in `guest_fast` then
@@ -474,7 +543,16 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
             && s2.is_unmapped(&env, block, 2)
             && vm.budget.take(BLOCK_FRAMES)
         {
-            match frames.alloc_block_atomic_exclusive(cpu, vm.owner) {
+            // The fast path leaves an empty block pool to this path: refill it here (several
+            // blocks at once) rather than fall back to pages while the buddy allocator has blocks.
+            let block_at_hand = frames.alloc_block_atomic_exclusive(cpu, vm.owner).or_else(|e| {
+                if e == AtomicError::Empty && frames.refill(cpu).is_ok() {
+                    frames.alloc_block_atomic_exclusive(cpu, vm.owner)
+                } else {
+                    Err(e)
+                }
+            });
+            match block_at_hand {
                 Ok(first) => match s2.map(&mut env, block, first.phys(), 2, Attrs::RAM) {
                     Ok(()) => {
                         vm.stats.block_faults += 1;

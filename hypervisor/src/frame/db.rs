@@ -162,6 +162,16 @@ impl<'a> FrameDb<'a> {
         }
     }
 
+    /// Whether `head` heads a 2 MiB block held as one unit in `state`: one load and one
+    /// compare (the block fault's owner check for all 512 frames).
+    #[inline(always)]
+    pub fn is_block_in(&self, head: Pfn, state: FrameState) -> bool {
+        match (self.cell(head.0), head_form(state.tag())) {
+            (Some(c), Some(tag)) if head.0 & BLOCK_MASK == 0 => c.load(Ordering::Acquire) == tag,
+            _ => false,
+        }
+    }
+
     #[cold]
     #[inline(never)]
     fn is_in_block(&self, pfn: Pfn, state: FrameState) -> bool {

@@ -37,7 +37,7 @@ use super::{frames_of, Pfn, BLOCK_FRAMES};
 /// Slots in each CPU's page pool: the most 4 KiB frames it can hold (2 MiB worth).
 pub const PAGE_POOL_SLOTS: usize = 512;
 /// Slots in each CPU's block pool: the most 2 MiB blocks it can hold.
-pub const BLOCK_POOL_SLOTS: usize = 8;
+pub const BLOCK_POOL_SLOTS: usize = 16;
 /// Compare-and-swap attempts on the own pool before the atomic path looks at other CPUs'.
 /// Only other CPUs taking surplus can make an attempt fail, so this is rarely reached.
 const POP_ATTEMPTS: u32 = 4;
@@ -306,7 +306,12 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
                 };
                 // Each block as one unit (already one if it was never split): one CAS to claim.
                 for b in 0..chunk as u64 {
-                    if let Err(e) = self.db.compound_free(first.add(b * BLOCK_FRAMES as u64)) {
+                    let head = first.add(b * BLOCK_FRAMES as u64);
+                    // Most blocks were never split: one load says so, without the call.
+                    if self.db.is_block_in(head, super::FrameState::Free) {
+                        continue;
+                    }
+                    if let Err(e) = self.db.compound_free(head) {
                         self.db.split_free_blocks(first, chunk * BLOCK_FRAMES)?;
                         buddy.give_back(first, chunk * BLOCK_FRAMES)?;
                         return Err(e);
@@ -527,14 +532,11 @@ impl<'m, 'a, const ORDER: usize> CpuFrames<'m, 'a, ORDER> {
         self.claim_popped_page(pfn, Owner::guest(vm)).map(|pfn| ClaimedPage::new(pfn, vm))
     }
 
-    /// The frame manager this handle belongs to.
-    pub fn manager(self) -> &'m FrameManager<'a, ORDER> {
-        self.frames
-    }
-
     /// Hands one zeroed, clean, 2 MiB-aligned block of 512 frames to `owner` (a guest), owned as
-    /// one unit: claimed with one CAS on its head tag. [`AtomicError::Empty`] means no block was at hand (map 4 KiB pages
-    /// instead, or refill and retry).
+    /// one unit: claimed with one CAS on its head tag. [`AtomicError::Empty`] means no block
+    /// was at hand (map 4 KiB pages instead, or refill and retry). Always inlined, like the page
+    /// form: it is on the block fault's fast path; taking another CPU's surplus is out of line.
+    #[inline(always)]
     pub fn alloc_block_atomic_exclusive(self, owner: Owner) -> Result<Pfn, AtomicError> {
         // Only guests own blocks; refuse others before a block leaves the pool.
         if owner.block_tag().is_none() {
@@ -542,7 +544,7 @@ impl<'m, 'a, const ORDER: usize> CpuFrames<'m, 'a, ORDER> {
         }
         let first = match self.pools.blocks.pop(POP_ATTEMPTS) {
             Some(first) => first,
-            None => self.frames.pop_from_other_cpus(self.pools.cpu, |p| &p.blocks, self.frames.config.block_low)?,
+            None => self.pop_block_from_other_cpus()?,
         };
         // Pooled blocks are compound: one CAS on the head claims all 512 frames.
         if self.frames.db.claim_block_held(first, owner) {
@@ -550,6 +552,12 @@ impl<'m, 'a, const ORDER: usize> CpuFrames<'m, 'a, ORDER> {
         } else {
             Err(AtomicError::Inconsistent)
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn pop_block_from_other_cpus(self) -> Result<u64, AtomicError> {
+        self.frames.pop_from_other_cpus(self.pools.cpu, |p| &p.blocks, self.frames.config.block_low)
     }
 
     /// Gives back a frame `owner` got from the atomic path and never used (never mapped, never
@@ -572,6 +580,18 @@ impl<'m, 'a, const ORDER: usize> CpuFrames<'m, 'a, ORDER> {
             return Err(AtomicError::Full);
         }
         Ok(())
+    }
+
+    /// Whether this CPU's block pool is below its low watermark (one load): the block fault's
+    /// cue to call [`FrameManager::refill`] once for the next several blocks.
+    #[inline(always)]
+    pub fn needs_block_refill(self) -> bool {
+        self.pools.blocks.len() < self.frames.config.block_low
+    }
+
+    /// The frame manager this handle belongs to (for the refill a handle cannot do itself).
+    pub fn manager(self) -> &'m FrameManager<'a, ORDER> {
+        self.frames
     }
 
     /// Whether this CPU's pools are below a low watermark: call [`FrameManager::refill`] soon,

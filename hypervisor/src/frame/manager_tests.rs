@@ -831,3 +831,37 @@ fn page_refill_splits_the_block_it_takes_from() {
     }
     assert!(rig.frames.audit(None).is_exact());
 }
+
+// The block fault's owner check reads one tag: only the head of a block held as one unit in
+// that state says yes; a tail, a split block, another owner or an unaligned frame says no.
+#[test]
+fn is_block_in_answers_for_whole_blocks_only() {
+    let rig = filled(4096, 1);
+    let g1 = FrameState::Guest(VmId::new(1).unwrap());
+    let first = rig.frames.alloc_block_atomic_exclusive(0, guest(1)).unwrap();
+    assert!(rig.frames.db().is_block_in(first, g1));
+    assert!(!rig.frames.db().is_block_in(first, FrameState::Guest(VmId::new(2).unwrap())));
+    assert!(!rig.frames.db().is_block_in(first.add(1), g1), "a tail is not a head");
+    rig.frames.split_block(first, guest(1)).unwrap();
+    assert!(!rig.frames.db().is_block_in(first, g1), "split: its frames are tagged one by one");
+    assert!(!rig.frames.db().is_block_in(Pfn(0x10), FrameState::Free), "outside the database");
+}
+
+// A block refill brings several blocks with one buddy call and only when the pool has run
+// below its low watermark, so block faults do not refill after every block.
+#[test]
+fn block_refill_comes_once_per_several_blocks() {
+    let config = PoolConfig { block_capacity: 4, block_low: 1, block_high: 4, ..small() };
+    let rig = rig(8192, 1, config);
+    assert_eq!(rig.frames.refill(0).unwrap().blocks_added, 4);
+    let cpu = rig.frames.cpu(0).unwrap();
+    for left in (0..4).rev() {
+        assert!(!cpu.needs_block_refill(), "{left} blocks left: no refill yet");
+        cpu.alloc_block_atomic_exclusive(guest(1)).unwrap();
+    }
+    assert!(cpu.needs_block_refill());
+    assert_eq!(rig.frames.refill(0).unwrap().blocks_added, 4);
+    assert!(!cpu.needs_block_refill());
+    let report = rig.frames.audit(Some(&rig.ram));
+    assert!(report.is_consistent(), "{report}");
+}

@@ -27,6 +27,13 @@ pub trait Stage2Env {
         (self.frame_state(pfn), 1)
     }
 
+    /// Whether the 2 MiB block headed at `head` is held as one unit in `state`: the block
+    /// fault's owner check, which an environment may answer with one tag load.
+    #[inline(always)]
+    fn block_is(&self, head: Pfn, state: FrameState) -> bool {
+        head.0 % 512 == 0 && self.frame_unit(head) == (Some(state), 512)
+    }
+
     /// The 2 MiB block of guest `vm` headed at `head` is being split into pages: if the frame
     /// database holds it as one unit, give its frames per-frame tags (same owner).
     fn split_frames(&mut self, vm: VmId, head: Pfn);

@@ -98,7 +98,11 @@ impl Exercise {
         let gi = (op >> 7) as usize;
         match op & 0x0f {
             0..=3 => self.fault_page(gi, u64::from(r.u16()?) % WINDOW_PAGES),
-            4 => self.fault_block(gi, u64::from(r.byte()?) % (WINDOW_PAGES / 512)),
+            4 => {
+                let b = r.byte()?;
+                // Odd bytes take the block fault's fast form first, as the fast trap does.
+                self.fault_block(gi, u64::from(b >> 1) % (WINDOW_PAGES / 512), b & 1 != 0)
+            }
             5 | 6 => {
                 let start = u64::from(r.u16()?) % WINDOW_PAGES;
                 let len = 1 + u64::from(r.u16()?) % (WINDOW_PAGES - start);
@@ -155,10 +159,28 @@ impl Exercise {
         }
     }
 
-    fn fault_block(&mut self, gi: usize, block: u64) {
+    fn fault_block(&mut self, gi: usize, block: u64, fast: bool) {
         let vm = self.guests[gi].vm;
         let ipa = WINDOW + block * level_size(2);
         let any_mapped = self.guests[gi].expect.range(ipa..ipa + level_size(2)).next().is_some();
+        if fast {
+            let (s2, env) = self.s2(gi);
+            if s2.vacant_block(env, ipa).is_some() {
+                assert!(!any_mapped, "block at {ipa:#x} offered as vacant over live pages");
+                // The fast path claims its block only once the entry is known to be vacant.
+                let Some(first) = self.env.claim_contiguous(512, 512, FrameState::Guest(vm)) else { return };
+                let (s2, env) = self.s2(gi);
+                // Asked again: the claim above needed the environment (the fast path's pool does
+                // not); a hit in the cached level-2 table this time.
+                let vacant = s2.vacant_block(env, ipa).expect("still vacant");
+                vacant.map(env, first.phys(), Attrs::RAM).expect("an own, whole block maps into a vacant entry");
+                for i in 0..512 {
+                    self.guests[gi].expect.insert(ipa + i * PAGE, (first.phys() + i * PAGE, Attrs::RAM));
+                }
+                return;
+            }
+            // Declined (something mapped, or no level-2 table yet): the general path follows.
+        }
         let Some(first) = self.env.claim_contiguous(512, 512, FrameState::Guest(vm)) else { return };
         let (s2, env) = self.s2(gi);
         match s2.map(env, ipa, first.phys(), 2, Attrs::RAM) {
@@ -250,6 +272,14 @@ impl Exercise {
         let (s2, env) = self.s2(gi);
         let r = s2.map(env, ipa, pa, 3, Attrs::RAM);
         assert!(matches!(r, Err(Stage2Error::NotOwned { .. })), "mapped a foreign frame {pa:#x}: {r:?}");
+        // The block fault's fast form refuses the 2 MiB it heads, too (never this guest's).
+        let head = pa & !(level_size(2) - 1);
+        if head == pa {
+            if let Some(vacant) = s2.vacant_block(env, ipa) {
+                let r = vacant.map(env, pa, Attrs::RAM);
+                assert!(matches!(r, Err(Stage2Error::NotOwned { .. })), "mapped a foreign block {pa:#x}: {r:?}");
+            }
+        }
     }
 
     fn teardown_and_recreate(&mut self, gi: usize) {
@@ -279,6 +309,7 @@ impl Exercise {
         let mut owner_of_pa: BTreeMap<u64, u16> = BTreeMap::new();
         for g in &self.guests {
             let s2 = g.s2.as_ref().expect("live space");
+            assert!(s2.caches_agree(&self.env), "VM {}: a cached table is not the one a walk finds", g.vmid);
             // Every leaf, expanded to pages, must be exactly the reference model.
             let mut seen: BTreeMap<u64, (u64, Attrs)> = BTreeMap::new();
             s2.for_each_mapping(&self.env, &mut |m| {
@@ -350,7 +381,9 @@ mod tests {
         let ops: &[u8] = &[
             0x00, 0x05, 0x00, // VM1 fault page 5
             0x80, 0x05, 0x00, // VM2 fault page 5
-            0x04, 0x01, // VM1 fault block 1
+            0x04, 0x02, // VM1 fault block 1
+            0x04, 0x05, // VM1 fault block 2, fast form
+            0x04, 0x07, // VM1 fault block 3, fast form
             0x08, 0x00, 0x02, 0x01, // VM1 split page 512 at level 2
             0x07, 0x10, 0x02, 0x20, 0x00, 0x01, // VM1 protect 528..560 read-only
             0x05, 0x00, 0x02, 0x10, 0x00, // VM1 unmap 512..528

@@ -23,7 +23,7 @@ mod tests;
 
 pub use desc::{Attrs, Entry, MemType, PageState};
 pub use env::Stage2Env;
-pub use table::{level_size, Mapping, PageSlot, Stage2, ENTRIES, PAGE_SIZE};
+pub use table::{level_size, Mapping, PageSlot, Stage2, VacantBlock, ENTRIES, PAGE_SIZE};
 pub use vmid::{VmidAllocator, VmidInvalidated};
 
 use crate::frame::{FrameState, Pfn};

@@ -427,6 +427,10 @@ impl Stage2Env for ModelEnv {
     }
 
     fn write(&mut self, table: Pfn, index: usize, value: u64) {
+        // Only pages taken as tables and not yet freed are tables (a stale cached table is not).
+        if !self.tables.contains_key(&table.0) {
+            self.violation(format!("entry {index} written in {table}, which is not a live table page"));
+        }
         let info = self.info.get(&table.0).copied();
         let t = self.tables.entry(table.0).or_insert_with(|| Box::new([0; ENTRIES]));
         let old = t[index];

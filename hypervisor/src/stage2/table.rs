@@ -94,6 +94,31 @@ impl Batch {
     }
 }
 
+impl VacantBlock<'_> {
+    /// The first IPA of the 2 MiB it would map.
+    pub fn ipa(&self) -> u64 {
+        self.ipa
+    }
+
+    /// Second half: maps the 2 MiB at `pa` (2 MiB-aligned) here with one block entry, if the
+    /// frame database holds it as one unit owned by this guest (one tag: the block head's).
+    /// RAM only. On error nothing changed.
+    #[inline(always)]
+    pub fn map(self, env: &mut impl Stage2Env, pa: u64, attrs: Attrs) -> Result<(), Stage2Error> {
+        if pa % level_size(2) != 0 || pa >= 1 << 48 {
+            return Err(Stage2Error::Unaligned { addr: pa });
+        }
+        let head = Pfn(pa >> 12);
+        if attrs.mem != MemType::Normal || !env.block_is(head, FrameState::Guest(self.s2.vm)) {
+            return Err(Stage2Error::NotOwned { pfn: head, state: env.frame_state(head) });
+        }
+        // Invalid to valid: no TLB maintenance, only the publishing barrier.
+        env.write(self.table, self.index, Entry::Leaf { pa, attrs }.encode(2));
+        env.dsb_ishst();
+        Ok(())
+    }
+}
+
 /// A mapping as the walker finds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
@@ -137,6 +162,21 @@ pub struct Stage2 {
     /// The level-3 table the last page went into, and the 2 MiB it covers: demand faults come
     /// in runs, so most skip the walk. Forgotten whenever a table page is freed.
     last_l3: Option<(u64, Pfn)>,
+    /// The level-2 table the last block fault looked in, and the 1 GiB it covers: block faults
+    /// come in runs too. Forgotten, like `last_l3`, whenever a table page is freed (the only
+    /// way a level-1 entry stops pointing at it); teardown consumes the whole space.
+    last_l2: Option<(u64, Pfn)>,
+}
+
+/// An invalid level-2 entry found by [`Stage2::vacant_block`]: nothing is mapped in its 2 MiB
+/// and no table hangs there. It borrows the space mutably, so no other operation can change
+/// the tables before [`VacantBlock::map`] fills it.
+#[derive(Debug)]
+pub struct VacantBlock<'a> {
+    s2: &'a mut Stage2,
+    table: Pfn,
+    index: usize,
+    ipa: u64,
 }
 
 impl Stage2 {
@@ -144,7 +184,7 @@ impl Stage2 {
     pub fn new(env: &mut impl Stage2Env, vm: VmId, vmid: u16, geo: Geometry) -> Result<Self, Stage2Error> {
         let mut root = [Pfn(0)];
         env.take_tables(vm, &mut root)?;
-        Ok(Stage2 { vm, vmid, geo, root: root[0], tables: 1, last_l3: None })
+        Ok(Stage2 { vm, vmid, geo, root: root[0], tables: 1, last_l3: None, last_l2: None })
     }
 
     pub fn vm(&self) -> VmId {
@@ -306,6 +346,57 @@ impl Stage2 {
             self.last_l3 = Some((ipa & !(level_size(2) - 1), slot.table));
         }
         Ok(())
+    }
+
+    /// The block-fault form of a 2 MiB map, first half: the invalid level-2 entry for the
+    /// aligned 2 MiB around `ipa`, found through the cached level-2 table (one read when the
+    /// fault is in the same 1 GiB as the last one). `None` when something is mapped there, when
+    /// no level-2 table covers it yet (the general `map` builds one), or when `ipa` is outside
+    /// the IPA space. Takes and changes nothing, so the caller can decline after it for free.
+    #[inline(always)]
+    pub fn vacant_block(&mut self, env: &impl Stage2Env, ipa: u64) -> Option<VacantBlock<'_>> {
+        let table = match self.last_l2 {
+            Some((base, table)) if ipa & !(level_size(1) - 1) == base => table,
+            _ => self.find_l2(env, ipa)?,
+        };
+        let index = index(ipa, 2);
+        if env.read(table, index) & 1 != 0 {
+            return None;
+        }
+        Some(VacantBlock { s2: self, table, index, ipa: ipa & !(level_size(2) - 1) })
+    }
+
+    /// `vacant_block`'s walk: the level-2 table covering `ipa`, if there is one, remembered.
+    #[inline(never)]
+    fn find_l2(&mut self, env: &impl Stage2Env, ipa: u64) -> Option<Pfn> {
+        if ipa >= self.geo.ipa_limit() {
+            return None;
+        }
+        let slot = self.find(env, ipa, 2);
+        if slot.level != 2 {
+            return None;
+        }
+        self.last_l2 = Some((ipa & !(level_size(1) - 1), slot.table));
+        Some(slot.table)
+    }
+
+    /// A table page is about to be freed: no cached table may outlive it.
+    fn forget_cached_tables(&mut self) {
+        self.last_l3 = None;
+        self.last_l2 = None;
+    }
+
+    /// Whether the cached tables are the ones a walk finds now (for tests and the fuzzer).
+    pub fn caches_agree(&self, env: &impl Stage2Env) -> bool {
+        let l3 = self.last_l3.is_none_or(|(base, t)| {
+            let slot = self.find(env, base, 3);
+            slot.level == 3 && slot.table == t
+        });
+        let l2 = self.last_l2.is_none_or(|(base, t)| {
+            let slot = self.find(env, base, 2);
+            slot.level == 2 && slot.table == t
+        });
+        l3 && l2
     }
 
     fn check_owner(&self, env: &impl Stage2Env, pa: u64, size: u64, mem: MemType) -> Result<(), Stage2Error> {
@@ -479,7 +570,7 @@ impl Stage2 {
             live_subtree: true,
         };
         self.commit(env, &[change]);
-        self.last_l3 = None;
+        self.forget_cached_tables();
         env.free_table(self.vm, child);
         self.tables -= 1;
         Ok(())
@@ -621,7 +712,7 @@ impl Stage2 {
                 if self.reclaim_in(env, child, level + 1, eb, start, end) {
                     let change = Change { table, index: idx, level, ipa: eb, old: raw, new: 0, live_subtree: false };
                     self.commit(env, &[change]);
-                    self.last_l3 = None;
+                    self.forget_cached_tables();
                     env.free_table(self.vm, child);
                     self.tables -= 1;
                 }

@@ -445,3 +445,116 @@ fn model_catches_a_block_split_without_its_frames() {
     }
     assert!(env.violations.iter().any(|v| v.contains("still owned as one unit")), "{:?}", env.violations);
 }
+
+// The block fault's fast form: a vacant level-2 entry found through the cached level-2 table,
+// then one block entry, with no TLB maintenance.
+#[test]
+fn vacant_block_maps_through_the_cached_level2_table() {
+    let (mut env, mut s2) = setup(4096);
+    // A page builds the level-2 table; until then there is no vacant entry to offer.
+    assert!(s2.vacant_block(&env, GUEST_RAM + 2 * MIB).is_none(), "no level-2 table yet");
+    let page = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, page, 3, Attrs::RAM).unwrap();
+    for i in 1..4 {
+        let ipa = GUEST_RAM + i * 2 * MIB + 0x5000;
+        let pa = guest_block(&mut env, 1);
+        let vacant = s2.vacant_block(&env, ipa).expect("nothing mapped there");
+        assert_eq!(vacant.ipa(), GUEST_RAM + i * 2 * MIB);
+        vacant.map(&mut env, pa, Attrs::RAM).unwrap();
+        assert_eq!(s2.translate(&env, ipa).unwrap().pa, pa + 0x5000);
+        assert!(s2.caches_agree(&env));
+    }
+    assert!(s2.vacant_block(&env, GUEST_RAM + 2 * MIB).is_none(), "a block is mapped there");
+    assert!(s2.vacant_block(&env, GUEST_RAM + 0x1000).is_none(), "a page is mapped there");
+    assert!(s2.vacant_block(&env, GUEST_RAM + 1024 * MIB).is_none(), "another GiB: no level-2 table");
+    assert!(s2.vacant_block(&env, 1 << 40).is_none(), "outside the IPA space");
+    assert_eq!(env.tlbi_count, 0);
+    clean(&mut env);
+}
+
+// The fast form keeps the owner check, for the block as one unit: another guest's block, a
+// block whose frames are tagged one by one, a hypervisor frame, an unaligned address and a
+// Device mapping are refused, and nothing is mapped.
+#[test]
+fn vacant_block_refuses_what_the_guest_does_not_own_as_one_block() {
+    let (mut env, mut s2) = setup(8192);
+    let page = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, page, 3, Attrs::RAM).unwrap();
+    let foreign = guest_block(&mut env, 2);
+    let own = guest_block(&mut env, 1);
+    let split = guest_block(&mut env, 1);
+    env.split_frames(vm(1), Pfn(split >> 12));
+    let hyp = env.claim_contiguous(512, 512, FrameState::Hypervisor).unwrap().phys();
+    let dev = Attrs { mem: MemType::Device, exec: false, ..Attrs::RAM };
+    let ipa = GUEST_RAM + 2 * MIB;
+    for (pa, attrs) in [(foreign, Attrs::RAM), (split, Attrs::RAM), (hyp, Attrs::RAM), (own, dev)] {
+        let r = s2.vacant_block(&env, ipa).unwrap().map(&mut env, pa, attrs);
+        assert!(matches!(r, Err(Stage2Error::NotOwned { .. })), "{pa:#x}: {r:?}");
+    }
+    let r = s2.vacant_block(&env, ipa).unwrap().map(&mut env, own + 0x1000, Attrs::RAM);
+    assert_eq!(r, Err(Stage2Error::Unaligned { addr: own + 0x1000 }));
+    assert_eq!(s2.translate(&env, ipa), None);
+    s2.vacant_block(&env, ipa).unwrap().map(&mut env, own, Attrs::RAM).unwrap();
+    clean(&mut env);
+}
+
+// The cached level-2 table is forgotten when its table page goes (an unmap that empties it):
+// the next block fault must find the new table, not write into the freed one.
+#[test]
+fn vacant_block_forgets_a_freed_level2_table() {
+    let (mut env, mut s2) = setup(4096);
+    let page = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, page, 3, Attrs::RAM).unwrap();
+    let a = guest_block(&mut env, 1);
+    s2.vacant_block(&env, GUEST_RAM + 2 * MIB).unwrap().map(&mut env, a, Attrs::RAM).unwrap();
+    let mut got = Vec::new();
+    s2.unmap(&mut env, GUEST_RAM, 4 * MIB, &mut |pa, size| got.push((pa, size))).unwrap();
+    for (pa, size) in got {
+        env.release_frames(pa, size);
+    }
+    assert_eq!(s2.table_pages(), 1, "only the root (level 1) is left: the level-2 table was freed");
+    assert!(s2.caches_agree(&env));
+    // A new level-2 table (a page maps it), then a block through the fast form again.
+    let page = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM + 8 * MIB, page, 3, Attrs::RAM).unwrap();
+    let b = guest_block(&mut env, 1);
+    s2.vacant_block(&env, GUEST_RAM + 2 * MIB).expect("the new table's entry is vacant").map(&mut env, b, Attrs::RAM).unwrap();
+    assert_eq!(s2.translate(&env, GUEST_RAM + 2 * MIB).unwrap().pa, b);
+    assert!(s2.caches_agree(&env));
+    clean(&mut env);
+}
+
+// A level-2 table collapsed into a 1 GiB block is freed too: the cache must not outlive it.
+#[test]
+fn vacant_block_forgets_a_level2_table_collapsed_into_a_1gib_block() {
+    let frames = 512 * 512 * 3;
+    let mut env = ModelEnv::new(RAM_BASE_PFN, frames);
+    let mut s2 = Stage2::new(&mut env, vm(1), 1, Geometry::for_pa_bits(40)).unwrap();
+    env.add_root(1, Pfn(s2.vttbr() >> 12 & ((1 << 36) - 1)), s2.geometry().start_level);
+    let pa = env.claim_contiguous(512 * 512, 512 * 512, FrameState::Guest(vm(1))).unwrap().phys();
+    let gib = 0x8000_0000;
+    s2.map(&mut env, gib, pa, 2, Attrs::RAM).unwrap();
+    // The cache now holds the level-2 table (the offer is dropped unused).
+    assert!(s2.vacant_block(&env, gib + 2 * MIB).is_some());
+    for i in 1..512 {
+        s2.map(&mut env, gib + i * 2 * MIB, pa + i * 2 * MIB, 2, Attrs::RAM).unwrap();
+    }
+    s2.collapse(&mut env, gib, 1).unwrap();
+    assert!(s2.caches_agree(&env));
+    assert!(s2.vacant_block(&env, gib + 2 * MIB).is_none(), "a 1 GiB block maps it now");
+    clean(&mut env);
+}
+
+// Writing an entry into a table page that was freed (what a stale cache would do) is caught.
+#[test]
+fn model_catches_a_write_into_a_freed_table() {
+    let (mut env, mut s2) = setup(64);
+    let page = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, page, 3, Attrs::RAM).unwrap();
+    let mut l3 = None;
+    s2.for_each_table(&env, &mut |t| l3 = Some(t));
+    let mut got = Vec::new();
+    s2.unmap(&mut env, GUEST_RAM, 0x1000, &mut |pa, size| got.push((pa, size))).unwrap();
+    env.write(l3.unwrap(), 1, 0x4000_0000 | 0x7ff);
+    assert!(env.violations.iter().any(|v| v.contains("not a live table page")), "{:?}", env.violations);
+}

@@ -89,6 +89,11 @@ impl Stage2Env for HwStage2<'_> {
     }
 
     #[inline(always)]
+    fn block_is(&self, head: Pfn, state: FrameState) -> bool {
+        self.frames.db().is_block_in(head, state)
+    }
+
+    #[inline(always)]
     fn dsb_ishst(&mut self) {
         // SAFETY: a barrier.
         unsafe { core::arch::asm!("dsb ishst", options(nostack)) };
