@@ -471,44 +471,47 @@ fn fast_block_fault(vm: &mut Vm, ipa: u64) -> bool {
     }
     let (Some(pool), Some(s2)) = (vm.pool, vm.s2.as_mut()) else { return false };
     let mut env = arch::HwStage2 { frames: pool.manager(), cpu: pool.index(), vttbr: vm.vttbr };
-    let Some(vacant) = s2.vacant_block(&env, block) else { return fast_page_fault(vm, ipa) };
+    let Some(vacant) = s2.cached_vacant_block(&env, block) else { return fast_page_fault(vm, ipa) };
     if !vm.budget.take(BLOCK_FRAMES) {
         return false;
     }
-    let Ok(head) = pool.alloc_block_atomic_exclusive(vm.owner) else {
+    let Ok(block) = pool.alloc_guest_block_own_pool(vm.id) else {
         vm.budget.untake(BLOCK_FRAMES);
         return false;
     };
-    if vacant.map(&mut env, head.phys(), Attrs::RAM).is_err() {
-        // Claimed for this guest but not mapped (cannot happen: it was just claimed whole).
-        give_back_block(vm, head);
-        return false;
+    if let Err(block) = vacant.fill(&mut env, block) {
+        // Claimed but not mapped (cannot happen: it was claimed for this guest).
+        return give_back_block(vm, block.pfn());
     }
     vm.stats.block_faults += 1;
     // The pool just ran dry: refill it now, several blocks at once, so the next faults find
     // blocks here instead of taking the general path to refill (the call the general path
-    // would make, with the same lock; paid once per `block_high` blocks).
+    // would make, with the same lock; paid once per `block_high` blocks). Every call here is
+    // in tail position, so this path needs no stack frame.
     if pool.needs_block_refill() {
-        refill_blocks(pool);
+        return refill_blocks(pool);
     }
     true
 }
 
+/// Refills the CPU's pools after the fault was served; `true`: the fault was.
 #[cold]
 #[inline(never)]
-fn refill_blocks(pool: CpuFrames<'static, 'static>) {
+fn refill_blocks(pool: CpuFrames<'static, 'static>) -> bool {
     let _ = pool.manager().refill(pool.index());
+    true
 }
 
 /// A block claimed on the fast path and not mapped: never used, but released the slow way
-/// (scrubbed), which a block has no atomic return for.
+/// (scrubbed), which a block has no atomic return for. `false`: the general path explains.
 #[cold]
 #[inline(never)]
-fn give_back_block(vm: &mut Vm, head: Pfn) {
+fn give_back_block(vm: &mut Vm, head: Pfn) -> bool {
     vm.budget.untake(BLOCK_FRAMES);
     if let Err(e) = frames().release(head, BLOCK_FRAMES, vm.owner, &arch::Scrubber) {
         error!("guest {}: block {head} claimed and not mapped, not returned: {e}", vm.name);
     }
+    false
 }
 
 /// An HVC on the fast path: PSCI calls whose whole effect is a return value (VERSION,
@@ -553,7 +556,7 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
                 }
             });
             match block_at_hand {
-                Ok(first) => match s2.map(&mut env, block, first.phys(), 2, Attrs::RAM) {
+                Ok(first) => match s2.map_block(&mut env, block, first.phys(), Attrs::RAM) {
                     Ok(()) => {
                         vm.stats.block_faults += 1;
                         return;

@@ -1,35 +1,41 @@
-//! Proof that a frame was just claimed for a guest by the atomic path.
+//! Proof that frames were just claimed for a guest by the atomic path.
 //!
-//! The stage-2 fast path maps the frame a fault has just taken. Re-reading its tag there would
+//! The stage-2 fast paths map what a fault has just taken. Re-reading the tags there would
 //! check what the claim's compare-and-swap has already established, so the claim hands over a
-//! [`ClaimedPage`] instead: only this module's crate makes one, and only right after that CAS
-//! succeeded, so holding one means "the frame database tags this frame as guest `vm`'s, and
-//! nobody else knows the frame yet". It is not `Clone`: a claim maps at most once.
+//! [`Claimed`] instead: only this crate makes one, and only right after that CAS succeeded, so
+//! holding one means "the frame database tags these frames as guest `vm`'s (a block as one
+//! unit), and nobody else knows them yet". It is not `Clone`: a claim maps at most once.
 
 use super::tag::VmId;
-use super::Pfn;
+use super::{Pfn, BLOCK_FRAMES};
 
-/// A 4 KiB frame tagged as guest `vm`'s by the atomic path's claim, not yet mapped anywhere.
+/// `FRAMES` frames from `first` (aligned to their size), tagged as guest `vm`'s by the atomic
+/// path's claim, not yet mapped anywhere.
 #[derive(Debug, PartialEq, Eq)]
-pub struct ClaimedPage {
-    pfn: Pfn,
+pub struct Claimed<const FRAMES: usize> {
+    first: Pfn,
     vm: VmId,
 }
 
-impl ClaimedPage {
-    /// Made by the atomic path right after its claim succeeded (and by tests that play it).
-    pub(crate) fn new(pfn: Pfn, vm: VmId) -> Self {
-        ClaimedPage { pfn, vm }
+/// One 4 KiB frame.
+pub type ClaimedPage = Claimed<1>;
+/// One 2 MiB block, owned as one unit.
+pub type ClaimedBlock = Claimed<BLOCK_FRAMES>;
+
+impl<const FRAMES: usize> Claimed<FRAMES> {
+    /// Made by the atomic path right after its claim succeeded.
+    pub(crate) fn new(first: Pfn, vm: VmId) -> Self {
+        Claimed { first, vm }
     }
 
-    /// A claim the checking model stands in for: the model env tags the frame itself.
+    /// A claim the checking model stands in for: the model env tags the frames itself.
     #[cfg(any(test, feature = "model"))]
-    pub fn assume(pfn: Pfn, vm: VmId) -> Self {
-        ClaimedPage { pfn, vm }
+    pub fn assume(first: Pfn, vm: VmId) -> Self {
+        Claimed { first, vm }
     }
 
     pub fn pfn(&self) -> Pfn {
-        self.pfn
+        self.first
     }
 
     pub fn vm(&self) -> VmId {

@@ -23,7 +23,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use super::audit::{audit, AuditReport};
-use super::claimed::ClaimedPage;
+use super::claimed::{ClaimedBlock, ClaimedPage};
 use super::buddy::BuddyFrames;
 use super::db::{unexpected, FrameDb};
 use super::error::{AtomicError, FrameError};
@@ -549,6 +549,21 @@ impl<'m, 'a, const ORDER: usize> CpuFrames<'m, 'a, ORDER> {
         // Pooled blocks are compound: one CAS on the head claims all 512 frames.
         if self.frames.db.claim_block_held(first, owner) {
             Ok(Pfn(first))
+        } else {
+            Err(AtomicError::Inconsistent)
+        }
+    }
+
+    /// The block fault's fast path allocation: a block for guest `vm` from this CPU's own
+    /// pool only, with the claim's proof ([`ClaimedBlock`]) so the stage-2 code need not check
+    /// its head again. [`AtomicError::Empty`] as soon as the own pool is (the general path
+    /// takes other CPUs' surplus and refills). No call on its way.
+    #[inline(always)]
+    pub fn alloc_guest_block_own_pool(self, vm: VmId) -> Result<ClaimedBlock, AtomicError> {
+        let first = self.pools.blocks.pop(POP_ATTEMPTS).ok_or(AtomicError::Empty)?;
+        // Pooled blocks are compound: one CAS on the head claims all 512 frames.
+        if self.frames.db.claim_block_held(first, Owner::guest(vm)) {
+            Ok(ClaimedBlock::new(Pfn(first), vm))
         } else {
             Err(AtomicError::Inconsistent)
         }

@@ -41,7 +41,7 @@ mod stress_tests;
 mod loom_tests;
 
 pub use audit::{AuditProblem, AuditReport, GuestFrames, Holder};
-pub use claimed::ClaimedPage;
+pub use claimed::{Claimed, ClaimedBlock, ClaimedPage};
 pub use db::{FrameDb, TagCell};
 pub use error::{AtomicError, FrameError};
 pub use heap::HeapSink;

@@ -12,7 +12,7 @@
 //!   changes, so running out of memory leaves the address space exactly as it was.
 //! - A RAM frame is mapped only if the frame database says this guest owns it.
 
-use crate::frame::{ClaimedPage, FrameState, Pfn, VmId};
+use crate::frame::{ClaimedBlock, ClaimedPage, FrameState, Pfn, VmId};
 
 use super::desc::{Attrs, Entry, MemType};
 use super::env::Stage2Env;
@@ -114,6 +114,21 @@ impl VacantBlock<'_> {
         }
         // Invalid to valid: no TLB maintenance, only the publishing barrier.
         env.write(self.table, self.index, Entry::Leaf { pa, attrs }.encode(2));
+        env.dsb_ishst();
+        Ok(())
+    }
+}
+
+impl VacantBlock<'_> {
+    /// [`VacantBlock::map`] for a block the atomic path has just claimed for this guest: the
+    /// claim stands for the owner check (see [`ClaimedBlock`]); a claim for another guest is
+    /// handed back, nothing written.
+    #[inline(always)]
+    pub fn fill(self, env: &mut impl Stage2Env, block: ClaimedBlock) -> Result<(), ClaimedBlock> {
+        if block.vm() != self.s2.vm {
+            return Err(block);
+        }
+        env.write(self.table, self.index, Entry::Leaf { pa: block.pfn().phys(), attrs: Attrs::RAM }.encode(2));
         env.dsb_ishst();
         Ok(())
     }
@@ -364,6 +379,31 @@ impl Stage2 {
             return None;
         }
         Some(VacantBlock { s2: self, table, index, ipa: ipa & !(level_size(2) - 1) })
+    }
+
+    /// [`Stage2::vacant_block`] through the cached level-2 table only: `None` on a miss too
+    /// (the fast path then declines rather than walk, so it makes no call; the general path's
+    /// [`Stage2::map_block`] remembers the table for the next fault).
+    #[inline(always)]
+    pub fn cached_vacant_block(&mut self, env: &impl Stage2Env, ipa: u64) -> Option<VacantBlock<'_>> {
+        match self.last_l2 {
+            Some((base, table)) if ipa & !(level_size(1) - 1) == base => {
+                let index = index(ipa, 2);
+                if env.read(table, index) & 1 != 0 {
+                    return None;
+                }
+                Some(VacantBlock { s2: self, table, index, ipa: ipa & !(level_size(2) - 1) })
+            }
+            _ => None,
+        }
+    }
+
+    /// `map` of a 2 MiB block (the general block-fault path), then remember its level-2 table
+    /// for [`Stage2::cached_vacant_block`].
+    pub fn map_block(&mut self, env: &mut impl Stage2Env, ipa: u64, pa: u64, attrs: Attrs) -> Result<(), Stage2Error> {
+        self.map(env, ipa, pa, 2, attrs)?;
+        self.find_l2(env, ipa);
+        Ok(())
     }
 
     /// `vacant_block`'s walk: the level-2 table covering `ipa`, if there is one, remembered.

@@ -3,7 +3,7 @@
 
 use super::model::{ModelEnv, Sabotage};
 use super::*;
-use crate::frame::{ClaimedPage, VmId};
+use crate::frame::{ClaimedBlock, ClaimedPage, VmId};
 
 const RAM_BASE_PFN: u64 = 0x40000; // 0x4000_0000
 const MIB: u64 = 1 << 20;
@@ -468,6 +468,31 @@ fn vacant_block_maps_through_the_cached_level2_table() {
     assert!(s2.vacant_block(&env, GUEST_RAM + 0x1000).is_none(), "a page is mapped there");
     assert!(s2.vacant_block(&env, GUEST_RAM + 1024 * MIB).is_none(), "another GiB: no level-2 table");
     assert!(s2.vacant_block(&env, 1 << 40).is_none(), "outside the IPA space");
+    assert_eq!(env.tlbi_count, 0);
+    clean(&mut env);
+}
+
+// The fault path's form: only through the cached level-2 table (a miss is `None`, never a
+// walk), which the general block map remembers; a claimed block fills the entry, a claim for
+// another guest is handed back with nothing written.
+#[test]
+fn cached_vacant_block_is_primed_by_map_block_and_takes_only_own_claims() {
+    let (mut env, mut s2) = setup(4096);
+    let first = guest_block(&mut env, 1);
+    assert!(s2.cached_vacant_block(&env, GUEST_RAM + 2 * MIB).is_none(), "nothing cached yet");
+    s2.map_block(&mut env, GUEST_RAM, first, Attrs::RAM).unwrap();
+    assert!(s2.caches_agree(&env));
+    assert!(s2.cached_vacant_block(&env, GUEST_RAM).is_none(), "a block is mapped there");
+    assert!(s2.cached_vacant_block(&env, GUEST_RAM + 1024 * MIB).is_none(), "another GiB: a miss");
+    let second = guest_block(&mut env, 1);
+    let vacant = s2.cached_vacant_block(&env, GUEST_RAM + 2 * MIB).expect("cached and vacant");
+    vacant.fill(&mut env, ClaimedBlock::assume(Pfn(second >> 12), vm(1))).unwrap();
+    assert_eq!(s2.translate(&env, GUEST_RAM + 2 * MIB + 0x3000).unwrap().pa, second + 0x3000);
+    let foreign = guest_block(&mut env, 2);
+    let vacant = s2.cached_vacant_block(&env, GUEST_RAM + 4 * MIB).expect("cached and vacant");
+    let back = vacant.fill(&mut env, ClaimedBlock::assume(Pfn(foreign >> 12), vm(2)));
+    assert_eq!(back, Err(ClaimedBlock::assume(Pfn(foreign >> 12), vm(2))));
+    assert_eq!(s2.translate(&env, GUEST_RAM + 4 * MIB), None);
     assert_eq!(env.tlbi_count, 0);
     clean(&mut env);
 }
