@@ -136,6 +136,10 @@ pub fn create_all(platform: &Platform<'static>, frames_mgr: &'static FrameManage
             None => Err(alloc::format!("the host device tree describes no GIC")),
         });
     }
+    // CPUs that can get no guest never allocate: empty their pools before any promise is made,
+    // so those frames can be promised (the rest are retired once the guests are placed).
+    let wanted = platform.guests().iter().filter(|g| g.is_ok()).count().min(cpus);
+    retire_cpus(frames_mgr, wanted..cpus);
     let mut next_cpu = 0;
     for g in platform.guests() {
         let cfg = match g {
@@ -174,8 +178,18 @@ pub fn create_all(platform: &Platform<'static>, frames_mgr: &'static FrameManage
             Err(msg) => error!("{msg}: not started"),
         }
     }
+    retire_cpus(frames_mgr, next_cpu..wanted);
     LIVE.store(next_cpu, Ordering::Release);
     next_cpu
+}
+
+/// Retires the frame pools of CPUs that run no guest (see `FrameManager::retire`).
+fn retire_cpus(frames_mgr: &FrameManager<'static>, cpus: core::ops::Range<usize>) {
+    for cpu in cpus {
+        if let Err(e) = frames_mgr.retire(cpu) {
+            warn!("CPU {cpu} runs no guest but its frame pools were not emptied: {e}");
+        }
+    }
 }
 
 /// A formatted reason a guest cannot be built.

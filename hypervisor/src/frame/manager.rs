@@ -30,7 +30,7 @@ use super::error::{AtomicError, FrameError};
 use super::heap::HeapSink;
 use super::pool::FramePool;
 use super::scrub::FrameScrubber;
-use super::sync::Ordering;
+use super::sync::{AtomicBool, Ordering};
 use super::tag::{Owner, VmId, TAG_FREE, TAG_HYPERVISOR, TAG_SCRUBBING};
 use super::{frames_of, Pfn, BLOCK_FRAMES};
 
@@ -105,6 +105,8 @@ pub(crate) struct CpuPools {
     pub(crate) pages: FramePool<PAGE_POOL_SLOTS>,
     pub(crate) blocks: FramePool<BLOCK_POOL_SLOTS>,
     cpu: usize,
+    /// Set by [`FrameManager::retire`]: the CPU will never allocate, its pools stay empty.
+    retired: AtomicBool,
 }
 
 /// Every host frame, owned: the database, the buddy allocator and the per-CPU pools.
@@ -178,6 +180,7 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
                 pages: FramePool::new(config.page_capacity),
                 blocks: FramePool::new(config.block_capacity),
                 cpu,
+                retired: AtomicBool::new(false),
             })
             .collect();
         Ok(FrameManager { db, pools, config, buddy: spin::Mutex::new(buddy), committed: spin::Mutex::new(0) })
@@ -255,7 +258,7 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
     /// to their high watermarks. Slow path: takes the buddy lock and may use the heap. Frames
     /// come from the buddy allocator already zeroed and clean, so no scrubbing here.
     pub fn refill(&self, cpu: usize) -> Result<RefillReport, FrameError> {
-        let pools = self.pools.get(cpu).ok_or(FrameError::InvalidCpu(cpu))?;
+        let pools = self.active_pools(cpu)?;
         let pages = pools.pages.filler().ok_or(FrameError::PoolBusy)?;
         let blocks = pools.blocks.filler().ok_or(FrameError::PoolBusy)?;
         let mut buddy = self.buddy.lock();
@@ -327,6 +330,24 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
             }
         }
         Ok(report)
+    }
+
+    /// `cpu`'s pools, unless it is retired (a retired CPU has none: `InvalidCpu`).
+    fn active_pools(&self, cpu: usize) -> Result<&CpuPools, FrameError> {
+        match self.pools.get(cpu) {
+            Some(pools) if !pools.retired.load(Ordering::Acquire) => Ok(pools),
+            _ => Err(FrameError::InvalidCpu(cpu)),
+        }
+    }
+
+    /// Empties `cpu`'s pools for good: a CPU that will never allocate (no guest runs there)
+    /// then holds no free frames out of reach, refills refuse it, and promises
+    /// ([`FrameManager::commit`]) no longer set its pools' capacity aside. Slow path.
+    pub fn retire(&self, cpu: usize) -> Result<usize, FrameError> {
+        let pools = self.active_pools(cpu)?;
+        // Retired first, so no refill starts after the drain below.
+        pools.retired.store(true, Ordering::Release);
+        self.drain(cpu)
     }
 
     /// Empties `cpu`'s pools back into the buddy allocator (CPU going offline, memory
@@ -445,7 +466,8 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
 
     /// Frames all pools together can hold when full.
     fn pool_capacity_frames(&self) -> usize {
-        self.pools.len() * (self.config.page_capacity + self.config.block_capacity * BLOCK_FRAMES)
+        let active = self.pools.iter().filter(|p| !p.retired.load(Ordering::Acquire)).count();
+        active * (self.config.page_capacity + self.config.block_capacity * BLOCK_FRAMES)
     }
 
     fn pooled_frames(&self) -> usize {

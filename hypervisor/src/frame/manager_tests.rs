@@ -466,6 +466,26 @@ fn commit_grants_free_frames_less_pool_capacity() {
     assert_eq!(rig.frames.commit(usize::MAX), 100, "a withdrawn promise can be made again");
 }
 
+// A retired CPU (no guest there) holds nothing, refills refuse it, and promises stop setting
+// its pools' capacity aside; retiring twice is refused.
+#[test]
+fn retired_pools_are_empty_and_leave_the_promise_margin() {
+    let rig = filled(4096, 2);
+    let free = rig.frames.free_frames();
+    let pool = small().page_capacity + small().block_capacity * BLOCK_FRAMES;
+    let moved = rig.frames.retire(1).unwrap();
+    assert!(moved > 0, "CPU 1's filled pools were emptied");
+    assert_eq!(rig.frames.free_frames(), free, "nothing lost in the drain");
+    assert_eq!(rig.frames.refill(1), Err(FrameError::InvalidCpu(1)));
+    assert_eq!(rig.frames.retire(1), Err(FrameError::InvalidCpu(1)));
+    assert_eq!(rig.frames.commit(usize::MAX), free - pool, "only CPU 0's pools set aside");
+    let mut held = Vec::new();
+    rig.frames.pool_snapshot_for_test(1, false, &mut held);
+    rig.frames.pool_snapshot_for_test(1, true, &mut held);
+    assert!(held.is_empty());
+    assert!(rig.frames.audit(None).is_consistent());
+}
+
 // The point of a promise: a guest that draws exactly its promise always gets it, even after
 // another guest drew all of its own and the pools were left in the worst state (the other
 // CPU's pool full of frames nobody will use).
