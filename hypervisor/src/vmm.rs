@@ -413,9 +413,9 @@ pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
 }
 
 /// The demand-fault fast path, called before any frame is built: a 4 KiB page for a guest
-/// without block mappings, taken from the atomic path and mapped with `Stage2::map_page`; a
-/// guest with blocks goes to [`fast_block_fault`]. `false` leaves the fault to the general
-/// path (pages of a block guest, pool refills, errors, MMIO...).
+/// without block mappings ([`fast_page_fault`]); a guest with blocks goes to
+/// [`fast_block_fault`]. `false` leaves the fault to the general path (walks, table pages,
+/// pool refills, errors, MMIO...).
 #[inline(always)]
 pub fn fast_fault(ipa_page: u64) -> bool {
     let Some(vm) = this_cpu_vm() else { return false };
@@ -433,8 +433,7 @@ fn fast_page_fault(vm: &mut Vm, ipa_page: u64) -> bool {
         return false;
     }
     let (Some(pool), Some(s2)) = (vm.pool, vm.s2.as_mut()) else { return false };
-    // Built from the pool handle, not the global: nothing to load that the shortcut does not use.
-    let mut env = arch::HwStage2 { frames: pool.manager(), cpu: pool.index(), vttbr: vm.vttbr };
+    let mut env = fast_env(pool, vm.vttbr);
     // Only the cached level-3 table's free slots are served here: everything that could fail
     // after the frame is taken (a walk, a table page) is the general path's, so this path makes
     // no call (its caller saved only the caller-saved registers).
@@ -455,6 +454,13 @@ fn fast_page_fault(vm: &mut Vm, ipa_page: u64) -> bool {
     }
 }
 
+/// The fast paths' stage-2 environment, built from the CPU's pool handle rather than the
+/// global: nothing to load that the cached-table shortcuts do not use.
+#[inline(always)]
+fn fast_env(pool: CpuFrames<'static, 'static>, vttbr: u64) -> arch::HwStage2<'static> {
+    arch::HwStage2 { frames: pool.manager(), cpu: pool.index(), vttbr }
+}
+
 /// A claimed page the fast path could not map (cannot happen: it was claimed for this guest):
 /// back to the pool, and the general path explains.
 #[cold]
@@ -473,8 +479,8 @@ fn give_back_unmapped(vm: &mut Vm, page: labyrinth::frame::ClaimedPage) -> bool 
 /// on its head, mapped with one entry; where a block cannot go, the page path. `false`
 /// changes nothing and leaves the fault to the general path (no level-2 table yet, no block
 /// at hand...).
-/// Out of line: inlined it would save ~16 instructions here but add registers to
-/// `guest_fast`'s frame, costing the 4 KiB and HVC paths 2-3 each.
+/// Out of line: inlined it saves ~3 instructions here but adds registers to `guest_fast`'s
+/// frame, costing the 4 KiB and HVC paths 6 each (measured).
 #[inline(never)]
 fn fast_block_fault(vm: &mut Vm, ipa: u64) -> bool {
     let block = ipa & !(BLOCK - 1);
@@ -484,7 +490,7 @@ fn fast_block_fault(vm: &mut Vm, ipa: u64) -> bool {
         return fast_page_fault(vm, ipa);
     }
     let (Some(pool), Some(s2)) = (vm.pool, vm.s2.as_mut()) else { return false };
-    let mut env = arch::HwStage2 { frames: pool.manager(), cpu: pool.index(), vttbr: vm.vttbr };
+    let mut env = fast_env(pool, vm.vttbr);
     let Some(vacant) = s2.cached_vacant_block(&env, block) else { return fast_page_fault(vm, ipa) };
     if !vm.budget.take(BLOCK_FRAMES) {
         return false;

@@ -556,8 +556,9 @@ impl<'m, 'a, const ORDER: usize> CpuFrames<'m, 'a, ORDER> {
 
     /// Hands one zeroed, clean, 2 MiB-aligned block of 512 frames to `owner` (a guest), owned as
     /// one unit: claimed with one CAS on its head tag. [`AtomicError::Empty`] means no block
-    /// was at hand (map 4 KiB pages instead, or refill and retry). Always inlined, like the page
-    /// form: it is on the block fault's fast path; taking another CPU's surplus is out of line.
+    /// was at hand (map 4 KiB pages instead, or refill and retry). The general path's form (the
+    /// fast path's is [`CpuFrames::alloc_guest_block_own_pool`]); taking another CPU's surplus
+    /// is out of line.
     #[inline(always)]
     pub fn alloc_block_atomic_exclusive(self, owner: Owner) -> Result<Pfn, AtomicError> {
         // Only guests own blocks; refuse others before a block leaves the pool.
@@ -568,12 +569,7 @@ impl<'m, 'a, const ORDER: usize> CpuFrames<'m, 'a, ORDER> {
             Some(first) => first,
             None => self.pop_block_from_other_cpus()?,
         };
-        // Pooled blocks are compound: one CAS on the head claims all 512 frames.
-        if self.frames.db.claim_block_held(first, owner) {
-            Ok(Pfn(first))
-        } else {
-            Err(AtomicError::Inconsistent)
-        }
+        self.claim_popped_block(first, owner)
     }
 
     /// The block fault's fast path allocation: a block for guest `vm` from this CPU's own
@@ -583,12 +579,7 @@ impl<'m, 'a, const ORDER: usize> CpuFrames<'m, 'a, ORDER> {
     #[inline(always)]
     pub fn alloc_guest_block_own_pool(self, vm: VmId) -> Result<ClaimedBlock, AtomicError> {
         let first = self.pools.blocks.pop(POP_ATTEMPTS).ok_or(AtomicError::Empty)?;
-        // Pooled blocks are compound: one CAS on the head claims all 512 frames.
-        if self.frames.db.claim_block_held(first, Owner::guest(vm)) {
-            Ok(ClaimedBlock::new(Pfn(first), vm))
-        } else {
-            Err(AtomicError::Inconsistent)
-        }
+        self.claim_popped_block(first, Owner::guest(vm)).map(|head| ClaimedBlock::new(head, vm))
     }
 
     #[cold]
@@ -642,6 +633,16 @@ impl<'m, 'a, const ORDER: usize> CpuFrames<'m, 'a, ORDER> {
     fn claim_popped_page(self, pfn: u64, owner: Owner) -> Result<Pfn, AtomicError> {
         if self.frames.db.claim_held(pfn, owner) {
             Ok(Pfn(pfn))
+        } else {
+            Err(AtomicError::Inconsistent)
+        }
+    }
+
+    /// Pooled blocks are compound: one CAS on the head claims all 512 frames.
+    #[inline(always)]
+    fn claim_popped_block(self, first: u64, owner: Owner) -> Result<Pfn, AtomicError> {
+        if self.frames.db.claim_block_held(first, owner) {
+            Ok(Pfn(first))
         } else {
             Err(AtomicError::Inconsistent)
         }

@@ -370,9 +370,20 @@ impl Stage2 {
     /// the IPA space. Takes and changes nothing, so the caller can decline after it for free.
     #[inline(always)]
     pub fn vacant_block(&mut self, env: &impl Stage2Env, ipa: u64) -> Option<VacantBlock<'_>> {
+        if !self.l2_cached_for(ipa) {
+            self.find_l2(env, ipa)?;
+        }
+        self.cached_vacant_block(env, ipa)
+    }
+
+    /// [`Stage2::vacant_block`] through the cached level-2 table only: `None` on a miss too
+    /// (the fast path then declines rather than walk, so it makes no call; the general path's
+    /// [`Stage2::map_block`] remembers the table for the next fault).
+    #[inline(always)]
+    pub fn cached_vacant_block(&mut self, env: &impl Stage2Env, ipa: u64) -> Option<VacantBlock<'_>> {
         let table = match self.last_l2 {
             Some((base, table)) if ipa & !(level_size(1) - 1) == base => table,
-            _ => self.find_l2(env, ipa)?,
+            _ => return None,
         };
         let index = index(ipa, 2);
         if env.read(table, index) & 1 != 0 {
@@ -381,21 +392,10 @@ impl Stage2 {
         Some(VacantBlock { s2: self, table, index, ipa: ipa & !(level_size(2) - 1) })
     }
 
-    /// [`Stage2::vacant_block`] through the cached level-2 table only: `None` on a miss too
-    /// (the fast path then declines rather than walk, so it makes no call; the general path's
-    /// [`Stage2::map_block`] remembers the table for the next fault).
+    /// Whether the cached level-2 table covers `ipa`'s 1 GiB.
     #[inline(always)]
-    pub fn cached_vacant_block(&mut self, env: &impl Stage2Env, ipa: u64) -> Option<VacantBlock<'_>> {
-        match self.last_l2 {
-            Some((base, table)) if ipa & !(level_size(1) - 1) == base => {
-                let index = index(ipa, 2);
-                if env.read(table, index) & 1 != 0 {
-                    return None;
-                }
-                Some(VacantBlock { s2: self, table, index, ipa: ipa & !(level_size(2) - 1) })
-            }
-            _ => None,
-        }
+    fn l2_cached_for(&self, ipa: u64) -> bool {
+        matches!(self.last_l2, Some((base, _)) if ipa & !(level_size(1) - 1) == base)
     }
 
     /// `map` of a 2 MiB block (the general block-fault path), then remember its level-2 table
