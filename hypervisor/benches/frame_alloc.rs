@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use buddy_system_allocator::FrameAllocator;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use labyrinth::frame::{CpuFrames, FrameDb, FrameManager, FrameScrubber, Owner, Pfn, PoolConfig, TagCell, VmId};
+use labyrinth::frame::{
+    CpuFrames, FrameDb, FrameManager, FrameScrubber, Owner, Pfn, PoolConfig, TagCell, VmId,
+};
 
 /// 64 MiB of RAM at QEMU virt's base.
 const RAM: (u64, u64) = (0x4000_0000, 0x4400_0000);
@@ -82,7 +84,8 @@ fn bench(c: &mut Criterion) {
     let buddy = locked_buddy();
 
     for threads in [1, 2] {
-        let mut group = c.benchmark_group(format!("alloc+free/{threads} thread{}", if threads > 1 { "s" } else { "" }));
+        let mut group =
+            c.benchmark_group(format!("alloc+free/{threads} thread{}", if threads > 1 { "s" } else { "" }));
         group.throughput(Throughput::Elements(threads as u64));
         group.bench_function("atomic per-CPU pool", |b| {
             b.iter_custom(|iters| parallel(threads, iters, &|cpu| atomic_cycle(handles[cpu], owner)))

@@ -18,7 +18,12 @@ struct Plain {
 impl Plain {
     fn new(vm: VmId, frames: usize) -> Self {
         let base = 0x40000;
-        Plain { base, tables: (0..frames).map(|_| None).collect(), free_tables: (base..base + frames as u64).rev().collect(), vm }
+        Plain {
+            base,
+            tables: (0..frames).map(|_| None).collect(),
+            free_tables: (base..base + frames as u64).rev().collect(),
+            vm,
+        }
     }
 }
 
@@ -27,7 +32,8 @@ impl Stage2Env for Plain {
         self.tables[(table.0 - self.base) as usize].as_ref().map_or(0, |t| t[index])
     }
     fn write(&mut self, table: Pfn, index: usize, value: u64) {
-        self.tables[(table.0 - self.base) as usize].get_or_insert_with(|| Box::new([0; ENTRIES]))[index] = value;
+        self.tables[(table.0 - self.base) as usize].get_or_insert_with(|| Box::new([0; ENTRIES]))[index] =
+            value;
     }
     fn take_tables(&mut self, _vm: VmId, out: &mut [Pfn]) -> Result<(), Stage2Error> {
         for slot in out {

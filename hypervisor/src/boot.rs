@@ -71,7 +71,11 @@ pub fn primary_main(dtb: u64, dtb_size: u64) -> ! {
         cpu.midr,
         cpu.pa_bits
     );
-    log::debug!("device tree at {dtb:#x}, {} bytes, bootargs {:?}", platform.total_size(), platform.bootargs());
+    log::debug!(
+        "device tree at {dtb:#x}, {} bytes, bootargs {:?}",
+        platform.total_size(),
+        platform.bootargs()
+    );
 
     let map = memory_map(&platform, dtb);
     for line in map.lines() {

@@ -17,16 +17,22 @@ const HEAP_FRAMES: usize = 512;
 
 static FRAMES: Once<FrameManager<'static>> = Once::new();
 
-pub fn init(map: &MemoryMap<'_>, image: Region, cpus: usize) -> Result<&'static FrameManager<'static>, &'static str> {
+pub fn init(
+    map: &MemoryMap<'_>,
+    image: Region,
+    cpus: usize,
+) -> Result<&'static FrameManager<'static>, &'static str> {
     let placement = hostmem::place_frame_db(map).map_err(|_| "no free range holds the frame database")?;
     // SAFETY: the placement is the top of a free range (mapped read-write by the boot
     // sequence) and `tag_frames` below tags it Hypervisor, so nothing else ever uses it.
     let tags = unsafe { arch::frame_db_storage(placement.start, placement.entries) };
     let banks = hostmem::ram_banks(map);
-    let mut db = FrameDb::new(tags, placement.base, banks.as_slice()).map_err(|_| "frame database does not fit")?;
+    let mut db =
+        FrameDb::new(tags, placement.base, banks.as_slice()).map_err(|_| "frame database does not fit")?;
     let db_region = Region::from_bounds(placement.start, placement.end).ok_or("empty frame database")?;
     // The device tree stays Labyrinth's for the whole run (its strings are the guests' names).
-    let dtb = map.reserved().iter().find(|r| r.reason == Reason::DeviceTree && !r.outside_ram).map(|r| r.region);
+    let dtb =
+        map.reserved().iter().find(|r| r.reason == Reason::DeviceTree && !r.outside_ram).map(|r| r.region);
     // Without a device tree in RAM the image stands in for it: tagging a range twice is a no-op.
     let own = [image, db_region, dtb.unwrap_or(image)];
     let free = hostmem::tag_frames(&mut db, map, &own).map_err(|_| "cannot tag frames")?;

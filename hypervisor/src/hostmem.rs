@@ -22,7 +22,9 @@ pub struct DbPlacement {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HostMemError {
     /// No free range can hold the database.
-    NoRoomForDb { bytes: u64 },
+    NoRoomForDb {
+        bytes: u64,
+    },
     Frame(FrameError),
     TooManyRanges,
 }
@@ -36,7 +38,9 @@ impl From<FrameError> for HostMemError {
 impl core::fmt::Display for HostMemError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            HostMemError::NoRoomForDb { bytes } => write!(f, "no free range holds the {bytes}-byte frame database"),
+            HostMemError::NoRoomForDb { bytes } => {
+                write!(f, "no free range holds the {bytes}-byte frame database")
+            }
             HostMemError::Frame(e) => write!(f, "{e}"),
             HostMemError::TooManyRanges => f.write_str("too many free ranges"),
         }
@@ -63,12 +67,8 @@ pub fn place_frame_db(map: &MemoryMap<'_>) -> Result<DbPlacement, HostMemError> 
     let banks = ram_banks(map);
     let (base, entries) = FrameDb::span_of(banks.as_slice())?;
     let bytes = (entries as u64 * FrameDb::BYTES_PER_FRAME as u64).div_ceil(FRAME_SIZE) * FRAME_SIZE;
-    let range = map
-        .free()
-        .iter()
-        .rev()
-        .find(|r| r.size() >= bytes)
-        .ok_or(HostMemError::NoRoomForDb { bytes })?;
+    let range =
+        map.free().iter().rev().find(|r| r.size() >= bytes).ok_or(HostMemError::NoRoomForDb { bytes })?;
     let end = range.end();
     Ok(DbPlacement { start: end - bytes, end, base, entries })
 }
@@ -79,7 +79,11 @@ pub type FreeRanges = FixedList<(u64, u64), MAX_FREE>;
 /// Tags a fresh database (all RAM free) from the map: `hypervisor` ranges (the image, the
 /// database itself) become Hypervisor, every other frame outside the free ranges Reserved.
 /// Returns the ranges that stay free, exactly the frames tagged Free.
-pub fn tag_frames(db: &mut FrameDb<'_>, map: &MemoryMap<'_>, hypervisor: &[Region]) -> Result<FreeRanges, HostMemError> {
+pub fn tag_frames(
+    db: &mut FrameDb<'_>,
+    map: &MemoryMap<'_>,
+    hypervisor: &[Region],
+) -> Result<FreeRanges, HostMemError> {
     for r in hypervisor {
         mark_runs(db, r.base(), r.end(), FrameState::Hypervisor)?;
     }
@@ -155,14 +159,17 @@ mod tests {
 
     fn map(ram: &[(u64, u64)], res: &[(u64, u64)]) -> MemoryMap<'static> {
         let ram: Vec<Region> = ram.iter().map(|&(b, s)| Region::new(b, s).unwrap()).collect();
-        let res: Vec<Reservation<'static>> =
-            res.iter().map(|&(b, s)| Reservation::new(Region::new(b, s).unwrap(), Reason::MemReserve)).collect();
+        let res: Vec<Reservation<'static>> = res
+            .iter()
+            .map(|&(b, s)| Reservation::new(Region::new(b, s).unwrap(), Reason::MemReserve))
+            .collect();
         MemoryMap::build(&ram, &res, 0).unwrap()
     }
 
     fn db_for(m: &MemoryMap<'_>) -> (DbPlacement, FrameDb<'static>) {
         let p = place_frame_db(m).unwrap();
-        let tags: &'static [TagCell] = Box::leak((0..p.entries).map(|_| TagCell::new(0)).collect::<Vec<_>>().into_boxed_slice());
+        let tags: &'static [TagCell] =
+            Box::leak((0..p.entries).map(|_| TagCell::new(0)).collect::<Vec<_>>().into_boxed_slice());
         let db = FrameDb::new(tags, p.base, ram_banks(m).as_slice()).unwrap();
         (p, db)
     }
@@ -193,7 +200,8 @@ mod tests {
         assert_eq!(state(p.start), FrameState::Hypervisor);
         // The free list is exactly the frames tagged free.
         let listed: u64 = free.iter().map(|(a, b)| (b - a) / FRAME_SIZE).sum();
-        let tagged = (0..db.len() as u64).filter(|i| db.state(Pfn(0x40000 + i)) == Ok(FrameState::Free)).count();
+        let tagged =
+            (0..db.len() as u64).filter(|i| db.state(Pfn(0x40000 + i)) == Ok(FrameState::Free)).count();
         assert_eq!(listed as usize, tagged);
         for &(a, b) in free.iter() {
             for pfn in a >> 12..b >> 12 {

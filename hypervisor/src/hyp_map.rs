@@ -73,11 +73,8 @@ impl MapKind {
             MapKind::Device => DESC::SH::Non,
             _ => DESC::SH::Inner,
         };
-        let mut v = DESC::VALID::SET
-            + DESC::ATTR_INDX.val(attr as u64)
-            + DESC::AP_RES1::SET
-            + DESC::AF::SET
-            + sh;
+        let mut v =
+            DESC::VALID::SET + DESC::ATTR_INDX.val(attr as u64) + DESC::AP_RES1::SET + DESC::AF::SET + sh;
         if matches!(self, MapKind::Text | MapKind::ReadOnly) {
             v += DESC::AP_RO::SET;
         }
@@ -317,8 +314,7 @@ mod tests {
         // Device leaves are XN; no leaf is both writable and executable.
         drop(m);
         let leaves: Vec<u64> = p.iter().flat_map(|t| t.0.iter().copied()).collect();
-        let l3_pages: Vec<u64> =
-            leaves.into_iter().filter(|d| d & 3 == 3 && d & (1 << 10) != 0).collect();
+        let l3_pages: Vec<u64> = leaves.into_iter().filter(|d| d & 3 == 3 && d & (1 << 10) != 0).collect();
         assert_eq!(l3_pages.len(), 2);
         for d in l3_pages {
             assert_ne!(d & (1 << 54), 0, "leaf {d:#x} must be execute-never");

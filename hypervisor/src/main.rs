@@ -6,9 +6,9 @@
 #[cfg(target_os = "none")]
 mod arch;
 #[cfg(target_os = "none")]
-mod boot;
-#[cfg(target_os = "none")]
 mod bench;
+#[cfg(target_os = "none")]
+mod boot;
 #[cfg(target_os = "none")]
 mod frames;
 #[cfg(target_os = "none")]

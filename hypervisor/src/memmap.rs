@@ -183,7 +183,11 @@ impl<'a> MemoryMap<'a> {
     /// Builds the map. Empty regions are ignored; overlapping or adjacent RAM banks are merged.
     /// Fails when there is no RAM, when a table overflows, or when fewer than
     /// `max(min_free, PAGE_SIZE)` bytes are free.
-    pub fn build(ram: &[Region], reservations: &[Reservation<'a>], min_free: u64) -> Result<Self, MemMapError<'a>> {
+    pub fn build(
+        ram: &[Region],
+        reservations: &[Reservation<'a>],
+        min_free: u64,
+    ) -> Result<Self, MemMapError<'a>> {
         let mut map = MemoryMap {
             ram: FixedList::new(),
             reserved: FixedList::new(),
@@ -199,7 +203,8 @@ impl<'a> MemoryMap<'a> {
 
         let min_free = min_free.max(PAGE_SIZE);
         if map.free_bytes < min_free {
-            let largest = map.reserved.iter().filter(|r| !r.outside_ram).max_by_key(|r| r.region.size()).copied();
+            let largest =
+                map.reserved.iter().filter(|r| !r.outside_ram).max_by_key(|r| r.region.size()).copied();
             return Err(MemMapError::NotEnoughFree {
                 ram: map.ram_bytes,
                 reserved: map.reserved_bytes,
@@ -374,13 +379,9 @@ impl fmt::Display for MapLine<'_, '_> {
                 }
                 Ok(())
             }
-            MapLine::Total { ram, reserved, free } => write!(
-                f,
-                "total: {} RAM, {} reserved, {} free",
-                Size(*ram),
-                Size(*reserved),
-                Size(*free)
-            ),
+            MapLine::Total { ram, reserved, free } => {
+                write!(f, "total: {} RAM, {} reserved, {} free", Size(*ram), Size(*reserved), Size(*free))
+            }
         }
     }
 }
@@ -515,10 +516,8 @@ total: 1024 MiB RAM, 1536 KiB reserved, 1047040 KiB free
     #[test]
     fn reservations_at_the_edges_of_ram() {
         let ram = [r(0x4000_0000, 16 * MIB)];
-        let reservations = [
-            res(0x4000_0000, MIB, Reason::DeviceTree),
-            res(0x40f0_0000, MIB, Reason::HypervisorImage),
-        ];
+        let reservations =
+            [res(0x4000_0000, MIB, Reason::DeviceTree), res(0x40f0_0000, MIB, Reason::HypervisorImage)];
         let map = MemoryMap::build(&ram, &reservations, 0).unwrap();
         assert_eq!(map.free(), &[r(0x4010_0000, 14 * MIB)]);
         assert_invariants(&map, &reservations);
@@ -544,7 +543,9 @@ total: 1024 MiB RAM, 1536 KiB reserved, 1047040 KiB free
         assert!(map.reserved()[0].outside_ram);
         assert_eq!(map.reserved_bytes(), 0);
         assert_eq!(map.free(), &ram);
-        assert!(map.to_string().contains("reserved 0x10000000-0x100fffff  1 MiB  /memreserve/ (outside RAM)\n"));
+        assert!(map
+            .to_string()
+            .contains("reserved 0x10000000-0x100fffff  1 MiB  /memreserve/ (outside RAM)\n"));
     }
 
     #[test]
@@ -586,7 +587,8 @@ total: 1024 MiB RAM, 1536 KiB reserved, 1047040 KiB free
     #[test]
     fn reservation_covering_everything_is_an_error_naming_it() {
         let ram = [r(0x4000_0000, 16 * MIB)];
-        let reservations = [res(0x3000_0000, 0x2000_0000, Reason::ReservedMemory { name: "secure@30000000", no_map: true })];
+        let reservations =
+            [res(0x3000_0000, 0x2000_0000, Reason::ReservedMemory { name: "secure@30000000", no_map: true })];
         let err = MemoryMap::build(&ram, &reservations, 0).unwrap_err();
         match err {
             MemMapError::NotEnoughFree { free: 0, ram, reserved, largest: Some(l), .. } => {
@@ -658,7 +660,8 @@ total: 1024 MiB RAM, 1536 KiB reserved, 1047040 KiB free
 
     #[test]
     fn too_many_banks_is_an_error_not_a_truncation() {
-        let ram: Vec<Region> = (0..=MAX_RAM as u64).map(|i| r(0x4000_0000 + i * 0x20_0000, 0x10_0000)).collect();
+        let ram: Vec<Region> =
+            (0..=MAX_RAM as u64).map(|i| r(0x4000_0000 + i * 0x20_0000, 0x10_0000)).collect();
         assert_eq!(
             MemoryMap::build(&ram, &[], 0).unwrap_err(),
             MemMapError::TooMany { what: "RAM banks", max: MAX_RAM }

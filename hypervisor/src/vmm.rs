@@ -13,8 +13,8 @@ use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, B
 use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
 use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
 use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
-use labyrinth::vm::vpsci::{self, PsciAction};
 use labyrinth::vm::vgic::{self, VGic};
+use labyrinth::vm::vpsci::{self, PsciAction};
 use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
 use log::{error, info, warn};
 use spin::Mutex;
@@ -92,7 +92,8 @@ static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator::new());
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static REPORTS: Mutex<Vec<alloc::string::String>> = Mutex::new(Vec::new());
 /// Set once before any guest runs; read on every fault, so a plain pointer, not a `Once`.
-static FRAMES: core::sync::atomic::AtomicPtr<FrameManager<'static>> = core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
+static FRAMES: core::sync::atomic::AtomicPtr<FrameManager<'static>> =
+    core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
 
 /// The guest that runs on CPU `cpu`.
 ///
@@ -125,7 +126,12 @@ fn env(vm: &Vm) -> arch::HwStage2<'static> {
 /// Builds every well-formed guest the device tree describes and places guest `i` on CPU `i`.
 /// Returns how many will run. A guest that cannot be built is named, with its reason, and
 /// left out; the others go on.
-pub fn create_all(platform: &Platform<'static>, frames_mgr: &'static FrameManager<'static>, cpus: usize, pa_bits: u32) -> usize {
+pub fn create_all(
+    platform: &Platform<'static>,
+    frames_mgr: &'static FrameManager<'static>,
+    cpus: usize,
+    pa_bits: u32,
+) -> usize {
     FRAMES.store(frames_mgr as *const _ as *mut _, Ordering::Release);
     let geo = Geometry::for_pa_bits(pa_bits);
     // The physical GIC is set up only if some guest gets a virtual one.
@@ -198,7 +204,11 @@ type BuildError = alloc::string::String;
 /// Builds guest `cfg` for CPU `cpu`; the error names the guest and what is wrong.
 fn build(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usize) -> Result<Vm, BuildError> {
     build_inner(cfg, geo, cpus, cpu).map_err(|e| {
-        if e.starts_with("guest ") { e } else { alloc::format!("guest {}: {e}", cfg.name) }
+        if e.starts_with("guest ") {
+            e
+        } else {
+            alloc::format!("guest {}: {e}", cfg.name)
+        }
     })
 }
 
@@ -209,13 +219,18 @@ fn build_inner(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usiz
         return Err(format!("cpus = {}: this version runs one vCPU per guest", cfg.cpus));
     }
     if cfg.device_tree.is_some() {
-        warn!("guest {}: its multiboot,device-tree module is ignored; Labyrinth writes the guest's device tree", cfg.name);
+        warn!(
+            "guest {}: its multiboot,device-tree module is ignored; Labyrinth writes the guest's device tree",
+            cfg.name
+        );
     }
     let kernel = module_bytes(cfg.kernel.region.base(), cfg.kernel.region.size())?;
     let header = image::parse(kernel).map_err(|e| format!("kernel: {e}"))?;
     let ramdisk_size = cfg.ramdisk.map(|r| r.region.size());
-    let layout = layout::plan(cfg.memory_bytes(), geo.ipa_bits, &header, ramdisk_size).map_err(|e| format!("memory: {e}"))?;
-    let dtb = fdt_gen::generate(&layout, 1, cfg.bootargs, 0, cfg.virtual_gic).map_err(|_| format!("cannot write its device tree"))?;
+    let layout = layout::plan(cfg.memory_bytes(), geo.ipa_bits, &header, ramdisk_size)
+        .map_err(|e| format!("memory: {e}"))?;
+    let dtb = fdt_gen::generate(&layout, 1, cfg.bootargs, 0, cfg.virtual_gic)
+        .map_err(|_| format!("cannot write its device tree"))?;
     let id = VmId::new(cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
     let budget = promise_memory(cfg.name, &layout, geo)?;
     let Some(vmid) = VMIDS.lock().alloc() else {
@@ -257,7 +272,9 @@ fn promise_memory(name: &str, layout: &Layout, geo: Geometry) -> Result<MemoryBu
     let promised = frames().commit(pages + tables);
     let Some(budget) = MemoryBudget::new(promised, tables) else {
         frames().uncommit(promised);
-        return Err(alloc::format!("no host memory left to promise it ({promised} frames, {tables} needed for its tables alone)"));
+        return Err(alloc::format!(
+            "no host memory left to promise it ({promised} frames, {tables} needed for its tables alone)"
+        ));
     };
     if budget.pages() < pages {
         warn!(
@@ -287,7 +304,8 @@ fn load(vm: &mut Vm, cpu: usize) -> Result<(), Stage2Error> {
     env.vttbr = s2.vttbr();
     vm.vttbr = s2.vttbr();
     vm.s2 = Some(s2);
-    let kernel = module_bytes(vm.config.kernel.region.base(), vm.config.kernel.region.size()).map_err(|_| Stage2Error::OutOfMemory)?;
+    let kernel = module_bytes(vm.config.kernel.region.base(), vm.config.kernel.region.size())
+        .map_err(|_| Stage2Error::OutOfMemory)?;
     copy_in(vm, &mut env, vm.layout.kernel, kernel)?;
     if let (Some(m), Some((at, _))) = (vm.config.ramdisk, vm.layout.ramdisk) {
         let bytes = module_bytes(m.region.base(), m.region.size()).map_err(|_| Stage2Error::OutOfMemory)?;
@@ -371,7 +389,9 @@ pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
     }
     let syn = arch::trap_syndrome();
     match trap::decode(syn.esr, syn.far, syn.hpfar) {
-        GuestTrap::Abort { ipa: Some(ipa), fsc: 0x04..=0x07, .. } if vm.layout.in_ram(ipa) => demand_fault(vm, frame, ipa),
+        GuestTrap::Abort { ipa: Some(ipa), fsc: 0x04..=0x07, .. } if vm.layout.in_ram(ipa) => {
+            demand_fault(vm, frame, ipa)
+        }
         GuestTrap::Abort { ipa: Some(ipa), access: Some(a), instruction: false, .. }
             if (UART_BASE..UART_BASE + UART_SIZE).contains(&ipa) =>
         {
@@ -382,9 +402,13 @@ pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
         {
             mmio_vgic(vm, frame, ipa, a, syn.esr)
         }
-        GuestTrap::Abort { ipa, instruction, fsc, .. } => {
-            refuse_access(vm, frame, instruction, syn.esr, format_args!("IPA {ipa:x?} (FAR {:#x}), fault status {fsc:#x}", syn.far))
-        }
+        GuestTrap::Abort { ipa, instruction, fsc, .. } => refuse_access(
+            vm,
+            frame,
+            instruction,
+            syn.esr,
+            format_args!("IPA {ipa:x?} (FAR {:#x}), fault status {fsc:#x}", syn.far),
+        ),
         GuestTrap::Hvc { .. } => {
             vm.stats.hvc += 1;
             psci(vm, frame);
@@ -399,14 +423,23 @@ pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
             vm.stats.sysreg += 1;
             frame.elr += 4;
         }
-        GuestTrap::SysReg { encoding, read: false, reg: r } if vm.vgic.is_some() && trap::is_gic_sgi_register(encoding) => {
+        GuestTrap::SysReg { encoding, read: false, reg: r }
+            if vm.vgic.is_some() && trap::is_gic_sgi_register(encoding) =>
+        {
             vm.stats.sysreg += 1;
             send_sgi(vm, reg(frame, r));
             frame.elr += 4;
         }
         GuestTrap::SysReg { encoding, read, .. } => {
             vm.stats.sysreg += 1;
-            undefined(vm, frame, format_args!("system register access {encoding:#x} ({})", if read { "read" } else { "write" }));
+            undefined(
+                vm,
+                frame,
+                format_args!(
+                    "system register access {encoding:#x} ({})",
+                    if read { "read" } else { "write" }
+                ),
+            );
         }
         GuestTrap::Other { class } => undefined(vm, frame, format_args!("exception class {class:#x}")),
     }
@@ -670,7 +703,11 @@ fn mmio_vgic(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64, a: MmioAccess, esr: u
 /// `None` to refuse), `device(Some(v))` writes `v` (`Some(_)` when accepted). On success the
 /// load's register gets the value as the instruction would have, and the instruction is
 /// skipped; `false` leaves the frame as it was for the caller to inject an abort.
-fn emulate_mmio(frame: &mut TrapFrame, a: MmioAccess, device: impl FnOnce(Option<u64>) -> Option<u64>) -> bool {
+fn emulate_mmio(
+    frame: &mut TrapFrame,
+    a: MmioAccess,
+    device: impl FnOnce(Option<u64>) -> Option<u64>,
+) -> bool {
     let Some(value) = device(a.write.then(|| reg(frame, a.reg))) else { return false };
     if !a.write {
         set_reg(frame, a.reg, load_value(a, value));
@@ -742,7 +779,13 @@ fn emit(name: &str, line: &[u8]) {
     arch::raw_line(format_args!("[{name}] {text}"));
 }
 
-fn refuse_access(vm: &mut Vm, frame: &mut TrapFrame, instruction: bool, esr: u64, what: core::fmt::Arguments<'_>) {
+fn refuse_access(
+    vm: &mut Vm,
+    frame: &mut TrapFrame,
+    instruction: bool,
+    esr: u64,
+    what: core::fmt::Arguments<'_>,
+) {
     vm.stats.aborts_injected += 1;
     if vm.logged < LOG_LIMIT {
         vm.logged += 1;
@@ -904,4 +947,3 @@ fn stop(vm: &mut Vm, cause: StopCause) -> ! {
     }
     arch::park()
 }
-

@@ -52,9 +52,11 @@ impl FrameScrubber for NoMemory {
 fn crate_frame_allocator_allocates_from_the_heap() {
     let mut fa = FrameAllocator::<32>::new();
     assert!(allocations_during(|| fa.add_frame(0x40000, 0x40400)) > 0);
-    assert!(allocations_during(|| {
-        fa.alloc(1).unwrap();
-    }) > 0);
+    assert!(
+        allocations_during(|| {
+            fa.alloc(1).unwrap();
+        }) > 0
+    );
 }
 
 // Ours: the atomic path (page, block, return) never touches the heap.

@@ -253,14 +253,31 @@ pub fn stray_faults() -> u64 {
 fn read_esr_far() -> (u64, u64) {
     let (esr, far): (u64, u64);
     // SAFETY: reads syndrome registers.
-    unsafe { asm!("mrs {e}, esr_el1", "mrs {f}, far_el1", e = out(reg) esr, f = out(reg) far, options(nomem, nostack)) };
+    unsafe {
+        asm!("mrs {e}, esr_el1", "mrs {f}, far_el1", e = out(reg) esr, f = out(reg) far, options(nomem, nostack))
+    };
     (esr, far)
 }
 
 fn vector_name(v: u64) -> &'static str {
-    ["sync (SP_EL0)", "irq (SP_EL0)", "fiq (SP_EL0)", "serror (SP_EL0)", "sync", "irq", "fiq", "serror",
-     "sync from lower EL", "irq from lower EL", "fiq from lower EL", "serror from lower EL",
-     "sync from aarch32", "irq from aarch32", "fiq from aarch32", "serror from aarch32"][(v & 15) as usize]
+    [
+        "sync (SP_EL0)",
+        "irq (SP_EL0)",
+        "fiq (SP_EL0)",
+        "serror (SP_EL0)",
+        "sync",
+        "irq",
+        "fiq",
+        "serror",
+        "sync from lower EL",
+        "irq from lower EL",
+        "fiq from lower EL",
+        "serror from lower EL",
+        "sync from aarch32",
+        "irq from aarch32",
+        "fiq from aarch32",
+        "serror from aarch32",
+    ][(v & 15) as usize]
 }
 
 #[no_mangle]
@@ -279,8 +296,14 @@ extern "C" fn __guest_rt_exception(frame: &mut Frame, vector: u64) {
             LAST.set(Some(fault));
             if mode == Mode::Normal {
                 STRAY.set(STRAY.get() + 1);
-                crate::println!("guest: recovered {}: esr={:#x} far={:#x} elr={:#x}, resuming at {:#x}",
-                    ec_name(ec), esr, far, frame.elr, pc);
+                crate::println!(
+                    "guest: recovered {}: esr={:#x} far={:#x} elr={:#x}, resuming at {:#x}",
+                    ec_name(ec),
+                    esr,
+                    far,
+                    frame.elr,
+                    pc
+                );
             }
             frame.elr = pc;
             return;
@@ -289,8 +312,15 @@ extern "C" fn __guest_rt_exception(frame: &mut Frame, vector: u64) {
         LAST.set(Some(fault));
         return;
     }
-    crate::println!("guest: unexpected {} ({}) esr={:#x} far={:#x} elr={:#x} spsr={:#x}",
-        vector_name(vector), ec_name(ec), esr, far, frame.elr, frame.spsr);
+    crate::println!(
+        "guest: unexpected {} ({}) esr={:#x} far={:#x} elr={:#x} spsr={:#x}",
+        vector_name(vector),
+        ec_name(ec),
+        esr,
+        far,
+        frame.elr,
+        frame.spsr
+    );
     crate::psci::system_off();
 }
 

@@ -84,7 +84,10 @@ impl Tally {
             }
             Err(f) => {
                 self.allowed();
-                println!("isolation: execute {} at {:#x}: ALLOWED (fetched, then {} at {:#x})", what, addr, f, f.elr);
+                println!(
+                    "isolation: execute {} at {:#x}: ALLOWED (fetched, then {} at {:#x})",
+                    what, addr, f, f.elr
+                );
             }
             Ok(()) => {
                 self.allowed();
@@ -98,7 +101,13 @@ impl Tally {
         match exception::probe_call(false, fid, a1, a2, a3) {
             Ok(r) if (r as i64) < 0 => {
                 self.denied();
-                println!("isolation: hvc {} {:#x}: denied (returned {} {})", what, fid, r as i64, psci::error_name(r as i64));
+                println!(
+                    "isolation: hvc {} {:#x}: denied (returned {} {})",
+                    what,
+                    fid,
+                    r as i64,
+                    psci::error_name(r as i64)
+                );
             }
             Ok(r) => {
                 self.allowed();
@@ -124,7 +133,11 @@ impl Tally {
         match unsafe { exception::probe_read32(page + 0x38) } {
             Ok(IMAGE_MAGIC) => {
                 self.allowed();
-                println!("isolation: probe {:#x} inside RAM: FOREIGN DATA (arm64 Image magic at {:#x})", addr, page + 0x38);
+                println!(
+                    "isolation: probe {:#x} inside RAM: FOREIGN DATA (arm64 Image magic at {:#x})",
+                    addr,
+                    page + 0x38
+                );
             }
             Ok(_) => {
                 self.denied();
@@ -182,7 +195,9 @@ fn main(boot: &BootInfo) -> ! {
     let r = unsafe { exception::probe_read32(UART + 1) };
     guest_rt::boot::set_alignment_check(true);
     match r {
-        Ok(v) => println!("isolation: unaligned 32-bit uart read at {:#x}: completed (value {:#x})", UART + 1, v),
+        Ok(v) => {
+            println!("isolation: unaligned 32-bit uart read at {:#x}: completed (value {:#x})", UART + 1, v)
+        }
         Err(f) => println!("isolation: unaligned 32-bit uart read at {:#x}: faulted ({})", UART + 1, f),
     }
     // A newline: harmless on the console if the byte store goes through.
@@ -196,8 +211,12 @@ fn main(boot: &BootInfo) -> ! {
     t.hvc_must_fail("cpu_on bogus target", psci::CPU_ON_64, BOGUS_MPIDR, guest_rt::boot::image().start, 0);
 
     match exception::probe_call(true, psci::PSCI_VERSION, 0, 0, 0) {
-        Ok(r) if r as i64 == psci::NOT_SUPPORTED => println!("isolation: smc psci_version: NOT_SUPPORTED (-1)"),
-        Ok(r) if r >> 31 == 0 => println!("isolation: smc psci_version: works (version {}.{})", r >> 16, r & 0xffff),
+        Ok(r) if r as i64 == psci::NOT_SUPPORTED => {
+            println!("isolation: smc psci_version: NOT_SUPPORTED (-1)")
+        }
+        Ok(r) if r >> 31 == 0 => {
+            println!("isolation: smc psci_version: works (version {}.{})", r >> 16, r & 0xffff)
+        }
         Ok(r) => println!("isolation: smc psci_version: UNEXPECTED (returned {:#x})", r),
         Err(f) => println!("isolation: smc psci_version: faulted ({})", f),
     }

@@ -56,7 +56,14 @@ fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
 
 /// `/chosen/labyrinth,reset-count` (a big-endian u32), if sysfs and the property are there.
 fn reset_count() -> Option<u32> {
-    syscall(SYS_MOUNT, b"sysfs\0".as_ptr() as u64, b"/sys\0".as_ptr() as u64, b"sysfs\0".as_ptr() as u64, 0, 0);
+    syscall(
+        SYS_MOUNT,
+        b"sysfs\0".as_ptr() as u64,
+        b"/sys\0".as_ptr() as u64,
+        b"sysfs\0".as_ptr() as u64,
+        0,
+        0,
+    );
     let path = b"/sys/firmware/devicetree/base/chosen/labyrinth,reset-count\0";
     let fd = syscall(SYS_OPENAT, AT_FDCWD, path.as_ptr() as u64, 0, 0, 0);
     if fd < 0 {
@@ -117,7 +124,11 @@ extern "C" fn init_main(sp: *const u64) -> ! {
     };
     let r = syscall(SYS_REBOOT, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, cmd, 0, 0);
     // Only reached if the reboot call failed: say so, then wait (exiting would panic the kernel).
-    print(if r < 0 { b"labyrinth-init: reboot failed\n" } else { b"labyrinth-init: still running after reboot\n" });
+    print(if r < 0 {
+        b"labyrinth-init: reboot failed\n"
+    } else {
+        b"labyrinth-init: still running after reboot\n"
+    });
     loop {
         // ppoll on no descriptors with no timeout sleeps until a signal: an idle wait.
         syscall(SYS_PPOLL, 0, 0, 0, 0, 0);

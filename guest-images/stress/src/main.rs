@@ -245,8 +245,17 @@ fn main(boot: &BootInfo) -> ! {
     let image = guest_rt::boot::image();
     let span = boot.ram_span();
     let v = psci::version();
-    println!("stress: ram {} ({} MiB), image {}, dtb {}, cntfrq={} Hz, psci {}.{}, seed={}",
-        span, span.len() >> 20, image, boot.dtb, frequency(), v >> 16, v & 0xffff, seed);
+    println!(
+        "stress: ram {} ({} MiB), image {}, dtb {}, cntfrq={} Hz, psci {}.{}, seed={}",
+        span,
+        span.len() >> 20,
+        image,
+        boot.dtb,
+        frequency(),
+        v >> 16,
+        v & 0xffff,
+        seed
+    );
 
     // Free RAM: above the image, without the device tree and the reserved ranges.
     let mut free: RangeSet<16> = RangeSet::new();
@@ -299,14 +308,24 @@ fn main(boot: &BootInfo) -> ! {
 
     let n = small.pages();
     let (first, second, mut nonzero) = timed_passes(small.slice());
-    println!("stress: 4k first-touch pages={} first={} second={} ticks, fault={} instructions/page",
-        n, first, second, ticks_to_ns_per(first as i64 - second as i64, n));
+    println!(
+        "stress: 4k first-touch pages={} first={} second={} ticks, fault={} instructions/page",
+        n,
+        first,
+        second,
+        ticks_to_ns_per(first as i64 - second as i64, n)
+    );
     if blocks {
         let n = large.pages();
         let (first, second, nz) = timed_passes(large.slice());
         nonzero += nz;
-        println!("stress: 2m first-touch blocks={} first={} second={} ticks, fault={} instructions/block",
-            n, first, second, ticks_to_ns_per(first as i64 - second as i64, n));
+        println!(
+            "stress: 2m first-touch blocks={} first={} second={} ticks, fault={} instructions/block",
+            n,
+            first,
+            second,
+            ticks_to_ns_per(first as i64 - second as i64, n)
+        );
     }
     println!("stress: fresh pages not zero: {}", nonzero);
 
@@ -322,7 +341,10 @@ fn main(boot: &BootInfo) -> ! {
 
     let with = call_loop(HVC_CALLS, true);
     let without = call_loop(HVC_CALLS, false);
-    println!("stress: hvc psci_version round trip={} instructions", ticks_to_ns_per(with as i64 - without as i64, HVC_CALLS));
+    println!(
+        "stress: hvc psci_version round trip={} instructions",
+        ticks_to_ns_per(with as i64 - without as i64, HVC_CALLS)
+    );
 
     if exception::stray_faults() > 0 {
         println!("stress: unexpected aborts: {}", exception::stray_faults());

@@ -7,11 +7,15 @@ pub use aarch64::{
     console::{emergency_line, init_console, install_fallback_console, raw_line},
     cpu::{cpu_index, mpidr, read_cpu_info, MAX_CPUS},
     exception::TrapFrame,
-    gic,
+    gic, image_range,
     memory::{clean_to_poc, copy_phys, frame_db_storage, heap_bytes, init_heap, Heap, Scrubber},
     mmu::{map_range, MapKind},
     power::{cpu_off, cpu_on, park, power_off},
+    secondary_entry_address,
     stage2_hw::HwStage2,
-    vcpu::{configure_el2, enter as enter_guest, inject_external_abort, inject_undefined, restart as restart_guest, trap_syndrome},
-    image_range, secondary_entry_address, time_now_ticks, ticks_per_second,
+    ticks_per_second, time_now_ticks,
+    vcpu::{
+        configure_el2, enter as enter_guest, inject_external_abort, inject_undefined,
+        restart as restart_guest, trap_syndrome,
+    },
 };

@@ -125,12 +125,7 @@ fn block_range(
     }
     let end = u64::from(offset) + u64::from(size);
     if end > u64::from(totalsize) {
-        return Err(DtError::BlockBeyondTotalSize {
-            block,
-            offset,
-            size: u64::from(size),
-            totalsize,
-        });
+        return Err(DtError::BlockBeyondTotalSize { block, offset, size: u64::from(size), totalsize });
     }
     Ok((offset as usize, end as usize))
 }
@@ -167,7 +162,11 @@ pub fn check(blob: &[u8]) -> Result<Checked<'_>, DtError<'static>> {
     let strings = block_range(Block::Strings, h.off_dt_strings, h.size_dt_strings, header_size, h.totalsize)?;
     let structs = if h.version >= 17 {
         if !h.size_dt_struct.is_multiple_of(4) {
-            return Err(DtError::BlockMisaligned { block: Block::Struct, offset: h.size_dt_struct, align: 4 });
+            return Err(DtError::BlockMisaligned {
+                block: Block::Struct,
+                offset: h.size_dt_struct,
+                align: 4,
+            });
         }
         block_range(Block::Struct, h.off_dt_struct, h.size_dt_struct, header_size, h.totalsize)?
     } else {
@@ -195,17 +194,15 @@ pub fn check(blob: &[u8]) -> Result<Checked<'_>, DtError<'static>> {
     };
     let end = check_structure(&blocks, h.version >= 17)?;
     let blocks = Blocks { structs: blocks.structs.get(..end).unwrap_or_default(), ..blocks };
-    Ok(Checked {
-        blob,
-        blocks,
-        memreserve,
-        version: h.version,
-        boot_cpuid_phys: h.boot_cpuid_phys,
-    })
+    Ok(Checked { blob, blocks, memreserve, version: h.version, boot_cpuid_phys: h.boot_cpuid_phys })
 }
 
 /// Checks the memory reservation block and returns its entries (without the terminator).
-fn check_memreserve<'a>(blob: &'a [u8], h: &Header, header_size: usize) -> Result<&'a [u8], DtError<'static>> {
+fn check_memreserve<'a>(
+    blob: &'a [u8],
+    h: &Header,
+    header_size: usize,
+) -> Result<&'a [u8], DtError<'static>> {
     let off = h.off_mem_rsvmap;
     if (off as usize) < header_size {
         return Err(DtError::BlockInHeader { block: Block::MemReserve, offset: off });

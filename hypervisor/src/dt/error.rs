@@ -189,10 +189,9 @@ impl fmt::Display for DtError<'_> {
                 "device tree version {version} (last compatible {last_comp_version}) not \
                  supported: need version >= 16 and last_comp_version <= 17"
             ),
-            DtError::BlockBeyondTotalSize { block, offset, size, totalsize } => write!(
-                f,
-                "{block} offset {offset:#x} size {size:#x} beyond totalsize {totalsize:#x}"
-            ),
+            DtError::BlockBeyondTotalSize { block, offset, size, totalsize } => {
+                write!(f, "{block} offset {offset:#x} size {size:#x} beyond totalsize {totalsize:#x}")
+            }
             DtError::BlockInHeader { block, offset } => {
                 write!(f, "{block} offset {offset:#x} lies inside the header")
             }
@@ -200,10 +199,9 @@ impl fmt::Display for DtError<'_> {
                 write!(f, "{block} offset/size {offset:#x} not {align}-byte aligned")
             }
             DtError::BlocksOverlap { a, b } => write!(f, "{a} and {b} overlap"),
-            DtError::MemReserveUnterminated { offset } => write!(
-                f,
-                "memory reservation block at {offset:#x} has no 0,0 terminator before totalsize"
-            ),
+            DtError::MemReserveUnterminated { offset } => {
+                write!(f, "memory reservation block at {offset:#x} has no 0,0 terminator before totalsize")
+            }
             DtError::MemReserveOverflow { offset, address, size } => write!(
                 f,
                 "/memreserve/ entry at {offset:#x}: {address:#x} + {size:#x} overflows the \
@@ -219,10 +217,9 @@ impl fmt::Display for DtError<'_> {
                 write!(f, "node name at {offset:#x} has no NUL before the end of the struct block")
             }
             DtError::BadNodeName { offset, why } => write!(f, "node name at {offset:#x} {why}"),
-            DtError::PropertyBeyondStruct { offset, len } => write!(
-                f,
-                "property at {offset:#x} with length {len:#x} runs past the struct block"
-            ),
+            DtError::PropertyBeyondStruct { offset, len } => {
+                write!(f, "property at {offset:#x} with length {len:#x} runs past the struct block")
+            }
             DtError::PropertyNameOutsideStrings { offset, nameoff, strings_size } => write!(
                 f,
                 "property at {offset:#x}: name offset {nameoff:#x} outside the {strings_size:#x}-byte \
@@ -256,9 +253,7 @@ impl fmt::Display for DtError<'_> {
             }
             DtError::NoCpusNode => f.write_str("no /cpus node"),
             DtError::NoCpuNodes => f.write_str("/cpus has no cpu nodes"),
-            DtError::NoMemory => f.write_str(
-                "no memory node (device_type = \"memory\") describes any RAM",
-            ),
+            DtError::NoMemory => f.write_str("no memory node (device_type = \"memory\") describes any RAM"),
             DtError::Property { node, prop, problem } => write!(f, "{node}: {prop} {problem}"),
             DtError::TooMany { what, max } => write!(f, "more than {max} {what}"),
         }

@@ -91,7 +91,8 @@ pub fn parse_and_map(blob: &[u8]) -> Outcome {
         match guest {
             Ok(g) => {
                 let _ = write!(sink, "{g:?} {}", g.memory_bytes());
-                for (phys, bits) in [(0, 0), (1, 32), (platform.cpus().len(), 40), (usize::MAX, 64), (4, 200)] {
+                for (phys, bits) in [(0, 0), (1, 32), (platform.cpus().len(), 40), (usize::MAX, 64), (4, 200)]
+                {
                     if let Err(e) = g.validate(phys, bits) {
                         let _ = write!(sink, "{e}");
                     }

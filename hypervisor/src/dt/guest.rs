@@ -200,11 +200,9 @@ impl fmt::Display for GuestError<'_> {
                 write!(f, "{node}: bootargs is not a NUL-terminated UTF-8 string")
             }
             GuestProblem::OverlappingModules { a, b } => write!(f, "modules {a} and {b} overlap"),
-            GuestProblem::MemoryExceedsIpa { memory, ipa_bits } => write!(
-                f,
-                "memory {} MiB exceeds the {ipa_bits}-bit IPA space",
-                memory / (1024 * 1024)
-            ),
+            GuestProblem::MemoryExceedsIpa { memory, ipa_bits } => {
+                write!(f, "memory {} MiB exceeds the {ipa_bits}-bit IPA space", memory / (1024 * 1024))
+            }
             GuestProblem::TooManyVcpus { cpus, phys } => {
                 write!(f, "{cpus} vCPUs but only {phys} physical CPUs")
             }
@@ -277,9 +275,8 @@ pub(crate) fn parse_guest<'a>(node: &Node<'a>, root_cells: Cells) -> Result<Gues
         if modules.iter().any(|m| m.kind == kind) {
             return Err(error(GuestProblem::DuplicateModule { kind, node: child.name() }));
         }
-        let region = module_region(&child, cells).map_err(|problem| {
-            error(GuestProblem::BadModuleReg { node: child.name(), problem })
-        })?;
+        let region = module_region(&child, cells)
+            .map_err(|problem| error(GuestProblem::BadModuleReg { node: child.name(), problem }))?;
         if kind == ModuleKind::Kernel {
             kernel_bootargs = str_prop(&child, "bootargs")
                 .map_err(|_| error(GuestProblem::BadBootargs { node: child.name() }))?;

@@ -49,18 +49,17 @@ mod tree;
 #[cfg(any(test, fuzzing))]
 pub mod exercise;
 #[cfg(test)]
-mod testutil;
-#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod testutil;
 
 pub use check::{check, total_size, Checked, HEADER_SIZE, MAGIC, MAX_DEPTH};
 pub use error::{Block, DtError, Problem};
 pub use guest::{GuestConfig, GuestError, GuestProblem, Module, ModuleKind, MAX_GUESTS, MAX_MODULES};
 pub use list::{FixedList, Full};
 pub use platform::{
-    parse, read, Conduit, Cpu, Gic, GicVersion, Platform, Psci, PsciVersion, ReservedMemory, Uart,
-    MAX_CPUS, MAX_MEMORY, MAX_MEMRESERVE, MAX_REDISTRIBUTORS, MAX_RESERVED_MEMORY,
-    MPIDR_AFFINITY_MASK, PSCI_CPU_ON_64,
+    parse, read, Conduit, Cpu, Gic, GicVersion, Platform, Psci, PsciVersion, ReservedMemory, Uart, MAX_CPUS,
+    MAX_MEMORY, MAX_MEMRESERVE, MAX_REDISTRIBUTORS, MAX_RESERVED_MEMORY, MPIDR_AFFINITY_MASK, PSCI_CPU_ON_64,
 };
 pub use prop::{Cells, Property};
 pub use region::Region;

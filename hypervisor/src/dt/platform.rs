@@ -11,7 +11,7 @@ use super::check::{check, Checked};
 use super::error::{DtError, Problem};
 use super::guest::{parse_guests, GuestConfig, GuestError, MAX_GUESTS};
 use super::list::FixedList;
-use super::prop::{cells, check_cells, cells_or, device_regions, reg, region, str_prop, u32_prop, Cells};
+use super::prop::{cells, cells_or, check_cells, device_regions, reg, region, str_prop, u32_prop, Cells};
 use super::region::Region;
 use super::tree::{Node, Tree};
 
@@ -284,10 +284,7 @@ pub fn read<'a>(checked: &Checked<'a>) -> Result<Platform<'a>, DtError<'a>> {
         }
     }
     platform.gic = gic.map(|n| read_gic(&n)).transpose()?;
-    let stdout = platform
-        .stdout_path
-        .and_then(|p| resolve_stdout(&tree, aliases.get(), p))
-        .filter(is_pl011);
+    let stdout = platform.stdout_path.and_then(|p| resolve_stdout(&tree, aliases.get(), p)).filter(is_pl011);
     let is_stdout = stdout.is_some();
     platform.uart = stdout.or(pl011).map(|n| read_uart(&n, is_stdout)).transpose()?;
     Ok(platform)
@@ -328,7 +325,11 @@ fn is_memory(node: &Node<'_>) -> bool {
 }
 
 /// One memory node's RAM banks (`reg` in the root's cells); zero-sized banks are skipped.
-fn read_memory<'a>(root_cells: Cells, node: &Node<'a>, out: &mut FixedList<Region, MAX_MEMORY>) -> Result<(), DtError<'a>> {
+fn read_memory<'a>(
+    root_cells: Cells,
+    node: &Node<'a>,
+    out: &mut FixedList<Region, MAX_MEMORY>,
+) -> Result<(), DtError<'a>> {
     let root = node.parent().ok_or(DtError::NoRoot)?;
     let cells = check_cells(&root, root_cells, 1)?;
     for (address, size) in reg(node, "reg", cells)? {
@@ -342,7 +343,10 @@ fn read_memory<'a>(root_cells: Cells, node: &Node<'a>, out: &mut FixedList<Regio
 }
 
 /// The /memreserve/ entries (overflow was already refused by `check`).
-fn read_memreserve<'a>(checked: &Checked<'a>, out: &mut FixedList<Region, MAX_MEMRESERVE>) -> Result<(), DtError<'a>> {
+fn read_memreserve<'a>(
+    checked: &Checked<'a>,
+    out: &mut FixedList<Region, MAX_MEMRESERVE>,
+) -> Result<(), DtError<'a>> {
     for (address, size) in checked.memreserve() {
         if let Some(r) = Region::new(address, size) {
             out.push(r).map_err(too_many("/memreserve/ entries", MAX_MEMRESERVE))?;

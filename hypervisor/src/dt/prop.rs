@@ -89,10 +89,11 @@ pub(crate) fn u32_prop<'a>(node: &Node<'a>, prop: &'static str) -> Result<Option
 pub(crate) fn str_prop<'a>(node: &Node<'a>, prop: &'static str) -> Result<Option<&'a str>, DtError<'a>> {
     match node.property(prop) {
         None => Ok(None),
-        Some(p) => p
-            .as_str()
-            .map(Some)
-            .ok_or(DtError::Property { node: node.path(), prop, problem: Problem::NotString }),
+        Some(p) => p.as_str().map(Some).ok_or(DtError::Property {
+            node: node.path(),
+            prop,
+            problem: Problem::NotString,
+        }),
     }
 }
 
@@ -161,10 +162,16 @@ impl Iterator for RegEntries<'_> {
 
 /// The entries of `node`'s property `prop` with the given (already checked) cell sizes. Errors
 /// when the property is missing or its length is not a whole number of entries.
-pub(crate) fn reg<'a>(node: &Node<'a>, prop: &'static str, cells: Cells) -> Result<RegEntries<'a>, DtError<'a>> {
-    let p = node
-        .property(prop)
-        .ok_or(DtError::Property { node: node.path(), prop, problem: Problem::Missing })?;
+pub(crate) fn reg<'a>(
+    node: &Node<'a>,
+    prop: &'static str,
+    cells: Cells,
+) -> Result<RegEntries<'a>, DtError<'a>> {
+    let p = node.property(prop).ok_or(DtError::Property {
+        node: node.path(),
+        prop,
+        problem: Problem::Missing,
+    })?;
     let entry = (cells.address as usize + cells.size as usize) * 4;
     if entry == 0 || p.value.len() % entry != 0 {
         return Err(DtError::Property {
@@ -177,7 +184,12 @@ pub(crate) fn reg<'a>(node: &Node<'a>, prop: &'static str, cells: Cells) -> Resu
 }
 
 /// A non-empty region from a `reg` entry of `node`, or the error naming why it is not one.
-pub(crate) fn region<'a>(node: &Node<'a>, prop: &'static str, address: u64, size: u64) -> Result<Region, DtError<'a>> {
+pub(crate) fn region<'a>(
+    node: &Node<'a>,
+    prop: &'static str,
+    address: u64,
+    size: u64,
+) -> Result<Region, DtError<'a>> {
     if size == 0 {
         return Err(DtError::Property { node: node.path(), prop, problem: Problem::ZeroSize { address } });
     }

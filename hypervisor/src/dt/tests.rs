@@ -63,7 +63,10 @@ fn qemu_1g_parses_to_the_expected_platform() {
         p.psci(),
         Some(Psci { conduit: Conduit::Smc, version: PsciVersion::V1_0, cpu_on: Some(0xc400_0003) })
     );
-    assert_eq!(p.uart(), Some(Uart { region: r(0x900_0000, 0x1000), node: "pl011@9000000", is_stdout: true }));
+    assert_eq!(
+        p.uart(),
+        Some(Uart { region: r(0x900_0000, 0x1000), node: "pl011@9000000", is_stdout: true })
+    );
     assert_eq!(p.gic(), Some(&qemu_gicv3()));
     assert_eq!(p.stdout_path(), Some("/pl011@9000000"));
     assert_eq!(p.bootargs(), None);
@@ -167,10 +170,7 @@ fn guest_validation_needs_the_machine() {
     let p = parse(GUESTS).unwrap();
     let domu1 = p.guests()[0].unwrap();
     assert_eq!(domu1.validate(2, 40), Ok(()));
-    assert_eq!(
-        domu1.validate(1, 40).unwrap_err().problem,
-        GuestProblem::TooManyVcpus { cpus: 2, phys: 1 }
-    );
+    assert_eq!(domu1.validate(1, 40).unwrap_err().problem, GuestProblem::TooManyVcpus { cpus: 2, phys: 1 });
     let e = domu1.validate(2, 27).unwrap_err();
     assert_eq!(e.problem, GuestProblem::MemoryExceedsIpa { memory: 256 * MIB, ipa_bits: 27 });
     assert_eq!(e.to_string(), "guest domU1: memory 256 MiB exceeds the 27-bit IPA space");
@@ -185,7 +185,9 @@ fn edited_qemu_tree_memory_map() {
     let implied = platform_reservations(&p).unwrap();
     // 1 memreserve + 2 reserved-memory + domU1's 3 modules + domU2's kernel.
     assert_eq!(implied.len(), 7);
-    assert!(implied.iter().any(|r| r.reason == Reason::BootModule { guest: "domU2", kind: ModuleKind::Kernel }));
+    assert!(implied
+        .iter()
+        .any(|r| r.reason == Reason::BootModule { guest: "domU2", kind: ModuleKind::Kernel }));
     let image = r(0x4020_0000, 2 * MIB);
     let all = boot_reservations(&p, image, 0x4000_0000).unwrap();
     assert_eq!(all.len(), 9);
@@ -879,13 +881,19 @@ fn required_nodes() {
 fn memory_reg_errors() {
     let bad_len = tree_with(&CELLS22, |w| {
         cpus(w);
-        w.begin("memory@40000000").prop_str("device_type", "memory").prop_cells("reg", &[0, 0x4000_0000, 0]).end();
+        w.begin("memory@40000000")
+            .prop_str("device_type", "memory")
+            .prop_cells("reg", &[0, 0x4000_0000, 0])
+            .end();
     });
     assert_eq!(parse_err(&bad_len), "/memory@40000000: reg length 12 not a multiple of 16");
 
     let overflow = tree_with(&CELLS22, |w| {
         cpus(w);
-        w.begin("memory@0").prop_str("device_type", "memory").reg64("reg", &[(u64::MAX - 0xfff, 0x2000)]).end();
+        w.begin("memory@0")
+            .prop_str("device_type", "memory")
+            .reg64("reg", &[(u64::MAX - 0xfff, 0x2000)])
+            .end();
     });
     assert!(matches!(
         parse(&overflow).unwrap_err(),
@@ -927,7 +935,10 @@ fn missing_root_cells_default_to_two_and_one() {
 fn one_cell_roots_and_multiple_memory_nodes() {
     let blob = tree_with(&[("#address-cells", 1), ("#size-cells", 1)], |w| {
         cpus(w);
-        w.begin("memory@40000000").prop_str("device_type", "memory").prop_cells("reg", &[0x4000_0000, 0x100_0000]).end();
+        w.begin("memory@40000000")
+            .prop_str("device_type", "memory")
+            .prop_cells("reg", &[0x4000_0000, 0x100_0000])
+            .end();
         w.begin("memory@50000000").prop_str("device_type", "memory");
         w.prop_cells("reg", &[0x5000_0000, 0x100_0000, 0x6000_0000, 0x100_0000]).end();
         // Not RAM: no device_type.
@@ -969,7 +980,15 @@ fn cpu_errors() {
         w.begin("cpus").prop_u32("#address-cells", 1).begin("cpu@0").end().end();
     });
     assert_eq!(parse_err(&no_reg), "/cpus/cpu@0: reg is missing");
-    let too_many = with_cpus(1, &(0..=MAX_CPUS as u32).map(|i| vec![i]).collect::<Vec<_>>().iter().map(|v| v.as_slice()).collect::<Vec<_>>());
+    let too_many = with_cpus(
+        1,
+        &(0..=MAX_CPUS as u32)
+            .map(|i| vec![i])
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|v| v.as_slice())
+            .collect::<Vec<_>>(),
+    );
     assert_eq!(parse(&too_many).unwrap_err(), DtError::TooMany { what: "CPUs", max: MAX_CPUS });
 }
 
@@ -988,7 +1007,10 @@ fn psci_variants() {
         w.prop_strs("compatible", &["arm,psci-0.2", "arm,psci"]).prop_str("method", "hvc");
     });
     let p = parse(&blob).unwrap();
-    assert_eq!(p.psci(), Some(Psci { conduit: Conduit::Hvc, version: PsciVersion::V0_2, cpu_on: Some(PSCI_CPU_ON_64) }));
+    assert_eq!(
+        p.psci(),
+        Some(Psci { conduit: Conduit::Hvc, version: PsciVersion::V0_2, cpu_on: Some(PSCI_CPU_ON_64) })
+    );
     let blob = with_psci(&|w| {
         w.prop_str("compatible", "arm,psci").prop_str("method", "smc");
     });
@@ -1079,7 +1101,10 @@ fn uart_selection_and_errors() {
         w.begin("serial@0").prop_str("compatible", "arm,pl011").prop_cells("reg", &[0x100, 0x100]).end();
         w.end();
     });
-    assert_eq!(parse_err(&unmapped), "/bus/serial@0: reg address 0x100 is not mapped by the parent buses' ranges");
+    assert_eq!(
+        parse_err(&unmapped),
+        "/bus/serial@0: reg address 0x100 is not mapped by the parent buses' ranges"
+    );
     // A window too small for the device.
     let outside = tree_with(&CELLS22, |w| {
         memory(w);
@@ -1122,33 +1147,53 @@ fn gic_errors() {
         "/intc@8000000: reg has 1 entries, needs at least 2"
     );
     assert_eq!(
-        parse_err(&gic("arm,gic-v3", &|w| {
-            w.prop_u32("#redistributor-regions", 0);
-        }, &[(0x800_0000, 0x1_0000), (0x80a_0000, 0x2_0000)])),
+        parse_err(&gic(
+            "arm,gic-v3",
+            &|w| {
+                w.prop_u32("#redistributor-regions", 0);
+            },
+            &[(0x800_0000, 0x1_0000), (0x80a_0000, 0x2_0000)]
+        )),
         "/intc@8000000: #redistributor-regions must be at least 1"
     );
     assert_eq!(
-        parse(&gic("arm,gic-v3", &|w| {
-            w.prop_u32("#redistributor-regions", 9);
-        }, &[(0x800_0000, 0x1_0000)]))
+        parse(&gic(
+            "arm,gic-v3",
+            &|w| {
+                w.prop_u32("#redistributor-regions", 9);
+            },
+            &[(0x800_0000, 0x1_0000)]
+        ))
         .unwrap_err(),
         DtError::TooMany { what: "GIC redistributor regions", max: MAX_REDISTRIBUTORS }
     );
     assert_eq!(
-        parse_err(&gic("arm,gic-v3", &|w| {
-            w.prop_u32("#redistributor-regions", 2);
-        }, &[(0x800_0000, 0x1_0000), (0x80a_0000, 0x2_0000)])),
+        parse_err(&gic(
+            "arm,gic-v3",
+            &|w| {
+                w.prop_u32("#redistributor-regions", 2);
+            },
+            &[(0x800_0000, 0x1_0000), (0x80a_0000, 0x2_0000)]
+        )),
         "/intc@8000000: reg has 2 entries, needs at least 3"
     );
-    assert!(parse_err(&gic("arm,gic-v3", &none, &[(0x800_0000, 0), (0x80a_0000, 0x2_0000)])).contains("has size 0"));
+    assert!(parse_err(&gic("arm,gic-v3", &none, &[(0x800_0000, 0), (0x80a_0000, 0x2_0000)]))
+        .contains("has size 0"));
     let blob = gic("arm,gic-400", &none, &[(0x800_0000, 0x1000), (0x801_0000, 0x2000)]);
     let p = parse(&blob).unwrap();
     let g = p.gic().unwrap();
-    assert_eq!((g.version, g.cpu_interface, g.hyp_interface), (GicVersion::V2, Some(r(0x801_0000, 0x2000)), None));
+    assert_eq!(
+        (g.version, g.cpu_interface, g.hyp_interface),
+        (GicVersion::V2, Some(r(0x801_0000, 0x2000)), None)
+    );
     // A disabled GIC is not used.
-    let off = gic("arm,gic-v3", &|w| {
-        w.prop_str("status", "disabled");
-    }, &[(0x800_0000, 0x1_0000)]);
+    let off = gic(
+        "arm,gic-v3",
+        &|w| {
+            w.prop_str("status", "disabled");
+        },
+        &[(0x800_0000, 0x1_0000)],
+    );
     assert_eq!(parse(&off).unwrap().gic(), None);
 }
 
@@ -1177,9 +1222,15 @@ fn reserved_memory_and_memreserve() {
     let blob2 = tree_with(&CELLS22, |w| {
         memory(w);
         cpus(w);
-        w.begin("reserved-memory").prop_u32("#address-cells", 1).prop_u32("#size-cells", 1).prop_empty("ranges");
+        w.begin("reserved-memory")
+            .prop_u32("#address-cells", 1)
+            .prop_u32("#size-cells", 1)
+            .prop_empty("ranges");
         w.begin("tee@4f000000").prop_cells("reg", &[0x4f00_0000, 0x100_0000]).prop_empty("no-map").end();
-        w.begin("off@4e000000").prop_cells("reg", &[0x4e00_0000, 0x1000]).prop_str("status", "disabled").end();
+        w.begin("off@4e000000")
+            .prop_cells("reg", &[0x4e00_0000, 0x1000])
+            .prop_str("status", "disabled")
+            .end();
         w.begin("pool").prop_cells("size", &[0x100_0000]).end();
         w.begin("bad@0").prop_cells("reg", &[0x4d00_0000]).end();
         w.end();
@@ -1189,9 +1240,15 @@ fn reserved_memory_and_memreserve() {
     let blob3 = tree_with(&CELLS22, |w| {
         memory(w);
         cpus(w);
-        w.begin("reserved-memory").prop_u32("#address-cells", 1).prop_u32("#size-cells", 1).prop_empty("ranges");
+        w.begin("reserved-memory")
+            .prop_u32("#address-cells", 1)
+            .prop_u32("#size-cells", 1)
+            .prop_empty("ranges");
         w.begin("tee@4f000000").prop_cells("reg", &[0x4f00_0000, 0x100_0000]).prop_empty("no-map").end();
-        w.begin("off@4e000000").prop_cells("reg", &[0x4e00_0000, 0x1000]).prop_str("status", "disabled").end();
+        w.begin("off@4e000000")
+            .prop_cells("reg", &[0x4e00_0000, 0x1000])
+            .prop_str("status", "disabled")
+            .end();
         w.begin("pool").prop_cells("size", &[0x100_0000]).end();
         w.end();
     });
@@ -1232,68 +1289,119 @@ fn memory_and_cpus(w: &mut FdtWriter) {
 
 #[test]
 fn guest_property_errors() {
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        w.prop_u32("cpus", 1);
-        kernel(w, 0x4800_0000);
-    })), GuestProblem::MissingMemory);
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        w.prop_cells("memory", &[0, 0]).prop_u32("cpus", 1);
-        kernel(w, 0x4800_0000);
-    })), GuestProblem::ZeroMemory);
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        w.prop_cells("memory", &[0x40_0000, 0]).prop_u32("cpus", 1);
-        kernel(w, 0x4800_0000);
-    })), GuestProblem::MemoryTooLarge { kib: 0x40_0000_0000_0000 });
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        w.prop_cells("memory", &[0, 0x1_0000]);
-        kernel(w, 0x4800_0000);
-    })), GuestProblem::MissingCpus);
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        w.prop_cells("memory", &[0, 0x1_0000]).prop_cells("cpus", &[0, 1]);
-        kernel(w, 0x4800_0000);
-    })), GuestProblem::BadCpus { len: 8 });
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            w.prop_u32("cpus", 1);
+            kernel(w, 0x4800_0000);
+        })),
+        GuestProblem::MissingMemory
+    );
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            w.prop_cells("memory", &[0, 0]).prop_u32("cpus", 1);
+            kernel(w, 0x4800_0000);
+        })),
+        GuestProblem::ZeroMemory
+    );
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            w.prop_cells("memory", &[0x40_0000, 0]).prop_u32("cpus", 1);
+            kernel(w, 0x4800_0000);
+        })),
+        GuestProblem::MemoryTooLarge { kib: 0x40_0000_0000_0000 }
+    );
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            w.prop_cells("memory", &[0, 0x1_0000]);
+            kernel(w, 0x4800_0000);
+        })),
+        GuestProblem::MissingCpus
+    );
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            w.prop_cells("memory", &[0, 0x1_0000]).prop_cells("cpus", &[0, 1]);
+            kernel(w, 0x4800_0000);
+        })),
+        GuestProblem::BadCpus { len: 8 }
+    );
     assert_eq!(guest_problem(&guest_blob(memory_and_cpus)), GuestProblem::NoKernel);
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        memory_and_cpus(w);
-        kernel(w, 0x4800_0000);
-        kernel(w, 0x4900_0000);
-    })), GuestProblem::DuplicateModule { kind: ModuleKind::Kernel, node: "module@49000000" });
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        memory_and_cpus(w);
-        kernel(w, 0x4800_0000);
-        w.begin("module@1").prop_str("compatible", "multiboot,module").reg64("reg", &[(0x4900_0000, 0x1000)]).end();
-    })), GuestProblem::UnknownModule { node: "module@1" });
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        memory_and_cpus(w);
-        w.begin("k").prop_str("compatible", "multiboot,kernel").reg64("reg", &[(0x4800_0000, 0x1000), (0x4900_0000, 0x1000)]).end();
-    })), GuestProblem::BadModuleReg { node: "k", problem: Problem::WrongLength { len: 32, expected: 16 } });
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        memory_and_cpus(w);
-        w.begin("k").prop_str("compatible", "multiboot,kernel").reg64("reg", &[(0x4800_0000, 0)]).end();
-    })), GuestProblem::BadModuleReg { node: "k", problem: Problem::ZeroSize { address: 0x4800_0000 } });
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        memory_and_cpus(w);
-        w.begin("k").prop_str("compatible", "multiboot,kernel").reg64("reg", &[(u64::MAX, 2)]).end();
-    })), GuestProblem::BadModuleReg { node: "k", problem: Problem::Overflow { address: u64::MAX, size: 2 } });
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        memory_and_cpus(w);
-        w.begin("k").prop_str("compatible", "multiboot,kernel").end();
-    })), GuestProblem::BadModuleReg { node: "k", problem: Problem::Missing });
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        memory_and_cpus(w);
-        w.begin("k").prop_str("compatible", "multiboot,kernel").reg64("reg", &[(0x4800_0000, 0x1000)]);
-        w.prop("bootargs", b"x").end();
-    })), GuestProblem::BadBootargs { node: "k" });
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        memory_and_cpus(w);
-        w.prop("bootargs", &[0xff, 0]);
-        kernel(w, 0x4800_0000);
-    })), GuestProblem::BadBootargs { node: "g" });
-    assert_eq!(guest_problem(&guest_blob(|w| {
-        memory_and_cpus(w);
-        w.prop_u32("#address-cells", 3);
-        kernel(w, 0x4800_0000);
-    })), GuestProblem::BadCells { prop: "#address-cells", problem: Problem::UnsupportedCells { value: 3, min: 1, max: 2 } });
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            memory_and_cpus(w);
+            kernel(w, 0x4800_0000);
+            kernel(w, 0x4900_0000);
+        })),
+        GuestProblem::DuplicateModule { kind: ModuleKind::Kernel, node: "module@49000000" }
+    );
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            memory_and_cpus(w);
+            kernel(w, 0x4800_0000);
+            w.begin("module@1")
+                .prop_str("compatible", "multiboot,module")
+                .reg64("reg", &[(0x4900_0000, 0x1000)])
+                .end();
+        })),
+        GuestProblem::UnknownModule { node: "module@1" }
+    );
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            memory_and_cpus(w);
+            w.begin("k")
+                .prop_str("compatible", "multiboot,kernel")
+                .reg64("reg", &[(0x4800_0000, 0x1000), (0x4900_0000, 0x1000)])
+                .end();
+        })),
+        GuestProblem::BadModuleReg { node: "k", problem: Problem::WrongLength { len: 32, expected: 16 } }
+    );
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            memory_and_cpus(w);
+            w.begin("k").prop_str("compatible", "multiboot,kernel").reg64("reg", &[(0x4800_0000, 0)]).end();
+        })),
+        GuestProblem::BadModuleReg { node: "k", problem: Problem::ZeroSize { address: 0x4800_0000 } }
+    );
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            memory_and_cpus(w);
+            w.begin("k").prop_str("compatible", "multiboot,kernel").reg64("reg", &[(u64::MAX, 2)]).end();
+        })),
+        GuestProblem::BadModuleReg { node: "k", problem: Problem::Overflow { address: u64::MAX, size: 2 } }
+    );
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            memory_and_cpus(w);
+            w.begin("k").prop_str("compatible", "multiboot,kernel").end();
+        })),
+        GuestProblem::BadModuleReg { node: "k", problem: Problem::Missing }
+    );
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            memory_and_cpus(w);
+            w.begin("k").prop_str("compatible", "multiboot,kernel").reg64("reg", &[(0x4800_0000, 0x1000)]);
+            w.prop("bootargs", b"x").end();
+        })),
+        GuestProblem::BadBootargs { node: "k" }
+    );
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            memory_and_cpus(w);
+            w.prop("bootargs", &[0xff, 0]);
+            kernel(w, 0x4800_0000);
+        })),
+        GuestProblem::BadBootargs { node: "g" }
+    );
+    assert_eq!(
+        guest_problem(&guest_blob(|w| {
+            memory_and_cpus(w);
+            w.prop_u32("#address-cells", 3);
+            kernel(w, 0x4800_0000);
+        })),
+        GuestProblem::BadCells {
+            prop: "#address-cells",
+            problem: Problem::UnsupportedCells { value: 3, min: 1, max: 2 }
+        }
+    );
     let blob = guest_blob(memory_and_cpus);
     let e = parse(&blob).unwrap().guests()[0].unwrap_err();
     assert_eq!(e.to_string(), "guest g: no kernel module (a child compatible with \"multiboot,kernel\")");
@@ -1305,7 +1413,10 @@ fn guest_module_cells_default_to_the_roots() {
     let blob = guest_blob(|w| {
         memory_and_cpus(w);
         w.prop_u32("#size-cells", 1);
-        w.begin("k").prop_str("compatible", "multiboot,kernel").prop_cells("reg", &[0, 0x4800_0000, 0x2000]).end();
+        w.begin("k")
+            .prop_str("compatible", "multiboot,kernel")
+            .prop_cells("reg", &[0, 0x4800_0000, 0x2000])
+            .end();
         w.begin("other").prop_str("compatible", "vendor,thing").end();
         w.begin("plain").end();
     });
@@ -1351,5 +1462,3 @@ fn a_bad_guest_does_not_hide_the_good_ones() {
     let res = platform_reservations(&p).unwrap();
     assert_eq!(res.len(), 1);
 }
-
-

@@ -85,10 +85,8 @@ impl<'a> Blocks<'a> {
                     .position(|&b| b == 0)
                     .ok_or(DtError::NodeNameUnterminated { offset: self.at(pos) })?;
                 let raw = rest.get(..len).ok_or(truncated)?;
-                let name = core::str::from_utf8(raw).map_err(|_| DtError::BadNodeName {
-                    offset: self.at(pos),
-                    why: "is not UTF-8",
-                })?;
+                let name = core::str::from_utf8(raw)
+                    .map_err(|_| DtError::BadNodeName { offset: self.at(pos), why: "is not UTF-8" })?;
                 if name.contains('/') {
                     return Err(DtError::BadNodeName { offset: self.at(pos), why: "contains '/'" });
                 }
@@ -173,7 +171,8 @@ impl<'a> Blocks<'a> {
         }
         let rest = self.strings.get(start..).ok_or(outside)?;
         let bad = |why| DtError::BadPropertyName { offset, nameoff, why };
-        let len = rest.iter().position(|&b| b == 0).ok_or(bad("has no NUL before the end of the strings block"))?;
+        let len =
+            rest.iter().position(|&b| b == 0).ok_or(bad("has no NUL before the end of the strings block"))?;
         if len == 0 {
             return Err(bad("is empty"));
         }
@@ -223,23 +222,14 @@ mod tests {
             Err(DtError::PropertyNameOutsideStrings { nameoff: 2, .. })
         ));
         // Name without NUL.
-        assert!(matches!(
-            blocks(&s, b"a\0bc").token(0),
-            Err(DtError::BadPropertyName { nameoff: 2, .. })
-        ));
+        assert!(matches!(blocks(&s, b"a\0bc").token(0), Err(DtError::BadPropertyName { nameoff: 2, .. })));
         // Node name without NUL.
         let s = [0, 0, 0, 1, b'a', b'b'];
-        assert_eq!(
-            blocks(&s, b"").token(0),
-            Err(DtError::NodeNameUnterminated { offset: 0x38 })
-        );
+        assert_eq!(blocks(&s, b"").token(0), Err(DtError::NodeNameUnterminated { offset: 0x38 }));
         // Half a tag.
         assert_eq!(blocks(&[0, 0], b"").token(0), Err(DtError::TruncatedToken { offset: 0x38 }));
         // Unknown tag.
-        assert_eq!(
-            blocks(&[0, 0, 0, 5], b"").token(0),
-            Err(DtError::BadToken { offset: 0x38, token: 5 })
-        );
+        assert_eq!(blocks(&[0, 0, 0, 5], b"").token(0), Err(DtError::BadToken { offset: 0x38, token: 5 }));
         // Position past the end.
         assert!(blocks(&[0, 0, 0, 9], b"").token(usize::MAX - 1).is_err());
     }

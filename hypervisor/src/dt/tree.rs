@@ -63,7 +63,12 @@ pub struct Node<'a> {
 }
 
 /// Decodes the node whose BEGIN_NODE is at `begin`.
-fn node_at<'a>(blocks: Blocks<'a>, begin: u32, depth: usize, ancestors: [u32; MAX_DEPTH]) -> Option<Node<'a>> {
+fn node_at<'a>(
+    blocks: Blocks<'a>,
+    begin: u32,
+    depth: usize,
+    ancestors: [u32; MAX_DEPTH],
+) -> Option<Node<'a>> {
     match blocks.skim(begin as usize)? {
         (Skim::BeginNode { raw_name }, body) => {
             let name = core::str::from_utf8(raw_name).ok()?;
@@ -122,9 +127,9 @@ impl<'a> Node<'a> {
 
     /// The names from the root's child down to this node (nothing for the root).
     pub fn components(&self) -> impl Iterator<Item = &'a str> + '_ {
-        (1..self.depth).filter_map(|d| self.ancestor(d).map(|n| n.name)).chain(
-            core::iter::once(self.name).filter(|_| self.depth > 0),
-        )
+        (1..self.depth)
+            .filter_map(|d| self.ancestor(d).map(|n| n.name))
+            .chain(core::iter::once(self.name).filter(|_| self.depth > 0))
     }
 
     /// The ancestor at depth `depth` (0 = root), if `depth` is above this node.
@@ -313,7 +318,9 @@ impl<'a> Iterator for Children<'a> {
             let Some((token, next)) = self.blocks.skim(self.pos) else { break };
             match token {
                 Skim::BeginNode { raw_name } => {
-                    let Some(node) = Node::at(self.blocks, self.pos, next, raw_name, self.depth, self.ancestors) else {
+                    let Some(node) =
+                        Node::at(self.blocks, self.pos, next, raw_name, self.depth, self.ancestors)
+                    else {
                         break;
                     };
                     match skip_subtree(&self.blocks, self.pos) {

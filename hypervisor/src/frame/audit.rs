@@ -14,11 +14,11 @@ use core::fmt;
 
 use super::buddy::BuddyFrames;
 use super::db::FrameDb;
+use super::error::FrameError;
 use super::manager::CpuPools;
 use super::pool::FramePool;
 use super::scrub::FrameScrubber;
 use super::sync::Ordering;
-use super::error::FrameError;
 use super::tag::{FrameState, Shape, VmId, TAG_FREE, TAG_FREE_HEAD};
 use super::{Pfn, BLOCK_FRAMES};
 
@@ -223,7 +223,8 @@ pub(crate) fn audit<const ORDER: usize>(
 
     let mut scratch = (Vec::new(), Vec::new());
     for (cpu, cpu_pools) in pools.iter().enumerate() {
-        let mut pool_audit = PoolAudit { report: &mut report, held: &mut held, scrubber, scratch: &mut scratch };
+        let mut pool_audit =
+            PoolAudit { report: &mut report, held: &mut held, scrubber, scratch: &mut scratch };
         let pages = pool_audit.pool(&cpu_pools.pages, 1, Holder::PagePool(cpu), &tag_of);
         let blocks = pool_audit.pool(&cpu_pools.blocks, BLOCK_FRAMES, Holder::BlockPool(cpu), &tag_of);
         // A pooled block is claimed with one CAS on its head: it must be one unit.
@@ -245,8 +246,11 @@ pub(crate) fn audit<const ORDER: usize>(
                 // Inside a compound block only a split in progress leaves per-frame tags, and
                 // those carry the head's state.
                 if let Ok((head_state, _)) = db.unit(Pfn(pfn.0 & !(BLOCK_FRAMES as u64 - 1))) {
-                    let head_tag = db.cell(pfn.0 & !(BLOCK_FRAMES as u64 - 1)).map(|c| c.load(Ordering::Acquire));
-                    if head_tag.and_then(Shape::of).is_some_and(|s| matches!(s, Shape::Head(_))) && head_state != state {
+                    let head_tag =
+                        db.cell(pfn.0 & !(BLOCK_FRAMES as u64 - 1)).map(|c| c.load(Ordering::Acquire));
+                    if head_tag.and_then(Shape::of).is_some_and(|s| matches!(s, Shape::Head(_)))
+                        && head_state != state
+                    {
                         report.problem(AuditProblem::BrokenBlock { pfn, tag });
                     }
                 }

@@ -219,9 +219,9 @@ impl<'a> FrameDb<'a> {
     #[inline(always)]
     pub(crate) fn claim_held(&self, pfn: u64, owner: Owner) -> bool {
         match self.cell(pfn) {
-            Some(cell) => cell
-                .compare_exchange(TAG_FREE, owner.tag(), Ordering::Release, Ordering::Relaxed)
-                .is_ok(),
+            Some(cell) => {
+                cell.compare_exchange(TAG_FREE, owner.tag(), Ordering::Release, Ordering::Relaxed).is_ok()
+            }
             None => false,
         }
     }
@@ -386,7 +386,12 @@ impl<'a> FrameDb<'a> {
 
 /// The commit half of [`FrameDb::transition`]: CAS every frame from `from` to `to`, and every
 /// compound head (with its tails: skipped) between the head forms; on a lost race, undo.
-fn commit_units(cells: &[TagCell], first: Pfn, (from, to): (u16, u16), heads: (Option<u16>, Option<u16>)) -> Result<(), FrameError> {
+fn commit_units(
+    cells: &[TagCell],
+    first: Pfn,
+    (from, to): (u16, u16),
+    heads: (Option<u16>, Option<u16>),
+) -> Result<(), FrameError> {
     let mut i = 0;
     while i < cells.len() {
         let (want, new, step) = match heads {
@@ -575,7 +580,10 @@ mod tests {
     #[test]
     fn transition_of_zero_frames_is_refused() {
         let db = db();
-        assert_eq!(db.transition(Pfn(0x40000), 0, TAG_FREE, TAG_HYPERVISOR), Err(FrameError::BadFrameCount(0)));
+        assert_eq!(
+            db.transition(Pfn(0x40000), 0, TAG_FREE, TAG_HYPERVISOR),
+            Err(FrameError::BadFrameCount(0))
+        );
     }
 
     // A corrupt tag is reported as such, never treated as some state.

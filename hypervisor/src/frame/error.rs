@@ -61,10 +61,9 @@ impl core::fmt::Display for FrameError {
             FrameError::StorageTooSmall { needed, provided } => {
                 write!(f, "frame database needs {needed} entries, got {provided}")
             }
-            FrameError::FreeRangesMismatch { tagged_free, in_ranges } => write!(
-                f,
-                "{tagged_free} frames are tagged free but the free ranges hold {in_ranges}"
-            ),
+            FrameError::FreeRangesMismatch { tagged_free, in_ranges } => {
+                write!(f, "{tagged_free} frames are tagged free but the free ranges hold {in_ranges}")
+            }
             FrameError::SpanTooLarge { frames, max } => {
                 write!(f, "{frames} frames exceed the buddy allocator's safe span of {max}")
             }

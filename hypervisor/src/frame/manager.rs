@@ -23,8 +23,8 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use super::audit::{audit, AuditReport};
-use super::claimed::{ClaimedBlock, ClaimedPage};
 use super::buddy::BuddyFrames;
+use super::claimed::{ClaimedBlock, ClaimedPage};
 use super::db::{unexpected, FrameDb};
 use super::error::{AtomicError, FrameError};
 use super::heap::HeapSink;

@@ -149,7 +149,8 @@ fn atomic_alloc_rejects_unknown_cpu() {
 fn atomic_alloc_hands_out_each_pooled_frame_once() {
     let rig = rig(64, 1, small());
     rig.frames.refill(0).unwrap();
-    let got: Vec<Pfn> = (0..6).map(|_| rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap()).collect();
+    let got: Vec<Pfn> =
+        (0..6).map(|_| rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap()).collect();
     assert_eq!(got.iter().collect::<BTreeSet<_>>().len(), 6);
     assert_eq!(rig.frames.alloc_page_atomic_exclusive(0, guest(1)), Err(AtomicError::Empty));
 }
@@ -224,7 +225,10 @@ fn return_unused_by_wrong_owner_is_refused() {
     let rig = filled(64, 1);
     let pfn = rig.frames.alloc_page_atomic_exclusive(0, guest(1)).unwrap();
     assert_eq!(rig.frames.return_unused_page_atomic(0, pfn, guest(2)), Err(AtomicError::NotOwner));
-    assert_eq!(rig.frames.return_unused_page_atomic(0, Pfn(RAM_BASE >> 12), guest(1)), Err(AtomicError::NotOwner));
+    assert_eq!(
+        rig.frames.return_unused_page_atomic(0, Pfn(RAM_BASE >> 12), guest(1)),
+        Err(AtomicError::NotOwner)
+    );
     assert_eq!(rig.frames.return_unused_page_atomic(0, Pfn(1), guest(1)), Err(AtomicError::NotOwner));
     assert_eq!(state(&rig, pfn), FrameState::Guest(vm(1)));
 }
@@ -295,7 +299,10 @@ fn atomic_block_is_all_or_nothing() {
     assert_eq!(rig.frames.alloc_block_atomic_exclusive(0, guest(1)), Err(AtomicError::Inconsistent));
     assert_eq!(state(&rig, first), FrameState::Hypervisor);
     for i in 1..BLOCK_FRAMES as u64 {
-        assert_eq!(rig.frames.db().state(first.add(i)), Err(FrameError::CorruptTag { pfn: first.add(i), tag: 0x7000 }));
+        assert_eq!(
+            rig.frames.db().state(first.add(i)),
+            Err(FrameError::CorruptTag { pfn: first.add(i), tag: 0x7000 })
+        );
     }
 }
 
@@ -312,7 +319,10 @@ fn pooled_block_is_one_unit_and_a_broken_tail_is_audited() {
     let last = first.add(BLOCK_FRAMES as u64 - 1);
     rig.frames.db().cell(last.0).unwrap().store(TAG_HYPERVISOR, Ordering::Relaxed);
     let report = rig.frames.audit(None);
-    assert!(report.examples.contains(&AuditProblem::BrokenBlock { pfn: last, tag: TAG_HYPERVISOR }), "{report}");
+    assert!(
+        report.examples.contains(&AuditProblem::BrokenBlock { pfn: last, tag: TAG_HYPERVISOR }),
+        "{report}"
+    );
     rig.frames.db().cell(last.0).unwrap().store(0x7000, Ordering::Relaxed);
     assert_eq!(rig.frames.alloc_block_atomic_exclusive(0, guest(1)), Ok(first));
     for i in 0..BLOCK_FRAMES as u64 {
@@ -353,7 +363,11 @@ fn release_by_wrong_owner_changes_nothing() {
     let err = rig.frames.release(pfn, 1, guest(2), &rig.ram).err();
     assert_eq!(
         err,
-        Some(FrameError::WrongState { pfn, expected: FrameState::Guest(vm(2)), found: FrameState::Guest(vm(1)) })
+        Some(FrameError::WrongState {
+            pfn,
+            expected: FrameState::Guest(vm(2)),
+            found: FrameState::Guest(vm(1))
+        })
     );
     assert_eq!(state(&rig, pfn), FrameState::Guest(vm(1)));
     assert_eq!(rig.ram.read(pfn), 0xdead);
@@ -367,7 +381,10 @@ fn double_release_is_refused() {
     rig.frames.release(pfn, 1, guest(1), &rig.ram).unwrap();
     let free = rig.frames.free_frames();
     let err = rig.frames.release(pfn, 1, guest(1), &rig.ram).err();
-    assert_eq!(err, Some(FrameError::WrongState { pfn, expected: FrameState::Guest(vm(1)), found: FrameState::Free }));
+    assert_eq!(
+        err,
+        Some(FrameError::WrongState { pfn, expected: FrameState::Guest(vm(1)), found: FrameState::Free })
+    );
     assert_eq!(rig.frames.free_frames(), free);
     assert!(rig.frames.audit(Some(&rig.ram)).is_exact());
 }
@@ -395,7 +412,10 @@ fn release_of_foreign_frames_is_refused() {
     let image = Pfn(RAM_BASE >> 12);
     assert!(matches!(rig.frames.release(image, 1, guest(1), &rig.ram), Err(FrameError::WrongState { .. })));
     let firmware = Pfn((RAM_BASE >> 12) + HYP_FRAMES as u64);
-    assert!(matches!(rig.frames.release(firmware, 1, Owner::HYPERVISOR, &rig.ram), Err(FrameError::WrongState { .. })));
+    assert!(matches!(
+        rig.frames.release(firmware, 1, Owner::HYPERVISOR, &rig.ram),
+        Err(FrameError::WrongState { .. })
+    ));
     assert_eq!(rig.ram.read(image), GARBAGE, "refused release must not scrub");
 }
 
@@ -741,7 +761,10 @@ fn audit_catches_frame_held_twice() {
     let pfn = Pfn(pooled[0]);
     rig.frames.buddy_for_test().give_back(pfn, 1).unwrap();
     let report = rig.frames.audit(None);
-    assert!(report.examples.iter().any(|p| matches!(p, AuditProblem::HeldTwice { pfn: f, .. } if *f == pfn)), "{report}");
+    assert!(
+        report.examples.iter().any(|p| matches!(p, AuditProblem::HeldTwice { pfn: f, .. } if *f == pfn)),
+        "{report}"
+    );
 }
 
 // ---- Per-CPU handles ----

@@ -31,14 +31,14 @@ mod tag;
 #[cfg(test)]
 mod testing;
 
+#[cfg(all(test, loom))]
+mod loom_tests;
 #[cfg(all(test, not(loom)))]
 mod manager_tests;
 #[cfg(all(test, not(loom)))]
 mod model_tests;
 #[cfg(all(test, not(loom)))]
 mod stress_tests;
-#[cfg(all(test, loom))]
-mod loom_tests;
 
 pub use audit::{AuditProblem, AuditReport, GuestFrames, Holder};
 pub use claimed::{Claimed, ClaimedBlock, ClaimedPage};
@@ -121,13 +121,7 @@ mod tests {
     #[test]
     fn frames_of_rejects_misaligned_and_empty_ranges() {
         assert_eq!(frames_of((0x1000, 0x3000)), Ok((Pfn(1), Pfn(3))));
-        assert_eq!(
-            frames_of((0x1000, 0x1800)),
-            Err(FrameError::Misaligned { start: 0x1000, end: 0x1800 })
-        );
-        assert_eq!(
-            frames_of((0x3000, 0x1000)),
-            Err(FrameError::EmptyRange { start: 0x3000, end: 0x1000 })
-        );
+        assert_eq!(frames_of((0x1000, 0x1800)), Err(FrameError::Misaligned { start: 0x1000, end: 0x1800 }));
+        assert_eq!(frames_of((0x3000, 0x1000)), Err(FrameError::EmptyRange { start: 0x3000, end: 0x1000 }));
     }
 }

@@ -26,21 +26,48 @@ fn config() -> PoolConfig {
 
 #[derive(Clone, Debug)]
 enum Op {
-    AllocPage { cpu: usize, vm: u16, table: bool },
-    AllocBlock { cpu: usize, vm: u16 },
-    AllocContiguous { order: u32, vm: u16 },
+    AllocPage {
+        cpu: usize,
+        vm: u16,
+        table: bool,
+    },
+    AllocBlock {
+        cpu: usize,
+        vm: u16,
+    },
+    AllocContiguous {
+        order: u32,
+        vm: u16,
+    },
     /// Release a whole allocation as its owner.
-    Release { pick: usize },
+    Release {
+        pick: usize,
+    },
     /// Release a whole allocation claiming to be guest `vm` (maybe the owner, maybe not).
-    ReleaseAs { pick: usize, vm: u16 },
+    ReleaseAs {
+        pick: usize,
+        vm: u16,
+    },
     /// Release any one frame of the database as guest `vm`.
-    ReleaseFrame { offset: usize, vm: u16 },
+    ReleaseFrame {
+        offset: usize,
+        vm: u16,
+    },
     /// Give back an allocated, unwritten page on the atomic path.
-    ReturnUnused { pick: usize, cpu: usize },
+    ReturnUnused {
+        pick: usize,
+        cpu: usize,
+    },
     /// The owner writes into its frames.
-    Write { pick: usize },
-    Refill { cpu: usize },
-    Drain { cpu: usize },
+    Write {
+        pick: usize,
+    },
+    Refill {
+        cpu: usize,
+    },
+    Drain {
+        cpu: usize,
+    },
     Audit,
 }
 
@@ -141,7 +168,8 @@ fn run(ops: &[Op]) {
                 Err(AtomicError::Empty) => {}
                 Err(e) => panic!("{op:?}: {e:?}"),
             },
-            Op::AllocContiguous { order, vm: id } => match rig.frames.alloc_contiguous(1 << order, guest(id)) {
+            Op::AllocContiguous { order, vm: id } => match rig.frames.alloc_contiguous(1 << order, guest(id))
+            {
                 Ok(first) => {
                     assert_eq!(first.0 % (1 << order), 0);
                     model.take(&rig, first, 1 << order, guest(id));
@@ -182,7 +210,9 @@ fn run(ops: &[Op]) {
                         .unwrap();
                     let alloc = model.forget(i);
                     let before_len = (pfn.0 - alloc.first.0) as usize;
-                    for (first, frames) in [(alloc.first, before_len), (pfn.add(1), alloc.frames - before_len - 1)] {
+                    for (first, frames) in
+                        [(alloc.first, before_len), (pfn.add(1), alloc.frames - before_len - 1)]
+                    {
                         if frames > 0 {
                             for f in 0..frames as u64 {
                                 model.owned.insert(first.add(f).0, alloc.owner);

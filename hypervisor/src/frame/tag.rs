@@ -259,7 +259,9 @@ mod tests {
     // Values no transition writes decode as corrupt, as single frames and in any shape.
     #[test]
     fn unused_encodings_are_corrupt() {
-        for tag in [0x0001, 0x1001, 0x3fff, 0x4001, 0x7001, 0x8000, 0x9001, 0xa000, 0xb000, 0xe000, 0xf000, 0xffff] {
+        for tag in
+            [0x0001, 0x1001, 0x3fff, 0x4001, 0x7001, 0x8000, 0x9001, 0xa000, 0xb000, 0xe000, 0xf000, 0xffff]
+        {
             assert_eq!(FrameState::from_tag(tag & !HEAD).filter(|_| tag & HEAD == 0), None, "{tag:#x}");
             assert_eq!(Shape::of(tag), None, "{tag:#x}");
         }

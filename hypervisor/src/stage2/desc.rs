@@ -67,7 +67,8 @@ pub struct Attrs {
 
 impl Attrs {
     /// Guest RAM: read, write, execute, exclusively owned.
-    pub const RAM: Attrs = Attrs { mem: MemType::Normal, read: true, write: true, exec: true, state: PageState::Owned };
+    pub const RAM: Attrs =
+        Attrs { mem: MemType::Normal, read: true, write: true, exec: true, state: PageState::Owned };
 
     /// Whether `self` allows everything `other` does (same memory type).
     pub fn covers(&self, other: &Attrs) -> bool {
@@ -85,7 +86,10 @@ pub enum Entry {
     /// Points to the next-level table in frame `Pfn`.
     Table(Pfn),
     /// Maps a page (level 3) or block (levels 1-2) at physical address `pa`.
-    Leaf { pa: u64, attrs: Attrs },
+    Leaf {
+        pa: u64,
+        attrs: Attrs,
+    },
 }
 
 impl Entry {
@@ -104,11 +108,7 @@ impl Entry {
             // Reserved encoding at level 3: treat as invalid (we never write it).
             return Entry::Invalid;
         }
-        let mem = if d.matches_all(S2DESC::MEMATTR::DeviceNGnRE) {
-            MemType::Device
-        } else {
-            MemType::Normal
-        };
+        let mem = if d.matches_all(S2DESC::MEMATTR::DeviceNGnRE) { MemType::Device } else { MemType::Normal };
         let state = match d.read(S2DESC::SW_STATE) {
             0b01 => PageState::SharedOwned,
             0b10 => PageState::SharedBorrowed,
@@ -165,7 +165,8 @@ mod tests {
 
     #[test]
     fn leaf_round_trips_at_every_level() {
-        let ro_dev = Attrs { mem: MemType::Device, read: true, write: false, exec: false, state: PageState::Owned };
+        let ro_dev =
+            Attrs { mem: MemType::Device, read: true, write: false, exec: false, state: PageState::Owned };
         for level in 1..=3 {
             for attrs in [Attrs::RAM, ro_dev] {
                 let e = Entry::Leaf { pa: 0x8020_0000, attrs };

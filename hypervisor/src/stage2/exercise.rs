@@ -45,7 +45,13 @@ impl Reader<'_> {
 }
 
 fn attrs_from(bits: u8) -> Attrs {
-    Attrs { mem: MemType::Normal, read: bits & 1 != 0, write: bits & 2 != 0, exec: bits & 4 != 0, state: PageState::Owned }
+    Attrs {
+        mem: MemType::Normal,
+        read: bits & 1 != 0,
+        write: bits & 2 != 0,
+        exec: bits & 4 != 0,
+        state: PageState::Owned,
+    }
 }
 
 pub struct Exercise {
@@ -139,7 +145,9 @@ impl Exercise {
             0 => s2.map(env, ipa, pfn.phys(), 3, Attrs::RAM),
             1 => s2.map_page(env, ipa, pfn.phys(), Attrs::RAM),
             _ => match s2.cached_page_slot(env, ipa) {
-                Some(slot) => slot.fill(env, ClaimedPage::assume(pfn, vm)).map_err(|_| Stage2Error::NotOwned { pfn, state: None }),
+                Some(slot) => slot
+                    .fill(env, ClaimedPage::assume(pfn, vm))
+                    .map_err(|_| Stage2Error::NotOwned { pfn, state: None }),
                 None => s2.map_page(env, ipa, pfn.phys(), Attrs::RAM),
             },
         };
@@ -175,7 +183,9 @@ impl Exercise {
                 let vacant = s2.vacant_block(env, ipa).expect("still vacant");
                 // Half the time as the fault path does it: with the claim's proof.
                 if block % 2 == 0 {
-                    vacant.map(env, first.phys(), Attrs::RAM).expect("an own, whole block maps into a vacant entry");
+                    vacant
+                        .map(env, first.phys(), Attrs::RAM)
+                        .expect("an own, whole block maps into a vacant entry");
                 } else {
                     let claimed = ClaimedBlock::assume(first, vm);
                     vacant.fill(env, claimed).expect("an own claimed block fills a vacant entry");
@@ -216,8 +226,10 @@ impl Exercise {
         match result {
             Ok(()) => {
                 let mut want: Vec<u64> = g.expect.range(ipa..end).map(|(_, &(pa, _))| pa).collect();
-                let mut got: Vec<u64> =
-                    released.iter().flat_map(|&(pa, size)| (0..size / PAGE).map(move |i| pa + i * PAGE)).collect();
+                let mut got: Vec<u64> = released
+                    .iter()
+                    .flat_map(|&(pa, size)| (0..size / PAGE).map(move |i| pa + i * PAGE))
+                    .collect();
                 want.sort_unstable();
                 got.sort_unstable();
                 assert_eq!(got, want, "unmap {ipa:#x}-{end:#x} released the wrong frames");
@@ -283,7 +295,10 @@ impl Exercise {
         if head == pa {
             if let Some(vacant) = s2.vacant_block(env, ipa) {
                 let r = vacant.map(env, pa, Attrs::RAM);
-                assert!(matches!(r, Err(Stage2Error::NotOwned { .. })), "mapped a foreign block {pa:#x}: {r:?}");
+                assert!(
+                    matches!(r, Err(Stage2Error::NotOwned { .. })),
+                    "mapped a foreign block {pa:#x}: {r:?}"
+                );
             }
         }
     }
@@ -325,10 +340,17 @@ impl Exercise {
             });
             assert_eq!(seen, g.expect, "VM {}: mappings differ from the reference model", g.vmid);
             // The walker agrees with the leaves, on a spread of addresses (mapped or not).
-            for page in (0..WINDOW_PAGES).step_by(61).chain(g.expect.keys().map(|k| (k - WINDOW) / PAGE).take(64)) {
+            for page in
+                (0..WINDOW_PAGES).step_by(61).chain(g.expect.keys().map(|k| (k - WINDOW) / PAGE).take(64))
+            {
                 let ipa = WINDOW + page * PAGE;
                 let got = s2.translate(&self.env, ipa).map(|m| (m.pa, m.attrs));
-                assert_eq!(got, g.expect.get(&ipa).copied(), "VM {}: IPA {ipa:#x} translates wrongly", g.vmid);
+                assert_eq!(
+                    got,
+                    g.expect.get(&ipa).copied(),
+                    "VM {}: IPA {ipa:#x} translates wrongly",
+                    g.vmid
+                );
             }
             for (&ipa, &(pa, _)) in &g.expect {
                 assert_eq!(

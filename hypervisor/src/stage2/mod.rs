@@ -87,14 +87,30 @@ impl Geometry {
 pub enum Stage2Error {
     /// No frame was left for a table page.
     OutOfMemory,
-    Unaligned { addr: u64 },
-    OutOfRange { ipa: u64 },
-    BadLevel { level: usize },
-    AlreadyMapped { ipa: u64 },
+    Unaligned {
+        addr: u64,
+    },
+    OutOfRange {
+        ipa: u64,
+    },
+    BadLevel {
+        level: usize,
+    },
+    AlreadyMapped {
+        ipa: u64,
+    },
     /// The frame is not this guest's (RAM) or is RAM (Device mapping).
-    NotOwned { pfn: Pfn, state: Option<FrameState> },
-    NotABlock { ipa: u64, level: usize },
-    NotCollapsible { ipa: u64 },
+    NotOwned {
+        pfn: Pfn,
+        state: Option<FrameState>,
+    },
+    NotABlock {
+        ipa: u64,
+        level: usize,
+    },
+    NotCollapsible {
+        ipa: u64,
+    },
 }
 
 impl core::fmt::Display for Stage2Error {

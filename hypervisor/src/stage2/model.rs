@@ -206,12 +206,8 @@ impl ModelEnv {
                 c.vmid, c.ipa, c.pa
             ));
         }
-        let partial: Vec<u64> = self
-            .compound
-            .iter()
-            .filter(|&&h| h < end >> 12 && pa >> 12 < h + 512)
-            .copied()
-            .collect();
+        let partial: Vec<u64> =
+            self.compound.iter().filter(|&&h| h < end >> 12 && pa >> 12 < h + 512).copied().collect();
         for head in partial {
             if head < pa >> 12 || head + 512 > end >> 12 {
                 self.violation(format!(
@@ -239,7 +235,15 @@ impl ModelEnv {
         (leaves, walks)
     }
 
-    fn collect(&self, vmid: u16, table: Pfn, level: usize, base: u64, leaves: &mut Vec<CachedLeaf>, walks: &mut Vec<CachedWalk>) {
+    fn collect(
+        &self,
+        vmid: u16,
+        table: Pfn,
+        level: usize,
+        base: u64,
+        leaves: &mut Vec<CachedLeaf>,
+        walks: &mut Vec<CachedWalk>,
+    ) {
         let Some(t) = self.tables.get(&table.0) else { return };
         for (i, &raw) in t.iter().enumerate() {
             let ipa = base + i as u64 * level_size(level);
@@ -270,7 +274,12 @@ impl ModelEnv {
             .s2
             .iter()
             .chain(self.combined.iter())
-            .find(|c| c.vmid == l.vmid && c.ipa < l.ipa + l.size && l.ipa < c.ipa + c.size && !same_translation(c, &l))
+            .find(|c| {
+                c.vmid == l.vmid
+                    && c.ipa < l.ipa + l.size
+                    && l.ipa < c.ipa + c.size
+                    && !same_translation(c, &l)
+            })
             .copied();
         if let Some(c) = conflict {
             self.violation(format!(
@@ -386,7 +395,8 @@ impl ModelEnv {
         loop {
             let size = level_size(level);
             let base = ipa & !(size - 1);
-            let raw = self.tables.get(&table.0).map_or(0, |t| t[((ipa >> (12 + 9 * (3 - level))) & 511) as usize]);
+            let raw =
+                self.tables.get(&table.0).map_or(0, |t| t[((ipa >> (12 + 9 * (3 - level))) & 511) as usize]);
             match Entry::decode(raw, level) {
                 Entry::Invalid => return,
                 Entry::Leaf { pa, attrs } => {

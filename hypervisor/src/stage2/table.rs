@@ -128,7 +128,11 @@ impl VacantBlock<'_> {
         if block.vm() != self.s2.vm {
             return Err(block);
         }
-        env.write(self.table, self.index, Entry::Leaf { pa: block.pfn().phys(), attrs: Attrs::RAM }.encode(2));
+        env.write(
+            self.table,
+            self.index,
+            Entry::Leaf { pa: block.pfn().phys(), attrs: Attrs::RAM }.encode(2),
+        );
         env.dsb_ishst();
         Ok(())
     }
@@ -310,7 +314,13 @@ impl Stage2 {
     /// Maps one 4 KiB page (the demand-fault path): like `map` at level 3, with a shortcut when
     /// the page's level-3 table is the one the previous page went into.
     #[inline(always)]
-    pub fn map_page(&mut self, env: &mut impl Stage2Env, ipa: u64, pa: u64, attrs: Attrs) -> Result<(), Stage2Error> {
+    pub fn map_page(
+        &mut self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        pa: u64,
+        attrs: Attrs,
+    ) -> Result<(), Stage2Error> {
         if pa % PAGE_SIZE == 0 {
             if let Some(slot) = self.cached_l3_slot(env, ipa) {
                 let (table, idx) = slot?;
@@ -349,12 +359,22 @@ impl Stage2 {
             return None;
         }
         let idx = index(ipa, 3);
-        Some(if env.read(table, idx) & 1 != 0 { Err(Stage2Error::AlreadyMapped { ipa }) } else { Ok((table, idx)) })
+        Some(if env.read(table, idx) & 1 != 0 {
+            Err(Stage2Error::AlreadyMapped { ipa })
+        } else {
+            Ok((table, idx))
+        })
     }
 
     /// `map_page` without the shortcut: the general map, then remember the level-3 table.
     #[inline(never)]
-    fn map_page_walk(&mut self, env: &mut impl Stage2Env, ipa: u64, pa: u64, attrs: Attrs) -> Result<(), Stage2Error> {
+    fn map_page_walk(
+        &mut self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        pa: u64,
+        attrs: Attrs,
+    ) -> Result<(), Stage2Error> {
         self.map(env, ipa, pa, 3, attrs)?;
         let slot = self.find(env, ipa, 3);
         if slot.level == 3 {
@@ -400,7 +420,13 @@ impl Stage2 {
 
     /// `map` of a 2 MiB block (the general block-fault path), then remember its level-2 table
     /// for [`Stage2::cached_vacant_block`].
-    pub fn map_block(&mut self, env: &mut impl Stage2Env, ipa: u64, pa: u64, attrs: Attrs) -> Result<(), Stage2Error> {
+    pub fn map_block(
+        &mut self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        pa: u64,
+        attrs: Attrs,
+    ) -> Result<(), Stage2Error> {
         self.map(env, ipa, pa, 2, attrs)?;
         self.find_l2(env, ipa);
         Ok(())
@@ -545,7 +571,13 @@ impl Stage2 {
     }
 
     /// Takes the tables that splitting at both ends of `[ipa, end)` needs: all, or none.
-    fn prepare_edges(&mut self, env: &mut impl Stage2Env, ipa: u64, end: u64, spare: &mut [Pfn; 4]) -> Result<usize, Stage2Error> {
+    fn prepare_edges(
+        &mut self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        end: u64,
+        spare: &mut [Pfn; 4],
+    ) -> Result<usize, Stage2Error> {
         let n = self.splits_needed(env, ipa) + self.splits_needed(env, end);
         env.take_tables(self.vm, &mut spare[..n])?;
         Ok(n)
@@ -715,7 +747,13 @@ impl Stage2 {
 
     /// Gives every mapped page in `[ipa, ipa + len)` the attributes `attrs` (output addresses
     /// stay), splitting blocks that straddle its ends. Unmapped pages stay unmapped.
-    pub fn protect(&mut self, env: &mut impl Stage2Env, ipa: u64, len: u64, attrs: Attrs) -> Result<(), Stage2Error> {
+    pub fn protect(
+        &mut self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        len: u64,
+        attrs: Attrs,
+    ) -> Result<(), Stage2Error> {
         let end = self.check_range(ipa, len)?;
         let mut spare = [Pfn(0); 4];
         let n = self.prepare_edges(env, ipa, end, &mut spare)?;
@@ -725,7 +763,9 @@ impl Stage2 {
             ipa,
             end,
             &|s| match Entry::decode(s.raw, s.level) {
-                Entry::Leaf { pa, attrs: old } if old != attrs => Some(Entry::Leaf { pa, attrs }.encode(s.level)),
+                Entry::Leaf { pa, attrs: old } if old != attrs => {
+                    Some(Entry::Leaf { pa, attrs }.encode(s.level))
+                }
                 _ => None,
             },
             &mut |_| {},
@@ -740,7 +780,15 @@ impl Stage2 {
     }
 
     /// Returns whether `table` is empty afterwards.
-    fn reclaim_in(&mut self, env: &mut impl Stage2Env, table: Pfn, level: usize, base: u64, start: u64, end: u64) -> bool {
+    fn reclaim_in(
+        &mut self,
+        env: &mut impl Stage2Env,
+        table: Pfn,
+        level: usize,
+        base: u64,
+        start: u64,
+        end: u64,
+    ) -> bool {
         let size = level_size(level);
         for idx in 0..ENTRIES {
             let eb = base + idx as u64 * size;
@@ -750,7 +798,8 @@ impl Stage2 {
             let raw = env.read(table, idx);
             if let Entry::Table(child) = Entry::decode(raw, level) {
                 if self.reclaim_in(env, child, level + 1, eb, start, end) {
-                    let change = Change { table, index: idx, level, ipa: eb, old: raw, new: 0, live_subtree: false };
+                    let change =
+                        Change { table, index: idx, level, ipa: eb, old: raw, new: 0, live_subtree: false };
                     self.commit(env, &[change]);
                     self.forget_cached_tables();
                     env.free_table(self.vm, child);
@@ -785,14 +834,27 @@ impl Stage2 {
         VmidInvalidated(self.vmid)
     }
 
-    fn release_subtree(&self, env: &mut impl Stage2Env, raw: u64, level: usize, base: u64, released: &mut dyn FnMut(u64, u64)) {
+    fn release_subtree(
+        &self,
+        env: &mut impl Stage2Env,
+        raw: u64,
+        level: usize,
+        base: u64,
+        released: &mut dyn FnMut(u64, u64),
+    ) {
         match Entry::decode(raw, level) {
             Entry::Invalid => {}
             Entry::Leaf { pa, .. } => released(pa, level_size(level)),
             Entry::Table(child) => {
                 for i in 0..ENTRIES {
                     let r = env.read(child, i);
-                    self.release_subtree(env, r, level + 1, base + i as u64 * level_size(level + 1), released);
+                    self.release_subtree(
+                        env,
+                        r,
+                        level + 1,
+                        base + i as u64 * level_size(level + 1),
+                        released,
+                    );
                 }
                 env.free_table(self.vm, child);
             }
@@ -815,7 +877,12 @@ impl Stage2 {
         match Entry::decode(slot.raw, slot.level) {
             Entry::Leaf { pa, attrs } => {
                 let size = level_size(slot.level);
-                Some(Mapping { ipa: ipa & !(PAGE_SIZE - 1), pa: pa + ((ipa & (size - 1)) & !(PAGE_SIZE - 1)), size: PAGE_SIZE, attrs })
+                Some(Mapping {
+                    ipa: ipa & !(PAGE_SIZE - 1),
+                    pa: pa + ((ipa & (size - 1)) & !(PAGE_SIZE - 1)),
+                    size: PAGE_SIZE,
+                    attrs,
+                })
             }
             _ => None,
         }
@@ -834,15 +901,15 @@ impl Stage2 {
     /// same attributes) are reported once, as `(first mapping, total size)`; for a debug log.
     pub fn for_each_run(&self, env: &impl Stage2Env, f: &mut dyn FnMut(Mapping)) {
         let mut run: Option<Mapping> = None;
-        self.for_each_mapping(env, &mut |m| {
-            match run.as_mut() {
-                Some(r) if r.ipa + r.size == m.ipa && r.pa + r.size == m.pa && r.attrs == m.attrs => r.size += m.size,
-                _ => {
-                    if let Some(r) = run.take() {
-                        f(r);
-                    }
-                    run = Some(m);
+        self.for_each_mapping(env, &mut |m| match run.as_mut() {
+            Some(r) if r.ipa + r.size == m.ipa && r.pa + r.size == m.pa && r.attrs == m.attrs => {
+                r.size += m.size
+            }
+            _ => {
+                if let Some(r) = run.take() {
+                    f(r);
                 }
+                run = Some(m);
             }
         });
         if let Some(r) = run {

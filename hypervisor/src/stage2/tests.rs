@@ -47,13 +47,19 @@ fn geometry_follows_pa_range() {
 // takes more, and takes exactly as many when the walk needs a table in every region.
 #[test]
 fn max_table_pages_bounds_mapping_every_page() {
-    for (base, pages) in [(GUEST_RAM, 1u64), (GUEST_RAM, 1024), (GUEST_RAM + 0x1f_f000, 2), (GUEST_RAM - 0x1000, 3)] {
+    for (base, pages) in
+        [(GUEST_RAM, 1u64), (GUEST_RAM, 1024), (GUEST_RAM + 0x1f_f000, 2), (GUEST_RAM - 0x1000, 3)]
+    {
         let (mut env, mut s2) = setup(pages as usize + 64);
         for i in 0..pages {
             let pa = guest_frame(&mut env, 1);
             s2.map(&mut env, base + i * PAGE_SIZE, pa, 3, Attrs::RAM).unwrap();
         }
-        assert_eq!(s2.table_pages(), s2.geometry().max_table_pages(base, pages * PAGE_SIZE), "range {base:#x}+{pages} pages");
+        assert_eq!(
+            s2.table_pages(),
+            s2.geometry().max_table_pages(base, pages * PAGE_SIZE),
+            "range {base:#x}+{pages} pages"
+        );
         clean(&mut env);
     }
     let g = Geometry::for_pa_bits(44);
@@ -150,7 +156,10 @@ fn refuses_to_map_over_a_mapping() {
     let a = guest_frame(&mut env, 1);
     let b = guest_frame(&mut env, 1);
     s2.map(&mut env, GUEST_RAM, a, 3, Attrs::RAM).unwrap();
-    assert_eq!(s2.map(&mut env, GUEST_RAM, b, 3, Attrs::RAM), Err(Stage2Error::AlreadyMapped { ipa: GUEST_RAM }));
+    assert_eq!(
+        s2.map(&mut env, GUEST_RAM, b, 3, Attrs::RAM),
+        Err(Stage2Error::AlreadyMapped { ipa: GUEST_RAM })
+    );
     let blk = guest_block(&mut env, 1);
     assert!(s2.map(&mut env, GUEST_RAM, blk, 2, Attrs::RAM).is_err());
     assert_eq!(s2.translate(&env, GUEST_RAM).unwrap().pa, a);
@@ -348,8 +357,14 @@ fn map_page_takes_the_shortcut_and_still_checks_ownership() {
     // Same level-3 table: the shortcut.
     s2.map_page(&mut env, GUEST_RAM + 0x1000, b, Attrs::RAM).unwrap();
     assert_eq!(s2.translate(&env, GUEST_RAM + 0x1000).unwrap().pa, b);
-    assert!(matches!(s2.map_page(&mut env, GUEST_RAM + 0x2000, foreign, Attrs::RAM), Err(Stage2Error::NotOwned { .. })));
-    assert_eq!(s2.map_page(&mut env, GUEST_RAM + 0x1000, a, Attrs::RAM), Err(Stage2Error::AlreadyMapped { ipa: GUEST_RAM + 0x1000 }));
+    assert!(matches!(
+        s2.map_page(&mut env, GUEST_RAM + 0x2000, foreign, Attrs::RAM),
+        Err(Stage2Error::NotOwned { .. })
+    ));
+    assert_eq!(
+        s2.map_page(&mut env, GUEST_RAM + 0x1000, a, Attrs::RAM),
+        Err(Stage2Error::AlreadyMapped { ipa: GUEST_RAM + 0x1000 })
+    );
     clean(&mut env);
 }
 
@@ -418,7 +433,10 @@ fn block_owned_as_one_unit_maps_and_splits_into_pages() {
     let head = Pfn(pa >> 12);
     assert!(env.is_compound(head));
     let foreign = env.claim_contiguous(512, 512, FrameState::Guest(vm(2))).unwrap().phys();
-    assert!(matches!(s2.map(&mut env, GUEST_RAM + 2 * MIB, foreign, 2, Attrs::RAM), Err(Stage2Error::NotOwned { .. })));
+    assert!(matches!(
+        s2.map(&mut env, GUEST_RAM + 2 * MIB, foreign, 2, Attrs::RAM),
+        Err(Stage2Error::NotOwned { .. })
+    ));
     s2.map(&mut env, GUEST_RAM, pa, 2, Attrs::RAM).unwrap();
     s2.split(&mut env, GUEST_RAM, 2).unwrap();
     assert!(!env.is_compound(head));
@@ -543,7 +561,10 @@ fn vacant_block_forgets_a_freed_level2_table() {
     let page = guest_frame(&mut env, 1);
     s2.map(&mut env, GUEST_RAM + 8 * MIB, page, 3, Attrs::RAM).unwrap();
     let b = guest_block(&mut env, 1);
-    s2.vacant_block(&env, GUEST_RAM + 2 * MIB).expect("the new table's entry is vacant").map(&mut env, b, Attrs::RAM).unwrap();
+    s2.vacant_block(&env, GUEST_RAM + 2 * MIB)
+        .expect("the new table's entry is vacant")
+        .map(&mut env, b, Attrs::RAM)
+        .unwrap();
     assert_eq!(s2.translate(&env, GUEST_RAM + 2 * MIB).unwrap().pa, b);
     assert!(s2.caches_agree(&env));
     clean(&mut env);

@@ -31,7 +31,13 @@ const IRQ_LEVEL_HIGH: u32 = 4;
 /// `/chosen/labyrinth,reset-count`: a guest's RAM is fresh after a reset, so this is the only
 /// way it can tell a reboot from a first boot. `gic`: the guest has a virtual GICv3, so the
 /// tree describes it, the architected timer's four PPIs and the UART's SPI.
-pub fn generate(layout: &Layout, vcpus: usize, bootargs: Option<&str>, resets: u32, gic: bool) -> Result<Vec<u8>, FdtGenError> {
+pub fn generate(
+    layout: &Layout,
+    vcpus: usize,
+    bootargs: Option<&str>,
+    resets: u32,
+    gic: bool,
+) -> Result<Vec<u8>, FdtGenError> {
     let mut w = vm_fdt::FdtWriter::new()?;
     let root = w.begin_node("")?;
     w.property_string("compatible", "linux,dummy-virt")?;
@@ -168,17 +174,28 @@ mod tests {
         let gic = f.find_compatible(&["arm,gic-v3"]).unwrap();
         assert_eq!(gic.property("#interrupt-cells").unwrap().as_usize(), Some(3));
         assert!(gic.property("interrupt-controller").is_some());
-        let reg: Vec<_> = gic.reg().unwrap().map(|r| (r.starting_address as u64, r.size.unwrap() as u64)).collect();
+        let reg: Vec<_> =
+            gic.reg().unwrap().map(|r| (r.starting_address as u64, r.size.unwrap() as u64)).collect();
         assert_eq!(reg, [(0x0800_0000, 0x1_0000), (0x080a_0000, 0x2_0000)]);
         let phandle = gic.property("phandle").unwrap().as_usize().unwrap();
         assert_eq!(f.find_node("/").unwrap().property("interrupt-parent").unwrap().as_usize(), Some(phandle));
         let timer = f.find_compatible(&["arm,armv8-timer"]).unwrap();
-        let cells: Vec<u32> =
-            timer.property("interrupts").unwrap().value.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+        let cells: Vec<u32> = timer
+            .property("interrupts")
+            .unwrap()
+            .value
+            .chunks(4)
+            .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+            .collect();
         assert_eq!(cells, [1, 13, 4, 1, 14, 4, 1, 11, 4, 1, 10, 4], "PPI 11 = INTID 27, the virtual timer");
         let uart = f.find_compatible(&["arm,pl011"]).unwrap();
-        let cells: Vec<u32> =
-            uart.property("interrupts").unwrap().value.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+        let cells: Vec<u32> = uart
+            .property("interrupts")
+            .unwrap()
+            .value
+            .chunks(4)
+            .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+            .collect();
         assert_eq!(cells, [0, 1, 4], "SPI 1");
         // Labyrinth's own checked parser accepts it and finds the GIC.
         let p = crate::dt::parse(&blob).unwrap();

@@ -25,8 +25,12 @@ pub enum ImageError {
 impl core::fmt::Display for ImageError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            ImageError::TooShort { len } => write!(f, "kernel image is {len} bytes, shorter than its 64-byte header"),
-            ImageError::BadMagic { found } => write!(f, "kernel image has no arm64 Image magic (found {found:#x})"),
+            ImageError::TooShort { len } => {
+                write!(f, "kernel image is {len} bytes, shorter than its 64-byte header")
+            }
+            ImageError::BadMagic { found } => {
+                write!(f, "kernel image has no arm64 Image magic (found {found:#x})")
+            }
             ImageError::BigEndian => f.write_str("kernel image is big-endian"),
         }
     }

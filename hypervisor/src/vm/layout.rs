@@ -35,12 +35,17 @@ impl core::fmt::Display for LayoutError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match *self {
             LayoutError::TooSmall { need, have } => {
-                write!(f, "memory {have:#x} bytes is too small: kernel, ramdisk and device tree need {need:#x}")
+                write!(
+                    f,
+                    "memory {have:#x} bytes is too small: kernel, ramdisk and device tree need {need:#x}"
+                )
             }
             LayoutError::BeyondIpa { ram_end, ipa_bits } => {
                 write!(f, "memory ends at {ram_end:#x}, beyond the {ipa_bits}-bit IPA space")
             }
-            LayoutError::BadTextOffset { text_offset } => write!(f, "kernel text_offset {text_offset:#x} unusable"),
+            LayoutError::BadTextOffset { text_offset } => {
+                write!(f, "kernel text_offset {text_offset:#x} unusable")
+            }
         }
     }
 }
@@ -51,7 +56,12 @@ fn align_up(x: u64, a: u64) -> u64 {
 
 /// Places the kernel at RAM base + text_offset, the device tree in the top 2 MiB of RAM and the
 /// ramdisk right below it (2 MiB-aligned), checking that nothing overlaps.
-pub fn plan(ram_size: u64, ipa_bits: u32, kernel: &ImageHeader, ramdisk_size: Option<u64>) -> Result<Layout, LayoutError> {
+pub fn plan(
+    ram_size: u64,
+    ipa_bits: u32,
+    kernel: &ImageHeader,
+    ramdisk_size: Option<u64>,
+) -> Result<Layout, LayoutError> {
     let ram_end = RAM_BASE.checked_add(ram_size).filter(|&e| ipa_bits >= 64 || e <= 1 << ipa_bits);
     let Some(ram_end) = ram_end else {
         return Err(LayoutError::BeyondIpa { ram_end: RAM_BASE.saturating_add(ram_size), ipa_bits });
@@ -71,7 +81,14 @@ pub fn plan(ram_size: u64, ipa_bits: u32, kernel: &ImageHeader, ramdisk_size: Op
         return Err(LayoutError::TooSmall { need: need + MIB2, have: ram_size });
     }
     let ramdisk = ramdisk_size.map(|s| (dtb - ramdisk_room, s));
-    Ok(Layout { ram_base: RAM_BASE, ram_size, kernel: kernel_at, kernel_size: kernel.effective_size, ramdisk, dtb })
+    Ok(Layout {
+        ram_base: RAM_BASE,
+        ram_size,
+        kernel: kernel_at,
+        kernel_size: kernel.effective_size,
+        ramdisk,
+        dtb,
+    })
 }
 
 impl Layout {

@@ -32,12 +32,22 @@ pub enum GuestTrap {
         /// Set when the hardware decoded the access (ISV = 1) and FAR is valid.
         access: Option<MmioAccess>,
     },
-    Hvc { imm: u16 },
+    Hvc {
+        imm: u16,
+    },
     /// A trapped SMC (`HCR_EL2.TSC`): ELR points at the SMC itself.
-    Smc { imm: u16 },
+    Smc {
+        imm: u16,
+    },
     /// A trapped MSR/MRS (EC 0x18).
-    SysReg { read: bool, reg: u8, encoding: u32 },
-    Other { class: u8 },
+    SysReg {
+        read: bool,
+        reg: u8,
+        encoding: u32,
+    },
+    Other {
+        class: u8,
+    },
 }
 
 /// Fault status codes for which HPFAR_EL2 holds the faulting IPA: translation and access-flag
@@ -49,8 +59,13 @@ fn hpfar_valid(fsc: u8) -> bool {
 /// Whether a trapped system instruction (`GuestTrap::SysReg` encoding) is a data-cache
 /// maintenance by set/way (DC ISW, DC CSW, DC CISW), which `HCR_EL2.TSW` traps.
 pub fn is_dc_set_way(encoding: u32) -> bool {
-    let (op0, op2, op1, crn, crm) =
-        ((encoding >> 20) & 3, (encoding >> 17) & 7, (encoding >> 14) & 7, (encoding >> 10) & 0xf, (encoding >> 1) & 0xf);
+    let (op0, op2, op1, crn, crm) = (
+        (encoding >> 20) & 3,
+        (encoding >> 17) & 7,
+        (encoding >> 14) & 7,
+        (encoding >> 10) & 0xf,
+        (encoding >> 1) & 0xf,
+    );
     op0 == 1 && op1 == 0 && crn == 7 && op2 == 2 && matches!(crm, 6 | 10 | 14)
 }
 
@@ -58,8 +73,13 @@ pub fn is_dc_set_way(encoding: u32) -> bool {
 /// generation registers, `ICC_SGI1R_EL1`, `ICC_ASGI1R_EL1`, `ICC_SGI0R_EL1` (op0 3, op1 0,
 /// CRn 12, CRm 11, op2 5/6/7), which trap to EL2 when `HCR_EL2.IMO`/`FMO` are set.
 pub fn is_gic_sgi_register(encoding: u32) -> bool {
-    let (op0, op2, op1, crn, crm) =
-        ((encoding >> 20) & 3, (encoding >> 17) & 7, (encoding >> 14) & 7, (encoding >> 10) & 0xf, (encoding >> 1) & 0xf);
+    let (op0, op2, op1, crn, crm) = (
+        (encoding >> 20) & 3,
+        (encoding >> 17) & 7,
+        (encoding >> 14) & 7,
+        (encoding >> 10) & 0xf,
+        (encoding >> 1) & 0xf,
+    );
     op0 == 3 && op1 == 0 && crn == 12 && crm == 11 && matches!(op2, 5..=7)
 }
 
@@ -71,7 +91,8 @@ pub fn decode(esr: u64, far: u64, hpfar: u64) -> GuestTrap {
             let instruction = s.class() == 0x20;
             let fsc = (iss & 0x3f) as u8;
             let fnv = iss & (1 << 10) != 0;
-            let ipa = (hpfar_valid(fsc) && !fnv).then(|| ((hpfar >> 4) & ((1 << 40) - 1)) << 12 | (far & 0xfff));
+            let ipa =
+                (hpfar_valid(fsc) && !fnv).then(|| ((hpfar >> 4) & ((1 << 40) - 1)) << 12 | (far & 0xfff));
             let write = !instruction && iss & (1 << 6) != 0;
             let isv = !instruction && iss & (1 << 24) != 0;
             let access = (isv && !fnv).then(|| MmioAccess {
@@ -85,7 +106,11 @@ pub fn decode(esr: u64, far: u64, hpfar: u64) -> GuestTrap {
         }
         0x16 => GuestTrap::Hvc { imm: iss as u16 },
         0x17 => GuestTrap::Smc { imm: iss as u16 },
-        0x18 => GuestTrap::SysReg { read: iss & 1 != 0, reg: ((iss >> 5) & 0x1f) as u8, encoding: iss & 0x3f_fc1e },
+        0x18 => GuestTrap::SysReg {
+            read: iss & 1 != 0,
+            reg: ((iss >> 5) & 0x1f) as u8,
+            encoding: iss & 0x3f_fc1e,
+        },
         class => GuestTrap::Other { class },
     }
 }
@@ -102,14 +127,24 @@ mod tests {
         // Level-3 translation fault, write, no ISV; HPFAR holds IPA[47:12] in bits [43:4].
         let esr = DABT_LOW | IL | (1 << 6) | 0x07;
         let t = decode(esr, 0xffff_0000_1234_5678, (0x4123_4000u64 >> 12) << 4);
-        assert_eq!(t, GuestTrap::Abort { instruction: false, ipa: Some(0x4123_4678), fsc: 7, write: true, access: None });
+        assert_eq!(
+            t,
+            GuestTrap::Abort {
+                instruction: false,
+                ipa: Some(0x4123_4678),
+                fsc: 7,
+                write: true,
+                access: None
+            }
+        );
     }
 
     #[test]
     fn an_isv_access_is_decoded() {
         // 32-bit store from w5: SAS = 2, SRT = 5, WnR.
         let esr = DABT_LOW | IL | (1 << 24) | (2 << 22) | (5 << 16) | (1 << 6) | 0x06;
-        let GuestTrap::Abort { access: Some(a), .. } = decode(esr, 0x0900_0000, (0x0900_0000u64 >> 12) << 4) else {
+        let GuestTrap::Abort { access: Some(a), .. } = decode(esr, 0x0900_0000, (0x0900_0000u64 >> 12) << 4)
+        else {
             panic!("no access")
         };
         assert_eq!(a, MmioAccess { size: 4, write: true, reg: 5, sign_extend: false, sixty_four: false });
@@ -130,14 +165,25 @@ mod tests {
     #[test]
     fn instruction_aborts_are_aborts_too() {
         let t = decode((0x20 << 26) | IL | 0x06, 0x8000_0000, (0x8000_0000u64 >> 12) << 4);
-        assert_eq!(t, GuestTrap::Abort { instruction: true, ipa: Some(0x8000_0000), fsc: 6, write: false, access: None });
+        assert_eq!(
+            t,
+            GuestTrap::Abort {
+                instruction: true,
+                ipa: Some(0x8000_0000),
+                fsc: 6,
+                write: false,
+                access: None
+            }
+        );
     }
 
     #[test]
     fn dc_set_way_is_recognised() {
         // DC CISW, x3: op0=1 op1=0 CRn=7 CRm=14 op2=2.
         let iss = (1 << 20) | (2 << 17) | (7 << 10) | (3 << 5) | (14 << 1);
-        let GuestTrap::SysReg { encoding, read: false, reg: 3 } = decode((0x18 << 26) | iss, 0, 0) else { panic!() };
+        let GuestTrap::SysReg { encoding, read: false, reg: 3 } = decode((0x18 << 26) | iss, 0, 0) else {
+            panic!()
+        };
         assert!(is_dc_set_way(encoding));
         // DC CIVAC (CRn=7, CRm=14, op1=3, op2=1) is not set/way.
         let iss = (1 << 20) | (1 << 17) | (3 << 14) | (7 << 10) | (14 << 1);
@@ -149,7 +195,9 @@ mod tests {
     fn gic_sgi_registers_are_recognised() {
         // MSR ICC_SGI1R_EL1, x2.
         let iss = (3 << 20) | (5 << 17) | (12 << 10) | (2 << 5) | (11 << 1);
-        let GuestTrap::SysReg { encoding, read: false, reg: 2 } = decode((0x18 << 26) | iss, 0, 0) else { panic!() };
+        let GuestTrap::SysReg { encoding, read: false, reg: 2 } = decode((0x18 << 26) | iss, 0, 0) else {
+            panic!()
+        };
         assert!(is_gic_sgi_register(encoding));
         // ICC_SGI0R_EL1 (op2 7) too; ICC_EOIR1_EL1 (CRm 12, op2 1) and the DC set/way ops are not.
         assert!(is_gic_sgi_register((3 << 20) | (7 << 17) | (12 << 10) | (11 << 1)));
@@ -161,7 +209,10 @@ mod tests {
     fn hvc_smc_and_sysregs() {
         assert_eq!(decode((0x16 << 26) | IL | 0x1234, 0, 0), GuestTrap::Hvc { imm: 0x1234 });
         assert_eq!(decode((0x17 << 26) | IL, 0, 0), GuestTrap::Smc { imm: 0 });
-        assert!(matches!(decode((0x18 << 26) | IL | 1 | (3 << 5), 0, 0), GuestTrap::SysReg { read: true, reg: 3, .. }));
+        assert!(matches!(
+            decode((0x18 << 26) | IL | 1 | (3 << 5), 0, 0),
+            GuestTrap::SysReg { read: true, reg: 3, .. }
+        ));
         assert_eq!(decode(0x01 << 26, 0, 0), GuestTrap::Other { class: 1 });
     }
 }

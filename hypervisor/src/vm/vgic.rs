@@ -314,7 +314,8 @@ impl VGic {
     }
 
     fn read_priority(&self, first: usize, size: u8) -> u64 {
-        (0..size as usize).fold(0, |acc, i| acc | u64::from(self.priority.get(first + i).copied().unwrap_or(0)) << (8 * i))
+        (0..size as usize)
+            .fold(0, |acc, i| acc | u64::from(self.priority.get(first + i).copied().unwrap_or(0)) << (8 * i))
     }
 
     fn write_priority(&mut self, first: usize, size: u8, value: u64) {
@@ -332,11 +333,18 @@ impl VGic {
             0x0004 => u64::from(((NR_IRQS as u32 / 32) - 1) | (15 << 19) | (1 << 25)),
             0x0008 => u64::from(IIDR),
             // Registers for INTIDs 0-31 are the redistributor's under affinity routing.
-            0x0080..=0x0083 | 0x0100..=0x0103 | 0x0180..=0x0183 | 0x0200..=0x0203 | 0x0280..=0x0283 | 0x0300..=0x0303
+            0x0080..=0x0083
+            | 0x0100..=0x0103
+            | 0x0180..=0x0183
+            | 0x0200..=0x0203
+            | 0x0280..=0x0283
+            | 0x0300..=0x0303
             | 0x0380..=0x0383 => 0,
             0x0080..=0x03ff => u64::from(self.read_bits(0x80, offset, 0).unwrap_or(0)),
             0x0420..=0x07ff => self.read_priority((offset - 0x400) as usize, size),
-            0x0c08..=0x0cff => u64::from(self.config.get(((offset - 0xc00) / 4) as usize).copied().unwrap_or(0)),
+            0x0c08..=0x0cff => {
+                u64::from(self.config.get(((offset - 0xc00) / 4) as usize).copied().unwrap_or(0))
+            }
             0x6100..=0x7fff => {
                 let spi = ((offset - 0x6100) / 8) as usize;
                 self.route.get(spi).copied().unwrap_or(0)
@@ -350,7 +358,12 @@ impl VGic {
         let v = value as u32;
         match offset {
             0x0000 => self.ctlr = v & (CTLR_ENABLE_G0 | CTLR_ENABLE_G1),
-            0x0080..=0x0083 | 0x0100..=0x0103 | 0x0180..=0x0183 | 0x0200..=0x0203 | 0x0280..=0x0283 | 0x0300..=0x0303
+            0x0080..=0x0083
+            | 0x0100..=0x0103
+            | 0x0180..=0x0183
+            | 0x0200..=0x0203
+            | 0x0280..=0x0283
+            | 0x0300..=0x0303
             | 0x0380..=0x0383 => {}
             0x0080..=0x03ff => self.write_bits(offset, ((offset % 0x80) / 4) as usize, v),
             0x0420..=0x07ff => self.write_priority((offset - 0x400) as usize, size, value),
@@ -401,7 +414,9 @@ impl VGic {
 
     fn read_sgi(&self, offset: u64, size: u8) -> u64 {
         match offset {
-            0x080 | 0x100 | 0x180 | 0x200 | 0x280 | 0x300 | 0x380 => u64::from(self.read_bits(0x80, offset, 0).unwrap_or(0)),
+            0x080 | 0x100 | 0x180 | 0x200 | 0x280 | 0x300 | 0x380 => {
+                u64::from(self.read_bits(0x80, offset, 0).unwrap_or(0))
+            }
             0x400..=0x41f => self.read_priority((offset - 0x400) as usize, size),
             0xc00 => u64::from(self.config[0]),
             0xc04 => u64::from(self.config[1]),
@@ -671,19 +686,41 @@ mod tests {
     /// One thing a guest (or the hardware on its behalf) can do to its virtual GIC.
     #[derive(Clone, Debug)]
     enum Op {
-        Read { frame: u8, offset: u64, size: u8 },
-        Write { frame: u8, offset: u64, size: u8, value: u64 },
+        Read {
+            frame: u8,
+            offset: u64,
+            size: u8,
+        },
+        Write {
+            frame: u8,
+            offset: u64,
+            size: u8,
+            value: u64,
+        },
         Raise(u32),
         /// The guest acknowledges (pending -> active) or completes (active -> invalid) the
         /// interrupt in list register `lr`, then Labyrinth folds and refills them.
-        Guest { lr: usize, complete: bool },
+        Guest {
+            lr: usize,
+            complete: bool,
+        },
     }
 
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         use proptest::prelude::*;
         // Mostly the registers that change delivery (CTLR, group, enable, pending, active,
         // priority), aligned, so interrupts really flow; some accesses anywhere, any size.
-        let key = prop_oneof![Just(0u64), Just(0x80), Just(0x100), Just(0x180), Just(0x200), Just(0x280), Just(0x300), Just(0x380), Just(0x400)];
+        let key = prop_oneof![
+            Just(0u64),
+            Just(0x80),
+            Just(0x100),
+            Just(0x180),
+            Just(0x200),
+            Just(0x280),
+            Just(0x300),
+            Just(0x380),
+            Just(0x400)
+        ];
         let offset = prop_oneof![
             6 => (key, 0u64..3).prop_map(|(k, word)| k + word * 4),
             1 => 0x6000u64..0x6400,
@@ -692,8 +729,17 @@ mod tests {
         let size = prop_oneof![6 => Just(4u8), 1 => Just(1), 1 => Just(8), 1 => 0u8..=16];
         let value = prop_oneof![Just(u64::MAX), Just(0), any::<u64>()];
         prop_oneof![
-            (0u8..3, offset.clone(), size.clone()).prop_map(|(frame, offset, size)| Op::Read { frame, offset, size }),
-            (0u8..3, offset, size, value).prop_map(|(frame, offset, size, value)| Op::Write { frame, offset, size, value }),
+            (0u8..3, offset.clone(), size.clone()).prop_map(|(frame, offset, size)| Op::Read {
+                frame,
+                offset,
+                size
+            }),
+            (0u8..3, offset, size, value).prop_map(|(frame, offset, size, value)| Op::Write {
+                frame,
+                offset,
+                size,
+                value
+            }),
             prop_oneof![4 => 25u32..40, 1 => 0u32..NR_IRQS as u32 + 8, 1 => any::<u32>()].prop_map(Op::Raise),
             (0usize..4, any::<bool>()).prop_map(|(lr, complete)| Op::Guest { lr, complete }),
         ]

@@ -10,7 +10,11 @@ pub enum PsciAction {
     /// Return this value in x0 and resume the guest.
     Return(u64),
     /// Start vCPU `vcpu` at `entry` with x0 = `context`.
-    CpuOn { vcpu: usize, entry: u64, context: u64 },
+    CpuOn {
+        vcpu: usize,
+        entry: u64,
+        context: u64,
+    },
     /// Stop the calling vCPU.
     CpuOff,
     SystemOff,
@@ -42,13 +46,23 @@ pub fn handle(fid: u64, x1: u64, x2: u64, x3: u64, caller: usize, online: &[bool
     match fid {
         psci::PSCI_VERSION => PsciAction::Return(VERSION_1_0),
         psci::PSCI_FEATURES => match x1 as u32 {
-            psci::PSCI_VERSION | psci::PSCI_FEATURES | psci::CPU_OFF | psci::CPU_ON_64 | CPU_ON_32
-            | psci::AFFINITY_INFO_64 | AFFINITY_INFO_32 | psci::SYSTEM_OFF | psci::SYSTEM_RESET => PsciAction::Return(0),
+            psci::PSCI_VERSION
+            | psci::PSCI_FEATURES
+            | psci::CPU_OFF
+            | psci::CPU_ON_64
+            | CPU_ON_32
+            | psci::AFFINITY_INFO_64
+            | AFFINITY_INFO_32
+            | psci::SYSTEM_OFF
+            | psci::SYSTEM_RESET => PsciAction::Return(0),
             _ => err(PsciError::NotSupported),
         },
         psci::CPU_ON_64 | CPU_ON_32 => {
-            let (target, entry, context) =
-                if fid == CPU_ON_32 { (x1 & 0xffff_ffff, x2 & 0xffff_ffff, x3 & 0xffff_ffff) } else { (x1, x2, x3) };
+            let (target, entry, context) = if fid == CPU_ON_32 {
+                (x1 & 0xffff_ffff, x2 & 0xffff_ffff, x3 & 0xffff_ffff)
+            } else {
+                (x1, x2, x3)
+            };
             match vcpu_of(target, online.len()) {
                 None => err(PsciError::InvalidParameters),
                 Some(v) if online.get(v) == Some(&true) || v == caller => err(PsciError::AlreadyOn),
@@ -93,7 +107,11 @@ mod tests {
     #[test]
     fn smccc_discovery_is_not_supported() {
         for fid in [0x8000_0000u64, 0x8000_0001, 0x8000_7fff, 0x8600_ff01] {
-            assert_eq!(handle(fid, 0x8000_8000, 0, 0, 0, &[true]), PsciAction::Return(NOT_SUPPORTED), "{fid:#x}");
+            assert_eq!(
+                handle(fid, 0x8000_8000, 0, 0, 0, &[true]),
+                PsciAction::Return(NOT_SUPPORTED),
+                "{fid:#x}"
+            );
         }
         assert_eq!(handle(0x8400_000a, 0x8000_0000, 0, 0, 0, &[true]), PsciAction::Return(NOT_SUPPORTED));
     }
@@ -108,12 +126,18 @@ mod tests {
     #[test]
     fn cpu_on_only_for_the_guests_own_offline_vcpus() {
         let online = [true, false];
-        assert_eq!(handle(0xc400_0003, 1, 0x4008_0000, 7, 0, &online), PsciAction::CpuOn { vcpu: 1, entry: 0x4008_0000, context: 7 });
+        assert_eq!(
+            handle(0xc400_0003, 1, 0x4008_0000, 7, 0, &online),
+            PsciAction::CpuOn { vcpu: 1, entry: 0x4008_0000, context: 7 }
+        );
         assert_eq!(handle(0xc400_0003, 0, 0, 0, 0, &online), PsciAction::Return(ALREADY_ON));
         assert_eq!(handle(0xc400_0003, 2, 0, 0, 0, &online), PsciAction::Return(INVALID));
         assert_eq!(handle(0xc400_0003, 0x100, 0, 0, 0, &online), PsciAction::Return(INVALID));
         // SMC32 form truncates its arguments.
-        assert_eq!(handle(0x8400_0003, 0xffff_ffff_0000_0001, 0x1_4008_0000, 0, 0, &online), PsciAction::CpuOn { vcpu: 1, entry: 0x4008_0000, context: 0 });
+        assert_eq!(
+            handle(0x8400_0003, 0xffff_ffff_0000_0001, 0x1_4008_0000, 0, 0, &online),
+            PsciAction::CpuOn { vcpu: 1, entry: 0x4008_0000, context: 0 }
+        );
     }
 
     #[test]

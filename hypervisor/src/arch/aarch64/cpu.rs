@@ -1,8 +1,6 @@
 //! Per-CPU identity and stacks.
 
-use aarch64_cpu::registers::{
-    Readable, CurrentEL, ID_AA64MMFR0_EL1, MIDR_EL1, MPIDR_EL1, TPIDR_EL2,
-};
+use aarch64_cpu::registers::{CurrentEL, Readable, ID_AA64MMFR0_EL1, MIDR_EL1, MPIDR_EL1, TPIDR_EL2};
 
 /// CPUs Labyrinth will bring up; further CPUs in the device tree are left off.
 pub const MAX_CPUS: usize = 8;
@@ -35,8 +33,7 @@ pub static mut STACKS: [CpuStacks; MAX_CPUS] = [const {
 
 pub const STACKS_STRIDE: usize = core::mem::size_of::<CpuStacks>();
 pub const MAIN_STACK_TOP: usize = core::mem::offset_of!(CpuStacks, main) + MAIN_STACK_SIZE;
-pub const EXCEPTION_STACK_TOP: usize =
-    core::mem::offset_of!(CpuStacks, exception) + EXCEPTION_STACK_SIZE;
+pub const EXCEPTION_STACK_TOP: usize = core::mem::offset_of!(CpuStacks, exception) + EXCEPTION_STACK_SIZE;
 
 /// The stacks of `cpu` as `(main, exception)` address ranges, for the EL2 map.
 pub fn stack_ranges(cpu: usize) -> [(u64, u64); 2] {

@@ -231,12 +231,9 @@ extern "C" fn el2_unexpected_exception(kind: u64, frame: &TrapFrame) -> ! {
                 r + 2,
                 r + 3
             )),
-            (Some(a), Some(b), Some(c), None) => line(format_args!(
-                "  x{:<2} {a:#018x}  x{:<2} {b:#018x}  x{:<2} {c:#018x}",
-                r,
-                r + 1,
-                r + 2
-            )),
+            (Some(a), Some(b), Some(c), None) => {
+                line(format_args!("  x{:<2} {a:#018x}  x{:<2} {b:#018x}  x{:<2} {c:#018x}", r, r + 1, r + 2))
+            }
             _ => {}
         }
     }

@@ -8,8 +8,8 @@ use aarch64_cpu::{
     registers::{Readable, Writeable, ID_AA64MMFR0_EL1, MAIR_EL2, SCTLR_EL2, TCR_EL2, TTBR0_EL2},
 };
 use core::ptr::addr_of_mut;
-use labyrinth::hyp_map::{IdentityMap, MapError, Table, PAGE_SIZE};
 pub use labyrinth::hyp_map::MapKind;
+use labyrinth::hyp_map::{IdentityMap, MapError, Table, PAGE_SIZE};
 use spin::Mutex;
 
 use super::cpu::{stack_ranges, MAX_CPUS, STACKS, STACKS_STRIDE};
@@ -113,7 +113,8 @@ pub unsafe extern "C" fn early_map(dtb: u64) -> u64 {
 /// RES1 bits of TCR_EL2 (non-VHE) that aarch64-cpu's field list leaves out.
 const TCR_EL2_RES1: u64 = (1 << 31) | (1 << 23);
 /// RES1 bits of SCTLR_EL2 (non-VHE) that aarch64-cpu's field list leaves out.
-const SCTLR_EL2_RES1: u64 = (1 << 4) | (1 << 5) | (1 << 11) | (1 << 16) | (1 << 18) | (1 << 22) | (1 << 23) | (1 << 28) | (1 << 29);
+const SCTLR_EL2_RES1: u64 =
+    (1 << 4) | (1 << 5) | (1 << 11) | (1 << 16) | (1 << 18) | (1 << 22) | (1 << 23) | (1 << 28) | (1 << 29);
 
 /// Programs MAIR/TCR/TTBR0 and turns on the MMU and caches with the boot map.
 #[no_mangle]
@@ -126,11 +127,11 @@ pub extern "C" fn enable_mmu() {
     // The physical address size is the CPU's, capped at the 48 bits our tables describe.
     let ps = ID_AA64MMFR0_EL1.read(ID_AA64MMFR0_EL1::PARange).min(5);
     let tcr = TCR_EL2::T0SZ.val(64 - labyrinth::hyp_map::VA_BITS as u64)
-            + TCR_EL2::TG0::KiB_4
-            + TCR_EL2::SH0::Inner
-            + TCR_EL2::ORGN0::WriteBack_ReadAlloc_WriteAlloc_Cacheable
-            + TCR_EL2::IRGN0::WriteBack_ReadAlloc_WriteAlloc_Cacheable
-            + TCR_EL2::PS.val(ps);
+        + TCR_EL2::TG0::KiB_4
+        + TCR_EL2::SH0::Inner
+        + TCR_EL2::ORGN0::WriteBack_ReadAlloc_WriteAlloc_Cacheable
+        + TCR_EL2::IRGN0::WriteBack_ReadAlloc_WriteAlloc_Cacheable
+        + TCR_EL2::PS.val(ps);
     TCR_EL2.set(tcr.value | TCR_EL2_RES1);
     TTBR0_EL2.set(addr_of_mut!(POOL) as u64);
     barrier::isb(barrier::SY);

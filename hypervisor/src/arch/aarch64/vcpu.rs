@@ -188,7 +188,9 @@ pub fn inject_undefined(frame: &mut TrapFrame) {
 /// thread stack is left behind for good; from here on this CPU runs in trap handlers.
 pub fn enter(pc: u64, x0: u64) -> ! {
     reset_el1();
-    let top = core::ptr::addr_of!(STACKS) as u64 + (cpu_index() * STACKS_STRIDE) as u64 + EXCEPTION_STACK_TOP as u64;
+    let top = core::ptr::addr_of!(STACKS) as u64
+        + (cpu_index() * STACKS_STRIDE) as u64
+        + EXCEPTION_STACK_TOP as u64;
     let frame_at = top - core::mem::size_of::<TrapFrame>() as u64;
     let frame = TrapFrame::entry(pc, x0, SPSR_EL1H_MASKED);
     // SAFETY: `frame_at` is the top of this CPU's exception stack, mapped and unused (this CPU
