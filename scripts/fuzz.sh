@@ -2,6 +2,7 @@
 # Time-limited fuzz run of one of Labyrinth's cargo-fuzz targets (see docs/fuzzing.md).
 #
 #   scripts/fuzz.sh [TARGET] [SECONDS] [extra libFuzzer flags...]
+#   scripts/fuzz.sh --build-all     builds every target, runs none
 #
 # TARGET defaults to dt_parse, SECONDS to 60. Installs cargo-fuzz if missing. Seeds come from
 # hypervisor/fuzz/corpus/TARGET and hypervisor/fuzz/regressions/TARGET (both read-only); new
@@ -9,6 +10,17 @@
 # libFuzzer finds a crash, a hang or a leak (the input is then in hypervisor/fuzz/artifacts/TARGET/),
 # 2 on bad arguments, 3 if the target does not build. FUZZ_SANITIZER=address turns ASan on.
 set -euo pipefail
+
+# cargo-fuzz needs the nightly toolchain; `+nightly` overrides the repo's rust-toolchain.toml.
+if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
+    echo "fuzz.sh: installing cargo-fuzz (about a minute)" >&2
+    (cd / && cargo +nightly install cargo-fuzz --locked)
+fi
+
+if [[ "${1:-}" == --build-all ]]; then
+    root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    exec cargo +nightly fuzz build --fuzz-dir "$root/hypervisor/fuzz" --sanitizer "${FUZZ_SANITIZER:-none}"
+fi
 
 target="${1:-dt_parse}"
 seconds="${2:-60}"
@@ -25,12 +37,6 @@ fi
 if ! [[ "$seconds" =~ ^[0-9]+$ ]] || (( seconds < 1 )); then
     echo "fuzz.sh: SECONDS must be a positive integer, got '$seconds'" >&2
     exit 2
-fi
-
-# cargo-fuzz needs the nightly toolchain; `+nightly` overrides the repo's rust-toolchain.toml.
-if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
-    echo "fuzz.sh: installing cargo-fuzz (about a minute)" >&2
-    (cd / && cargo +nightly install cargo-fuzz --locked)
 fi
 
 work="$fuzz_dir/work/$target"

@@ -51,6 +51,9 @@ impl Stage2Env for Plain {
         // Every guest frame here belongs to the benchmark's guest.
         Some(FrameState::Guest(self.vm))
     }
+    fn split_frames(&mut self, _vm: VmId, _head: Pfn) {
+        // Ownership is not tracked per frame here: a split changes nothing to record.
+    }
     fn dsb_ishst(&mut self) {}
     fn dsb_ish(&mut self) {}
     fn isb(&mut self) {}

@@ -178,7 +178,7 @@ impl<'a> IdentityMap<'a> {
     /// Maps `[start, end)` to itself with the attributes of `kind`, using the largest block that
     /// fits each piece. Entries already mapped identically are left as they are.
     pub fn map(&mut self, start: u64, end: u64, kind: MapKind) -> Result<(), MapError> {
-        if start >= end || start % PAGE_SIZE != 0 || end % PAGE_SIZE != 0 {
+        if start >= end || !start.is_multiple_of(PAGE_SIZE) || !end.is_multiple_of(PAGE_SIZE) {
             return Err(MapError::Unaligned { start, end });
         }
         if end > 1u64 << VA_BITS {
@@ -198,7 +198,7 @@ impl<'a> IdentityMap<'a> {
             let size = 1u64 << level_shift(level);
             let slot = index(addr, level);
             let entry = self.pool[table].0[slot];
-            let block_ok = level >= 1 && addr % size == 0 && end - addr >= size;
+            let block_ok = level >= 1 && addr.is_multiple_of(size) && end - addr >= size;
             if entry & 1 == 0 {
                 if block_ok {
                     let page_bit = if level == 3 { DESC::TABLE_OR_PAGE::SET.value } else { 0 };
@@ -312,7 +312,6 @@ mod tests {
         assert_eq!(m.translate(0x0900_0000).unwrap().kind, MapKind::Device);
         assert_eq!(m.translate(0x4000_0000).unwrap().kind, MapKind::ReadOnly);
         // Device leaves are XN; no leaf is both writable and executable.
-        drop(m);
         let leaves: Vec<u64> = p.iter().flat_map(|t| t.0.iter().copied()).collect();
         let l3_pages: Vec<u64> = leaves.into_iter().filter(|d| d & 3 == 3 && d & (1 << 10) != 0).collect();
         assert_eq!(l3_pages.len(), 2);

@@ -110,7 +110,7 @@ impl Log for Logger {
 /// The level a `loglevel=` word in the kernel command line asks for: a name (`off`, `error`,
 /// `warn`, `info`, `debug`, `trace`) or a Linux console level number (0-8).
 pub fn level_from_bootargs(bootargs: &str) -> Option<LevelFilter> {
-    let value = bootargs.split_ascii_whitespace().filter_map(|w| w.strip_prefix("loglevel=")).last()?;
+    let value = bootargs.split_ascii_whitespace().filter_map(|w| w.strip_prefix("loglevel=")).next_back()?;
     Some(match value {
         "off" => LevelFilter::Off,
         "error" | "0" | "1" | "2" | "3" => LevelFilter::Error,

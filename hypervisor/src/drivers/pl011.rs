@@ -123,7 +123,7 @@ mod tests {
         u.enable();
         assert_eq!(regs(&fake).cr.read(CR::UARTEN), 1);
         assert_eq!(regs(&fake).cr.read(CR::TXE), 1);
-        write!(u, "a\n").unwrap();
+        writeln!(u, "a").unwrap();
         // Last byte written wins in the fake DR.
         assert_eq!(regs(&fake).dr.read(DR::DATA), b'\n' as u32);
     }

@@ -28,9 +28,10 @@
 //!   `Root::compatible` unwrap; `Cpu::clock_frequency`/`timebase_frequency` hit `unreachable!`
 //!   unless the value is 4 or 8 bytes; `Memory::initial_mapped_area` expects 20 bytes;
 //! - `all_nodes` indexes a 64-entry parent array by depth and decrements it on every END_NODE.
-//! It also uses 5 for FDT_END (the specification says 9). Reading the checked structure
-//! ourselves is simpler and safer than fencing all of that; the crate only serves as a test
-//! oracle on well-formed blobs.
+//!   It also uses 5 for FDT_END (the specification says 9).
+//!
+//! Reading the checked structure ourselves is simpler and safer than fencing all of that; the
+//! crate only serves as a test oracle on well-formed blobs.
 //!
 //! The fuzz target `hypervisor/fuzz/fuzz_targets/dt_parse.rs` drives [`parse`] and the memory
 //! map built from its result; docs/fuzzing.md says how to run it.

@@ -258,7 +258,7 @@ pub(crate) fn audit<const ORDER: usize>(
             }
             Some(Shape::Head(state)) => {
                 report.compound_blocks += 1;
-                if pfn.0 % BLOCK_FRAMES as u64 != 0 || db.cells(pfn, BLOCK_FRAMES).is_err() {
+                if !pfn.0.is_multiple_of(BLOCK_FRAMES as u64) || db.cells(pfn, BLOCK_FRAMES).is_err() {
                     report.problem(AuditProblem::BrokenBlock { pfn, tag });
                 }
                 Some(state)

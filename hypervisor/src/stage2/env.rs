@@ -31,7 +31,7 @@ pub trait Stage2Env {
     /// fault's owner check, which an environment may answer with one tag load.
     #[inline(always)]
     fn block_is(&self, head: Pfn, state: FrameState) -> bool {
-        head.0 % 512 == 0 && self.frame_unit(head) == (Some(state), 512)
+        head.0.is_multiple_of(512) && self.frame_unit(head) == (Some(state), 512)
     }
 
     /// The 2 MiB block of guest `vm` headed at `head` is being split into pages: if the frame

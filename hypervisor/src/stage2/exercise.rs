@@ -182,7 +182,7 @@ impl Exercise {
                 // not); a hit in the cached level-2 table this time.
                 let vacant = s2.vacant_block(env, ipa).expect("still vacant");
                 // Half the time as the fault path does it: with the claim's proof.
-                if block % 2 == 0 {
+                if block.is_multiple_of(2) {
                     vacant
                         .map(env, first.phys(), Attrs::RAM)
                         .expect("an own, whole block maps into a vacant entry");

@@ -169,7 +169,7 @@ impl ModelEnv {
         let mut start = 0;
         while start + count <= n {
             let pfn = self.ram_base + start as u64;
-            if pfn % align != 0 {
+            if !pfn.is_multiple_of(align) {
                 start += 1;
                 continue;
             }
@@ -178,7 +178,7 @@ impl ModelEnv {
                     *s = state;
                 }
                 // A guest's 2 MiB block is owned as one unit, as the atomic path hands it out.
-                if count == 512 && pfn % 512 == 0 && matches!(state, FrameState::Guest(_)) {
+                if count == 512 && pfn.is_multiple_of(512) && matches!(state, FrameState::Guest(_)) {
                     self.compound.insert(pfn);
                 }
                 self.free_list.retain(|&f| f < pfn || f >= pfn + count as u64);

@@ -40,9 +40,9 @@ fn index(ipa: u64, level: usize) -> usize {
 
 /// The deepest level an address boundary needs: 1 for a 1 GiB boundary, 2 for 2 MiB, else 3.
 fn boundary_level(addr: u64) -> usize {
-    if addr % level_size(1) == 0 {
+    if addr.is_multiple_of(level_size(1)) {
         1
-    } else if addr % level_size(2) == 0 {
+    } else if addr.is_multiple_of(level_size(2)) {
         2
     } else {
         3
@@ -105,7 +105,7 @@ impl VacantBlock<'_> {
     /// RAM only. On error nothing changed.
     #[inline(always)]
     pub fn map(self, env: &mut impl Stage2Env, pa: u64, attrs: Attrs) -> Result<(), Stage2Error> {
-        if pa % level_size(2) != 0 || pa >= 1 << 48 {
+        if !pa.is_multiple_of(level_size(2)) || pa >= 1 << 48 {
             return Err(Stage2Error::Unaligned { addr: pa });
         }
         let head = Pfn(pa >> 12);
@@ -251,7 +251,7 @@ impl Stage2 {
 
     fn check_range(&self, ipa: u64, len: u64) -> Result<u64, Stage2Error> {
         let end = ipa.checked_add(len).ok_or(Stage2Error::OutOfRange { ipa })?;
-        if len == 0 || ipa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        if len == 0 || !ipa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(Stage2Error::Unaligned { addr: ipa });
         }
         if end > self.geo.ipa_limit() {
@@ -276,10 +276,10 @@ impl Stage2 {
         }
         let size = level_size(level);
         self.check_range(ipa, size)?;
-        if ipa % size != 0 {
+        if !ipa.is_multiple_of(size) {
             return Err(Stage2Error::Unaligned { addr: ipa });
         }
-        if pa % size != 0 || pa.checked_add(size).map_or(true, |e| e > 1 << 48) {
+        if !pa.is_multiple_of(size) || pa.checked_add(size).is_none_or(|e| e > 1 << 48) {
             return Err(Stage2Error::Unaligned { addr: pa });
         }
         self.check_owner(env, pa, size, attrs.mem)?;
@@ -321,7 +321,7 @@ impl Stage2 {
         pa: u64,
         attrs: Attrs,
     ) -> Result<(), Stage2Error> {
-        if pa % PAGE_SIZE == 0 {
+        if pa.is_multiple_of(PAGE_SIZE) {
             if let Some(slot) = self.cached_l3_slot(env, ipa) {
                 let (table, idx) = slot?;
                 // One frame: its owner, checked inline (a block's tail answers through its head).
@@ -355,7 +355,7 @@ impl Stage2 {
     #[inline(always)]
     fn cached_l3_slot(&self, env: &impl Stage2Env, ipa: u64) -> Option<Result<(Pfn, usize), Stage2Error>> {
         let (base, table) = self.last_l3?;
-        if ipa & !(level_size(2) - 1) != base || ipa % PAGE_SIZE != 0 {
+        if ipa & !(level_size(2) - 1) != base || !ipa.is_multiple_of(PAGE_SIZE) {
             return None;
         }
         let idx = index(ipa, 3);
@@ -655,10 +655,10 @@ impl Stage2 {
         table: Pfn,
         level: usize,
         base: u64,
-        start: u64,
-        end: u64,
+        range: &core::ops::Range<u64>,
         f: &mut dyn FnMut(Slot),
     ) {
+        let (start, end) = (range.start, range.end);
         let size = level_size(level);
         let first = if start > base { ((start - base) / size) as usize } else { 0 };
         for idx in first..ENTRIES {
@@ -669,7 +669,7 @@ impl Stage2 {
             let raw = env.read(table, idx);
             match Entry::decode(raw, level) {
                 Entry::Invalid => {}
-                Entry::Table(next) => self.visit_leaves(env, next, level + 1, eb, start, end, f),
+                Entry::Table(next) => self.visit_leaves(env, next, level + 1, eb, range, f),
                 Entry::Leaf { .. } => f(Slot { table, index: idx, level, base: eb, raw }),
             }
         }
@@ -693,7 +693,7 @@ impl Stage2 {
             {
                 let (root, start_level) = (self.root, self.geo.start_level);
                 let items = &mut batch;
-                self.visit_leaves(env, root, start_level, 0, cursor, end, &mut |s: Slot| {
+                self.visit_leaves(env, root, start_level, 0, &(cursor..end), &mut |s: Slot| {
                     if items.len == BATCH {
                         if s.base < next {
                             next = s.base;
@@ -826,9 +826,8 @@ impl Stage2 {
         env.tlbi_vmalls12e1is(self.vmid);
         env.dsb_ish();
         env.isb();
-        for (i, &raw) in live.iter().enumerate().take(entries) {
-            let base = i as u64 * level_size(start);
-            self.release_subtree(env, raw, start, base, released);
+        for &raw in live.iter().take(entries) {
+            self.release_subtree(env, raw, start, released);
         }
         env.free_table(self.vm, self.root);
         VmidInvalidated(self.vmid)
@@ -839,7 +838,6 @@ impl Stage2 {
         env: &mut impl Stage2Env,
         raw: u64,
         level: usize,
-        base: u64,
         released: &mut dyn FnMut(u64, u64),
     ) {
         match Entry::decode(raw, level) {
@@ -848,13 +846,7 @@ impl Stage2 {
             Entry::Table(child) => {
                 for i in 0..ENTRIES {
                     let r = env.read(child, i);
-                    self.release_subtree(
-                        env,
-                        r,
-                        level + 1,
-                        base + i as u64 * level_size(level + 1),
-                        released,
-                    );
+                    self.release_subtree(env, r, level + 1, released);
                 }
                 env.free_table(self.vm, child);
             }
@@ -890,7 +882,7 @@ impl Stage2 {
 
     /// Every leaf mapping in IPA order (for tests, the fuzzer and the debug dump).
     pub fn for_each_mapping(&self, env: &impl Stage2Env, f: &mut dyn FnMut(Mapping)) {
-        self.visit_leaves(env, self.root, self.geo.start_level, 0, 0, self.geo.ipa_limit(), &mut |s| {
+        self.visit_leaves(env, self.root, self.geo.start_level, 0, &(0..self.geo.ipa_limit()), &mut |s| {
             if let Entry::Leaf { pa, attrs } = Entry::decode(s.raw, s.level) {
                 f(Mapping { ipa: s.base, pa, size: level_size(s.level), attrs });
             }

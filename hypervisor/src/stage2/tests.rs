@@ -16,7 +16,7 @@ fn vm(n: u16) -> VmId {
 fn setup(frames: usize) -> (ModelEnv, Stage2) {
     let mut env = ModelEnv::new(RAM_BASE_PFN, frames);
     let s2 = Stage2::new(&mut env, vm(1), 1, Geometry::for_pa_bits(40)).unwrap();
-    env.add_root(1, Pfn(s2.vttbr() as u64 >> 12 & ((1 << 36) - 1)), s2.geometry().start_level);
+    env.add_root(1, Pfn(s2.vttbr() >> 12 & ((1 << 36) - 1)), s2.geometry().start_level);
     (env, s2)
 }
 

@@ -66,7 +66,7 @@ pub fn plan(
     let Some(ram_end) = ram_end else {
         return Err(LayoutError::BeyondIpa { ram_end: RAM_BASE.saturating_add(ram_size), ipa_bits });
     };
-    if kernel.text_offset % 4096 != 0 || kernel.text_offset >= ram_size {
+    if !kernel.text_offset.is_multiple_of(4096) || kernel.text_offset >= ram_size {
         return Err(LayoutError::BadTextOffset { text_offset: kernel.text_offset });
     }
     let kernel_at = RAM_BASE + kernel.text_offset;

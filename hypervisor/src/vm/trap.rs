@@ -92,7 +92,7 @@ pub fn decode(esr: u64, far: u64, hpfar: u64) -> GuestTrap {
             let fsc = (iss & 0x3f) as u8;
             let fnv = iss & (1 << 10) != 0;
             let ipa =
-                (hpfar_valid(fsc) && !fnv).then(|| ((hpfar >> 4) & ((1 << 40) - 1)) << 12 | (far & 0xfff));
+                (hpfar_valid(fsc) && !fnv).then_some(((hpfar >> 4) & ((1 << 40) - 1)) << 12 | (far & 0xfff));
             let write = !instruction && iss & (1 << 6) != 0;
             let isv = !instruction && iss & (1 << 24) != 0;
             let access = (isv && !fnv).then(|| MmioAccess {

@@ -264,7 +264,7 @@ impl VGic {
     /// 32-bit accesses everywhere; bytes for priorities; 64-bit for IROUTER and GICR_TYPER
     /// (and the LPI base registers, RAZ/WI). Always naturally aligned.
     fn size_ok(frame: Frame, offset: u64, size: u8) -> bool {
-        if !matches!(size, 1 | 4 | 8) || offset % u64::from(size) != 0 {
+        if !matches!(size, 1 | 4 | 8) || !offset.is_multiple_of(u64::from(size)) {
             return false;
         }
         let priority = (0x400..0x800).contains(&offset);

@@ -114,7 +114,7 @@ impl VPl011 {
 
     /// Naturally aligned 8-, 16- and 32-bit accesses inside the 4 KiB frame.
     fn valid(offset: u64, size: u8) -> bool {
-        matches!(size, 1 | 2 | 4) && offset % size as u64 == 0 && offset < 0x1000
+        matches!(size, 1 | 2 | 4) && offset.is_multiple_of(size as u64) && offset < 0x1000
     }
 }
 
