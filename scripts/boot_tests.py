@@ -372,7 +372,7 @@ def two_guests_run_side_by_side(wd):
     check(not any("ALLOWED" in l or "FOREIGN" in l for l in iso), "an isolation attempt succeeded", out)
     summary = [l for l in iso if re.match(r"isolation: \d+ attempts", l)]
     check(summary and re.search(r", 0 allowed", summary[0]), "isolation summary missing or not all denied", out)
-    check(re.search(r"guest stress: stopped by SystemOff; faults [1-9]", out), "no stress report with faults", out)
+    check(re.search(r"guest stress: stopped by SystemOff; vCPUs 1; faults [1-9]", out), "no stress report with faults", out)
     check(re.search(r"guest isolation: stopped by SystemOff; .*aborts injected [1-9]", out), "no isolation report with aborts", out)
     expect_audit_clean(out)
 

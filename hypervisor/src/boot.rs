@@ -112,6 +112,11 @@ pub fn primary_main(dtb: u64, dtb_size: u64) -> ! {
     crate::vmm::run_this_cpu()
 }
 
+/// The MPIDR of the CPU Labyrinth numbers `index` (0 is the boot CPU), once it was started.
+pub fn cpu_mpidr(index: usize) -> Option<u64> {
+    CPU_MPIDRS.lock().get(index).copied()
+}
+
 /// Starts CPU `index` again (it powered itself off after reporting online) to run its guest.
 fn restart_cpu(index: usize) {
     let Some(&mpidr) = CPU_MPIDRS.lock().get(index) else { return };

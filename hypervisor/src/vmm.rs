@@ -1,15 +1,25 @@
 //! Guests on this machine: creating them from the device tree's guest nodes, loading their
-//! images, placing one vCPU per physical CPU, handling their traps, and taking them apart when
-//! they stop. The decisions about a trap's meaning are the portable `vm` modules'; the state
-//! lives here, one guest per CPU, touched only by that CPU once it runs.
+//! images, placing each vCPU on its own physical CPU, handling their traps, starting and
+//! stopping vCPUs, and taking guests apart when they stop. The decisions about a trap's
+//! meaning are the portable `vm` modules'.
+//!
+//! State: a [`Vm`] is what a guest's vCPUs share (its stage-2 space, memory budget, devices,
+//! lifecycle), reached through `&'static` from every CPU it runs on; a [`Vcpu`] is what one
+//! CPU owns (its counters, its pool handle), in that CPU's slot and touched by it alone.
+//!
+//! A guest's life is one state word: `Running`, then `Stopping` (one vCPU won the right to
+//! stop or reset the guest and waits until every other vCPU is out of the guest: each is sent
+//! a physical SGI and, on its way back into the guest, parks in [`wait_to_run`] instead), then
+//! `Stopped` or, after a reset, `Running` again with only vCPU 0 started.
 
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::fmt::Write as _;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use labyrinth::dt::{GuestConfig, Platform};
 use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
+use labyrinth::psci::PsciError;
 use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
 use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
 use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
@@ -27,11 +37,14 @@ const BLOCK: u64 = level_size(2);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum StopCause {
     SystemOff,
+    /// Its last running vCPU called CPU_OFF.
     CpuOff,
     OutOfMemory,
     SError,
     /// The host GIC could not be set up for its virtual GIC.
     HostGic,
+    /// Its stage-2 space, VMID or device tree could not be made again after a reset.
+    ResetFailed,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -50,64 +63,192 @@ struct Stats {
     vtimer: u64,
     sgis: u64,
     vgic_mmio: u64,
-    resets: u64,
+    /// Kicks taken: another CPU took this vCPU out of the guest.
+    kicks: u64,
+}
+
+impl Stats {
+    fn add(&mut self, o: &Stats) {
+        self.page_faults += o.page_faults;
+        self.block_faults += o.block_faults;
+        self.aborts_injected += o.aborts_injected;
+        self.undefs_injected += o.undefs_injected;
+        self.mmio += o.mmio;
+        self.hvc += o.hvc;
+        self.smc += o.smc;
+        self.sysreg += o.sysreg;
+        self.irqs += o.irqs;
+        self.vtimer += o.vtimer;
+        self.sgis += o.sgis;
+        self.vgic_mmio += o.vgic_mmio;
+        self.kicks += o.kicks;
+    }
+}
+
+/// A vCPU's power state as PSCI sees it (AFFINITY_INFO), changed only by compare-and-swap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Power {
+    Off = 0,
+    /// A CPU_ON won the vCPU and is writing its entry point; reported as ON_PENDING.
+    Claimed = 1,
+    /// Entry point written: the vCPU's CPU may take it and enter the guest.
+    OnPending = 2,
+    On = 3,
+}
+
+impl Power {
+    fn from_u8(v: u8) -> Power {
+        match v {
+            1 => Power::Claimed,
+            2 => Power::OnPending,
+            3 => Power::On,
+            _ => Power::Off,
+        }
+    }
+}
+
+/// How one vCPU starts: its power state and, once a CPU_ON (or the guest's boot or reset) has
+/// set them, the entry point and x0 it starts with.
+struct VcpuStart {
+    power: AtomicU8,
+    entry: AtomicU64,
+    context: AtomicU64,
+    /// In the guest (or on its way in): what a stop waits to see cleared.
+    in_guest: AtomicBool,
+}
+
+impl VcpuStart {
+    const fn new() -> Self {
+        VcpuStart {
+            power: AtomicU8::new(Power::Off as u8),
+            entry: AtomicU64::new(0),
+            context: AtomicU64::new(0),
+            in_guest: AtomicBool::new(false),
+        }
+    }
+
+    fn power(&self) -> Power {
+        Power::from_u8(self.power.load(Ordering::Acquire))
+    }
+
+    fn swap_power(&self, from: Power, to: Power) -> bool {
+        self.power.compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire).is_ok()
+    }
+
+    /// Makes the vCPU startable at `entry` with x0 = `context` (its CPU is woken by the caller).
+    fn set_pending(&self, entry: u64, context: u64) {
+        self.entry.store(entry, Ordering::Relaxed);
+        self.context.store(context, Ordering::Relaxed);
+        self.power.store(Power::OnPending as u8, Ordering::Release);
+    }
+}
+
+/// A guest's lifecycle (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Life {
+    Running = 0,
+    Stopping = 1,
+    Stopped = 2,
+}
+
+/// The guest's stage-2 space and what is rebuilt with it on a reset.
+struct Space {
+    s2: Option<Stage2>,
+    vmid: u16,
+    dtb: Vec<u8>,
+    resets: u32,
     frames_returned: u64,
 }
 
+/// What the vCPUs of one guest share.
 pub struct Vm {
     name: &'static str,
     config: GuestConfig<'static>,
     id: VmId,
-    vmid: u16,
-    owner: Owner,
     layout: Layout,
     geo: Geometry,
-    s2: Option<Stage2>,
-    /// The atomic path of the CPU this guest runs on.
-    pool: Option<CpuFrames<'static, 'static>>,
-    /// `VTTBR_EL2` of `s2` (0 while it has none), kept at hand for the fault path.
-    vttbr: u64,
-    uart: VPl011,
-    /// Its virtual GICv3, when configured (`labyrinth,virtual-gic`).
-    vgic: Option<VGic>,
-    stats: Stats,
+    /// Its vCPUs run on physical CPUs `first_cpu..first_cpu + vcpus`.
+    first_cpu: usize,
+    vcpus: usize,
+    /// Faults take it with `try_lock` on the fast path (never waiting) and `lock` on the
+    /// general path; creation, reset and teardown hold it while every other vCPU is out.
+    space: Mutex<Space>,
+    /// `VTTBR_EL2` of the space (0 while it has none), read by each vCPU as it enters.
+    vttbr: AtomicU64,
+    uart: Mutex<VPl011>,
+    /// Its virtual GICv3 (unless the guest opted out).
+    vgic: Option<Mutex<VGic>>,
     /// Frames promised to this guest at creation; every frame it draws is counted here first.
     budget: MemoryBudget,
-    dtb: Vec<u8>,
+    start: [VcpuStart; MAX_CPUS],
+    life: AtomicU8,
+    /// The counters of vCPUs that left the guest, for the report.
+    totals: Mutex<Stats>,
+}
+
+impl Vm {
+    fn owner(&self) -> Owner {
+        Owner::guest(self.id)
+    }
+
+    fn life(&self) -> Life {
+        match self.life.load(Ordering::Acquire) {
+            0 => Life::Running,
+            1 => Life::Stopping,
+            _ => Life::Stopped,
+        }
+    }
+
+    fn cpu_of(&self, vcpu: usize) -> usize {
+        self.first_cpu + vcpu
+    }
+}
+
+/// What one CPU owns of the vCPU it runs.
+pub struct Vcpu {
+    vm: &'static Vm,
+    index: usize,
+    /// The atomic path of this CPU.
+    pool: Option<CpuFrames<'static, 'static>>,
+    stats: Stats,
     /// Aborts and undefined instructions are logged for the first few only.
     logged: u32,
 }
 
 const LOG_LIMIT: u32 = 8;
 
-/// One slot per CPU; a slot is written by the boot CPU before its CPU starts the guest, and
-/// afterwards only by that CPU.
-struct PerCpu(UnsafeCell<[Option<Vm>; MAX_CPUS]>);
+/// One slot per CPU; a slot is written by the boot CPU before its CPU starts, and afterwards
+/// only by that CPU.
+struct PerCpu(UnsafeCell<[Option<Vcpu>; MAX_CPUS]>);
 
-// SAFETY: see `this_cpu_vm`: each slot has a single user at any time.
+// SAFETY: see `vcpu_slot`: each slot has a single user at any time.
 unsafe impl Sync for PerCpu {}
 
-static VMS: PerCpu = PerCpu(UnsafeCell::new([const { None }; MAX_CPUS]));
+static VCPUS: PerCpu = PerCpu(UnsafeCell::new([const { None }; MAX_CPUS]));
 static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator::new());
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static REPORTS: Mutex<Vec<alloc::string::String>> = Mutex::new(Vec::new());
+/// Whether the host GIC is set up: CPUs can kick each other and guests can have a vGIC.
+static HOST_GIC: AtomicBool = AtomicBool::new(false);
 /// Set once before any guest runs; read on every fault, so a plain pointer, not a `Once`.
 static FRAMES: core::sync::atomic::AtomicPtr<FrameManager<'static>> =
     core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
 
-/// The guest that runs on CPU `cpu`.
+/// The vCPU that runs on CPU `cpu`.
 ///
 /// # Safety
-/// Only CPU `cpu` may call this once it runs its guest, and only the boot CPU before that (the
-/// CPU is not started yet); interrupts are masked, so no call overlaps another on a CPU.
-unsafe fn vm_slot(cpu: usize) -> Option<&'static mut Option<Vm>> {
+/// Only CPU `cpu` may call this once it runs, and only the boot CPU before that (the CPU is not
+/// started yet); interrupts are masked at EL2, so no call overlaps another on a CPU.
+unsafe fn vcpu_slot(cpu: usize) -> Option<&'static mut Option<Vcpu>> {
     // SAFETY: per the contract, nobody else holds a reference into this slot.
-    unsafe { (*VMS.0.get()).get_mut(cpu) }
+    unsafe { (*VCPUS.0.get()).get_mut(cpu) }
 }
 
-fn this_cpu_vm() -> Option<&'static mut Vm> {
+fn this_vcpu() -> Option<&'static mut Vcpu> {
     // SAFETY: called only from this CPU's trap handler or guest entry, on its own slot.
-    unsafe { vm_slot(arch::cpu_index()) }?.as_mut()
+    unsafe { vcpu_slot(arch::cpu_index()) }?.as_mut()
 }
 
 #[inline(always)]
@@ -120,12 +261,12 @@ fn frames() -> &'static FrameManager<'static> {
 
 #[inline(always)]
 fn env(vm: &Vm) -> arch::HwStage2<'static> {
-    arch::HwStage2 { frames: frames(), cpu: arch::cpu_index(), vttbr: vm.vttbr }
+    arch::HwStage2 { frames: frames(), cpu: arch::cpu_index(), vttbr: vm.vttbr.load(Ordering::Relaxed) }
 }
 
-/// Builds every well-formed guest the device tree describes and places guest `i` on CPU `i`.
-/// Returns how many will run. A guest that cannot be built is named, with its reason, and
-/// left out; the others go on.
+/// Builds every well-formed guest the device tree describes and gives each of its vCPUs a
+/// physical CPU, in configuration order. Returns how many CPUs run a vCPU. A guest that cannot
+/// be built is named, with its reason, and left out; the others go on.
 pub fn create_all(
     platform: &Platform<'static>,
     frames_mgr: &'static FrameManager<'static>,
@@ -134,19 +275,20 @@ pub fn create_all(
 ) -> usize {
     FRAMES.store(frames_mgr as *const _ as *mut _, Ordering::Release);
     let geo = Geometry::for_pa_bits(pa_bits);
-    // The physical GIC is set up only if some guest gets a virtual one.
-    let mut host_gic = None;
-    if platform.guests().iter().any(|g| g.as_ref().is_ok_and(|c| c.virtual_gic)) {
-        host_gic = Some(match platform.gic() {
-            Some(gic) => arch::gic::init(gic).map_err(|e| alloc::format!("{e}")),
-            None => Err(alloc::format!("the host device tree describes no GIC")),
-        });
-    }
-    // CPUs that can get no guest never allocate: empty their pools before any promise is made,
+    // The host GIC carries the kicks between CPUs and the virtual GICs' interrupts.
+    let host_gic = match platform.gic() {
+        Some(gic) => arch::gic::init(gic).map_err(|e| alloc::format!("{e}")),
+        None => Err(alloc::format!("the host device tree describes no GIC")),
+    };
+    HOST_GIC.store(host_gic.is_ok(), Ordering::Release);
+    // CPUs that can get no vCPU never allocate: empty their pools before any promise is made,
     // so those frames can be promised (the rest are retired once the guests are placed).
-    let wanted = platform.guests().iter().filter(|g| g.is_ok()).count().min(cpus);
+    let wanted: usize =
+        platform.guests().iter().filter_map(|g| g.as_ref().ok()).map(|c| c.cpus as usize).sum();
+    let wanted = wanted.min(cpus);
     retire_cpus(frames_mgr, wanted..cpus);
     let mut next_cpu = 0;
+    let mut vms = Vec::new();
     for g in platform.guests() {
         let cfg = match g {
             Ok(cfg) => *cfg,
@@ -155,37 +297,55 @@ pub fn create_all(
                 continue;
             }
         };
-        if next_cpu >= cpus {
-            error!("guest {}: no physical CPU left for its vCPU ({cpus} CPUs): not started", cfg.name);
+        let n = cfg.cpus as usize;
+        if next_cpu + n > cpus {
+            error!(
+                "guest {}: {n} vCPUs but {} physical CPUs left ({cpus} CPUs): not started",
+                cfg.name,
+                cpus - next_cpu
+            );
             continue;
         }
-        if let (true, Some(Err(e))) = (cfg.virtual_gic, &host_gic) {
-            error!("guest {}: needs a virtual GIC but {e}: not started", cfg.name);
+        if let (true, Err(e)) = (cfg.virtual_gic || n > 1, &host_gic) {
+            error!(
+                "guest {}: needs the host GIC (virtual GIC or several vCPUs) but {e}: not started",
+                cfg.name
+            );
             continue;
         }
         match build(&cfg, geo, cpus, next_cpu) {
             Ok(vm) => {
                 info!(
-                    "guest {}: {} MiB RAM at {:#x}, kernel at {:#x}, device tree at {:#x}, {} mappings, on CPU {next_cpu}, VMID {}",
+                    "guest {}: {} MiB RAM at {:#x}, kernel at {:#x}, device tree at {:#x}, {} mappings, {n} vCPU{} on CPU {next_cpu}{}, VMID {}",
                     vm.name,
                     vm.layout.ram_size >> 20,
                     vm.layout.ram_base,
                     vm.layout.kernel,
                     vm.layout.dtb,
                     if cfg.no_block_mappings { "4 KiB" } else { "4 KiB and 2 MiB" },
-                    vm.vmid
+                    if n > 1 { "s" } else { "" },
+                    if n > 1 { alloc::format!("-{}", next_cpu + n - 1) } else { alloc::string::String::new() },
+                    vm.space.lock().vmid,
                 );
-                // SAFETY: CPU `next_cpu` does not run a guest yet (boot CPU, before starting it).
-                if let Some(slot) = unsafe { vm_slot(next_cpu) } {
-                    *slot = Some(vm);
-                }
-                next_cpu += 1;
+                vms.push(vm);
+                next_cpu += n;
             }
             Err(msg) => error!("{msg}: not started"),
         }
     }
     retire_cpus(frames_mgr, next_cpu..wanted);
-    LIVE.store(next_cpu, Ordering::Release);
+    LIVE.store(vms.len(), Ordering::Release);
+    let vms: &'static [Vm] = Vec::leak(vms);
+    for vm in vms {
+        vm.start[0].set_pending(vm.layout.kernel, vm.layout.dtb);
+        for index in 0..vm.vcpus {
+            let cpu = vm.cpu_of(index);
+            // SAFETY: CPU `cpu` does not run yet (boot CPU, before starting it).
+            if let Some(slot) = unsafe { vcpu_slot(cpu) } {
+                *slot = Some(Vcpu { vm, index, pool: frames().cpu(cpu), stats: Stats::default(), logged: 0 });
+            }
+        }
+    }
     next_cpu
 }
 
@@ -201,9 +361,10 @@ fn retire_cpus(frames_mgr: &FrameManager<'static>, cpus: core::ops::Range<usize>
 /// A formatted reason a guest cannot be built.
 type BuildError = alloc::string::String;
 
-/// Builds guest `cfg` for CPU `cpu`; the error names the guest and what is wrong.
-fn build(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usize) -> Result<Vm, BuildError> {
-    build_inner(cfg, geo, cpus, cpu).map_err(|e| {
+/// Builds guest `cfg` with its vCPUs from CPU `first_cpu` on; the error names the guest and
+/// what is wrong.
+fn build(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, first_cpu: usize) -> Result<Vm, BuildError> {
+    build_inner(cfg, geo, cpus, first_cpu).map_err(|e| {
         if e.starts_with("guest ") {
             e
         } else {
@@ -212,51 +373,54 @@ fn build(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usize) -> 
     })
 }
 
-fn build_inner(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usize) -> Result<Vm, BuildError> {
+fn build_inner(
+    cfg: &GuestConfig<'static>,
+    geo: Geometry,
+    cpus: usize,
+    first_cpu: usize,
+) -> Result<Vm, BuildError> {
     use alloc::format;
     cfg.validate(cpus, geo.ipa_bits).map_err(|e| format!("{e}"))?;
-    if cfg.cpus != 1 {
-        return Err(format!("cpus = {}: this version runs one vCPU per guest", cfg.cpus));
-    }
     if cfg.device_tree.is_some() {
         warn!(
             "guest {}: its multiboot,device-tree module is ignored; Labyrinth writes the guest's device tree",
             cfg.name
         );
     }
+    let vcpus = cfg.cpus as usize;
     let kernel = module_bytes(cfg.kernel.region.base(), cfg.kernel.region.size())?;
     let header = image::parse(kernel).map_err(|e| format!("kernel: {e}"))?;
     let ramdisk_size = cfg.ramdisk.map(|r| r.region.size());
     let layout = layout::plan(cfg.memory_bytes(), geo.ipa_bits, &header, ramdisk_size)
         .map_err(|e| format!("memory: {e}"))?;
-    let dtb = fdt_gen::generate(&layout, 1, cfg.bootargs, 0, cfg.virtual_gic)
+    let dtb = fdt_gen::generate(&layout, vcpus, cfg.bootargs, 0, cfg.virtual_gic)
         .map_err(|_| format!("cannot write its device tree"))?;
-    let id = VmId::new(cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
+    let id = VmId::new(first_cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
     let budget = promise_memory(cfg.name, &layout, geo)?;
     let Some(vmid) = VMIDS.lock().alloc() else {
         frames().uncommit(budget.promised());
         return Err(format!("no VMID left"));
     };
-    let mut vm = Vm {
+    let vm = Vm {
         name: cfg.name,
         config: *cfg,
         id,
-        vmid,
-        owner: Owner::guest(id),
         layout,
         geo,
-        s2: None,
-        pool: frames().cpu(cpu),
-        vttbr: 0,
-        uart: VPl011::new(),
-        vgic: cfg.virtual_gic.then(VGic::new),
-        stats: Stats::default(),
+        first_cpu,
+        vcpus,
+        space: Mutex::new(Space { s2: None, vmid, dtb, resets: 0, frames_returned: 0 }),
+        vttbr: AtomicU64::new(0),
+        uart: Mutex::new(VPl011::new()),
+        vgic: cfg.virtual_gic.then(|| Mutex::new(VGic::new())),
         budget,
-        dtb,
-        logged: 0,
+        start: [const { VcpuStart::new() }; MAX_CPUS],
+        life: AtomicU8::new(Life::Running as u8),
+        totals: Mutex::new(Stats::default()),
     };
-    if let Err(e) = load(&mut vm, cpu) {
-        teardown(&mut vm);
+    let loaded = load(&vm, &mut vm.space.lock(), first_cpu);
+    if let Err(e) = loaded {
+        teardown(&vm, &mut vm.space.lock());
         frames().uncommit(vm.budget.promised());
         return Err(format!("loading: {e}"));
     }
@@ -297,34 +461,41 @@ fn module_bytes(base: u64, size: u64) -> Result<&'static [u8], BuildError> {
 
 /// A fresh stage-2 space with the kernel, ramdisk and device tree copied in (and cleaned to the
 /// point of coherency: the guest starts with its MMU and caches off). Everything else of its
-/// RAM is faulted in on first touch.
-fn load(vm: &mut Vm, cpu: usize) -> Result<(), Stage2Error> {
+/// RAM is faulted in on first touch. Called with every vCPU of the guest out of it.
+fn load(vm: &Vm, space: &mut Space, cpu: usize) -> Result<(), Stage2Error> {
     let mut env = arch::HwStage2 { frames: frames(), cpu, vttbr: 0 };
-    let s2 = Stage2::new(&mut env, vm.id, vm.vmid, vm.geo)?;
+    let mut s2 = Stage2::new(&mut env, vm.id, space.vmid, vm.geo)?;
     env.vttbr = s2.vttbr();
-    vm.vttbr = s2.vttbr();
-    vm.s2 = Some(s2);
     let kernel = module_bytes(vm.config.kernel.region.base(), vm.config.kernel.region.size())
         .map_err(|_| Stage2Error::OutOfMemory)?;
-    copy_in(vm, &mut env, vm.layout.kernel, kernel)?;
-    if let (Some(m), Some((at, _))) = (vm.config.ramdisk, vm.layout.ramdisk) {
-        let bytes = module_bytes(m.region.base(), m.region.size()).map_err(|_| Stage2Error::OutOfMemory)?;
-        copy_in(vm, &mut env, at, bytes)?;
+    let mut r = copy_in(vm, &mut s2, &mut env, vm.layout.kernel, kernel);
+    if let (Ok(()), Some(m), Some((at, _))) = (&r, vm.config.ramdisk, vm.layout.ramdisk) {
+        r = module_bytes(m.region.base(), m.region.size())
+            .map_err(|_| Stage2Error::OutOfMemory)
+            .and_then(|bytes| copy_in(vm, &mut s2, &mut env, at, bytes));
     }
-    let dtb = core::mem::take(&mut vm.dtb);
-    let r = copy_in(vm, &mut env, vm.layout.dtb, &dtb);
-    vm.dtb = dtb;
+    if r.is_ok() {
+        r = copy_in(vm, &mut s2, &mut env, vm.layout.dtb, &space.dtb);
+    }
+    // Kept even when loading failed, so that teardown returns what was copied.
+    vm.vttbr.store(s2.vttbr(), Ordering::Release);
+    space.s2 = Some(s2);
     r
 }
 
 /// Copies `bytes` to guest IPA `at` (page-aligned), page by page into fresh frames.
-fn copy_in(vm: &mut Vm, env: &mut arch::HwStage2<'static>, at: u64, bytes: &[u8]) -> Result<(), Stage2Error> {
-    let s2 = vm.s2.as_mut().ok_or(Stage2Error::OutOfMemory)?;
+fn copy_in(
+    vm: &Vm,
+    s2: &mut Stage2,
+    env: &mut arch::HwStage2<'static>,
+    at: u64,
+    bytes: &[u8],
+) -> Result<(), Stage2Error> {
     for (i, chunk) in bytes.chunks(FRAME_SIZE as usize).enumerate() {
         if !vm.budget.take(1) {
             return Err(Stage2Error::OutOfMemory);
         }
-        let pfn = alloc_page(env.cpu, vm.owner).ok_or(Stage2Error::OutOfMemory)?;
+        let pfn = alloc_page(env.cpu, vm.owner()).ok_or(Stage2Error::OutOfMemory)?;
         // SAFETY: `pfn` was just handed to this guest (zeroed, mapped at EL2 as free RAM) and
         // `chunk` is at most a page of a module or of the heap.
         unsafe { arch::copy_phys(pfn.phys(), chunk.as_ptr() as u64, chunk.len()) };
@@ -343,97 +514,156 @@ fn alloc_page(cpu: usize, owner: Owner) -> Option<Pfn> {
     })
 }
 
-/// Whether CPU `cpu` has a guest to run.
+/// Whether CPU `cpu` has a vCPU to run.
 pub fn has_guest(cpu: usize) -> bool {
     // SAFETY: read-only look at a slot the boot CPU filled before starting `cpu`.
-    unsafe { vm_slot(cpu) }.is_some_and(|s| s.is_some())
+    unsafe { vcpu_slot(cpu) }.is_some_and(|s| s.is_some())
 }
 
-/// Runs this CPU's guest: never returns.
+/// Runs this CPU's vCPU: never returns.
 pub fn run_this_cpu() -> ! {
-    let Some(vm) = this_cpu_vm() else {
+    let Some(vcpu) = this_vcpu() else {
         arch::park();
     };
-    arch::configure_el2(vm.vttbr, vm.geo);
-    if vm.vgic.is_some() {
+    if HOST_GIC.load(Ordering::Acquire) {
         if let Err(e) = arch::gic::init_cpu() {
-            error!("guest {}: cannot set up this CPU's GIC: {e}", vm.name);
-            stop(vm, StopCause::HostGic);
+            error!("guest {}: cannot set up this CPU's GIC: {e}", vcpu.vm.name);
+            if vcpu.index == 0 {
+                stop(vcpu, StopCause::HostGic);
+            }
+            arch::park();
         }
     }
-    arch::enter_guest(vm.layout.kernel, vm.layout.dtb)
+    wait_to_run(vcpu)
+}
+
+/// This CPU's vCPU is out of the guest: it waits (never spinning hot) until it is started
+/// (its guest's boot, a CPU_ON, a reset), or parks for good once its guest has stopped.
+fn wait_to_run(vcpu: &mut Vcpu) -> ! {
+    let vm = vcpu.vm;
+    let start = &vm.start[vcpu.index];
+    start.in_guest.store(false, Ordering::Release);
+    arch::send_event();
+    loop {
+        match vm.life() {
+            Life::Stopped => {
+                if HOST_GIC.load(Ordering::Relaxed) {
+                    arch::gic::vcpu_off();
+                }
+                arch::park();
+            }
+            Life::Running if start.power() == Power::OnPending => {
+                // Announce the entry first, then re-check: a stop that began meanwhile either
+                // sees `in_guest` (and kicks) or is seen here.
+                start.in_guest.store(true, Ordering::SeqCst);
+                if vm.life() != Life::Running {
+                    start.in_guest.store(false, Ordering::SeqCst);
+                    arch::send_event();
+                    continue;
+                }
+                if !start.swap_power(Power::OnPending, Power::On) {
+                    start.in_guest.store(false, Ordering::SeqCst);
+                    continue;
+                }
+                let (entry, context) =
+                    (start.entry.load(Ordering::Relaxed), start.context.load(Ordering::Relaxed));
+                arch::configure_el2(vm.vttbr.load(Ordering::Acquire), vm.geo, vcpu.index);
+                if HOST_GIC.load(Ordering::Relaxed) {
+                    arch::gic::vcpu_reset();
+                }
+                arch::enter_guest(entry, context)
+            }
+            _ => arch::wait_for_event(),
+        }
+    }
+}
+
+/// Takes this vCPU out of the guest for good or until it is started again: its counters go
+/// to the guest's totals, its virtual interface is silenced, and it waits.
+fn leave_guest(vcpu: &mut Vcpu) -> ! {
+    let stats = core::mem::take(&mut vcpu.stats);
+    vcpu.vm.totals.lock().add(&stats);
+    if HOST_GIC.load(Ordering::Relaxed) {
+        arch::gic::vcpu_reset();
+    }
+    wait_to_run(vcpu)
 }
 
 /// Every exception a guest takes comes here (on its CPU's exception stack).
 pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
-    let Some(vm) = this_cpu_vm() else {
+    let Some(vcpu) = this_vcpu() else {
         arch::emergency_line(format_args!("guest exception on CPU {} with no guest", arch::cpu_index()));
         arch::power_off();
     };
     match kind {
-        8 => {}
+        8 => guest_sync(vcpu, frame),
         11 => {
-            error!("guest {}: SError (ESR {:#x}): stopped", vm.name, arch::trap_syndrome().esr);
-            stop(vm, StopCause::SError);
+            error!(
+                "guest {} vCPU {}: SError (ESR {:#x}): stopped",
+                vcpu.vm.name,
+                vcpu.index,
+                arch::trap_syndrome().esr
+            );
+            stop(vcpu, StopCause::SError);
         }
-        // IRQ (or FIQ) while the guest ran: the virtual timer or the vGIC's maintenance.
-        9 | 10 if vm.vgic.is_some() => {
-            guest_irq(vm);
-            return;
-        }
-        // Without a virtual GIC no interrupt is enabled: a stray one is noted, the guest resumes.
-        _ => {
-            warn!("guest {}: unexpected interrupt (vector {kind}) ignored", vm.name);
-            return;
-        }
+        // IRQ (or FIQ) while the guest ran: a kick, the virtual timer or the vGIC's maintenance.
+        _ => guest_irq(vcpu),
     }
+    // Another vCPU is stopping or resetting the guest: this one leaves it now.
+    if vcpu.vm.life() != Life::Running {
+        leave_guest(vcpu);
+    }
+}
+
+fn guest_sync(vcpu: &mut Vcpu, frame: &mut TrapFrame) {
+    let vm = vcpu.vm;
     let syn = arch::trap_syndrome();
     match trap::decode(syn.esr, syn.far, syn.hpfar) {
         GuestTrap::Abort { ipa: Some(ipa), fsc: 0x04..=0x07, .. } if vm.layout.in_ram(ipa) => {
-            demand_fault(vm, frame, ipa)
+            demand_fault(vcpu, frame, ipa)
         }
         GuestTrap::Abort { ipa: Some(ipa), access: Some(a), instruction: false, .. }
             if (UART_BASE..UART_BASE + UART_SIZE).contains(&ipa) =>
         {
-            mmio_uart(vm, frame, ipa - UART_BASE, a, syn.esr)
+            mmio_uart(vcpu, frame, ipa - UART_BASE, a, syn.esr)
         }
         GuestTrap::Abort { ipa: Some(ipa), access: Some(a), instruction: false, .. }
             if vm.vgic.is_some() && vgic::frame_of(ipa).is_some() =>
         {
-            mmio_vgic(vm, frame, ipa, a, syn.esr)
+            mmio_vgic(vcpu, frame, ipa, a, syn.esr)
         }
         GuestTrap::Abort { ipa, instruction, fsc, .. } => refuse_access(
-            vm,
+            vcpu,
             frame,
             instruction,
             syn.esr,
             format_args!("IPA {ipa:x?} (FAR {:#x}), fault status {fsc:#x}", syn.far),
         ),
         GuestTrap::Hvc { .. } => {
-            vm.stats.hvc += 1;
-            psci(vm, frame);
+            vcpu.stats.hvc += 1;
+            psci(vcpu, frame);
         }
         GuestTrap::Smc { .. } => {
-            vm.stats.smc += 1;
+            vcpu.stats.smc += 1;
             // A trapped SMC leaves ELR at the SMC itself.
             frame.elr += 4;
-            psci(vm, frame);
+            psci(vcpu, frame);
         }
         GuestTrap::SysReg { encoding, .. } if trap::is_dc_set_way(encoding) => {
-            vm.stats.sysreg += 1;
+            vcpu.stats.sysreg += 1;
             frame.elr += 4;
         }
         GuestTrap::SysReg { encoding, read: false, reg: r }
             if vm.vgic.is_some() && trap::is_gic_sgi_register(encoding) =>
         {
-            vm.stats.sysreg += 1;
-            send_sgi(vm, reg(frame, r));
+            vcpu.stats.sysreg += 1;
+            send_sgi(vcpu, reg(frame, r));
             frame.elr += 4;
         }
         GuestTrap::SysReg { encoding, read, .. } => {
-            vm.stats.sysreg += 1;
+            vcpu.stats.sysreg += 1;
             undefined(
-                vm,
+                vcpu,
                 frame,
                 format_args!(
                     "system register access {encoding:#x} ({})",
@@ -441,32 +671,36 @@ pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
                 ),
             );
         }
-        GuestTrap::Other { class } => undefined(vm, frame, format_args!("exception class {class:#x}")),
+        GuestTrap::Other { class } => undefined(vcpu, frame, format_args!("exception class {class:#x}")),
     }
 }
 
 /// The demand-fault fast path, called before any frame is built: a 4 KiB page for a guest
 /// without block mappings ([`fast_page_fault`]); a guest with blocks goes to
 /// [`fast_block_fault`]. `false` leaves the fault to the general path (walks, table pages,
-/// pool refills, errors, MMIO...).
+/// pool refills, errors, MMIO, a stage-2 space another vCPU is changing...).
 #[inline(always)]
 pub fn fast_fault(ipa_page: u64) -> bool {
-    let Some(vm) = this_cpu_vm() else { return false };
-    if !vm.config.no_block_mappings {
-        return fast_block_fault(vm, ipa_page);
+    let Some(vcpu) = this_vcpu() else { return false };
+    if !vcpu.vm.config.no_block_mappings {
+        return fast_block_fault(vcpu, ipa_page);
     }
-    fast_page_fault(vm, ipa_page)
+    fast_page_fault(vcpu, ipa_page)
 }
 
 /// A 4 KiB page through the cached level-3 table (inlined into both callers: `fast_fault`
 /// for guests without blocks, `fast_block_fault` where a block cannot go).
 #[inline(always)]
-fn fast_page_fault(vm: &mut Vm, ipa_page: u64) -> bool {
+fn fast_page_fault(vcpu: &mut Vcpu, ipa_page: u64) -> bool {
+    let vm = vcpu.vm;
     if !vm.layout.in_ram(ipa_page) {
         return false;
     }
-    let (Some(pool), Some(s2)) = (vm.pool, vm.s2.as_mut()) else { return false };
-    let mut env = fast_env(pool, vm.vttbr);
+    let Some(pool) = vcpu.pool else { return false };
+    // Never waits: a space another vCPU holds sends the fault to the general path.
+    let Some(mut space) = vm.space.try_lock() else { return false };
+    let Some(s2) = space.s2.as_mut() else { return false };
+    let mut env = fast_env(pool, vm.vttbr.load(Ordering::Relaxed));
     // Only the cached level-3 table's free slots are served here: everything that could fail
     // after the frame is taken (a walk, a table page) is the general path's, so this path makes
     // no call (its caller saved only the caller-saved registers).
@@ -480,10 +714,10 @@ fn fast_page_fault(vm: &mut Vm, ipa_page: u64) -> bool {
     };
     match slot.fill(&mut env, page) {
         Ok(()) => {
-            vm.stats.page_faults += 1;
+            vcpu.stats.page_faults += 1;
             true
         }
-        Err(page) => give_back_unmapped(vm, page),
+        Err(page) => give_back_unmapped(vm, pool, page),
     }
 }
 
@@ -498,11 +732,13 @@ fn fast_env(pool: CpuFrames<'static, 'static>, vttbr: u64) -> arch::HwStage2<'st
 /// back to the pool, and the general path explains.
 #[cold]
 #[inline(never)]
-fn give_back_unmapped(vm: &mut Vm, page: labyrinth::frame::ClaimedPage) -> bool {
+fn give_back_unmapped(
+    vm: &Vm,
+    pool: CpuFrames<'static, 'static>,
+    page: labyrinth::frame::ClaimedPage,
+) -> bool {
     vm.budget.untake(1);
-    if let Some(pool) = vm.pool {
-        let _ = pool.return_unused_page_atomic(page.pfn(), Owner::guest(page.vm()));
-    }
+    let _ = pool.return_unused_page_atomic(page.pfn(), Owner::guest(page.vm()));
     false
 }
 
@@ -515,32 +751,40 @@ fn give_back_unmapped(vm: &mut Vm, page: labyrinth::frame::ClaimedPage) -> bool 
 /// Out of line: inlined it saves ~3 instructions here but adds registers to `guest_fast`'s
 /// frame, costing the 4 KiB and HVC paths 6 each (measured).
 #[inline(never)]
-fn fast_block_fault(vm: &mut Vm, ipa: u64) -> bool {
+fn fast_block_fault(vcpu: &mut Vcpu, ipa: u64) -> bool {
+    let vm = vcpu.vm;
     let block = ipa & !(BLOCK - 1);
     // Where no block can go (RAM ends inside this 2 MiB, or part of it is mapped already: a
     // level-3 table is there), a page can, through the cached level-3 table.
     if block < vm.layout.ram_base || block + BLOCK > vm.layout.ram_end() {
-        return fast_page_fault(vm, ipa);
+        return fast_page_fault(vcpu, ipa);
     }
-    let (Some(pool), Some(s2)) = (vm.pool, vm.s2.as_mut()) else { return false };
-    let mut env = fast_env(pool, vm.vttbr);
-    let Some(vacant) = s2.cached_vacant_block(&env, block) else { return fast_page_fault(vm, ipa) };
-    if !vm.budget.take(BLOCK_FRAMES) {
-        return false;
-    }
-    let Ok(block) = pool.alloc_guest_block_own_pool(vm.id) else {
-        vm.budget.untake(BLOCK_FRAMES);
-        return false;
+    let Some(pool) = vcpu.pool else { return false };
+    let vacant_ok = {
+        let Some(mut space) = vm.space.try_lock() else { return false };
+        let Some(s2) = space.s2.as_mut() else { return false };
+        let mut env = fast_env(pool, vm.vttbr.load(Ordering::Relaxed));
+        let Some(vacant) = s2.cached_vacant_block(&env, block) else {
+            drop(space);
+            return fast_page_fault(vcpu, ipa);
+        };
+        if !vm.budget.take(BLOCK_FRAMES) {
+            return false;
+        }
+        let Ok(claimed) = pool.alloc_guest_block_own_pool(vm.id) else {
+            vm.budget.untake(BLOCK_FRAMES);
+            return false;
+        };
+        vacant.fill(&mut env, claimed).map_err(|b| b.pfn())
     };
-    if let Err(block) = vacant.fill(&mut env, block) {
+    if let Err(head) = vacant_ok {
         // Claimed but not mapped (cannot happen: it was claimed for this guest).
-        return give_back_block(vm, block.pfn());
+        return give_back_block(vm, head);
     }
-    vm.stats.block_faults += 1;
+    vcpu.stats.block_faults += 1;
     // The pool just ran dry: refill it now, several blocks at once, so the next faults find
     // blocks here instead of taking the general path to refill (the call the general path
-    // would make, with the same lock; paid once per `block_high` blocks). Every call here is
-    // in tail position, so this path needs no stack frame.
+    // would make, with the same lock; paid once per `block_high` blocks).
     if pool.needs_block_refill() {
         return refill_blocks(pool);
     }
@@ -559,24 +803,24 @@ fn refill_blocks(pool: CpuFrames<'static, 'static>) -> bool {
 /// (scrubbed), which a block has no atomic return for. `false`: the general path explains.
 #[cold]
 #[inline(never)]
-fn give_back_block(vm: &mut Vm, head: Pfn) -> bool {
+fn give_back_block(vm: &Vm, head: Pfn) -> bool {
     vm.budget.untake(BLOCK_FRAMES);
-    if let Err(e) = frames().release(head, BLOCK_FRAMES, vm.owner, &arch::Scrubber) {
+    if let Err(e) = frames().release(head, BLOCK_FRAMES, vm.owner(), &arch::Scrubber) {
         error!("guest {}: block {head} claimed and not mapped, not returned: {e}", vm.name);
     }
     false
 }
 
 /// An HVC on the fast path: PSCI calls whose whole effect is a return value (VERSION,
-/// FEATURES, AFFINITY_INFO, errors) are answered from x0-x3; calls that stop, reset or start a
-/// vCPU go to the general path. Not inlined: the fault path beside it in `guest_fast` then
-/// needs no stack frame of its own (this is a tail call).
+/// FEATURES, errors) are answered from x0-x3; calls that read or change vCPU state go to the
+/// general path. Not inlined: the fault path beside it in `guest_fast` then needs no stack
+/// frame of its own (this is a tail call).
 #[inline(never)]
 pub fn fast_hvc(frame: &mut TrapFrame) -> bool {
-    let Some(vm) = this_cpu_vm() else { return false };
+    let Some(vcpu) = this_vcpu() else { return false };
     match vpsci::handle(frame.x[0], frame.x[1], frame.x[2], frame.x[3], 0, &[true]) {
-        PsciAction::Return(v) => {
-            vm.stats.hvc += 1;
+        PsciAction::Return(v) if !is_affinity_info(frame.x[0]) => {
+            vcpu.stats.hvc += 1;
             frame.x[0] = v;
             true
         }
@@ -584,14 +828,21 @@ pub fn fast_hvc(frame: &mut TrapFrame) -> bool {
     }
 }
 
+fn is_affinity_info(fid: u64) -> bool {
+    matches!(fid as u32, labyrinth::psci::AFFINITY_INFO_64 | 0x8400_0004)
+}
+
 /// First touch of guest RAM: a 2 MiB block when allowed and the whole aligned block is
 /// unmapped and a block is at hand, else a 4 KiB page, from the atomic path.
 #[inline(always)]
-fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
+fn demand_fault(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64) {
+    let vm = vcpu.vm;
     let frames = frames();
     let cpu = arch::cpu_index();
+    let owner = vm.owner();
     let mut env = env(vm);
-    let Some(s2) = vm.s2.as_mut() else { return };
+    let mut space = vm.space.lock();
+    let Some(s2) = space.s2.as_mut() else { return };
     if !vm.config.no_block_mappings {
         let block = ipa & !(BLOCK - 1);
         if block >= vm.layout.ram_base
@@ -601,9 +852,9 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
         {
             // The fast path leaves an empty block pool to this path: refill it here (several
             // blocks at once) rather than fall back to pages while the buddy allocator has blocks.
-            let block_at_hand = frames.alloc_block_atomic_exclusive(cpu, vm.owner).or_else(|e| {
+            let block_at_hand = frames.alloc_block_atomic_exclusive(cpu, owner).or_else(|e| {
                 if e == AtomicError::Empty && frames.refill(cpu).is_ok() {
-                    frames.alloc_block_atomic_exclusive(cpu, vm.owner)
+                    frames.alloc_block_atomic_exclusive(cpu, owner)
                 } else {
                     Err(e)
                 }
@@ -611,12 +862,12 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
             match block_at_hand {
                 Ok(first) => match s2.map_block(&mut env, block, first.phys(), Attrs::RAM) {
                     Ok(()) => {
-                        vm.stats.block_faults += 1;
+                        vcpu.stats.block_faults += 1;
                         return;
                     }
                     Err(e) => {
                         vm.budget.untake(BLOCK_FRAMES);
-                        let _ = frames.release(first, BLOCK_FRAMES, vm.owner, &arch::Scrubber);
+                        let _ = frames.release(first, BLOCK_FRAMES, owner, &arch::Scrubber);
                         warn!("guest {}: block at {block:#x} not mapped ({e}): using pages", vm.name);
                     }
                 },
@@ -624,33 +875,42 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
             }
         }
     }
+    // Mapped meanwhile by another vCPU (it held the space while this one waited): done, the
+    // access is retried.
+    if !s2.is_unmapped(&env, ipa & !(FRAME_SIZE - 1), 3) {
+        return;
+    }
     if !vm.budget.take(1) {
+        drop(space);
         error!(
             "guest {}: out of memory at IPA {ipa:#x}: the {} KiB promised to it are used up",
             vm.name,
             vm.budget.pages() * 4
         );
-        stop(vm, StopCause::OutOfMemory);
+        stop(vcpu, StopCause::OutOfMemory);
     }
-    let Some(pfn) = alloc_page(cpu, vm.owner) else {
+    let Some(pfn) = alloc_page(cpu, owner) else {
+        drop(space);
         error!("guest {}: out of memory at IPA {ipa:#x}: no frame left", vm.name);
-        stop(vm, StopCause::OutOfMemory);
+        stop(vcpu, StopCause::OutOfMemory);
     };
     match s2.map_page(&mut env, ipa & !(FRAME_SIZE - 1), pfn.phys(), Attrs::RAM) {
-        Ok(()) => vm.stats.page_faults += 1,
+        Ok(()) => vcpu.stats.page_faults += 1,
         Err(Stage2Error::OutOfMemory) => {
             vm.budget.untake(1);
-            let _ = frames.return_unused_page_atomic(cpu, pfn, vm.owner);
+            let _ = frames.return_unused_page_atomic(cpu, pfn, owner);
             if frames.refill(cpu).is_err() || frames.needs_refill(cpu) {
+                drop(space);
                 error!("guest {}: out of memory for stage-2 tables at IPA {ipa:#x}", vm.name);
-                stop(vm, StopCause::OutOfMemory);
+                stop(vcpu, StopCause::OutOfMemory);
             }
             // Retried when the guest re-executes the access.
         }
         Err(e) => {
             vm.budget.untake(1);
-            let _ = frames.return_unused_page_atomic(cpu, pfn, vm.owner);
-            refuse_access(vm, frame, false, arch::trap_syndrome().esr, format_args!("IPA {ipa:#x}: {e}"));
+            let _ = frames.return_unused_page_atomic(cpu, pfn, owner);
+            drop(space);
+            refuse_access(vcpu, frame, false, arch::trap_syndrome().esr, format_args!("IPA {ipa:#x}: {e}"));
         }
     }
     if frames.needs_refill(cpu) {
@@ -668,34 +928,45 @@ fn set_reg(frame: &mut TrapFrame, r: u8, v: u64) {
     }
 }
 
-fn mmio_uart(vm: &mut Vm, frame: &mut TrapFrame, offset: u64, a: MmioAccess, esr: u64) {
-    vm.stats.mmio += 1;
-    let name = vm.name;
-    let uart = &mut vm.uart;
-    let ok = emulate_mmio(frame, a, |write| match write {
-        Some(v) => uart.write(offset, a.size, v as u32, &mut |line| emit(name, line)).then_some(0),
-        None => uart.read(offset, a.size).map(u64::from),
-    });
+fn mmio_uart(vcpu: &mut Vcpu, frame: &mut TrapFrame, offset: u64, a: MmioAccess, esr: u64) {
+    vcpu.stats.mmio += 1;
+    let name = vcpu.vm.name;
+    let ok = {
+        let mut uart = vcpu.vm.uart.lock();
+        emulate_mmio(frame, a, |write| match write {
+            Some(v) => uart.write(offset, a.size, v as u32, &mut |line| emit(name, line)).then_some(0),
+            None => uart.read(offset, a.size).map(u64::from),
+        })
+    };
     if !ok {
-        refuse_access(vm, frame, false, esr, format_args!("UART offset {offset:#x}, {} bytes", a.size));
+        refuse_access(vcpu, frame, false, esr, format_args!("UART offset {offset:#x}, {} bytes", a.size));
     }
 }
 
 /// An access to the virtual GIC's distributor or redistributor.
-fn mmio_vgic(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64, a: MmioAccess, esr: u64) {
-    vm.stats.vgic_mmio += 1;
-    let (Some(g), Some((f, offset))) = (vm.vgic.as_mut(), vgic::frame_of(ipa)) else { return };
-    let ok = emulate_mmio(frame, a, |write| match write {
-        Some(v) => {
-            let ok = g.write(f, offset, a.size, v);
-            // An enable, a pending bit or a priority may have changed what the guest should see.
-            sync_lrs(g);
-            ok.then_some(0)
-        }
-        None => g.read(f, offset, a.size),
-    });
+fn mmio_vgic(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64, a: MmioAccess, esr: u64) {
+    vcpu.stats.vgic_mmio += 1;
+    let (Some(g), Some((f, offset))) = (vcpu.vm.vgic.as_ref(), vgic::frame_of(ipa)) else { return };
+    let ok = {
+        let mut g = g.lock();
+        emulate_mmio(frame, a, |write| match write {
+            Some(v) => {
+                let ok = g.write(f, offset, a.size, v);
+                // An enable, a pending bit or a priority may have changed what the guest should see.
+                sync_lrs(&mut g);
+                ok.then_some(0)
+            }
+            None => g.read(f, offset, a.size),
+        })
+    };
     if !ok {
-        refuse_access(vm, frame, false, esr, format_args!("GIC {f:?} offset {offset:#x}, {} bytes", a.size));
+        refuse_access(
+            vcpu,
+            frame,
+            false,
+            esr,
+            format_args!("GIC {f:?} offset {offset:#x}, {} bytes", a.size),
+        );
     }
 }
 
@@ -731,20 +1002,26 @@ fn load_value(a: MmioAccess, v: u64) -> u64 {
 }
 
 /// A trapped `ICC_SGI1R_EL1` (or ASGI1R/SGI0R) write: an SGI the guest sends, possibly to its
-/// own (only) vCPU.
-fn send_sgi(vm: &mut Vm, value: u64) {
-    let Some(g) = vm.vgic.as_mut() else { return };
+/// own vCPU.
+fn send_sgi(vcpu: &mut Vcpu, value: u64) {
+    let Some(g) = vcpu.vm.vgic.as_ref() else { return };
     if let Some(intid) = VGic::sgi_for_self(value) {
-        vm.stats.sgis += 1;
+        vcpu.stats.sgis += 1;
+        let mut g = g.lock();
         g.raise(intid);
-        sync_lrs(g);
+        sync_lrs(&mut g);
     }
 }
 
-/// Physical interrupts that arrived while the guest ran: the virtual timer's is masked at its
-/// source and injected as virtual PPI 27; the maintenance interrupt only asks for a refill.
-fn guest_irq(vm: &mut Vm) {
-    let Some(g) = vm.vgic.as_mut() else { return };
+/// Physical interrupts that arrived while the guest ran: a kick only takes the vCPU out of
+/// the guest (its caller then looks at the guest's state); the virtual timer's is masked at
+/// its source and injected as virtual PPI 27; the maintenance interrupt only asks for a refill.
+fn guest_irq(vcpu: &mut Vcpu) {
+    if !HOST_GIC.load(Ordering::Relaxed) {
+        warn!("guest {}: interrupt with no host GIC set up, ignored", vcpu.vm.name);
+        return;
+    }
+    let mut vgic = vcpu.vm.vgic.as_ref().map(|g| g.lock());
     // Bounded: each INTID is completed before the next acknowledge, and a masked timer does
     // not come back, so more than a few rounds means a misbehaving GIC.
     for _ in 0..16 {
@@ -752,15 +1029,21 @@ fn guest_irq(vm: &mut Vm) {
         if intid >= arch::gic::SPURIOUS {
             break;
         }
-        vm.stats.irqs += 1;
-        if intid == arch::gic::VTIMER_PPI {
-            arch::gic::mask_vtimer();
-            g.raise(vgic::VTIMER_INTID);
-            vm.stats.vtimer += 1;
+        vcpu.stats.irqs += 1;
+        match (intid, vgic.as_mut()) {
+            (arch::gic::KICK_SGI, _) => vcpu.stats.kicks += 1,
+            (arch::gic::VTIMER_PPI, Some(g)) => {
+                arch::gic::mask_vtimer();
+                g.raise(vgic::VTIMER_INTID);
+                vcpu.stats.vtimer += 1;
+            }
+            _ => {}
         }
         arch::gic::eoi(intid);
     }
-    sync_lrs(g);
+    if let Some(g) = vgic.as_mut() {
+        sync_lrs(g);
+    }
 }
 
 /// Hands the list registers back to the model and refills them (see `vm::vgic`).
@@ -780,18 +1063,19 @@ fn emit(name: &str, line: &[u8]) {
 }
 
 fn refuse_access(
-    vm: &mut Vm,
+    vcpu: &mut Vcpu,
     frame: &mut TrapFrame,
     instruction: bool,
     esr: u64,
     what: core::fmt::Arguments<'_>,
 ) {
-    vm.stats.aborts_injected += 1;
-    if vm.logged < LOG_LIMIT {
-        vm.logged += 1;
+    vcpu.stats.aborts_injected += 1;
+    if vcpu.logged < LOG_LIMIT {
+        vcpu.logged += 1;
         warn!(
-            "guest {}: {} at PC {:#x} refused: {what}: external abort injected",
-            vm.name,
+            "guest {} vCPU {}: {} at PC {:#x} refused: {what}: external abort injected",
+            vcpu.vm.name,
+            vcpu.index,
             if instruction { "instruction fetch" } else { "data access" },
             frame.elr
         );
@@ -799,36 +1083,138 @@ fn refuse_access(
     arch::inject_external_abort(frame, instruction, esr);
 }
 
-fn undefined(vm: &mut Vm, frame: &mut TrapFrame, what: core::fmt::Arguments<'_>) {
-    vm.stats.undefs_injected += 1;
-    if vm.logged < LOG_LIMIT {
-        vm.logged += 1;
-        warn!("guest {}: {what} at PC {:#x}: undefined instruction injected", vm.name, frame.elr);
+fn undefined(vcpu: &mut Vcpu, frame: &mut TrapFrame, what: core::fmt::Arguments<'_>) {
+    vcpu.stats.undefs_injected += 1;
+    if vcpu.logged < LOG_LIMIT {
+        vcpu.logged += 1;
+        warn!(
+            "guest {} vCPU {}: {what} at PC {:#x}: undefined instruction injected",
+            vcpu.vm.name, vcpu.index, frame.elr
+        );
     }
     arch::inject_undefined(frame);
 }
 
-fn psci(vm: &mut Vm, frame: &mut TrapFrame) {
+fn psci(vcpu: &mut Vcpu, frame: &mut TrapFrame) {
+    let vm = vcpu.vm;
     let (fid, x1, x2, x3) = (frame.x[0], frame.x[1], frame.x[2], frame.x[3]);
-    match vpsci::handle(fid, x1, x2, x3, 0, &[true]) {
+    let mut online = [false; MAX_CPUS];
+    for (i, o) in online.iter_mut().enumerate().take(vm.vcpus) {
+        *o = vm.start[i].power() != Power::Off;
+    }
+    let online = &online[..vm.vcpus];
+    if is_affinity_info(fid) {
+        frame.x[0] = affinity_info(vm, x1, x2);
+        return;
+    }
+    match vpsci::handle(fid, x1, x2, x3, vcpu.index, online) {
         PsciAction::Return(v) => frame.x[0] = v,
-        PsciAction::CpuOn { .. } => frame.x[0] = labyrinth::psci::PsciError::InternalFailure.code() as u64,
-        PsciAction::CpuOff => stop(vm, StopCause::CpuOff),
-        PsciAction::SystemOff => stop(vm, StopCause::SystemOff),
-        PsciAction::SystemReset => reset(vm, frame),
+        PsciAction::CpuOn { vcpu: target, entry, context } => frame.x[0] = cpu_on(vm, target, entry, context),
+        PsciAction::CpuOff => cpu_off(vcpu),
+        PsciAction::SystemOff => stop(vcpu, StopCause::SystemOff),
+        PsciAction::SystemReset => reset(vcpu),
+    }
+}
+
+/// PSCI AFFINITY_INFO at level 0 from the vCPUs' power states.
+fn affinity_info(vm: &Vm, target: u64, level: u64) -> u64 {
+    const ON: u64 = 0;
+    const OFF: u64 = 1;
+    const ON_PENDING: u64 = 2;
+    let index = (target & 0xff) as usize;
+    if level != 0 || target & 0xff_00ff_ff00 != 0 || index >= vm.vcpus {
+        return PsciError::InvalidParameters.code() as u64;
+    }
+    match vm.start[index].power() {
+        Power::Off => OFF,
+        Power::Claimed | Power::OnPending => ON_PENDING,
+        Power::On => ON,
+    }
+}
+
+/// PSCI CPU_ON for vCPU `target`: exactly one of racing callers wins the compare-and-swap
+/// from Off; the others see ON_PENDING or ALREADY_ON. The winner writes the entry point and
+/// wakes the target's CPU, which takes it from `wait_to_run`.
+fn cpu_on(vm: &Vm, target: usize, entry: u64, context: u64) -> u64 {
+    let Some(start) = vm.start.get(target).filter(|_| target < vm.vcpus) else {
+        return PsciError::InvalidParameters.code() as u64;
+    };
+    if !vm.layout.in_ram(entry) {
+        return PsciError::InvalidAddress.code() as u64;
+    }
+    if !start.swap_power(Power::Off, Power::Claimed) {
+        return match start.power() {
+            Power::On => PsciError::AlreadyOn.code() as u64,
+            _ => PsciError::OnPending.code() as u64,
+        };
+    }
+    start.set_pending(entry, context);
+    arch::send_event();
+    0
+}
+
+/// PSCI CPU_OFF: this vCPU leaves the guest until a CPU_ON starts it again; the last running
+/// vCPU to go off stops the guest.
+fn cpu_off(vcpu: &mut Vcpu) -> ! {
+    let vm = vcpu.vm;
+    let others_on = (0..vm.vcpus).any(|i| i != vcpu.index && vm.start[i].power() != Power::Off);
+    if !others_on {
+        stop(vcpu, StopCause::CpuOff);
+    }
+    vm.start[vcpu.index].power.store(Power::Off as u8, Ordering::Release);
+    leave_guest(vcpu)
+}
+
+/// Wins the right to stop or reset the guest and takes every other vCPU out of it: `false`
+/// if another vCPU won (this one then leaves the guest through its caller's path).
+fn take_guest_down(vcpu: &mut Vcpu) -> bool {
+    let vm = vcpu.vm;
+    if vm
+        .life
+        .compare_exchange(Life::Running as u8, Life::Stopping as u8, Ordering::SeqCst, Ordering::SeqCst)
+        .is_err()
+    {
+        return false;
+    }
+    vm.start[vcpu.index].in_guest.store(false, Ordering::SeqCst);
+    let mut kicked = [false; MAX_CPUS];
+    let mut rounds = 0u64;
+    loop {
+        let mut inside = 0;
+        for i in (0..vm.vcpus).filter(|&i| i != vcpu.index) {
+            if vm.start[i].in_guest.load(Ordering::SeqCst) {
+                inside += 1;
+                // One kick per vCPU, sent again now and then in case it was taken just before
+                // the vCPU re-entered (it re-checks the guest's state on entry, so it should not).
+                if !kicked[i] || rounds % 100_000 == 0 {
+                    kicked[i] = true;
+                    if let Some(mpidr) = crate::boot::cpu_mpidr(vm.cpu_of(i)) {
+                        arch::gic::kick(mpidr);
+                    }
+                }
+            }
+        }
+        if inside == 0 {
+            return true;
+        }
+        rounds += 1;
+        if rounds == 10_000_000 {
+            warn!("guest {}: vCPUs still in the guest after a stop was asked for: waiting", vm.name);
+        }
+        core::hint::spin_loop();
     }
 }
 
 /// Takes the guest's stage-2 space apart: every frame and table page goes back (scrubbed).
-fn teardown(vm: &mut Vm) {
+/// Called with every vCPU of the guest out of it.
+fn teardown(vm: &Vm, space: &mut Space) {
     let name = vm.name;
-    let mut uart = core::mem::take(&mut vm.uart);
-    uart.flush(&mut |line| emit(name, line));
-    let Some(s2) = vm.s2.take() else { return };
+    vm.uart.lock().flush(&mut |line| emit(name, line));
+    let Some(s2) = space.s2.take() else { return };
     let mut env = env(vm);
-    vm.vttbr = 0;
+    vm.vttbr.store(0, Ordering::Release);
     let frames = frames();
-    let owner = vm.owner;
+    let owner = vm.owner();
     let mut returned = 0u64;
     let proof = s2.teardown(&mut env, &mut |pa, size| {
         let n = (size / FRAME_SIZE) as usize;
@@ -837,45 +1223,58 @@ fn teardown(vm: &mut Vm) {
             Err(e) => error!("guest {name}: frames at {pa:#x} not returned: {e}"),
         }
     });
-    vm.stats.frames_returned += returned;
+    space.frames_returned += returned;
     vm.budget.reclaimed();
     VMIDS.lock().release(proof);
 }
 
-fn reset(vm: &mut Vm, frame: &mut TrapFrame) {
+/// PSCI SYSTEM_RESET from any vCPU: every vCPU is taken out, the memory reclaimed, the images
+/// loaded again, and vCPU 0 alone restarted at the kernel, as firmware would.
+fn reset(vcpu: &mut Vcpu) -> ! {
+    let vm = vcpu.vm;
+    if !take_guest_down(vcpu) {
+        leave_guest(vcpu);
+    }
     info!("guest {}: SYSTEM_RESET: reclaiming and reloading", vm.name);
-    teardown(vm);
-    vm.stats.resets += 1;
-    let cpu = arch::cpu_index();
-    vm.vmid = match VMIDS.lock().alloc() {
-        Some(v) => v,
-        None => stop(vm, StopCause::OutOfMemory),
+    let reloaded = {
+        let mut space = vm.space.lock();
+        teardown(vm, &mut space);
+        space.resets += 1;
+        reload(vm, &mut space)
     };
-    match fdt_gen::generate(&vm.layout, 1, vm.config.bootargs, vm.stats.resets as u32, vm.vgic.is_some()) {
-        Ok(dtb) => vm.dtb = dtb,
-        Err(_) => {
-            error!("guest {}: cannot rewrite its device tree after reset", vm.name);
-            stop(vm, StopCause::OutOfMemory);
+    if let Err(why) = reloaded {
+        error!("guest {}: cannot restart after reset: {why}", vm.name);
+        stop_taken_down(vcpu, StopCause::ResetFailed);
+    }
+    *vm.uart.lock() = VPl011::new();
+    if let Some(g) = vm.vgic.as_ref() {
+        *g.lock() = VGic::new();
+    }
+    for (i, s) in vm.start.iter().enumerate().take(vm.vcpus) {
+        s.power.store(Power::Off as u8, Ordering::Relaxed);
+        if i == 0 {
+            s.set_pending(vm.layout.kernel, vm.layout.dtb);
         }
     }
-    if let Err(e) = load(vm, cpu) {
-        error!("guest {}: cannot reload after reset: {e}", vm.name);
-        stop(vm, StopCause::OutOfMemory);
-    }
-    arch::configure_el2(vm.vttbr, vm.geo);
-    if let Some(g) = vm.vgic.as_mut() {
-        *g = VGic::new();
-        arch::gic::vcpu_reset();
-    }
-    arch::restart_guest(frame, vm.layout.kernel, vm.layout.dtb);
+    vm.life.store(Life::Running as u8, Ordering::SeqCst);
+    arch::send_event();
+    leave_guest(vcpu)
+}
+
+/// A fresh VMID, device tree and stage-2 space after a reset.
+fn reload(vm: &Vm, space: &mut Space) -> Result<(), &'static str> {
+    space.vmid = VMIDS.lock().alloc().ok_or("no VMID left")?;
+    space.dtb = fdt_gen::generate(&vm.layout, vm.vcpus, vm.config.bootargs, space.resets, vm.vgic.is_some())
+        .map_err(|_| "cannot rewrite its device tree")?;
+    load(vm, space, arch::cpu_index()).map_err(|_| "out of memory loading its images")
 }
 
 /// The guest's stage-2 mappings, merged into runs, at debug level (`loglevel=debug`).
-fn dump_mappings(vm: &Vm) {
+fn dump_mappings(vm: &Vm, space: &Space) {
     if log::max_level() < log::LevelFilter::Debug {
         return;
     }
-    let Some(s2) = vm.s2.as_ref() else { return };
+    let Some(s2) = space.s2.as_ref() else { return };
     let env = env(vm);
     let mut n = 0u32;
     s2.for_each_run(&env, &mut |m| {
@@ -897,22 +1296,37 @@ fn dump_mappings(vm: &Vm) {
     log::debug!("guest {}: {n} mapping runs, {} table pages", vm.name, s2.table_pages());
 }
 
-/// The guest is done: reclaim, audit, report; the last guest to stop powers the machine off.
-fn stop(vm: &mut Vm, cause: StopCause) -> ! {
-    if vm.vgic.is_some() {
+/// The guest is done: every vCPU out, reclaim, audit, report; the last guest to stop powers
+/// the machine off.
+fn stop(vcpu: &mut Vcpu, cause: StopCause) -> ! {
+    if !take_guest_down(vcpu) {
+        leave_guest(vcpu);
+    }
+    stop_taken_down(vcpu, cause)
+}
+
+fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
+    let vm = vcpu.vm;
+    if HOST_GIC.load(Ordering::Relaxed) {
         arch::gic::vcpu_off();
     }
-    dump_mappings(vm);
-    teardown(vm);
+    let (resets, returned) = {
+        let mut space = vm.space.lock();
+        dump_mappings(vm, &space);
+        teardown(vm, &mut space);
+        (space.resets, space.frames_returned)
+    };
     frames().uncommit(vm.budget.promised());
     let audit = frames().audit(None);
     let left = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory + g.page_tables);
-    let s = vm.stats;
+    let mut s = *vm.totals.lock();
+    s.add(&vcpu.stats);
     let mut line = alloc::string::String::new();
     let _ = write!(
         line,
-        "guest {}: stopped by {cause:?}; faults {} (4 KiB pages {}, 2 MiB blocks {}); aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {}; frames returned {}, still owned {left}; interrupts {} (virtual timer {}), own SGIs {}, vgic mmio {}",
+        "guest {}: stopped by {cause:?}; vCPUs {}; faults {} (4 KiB pages {}, 2 MiB blocks {}); aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {resets}; frames returned {returned}, still owned {left}; interrupts {} (virtual timer {}, kicks {}), own SGIs {}, vgic mmio {}",
         vm.name,
+        vm.vcpus,
         s.page_faults + s.block_faults,
         s.page_faults,
         s.block_faults,
@@ -922,15 +1336,16 @@ fn stop(vm: &mut Vm, cause: StopCause) -> ! {
         s.hvc,
         s.smc,
         s.sysreg,
-        s.resets,
-        s.frames_returned,
         s.irqs,
         s.vtimer,
+        s.kicks,
         s.sgis,
         s.vgic_mmio,
     );
     info!("{line}");
     REPORTS.lock().push(line);
+    vm.life.store(Life::Stopped as u8, Ordering::SeqCst);
+    arch::send_event();
     if LIVE.fetch_sub(1, Ordering::AcqRel) == 1 {
         info!("all guests stopped");
         for r in REPORTS.lock().iter() {

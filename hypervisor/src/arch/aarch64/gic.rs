@@ -27,6 +27,9 @@ use super::mmu::{map_range, MapKind};
 /// Interrupt IDs Labyrinth takes on a CPU that runs a guest with a virtual GIC.
 pub const VTIMER_PPI: u32 = 27;
 pub const MAINTENANCE_PPI: u32 = 25;
+/// The SGI one CPU sends another to take its vCPU out of the guest (a stop, a reset, new
+/// virtual interrupts): the receiver only needs to trap, so it carries no payload.
+pub const KICK_SGI: u32 = 8;
 /// INTIDs 1020-1023 are special (1023: nothing pending).
 pub const SPURIOUS: u32 = 1020;
 
@@ -181,9 +184,9 @@ pub fn init_cpu() -> Result<(), GicError> {
             return Err(GicError::WakeTimeout);
         }
     }
-    let ours = (1 << VTIMER_PPI) | (1 << MAINTENANCE_PPI);
+    let ours = (1 << VTIMER_PPI) | (1 << MAINTENANCE_PPI) | (1 << KICK_SGI);
     sgi.igroupr0.set(sgi.igroupr0.get() | ours);
-    for intid in [VTIMER_PPI, MAINTENANCE_PPI] {
+    for intid in [VTIMER_PPI, MAINTENANCE_PPI, KICK_SGI] {
         let reg = &sgi.ipriorityr[(intid / 4) as usize];
         let shift = (intid % 4) * 8;
         reg.set((reg.get() & !(0xff << shift)) | (u32::from(PPI_PRIORITY) << shift));
@@ -236,6 +239,24 @@ pub fn ack() -> u32 {
     // SAFETY: ICC_IAR1_EL1 at EL2 (physical interface), in the IRQ handler.
     unsafe { core::arch::asm!("mrs {}, S3_0_C12_C12_0", out(reg) v, options(nostack)) };
     v as u32 & 0xff_ffff
+}
+
+/// Sends [`KICK_SGI`] to the CPU whose MPIDR is `mpidr` (group 1, affinity-routed).
+pub fn kick(mpidr: u64) {
+    let aff0 = mpidr & 0xff;
+    let (aff1, aff2, aff3) = ((mpidr >> 8) & 0xff, (mpidr >> 16) & 0xff, (mpidr >> 32) & 0xff);
+    // ICC_SGI1R_EL1: Aff3 [55:48], RS [47:44] (which 16 of Aff0), Aff2 [39:32], INTID [27:24],
+    // Aff1 [23:16], TargetList [15:0].
+    let value = aff3 << 48
+        | (aff0 >> 4) << 44
+        | aff2 << 32
+        | u64::from(KICK_SGI) << 24
+        | aff1 << 16
+        | 1 << (aff0 & 0xf);
+
+    // SAFETY: ICC_SGI1R_EL1 at EL2 (physical interface): generates a group 1 SGI; the DSB makes
+    // the stores the receiver will look for visible before it can take the interrupt.
+    unsafe { core::arch::asm!("dsb ish", "msr S3_0_C12_C11_5, {}", "isb", in(reg) value, options(nostack)) };
 }
 
 /// Completes `intid` (priority drop and deactivation: EOImode 0).

@@ -22,7 +22,7 @@
 //! all event counters given to it (HPMN = PMCR_EL0.N): one guest per CPU, nothing to switch.
 //! `CNTHCTL_EL2`: EL1 reads the physical counter, the physical timer traps (only the virtual
 //! timer's interrupt is delivered, see `gic`); `CNTVOFF_EL2` = 0. `VMPIDR_EL2`: the vCPU is
-//! Aff0 = 0 whatever CPU runs it, as its device tree says.
+//! Aff0 = its index in the guest whatever CPU runs it, as its device tree says.
 
 use aarch64_cpu::registers::{
     Readable, Writeable, CNTHCTL_EL2, CNTVOFF_EL2, CPTR_EL2, ELR_EL1, ESR_EL1, ESR_EL2, FAR_EL1, FAR_EL2,
@@ -39,8 +39,8 @@ pub const SPSR_EL1H_MASKED: u64 = 0x3c5;
 const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 const CPTR_EL2_RES1: u64 = 0x32ff;
 
-/// Programs the EL2 controls for running `vttbr`'s guest on this CPU.
-pub fn configure_el2(vttbr: u64, geo: Geometry) {
+/// Programs the EL2 controls for running vCPU `vcpu` of `vttbr`'s guest on this CPU.
+pub fn configure_el2(vttbr: u64, geo: Geometry, vcpu: usize) {
     HCR_EL2.write(
         HCR_EL2::VM::Enable
             + HCR_EL2::SWIO::SET
@@ -77,13 +77,13 @@ pub fn configure_el2(vttbr: u64, geo: Geometry) {
     // to a guest, so a guest must use the virtual timer, whose PPI 27 Labyrinth injects.
     CNTHCTL_EL2.write(CNTHCTL_EL2::EL1PCTEN::SET);
     CNTVOFF_EL2.set(0);
-    // The guest's only vCPU is vCPU 0 of its device tree: MPIDR_EL1 reads Aff0 = 0 (bit 31
-    // RES1), whichever physical CPU runs it; MIDR_EL1 reads the real CPU's.
+    // vCPU i is cpu@i of its device tree: MPIDR_EL1 reads Aff0 = i, Aff1-3 = 0 (bit 31 RES1),
+    // whichever physical CPU runs it; MIDR_EL1 reads the real CPU's.
     let midr: u64;
     // SAFETY: reads MIDR_EL1, writes VPIDR_EL2 and VMPIDR_EL2 (what EL1 reads as MIDR and MPIDR).
     unsafe {
         core::arch::asm!("mrs {m}, midr_el1", "msr vpidr_el2, {m}", "msr vmpidr_el2, {v}",
-            m = out(reg) midr, v = in(reg) 0x8000_0000u64, options(nomem, nostack));
+            m = out(reg) midr, v = in(reg) 0x8000_0000u64 | (vcpu as u64 & 0xff), options(nomem, nostack));
     }
     let _ = midr;
     aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
@@ -203,14 +203,6 @@ pub fn enter(pc: u64, x0: u64) -> ! {
 
 extern "C" {
     fn enter_guest(frame: u64) -> !;
-}
-
-/// Sets `SCTLR_EL1` etc. back to reset and restarts the guest through `frame` (for a reset).
-pub fn restart(frame: &mut TrapFrame, pc: u64, x0: u64) {
-    reset_el1();
-    // SAFETY: runs on the exception stack (SP_EL2), so SP_EL0 is the guest's, free to reset.
-    unsafe { core::arch::asm!("msr sp_el0, xzr", options(nomem, nostack)) };
-    *frame = TrapFrame::entry(pc, x0, SPSR_EL1H_MASKED);
 }
 
 /// The fast path for a guest's synchronous exception, with only x0-x18 and x30 saved in
