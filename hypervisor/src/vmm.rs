@@ -567,6 +567,9 @@ fn wait_to_run(vcpu: &mut Vcpu) -> ! {
                 }
                 let (entry, context) =
                     (start.entry.load(Ordering::Relaxed), start.context.load(Ordering::Relaxed));
+                if vcpu.index != 0 {
+                    info!("guest {}: vCPU {} starts at {entry:#x} on CPU {}", vm.name, vcpu.index, arch::cpu_index());
+                }
                 arch::configure_el2(vm.vttbr.load(Ordering::Acquire), vm.geo, vcpu.index);
                 if HOST_GIC.load(Ordering::Relaxed) {
                     arch::gic::vcpu_reset();
@@ -817,15 +820,24 @@ fn give_back_block(vm: &Vm, head: Pfn) -> bool {
 /// frame of its own (this is a tail call).
 #[inline(never)]
 pub fn fast_hvc(frame: &mut TrapFrame) -> bool {
+    if reads_vcpu_state(frame.x[0]) {
+        return false;
+    }
     let Some(vcpu) = this_vcpu() else { return false };
     match vpsci::handle(frame.x[0], frame.x[1], frame.x[2], frame.x[3], 0, &[true]) {
-        PsciAction::Return(v) if !is_affinity_info(frame.x[0]) => {
+        PsciAction::Return(v) => {
             vcpu.stats.hvc += 1;
             frame.x[0] = v;
             true
         }
         _ => false,
     }
+}
+
+/// CPU_ON and AFFINITY_INFO: their answer depends on the vCPUs' power states.
+fn reads_vcpu_state(fid: u64) -> bool {
+    use labyrinth::psci::{AFFINITY_INFO_64, CPU_ON_64};
+    matches!(fid as u32, AFFINITY_INFO_64 | 0x8400_0004 | CPU_ON_64 | 0x8400_0003)
 }
 
 fn is_affinity_info(fid: u64) -> bool {
