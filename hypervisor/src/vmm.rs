@@ -22,6 +22,7 @@ use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, B
 use labyrinth::psci::PsciError;
 use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
 use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
+use labyrinth::vm::lifecycle::{Life, Lifecycle, VcpuSet, MAX_VCPUS};
 use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
 use labyrinth::vm::vgic::{self, VGic};
 use labyrinth::vm::vpsci::{self, PsciAction};
@@ -114,8 +115,6 @@ struct VcpuStart {
     power: AtomicU8,
     entry: AtomicU64,
     context: AtomicU64,
-    /// In the guest (or on its way in): what a stop waits to see cleared.
-    in_guest: AtomicBool,
 }
 
 impl VcpuStart {
@@ -124,7 +123,6 @@ impl VcpuStart {
             power: AtomicU8::new(Power::Off as u8),
             entry: AtomicU64::new(0),
             context: AtomicU64::new(0),
-            in_guest: AtomicBool::new(false),
         }
     }
 
@@ -142,15 +140,6 @@ impl VcpuStart {
         self.context.store(context, Ordering::Relaxed);
         self.power.store(Power::OnPending as u8, Ordering::Release);
     }
-}
-
-/// A guest's lifecycle (see the module doc).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-enum Life {
-    Running = 0,
-    Stopping = 1,
-    Stopped = 2,
 }
 
 /// The guest's stage-2 space and what is rebuilt with it on a reset.
@@ -182,8 +171,8 @@ pub struct Vm {
     vgic: Option<Mutex<VGic>>,
     /// Frames promised to this guest at creation; every frame it draws is counted here first.
     budget: MemoryBudget,
-    start: [VcpuStart; MAX_CPUS],
-    life: AtomicU8,
+    start: [VcpuStart; MAX_VCPUS],
+    life: Lifecycle,
     /// The counters of vCPUs that left the guest, for the report.
     totals: Mutex<Stats>,
 }
@@ -194,11 +183,7 @@ impl Vm {
     }
 
     fn life(&self) -> Life {
-        match self.life.load(Ordering::Acquire) {
-            0 => Life::Running,
-            1 => Life::Stopping,
-            _ => Life::Stopped,
-        }
+        self.life.life()
     }
 
     fn cpu_of(&self, vcpu: usize) -> usize {
@@ -414,8 +399,8 @@ fn build_inner(
         uart: Mutex::new(VPl011::new()),
         vgic: cfg.virtual_gic.then(|| Mutex::new(VGic::new())),
         budget,
-        start: [const { VcpuStart::new() }; MAX_CPUS],
-        life: AtomicU8::new(Life::Running as u8),
+        start: [const { VcpuStart::new() }; MAX_VCPUS],
+        life: Lifecycle::new(),
         totals: Mutex::new(Stats::default()),
     };
     let loaded = load(&vm, &mut vm.space.lock(), first_cpu);
@@ -542,8 +527,7 @@ pub fn run_this_cpu() -> ! {
 fn wait_to_run(vcpu: &mut Vcpu) -> ! {
     let vm = vcpu.vm;
     let start = &vm.start[vcpu.index];
-    start.in_guest.store(false, Ordering::Release);
-    arch::send_event();
+    vm.life.leave(vcpu.index);
     loop {
         match vm.life() {
             Life::Stopped => {
@@ -553,22 +537,24 @@ fn wait_to_run(vcpu: &mut Vcpu) -> ! {
                 arch::park();
             }
             Life::Running if start.power() == Power::OnPending => {
-                // Announce the entry first, then re-check: a stop that began meanwhile either
-                // sees `in_guest` (and kicks) or is seen here.
-                start.in_guest.store(true, Ordering::SeqCst);
-                if vm.life() != Life::Running {
-                    start.in_guest.store(false, Ordering::SeqCst);
-                    arch::send_event();
+                // A stop that began meanwhile either sees this vCPU inside (and kicks it) or
+                // is seen here (see `vm::lifecycle`).
+                if !vm.life.try_enter(vcpu.index) {
                     continue;
                 }
                 if !start.swap_power(Power::OnPending, Power::On) {
-                    start.in_guest.store(false, Ordering::SeqCst);
+                    vm.life.leave(vcpu.index);
                     continue;
                 }
                 let (entry, context) =
                     (start.entry.load(Ordering::Relaxed), start.context.load(Ordering::Relaxed));
                 if vcpu.index != 0 {
-                    info!("guest {}: vCPU {} starts at {entry:#x} on CPU {}", vm.name, vcpu.index, arch::cpu_index());
+                    info!(
+                        "guest {}: vCPU {} starts at {entry:#x} on CPU {}",
+                        vm.name,
+                        vcpu.index,
+                        arch::cpu_index()
+                    );
                 }
                 arch::configure_el2(vm.vttbr.load(Ordering::Acquire), vm.geo, vcpu.index);
                 if HOST_GIC.load(Ordering::Relaxed) {
@@ -1181,37 +1167,32 @@ fn cpu_off(vcpu: &mut Vcpu) -> ! {
 /// if another vCPU won (this one then leaves the guest through its caller's path).
 fn take_guest_down(vcpu: &mut Vcpu) -> bool {
     let vm = vcpu.vm;
-    if vm
-        .life
-        .compare_exchange(Life::Running as u8, Life::Stopping as u8, Ordering::SeqCst, Ordering::SeqCst)
-        .is_err()
-    {
+    if !vm.life.begin_stop(vcpu.index) {
         return false;
     }
-    vm.start[vcpu.index].in_guest.store(false, Ordering::SeqCst);
-    let mut kicked = [false; MAX_CPUS];
+    let mut kicked = VcpuSet::default();
     let mut rounds = 0u64;
     loop {
-        let mut inside = 0;
-        for i in (0..vm.vcpus).filter(|&i| i != vcpu.index) {
-            if vm.start[i].in_guest.load(Ordering::SeqCst) {
-                inside += 1;
-                // One kick per vCPU, sent again now and then in case it was taken just before
-                // the vCPU re-entered (it re-checks the guest's state on entry, so it should not).
-                if !kicked[i] || rounds % 100_000 == 0 {
-                    kicked[i] = true;
-                    if let Some(mpidr) = crate::boot::cpu_mpidr(vm.cpu_of(i)) {
-                        arch::gic::kick(mpidr);
-                    }
+        let inside = vm.life.inside(vm.vcpus);
+        if inside.is_empty() {
+            return true;
+        }
+        for i in inside.iter() {
+            // One kick each, sent again now and then: a vCPU that took its kick just before it
+            // re-entered sees the stop on entry, so this is only a guard against a lost SGI.
+            if !kicked.contains(i) || rounds % 100_000 == 0 {
+                kicked.insert(i);
+                if let Some(mpidr) = crate::boot::cpu_mpidr(vm.cpu_of(i)) {
+                    arch::gic::kick(mpidr);
                 }
             }
         }
-        if inside == 0 {
-            return true;
-        }
         rounds += 1;
         if rounds == 10_000_000 {
-            warn!("guest {}: vCPUs still in the guest after a stop was asked for: waiting", vm.name);
+            warn!(
+                "guest {}: vCPUs {inside:?} still in the guest after a stop was asked for: waiting",
+                vm.name
+            );
         }
         core::hint::spin_loop();
     }
@@ -1268,7 +1249,7 @@ fn reset(vcpu: &mut Vcpu) -> ! {
             s.set_pending(vm.layout.kernel, vm.layout.dtb);
         }
     }
-    vm.life.store(Life::Running as u8, Ordering::SeqCst);
+    vm.life.finish(true);
     arch::send_event();
     leave_guest(vcpu)
 }
@@ -1356,7 +1337,7 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     );
     info!("{line}");
     REPORTS.lock().push(line);
-    vm.life.store(Life::Stopped as u8, Ordering::SeqCst);
+    vm.life.finish(false);
     arch::send_event();
     if LIVE.fetch_sub(1, Ordering::AcqRel) == 1 {
         info!("all guests stopped");

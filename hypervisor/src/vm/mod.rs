@@ -6,7 +6,10 @@ pub mod budget;
 pub mod fdt_gen;
 pub mod image;
 pub mod layout;
+pub mod lifecycle;
 pub mod trap;
 pub mod vgic;
 pub mod vpl011;
 pub mod vpsci;
+
+mod sync;
