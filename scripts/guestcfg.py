@@ -8,8 +8,8 @@ The binding (docs/configuration.md):
         NAME {
             compatible = "labyrinth,guest";
             #address-cells = <2>; #size-cells = <2>;
-            memory = <0x0 KIB>;  cpus = <1>;
-            [labyrinth,no-block-mappings;]
+            memory = <0x0 KIB>;  cpus = <N>;
+            [labyrinth,no-block-mappings;] [labyrinth,virtual-gic;]
             module@ADDR { compatible = "multiboot,kernel", "multiboot,module";
                           reg = <0x0 ADDR 0x0 SIZE>; bootargs = "..."; };
         };
@@ -17,7 +17,8 @@ The binding (docs/configuration.md):
 
 Usage as a program:
     scripts/guestcfg.py OUT.dtb [--mem 1G] [--smp 2] [--cpu cortex-a72]
-        --guest NAME=IMAGE,ADDR,MEMORY_KIB[,noblocks][,vgic][,initrd=FILE@ADDR][,args=...] ...
+        --guest NAME=IMAGE,ADDR,MEMORY_KIB[,cpus=N][,noblocks][,vgic][,xen][,initrd=FILE@ADDR][,args=...] ...
+(`xen`: compatible = "xen,domain", the dom0less spelling, instead of "labyrinth,guest").
 prints the QEMU arguments to add (-dtb and -device loader ...).
 """
 import argparse
@@ -39,6 +40,10 @@ def host_dts(cpu="cortex-a72", smp=2, mem="1G"):
                        capture_output=True, timeout=60)
         return subprocess.run(["dtc", "-q", "-I", "dtb", "-O", "dts", raw], check=True,
                               capture_output=True, text=True).stdout
+
+
+# Xen's dom0less binding for a domU; Labyrinth accepts it as a guest node (no vendor property).
+XEN_DOMAIN = "xen,domain"
 
 
 class Guest:
@@ -130,7 +135,7 @@ def main():
     ap.add_argument("--smp", type=int, default=2)
     ap.add_argument("--cpu", default="cortex-a72")
     ap.add_argument("--guest", action="append", default=[],
-                    help="NAME=IMAGE,ADDR,MEMORY_KIB[,noblocks][,vgic][,initrd=FILE@ADDR][,args=BOOTARGS]"
+                    help="NAME=IMAGE,ADDR,MEMORY_KIB[,cpus=N][,noblocks][,vgic][,xen][,initrd=FILE@ADDR][,args=BOOTARGS]"
                          " (args= last: it takes the rest, commas included)")
     a = ap.parse_args()
     guests = []
@@ -146,7 +151,10 @@ def main():
         if initrd:
             rd, at = initrd.rsplit("@", 1)
             rd_addr = int(at, 0)
-        guests.append(Guest(name, image, addr, kib, noblocks, args, ramdisk=rd, ramdisk_addr=rd_addr, vgic=vgic))
+        cpus = next((int(p[5:], 0) for p in parts[3:] if p.startswith("cpus=")), 1)
+        compatible = XEN_DOMAIN if "xen" in parts[3:] else "labyrinth,guest"
+        guests.append(Guest(name, image, addr, kib, noblocks, args, cpus=cpus, compatible=compatible,
+                            ramdisk=rd, ramdisk_addr=rd_addr, vgic=vgic))
     print(" ".join(make_dtb(a.out, guests, a.cpu, a.smp, a.mem)))
 
 
