@@ -361,7 +361,7 @@ def guest_lines(out, name):
 def two_guests_run_side_by_side(wd):
     rc, out = boot_guests(wd, "two", [
         guestcfg.Guest("stress", STRESS, 0x5000_0000, 64 * 1024, bootargs="stress.seed=11"),
-        guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 64 * 1024,
+        guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 64 * 1024, no_vgic=True,
                        bootargs="isolation.probe=0x40200000,0x50000000,0x48000000"),
     ])
     expect_clean_exit(rc, out)
