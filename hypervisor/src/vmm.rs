@@ -15,17 +15,16 @@
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::fmt::Write as _;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use labyrinth::dt::{GuestConfig, Platform};
 use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
-use labyrinth::psci::PsciError;
 use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
 use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
-use labyrinth::vm::lifecycle::{Life, Lifecycle, VcpuSet, MAX_VCPUS};
+use labyrinth::vm::lifecycle::{Life, Lifecycle, VcpuSet};
 use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
 use labyrinth::vm::vgic::{self, VGic};
-use labyrinth::vm::vpsci::{self, PsciAction};
+use labyrinth::vm::vpsci::{self, PowerState, PsciAction, StartRequest, VcpuPowerStates};
 use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
 use log::{error, info, warn};
 use spin::Mutex;
@@ -86,62 +85,6 @@ impl Stats {
     }
 }
 
-/// A vCPU's power state as PSCI sees it (AFFINITY_INFO), changed only by compare-and-swap.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-enum Power {
-    Off = 0,
-    /// A CPU_ON won the vCPU and is writing its entry point; reported as ON_PENDING.
-    Claimed = 1,
-    /// Entry point written: the vCPU's CPU may take it and enter the guest.
-    OnPending = 2,
-    On = 3,
-}
-
-impl Power {
-    fn from_u8(v: u8) -> Power {
-        match v {
-            1 => Power::Claimed,
-            2 => Power::OnPending,
-            3 => Power::On,
-            _ => Power::Off,
-        }
-    }
-}
-
-/// How one vCPU starts: its power state and, once a CPU_ON (or the guest's boot or reset) has
-/// set them, the entry point and x0 it starts with.
-struct VcpuStart {
-    power: AtomicU8,
-    entry: AtomicU64,
-    context: AtomicU64,
-}
-
-impl VcpuStart {
-    const fn new() -> Self {
-        VcpuStart {
-            power: AtomicU8::new(Power::Off as u8),
-            entry: AtomicU64::new(0),
-            context: AtomicU64::new(0),
-        }
-    }
-
-    fn power(&self) -> Power {
-        Power::from_u8(self.power.load(Ordering::Acquire))
-    }
-
-    fn swap_power(&self, from: Power, to: Power) -> bool {
-        self.power.compare_exchange(from as u8, to as u8, Ordering::AcqRel, Ordering::Acquire).is_ok()
-    }
-
-    /// Makes the vCPU startable at `entry` with x0 = `context` (its CPU is woken by the caller).
-    fn set_pending(&self, entry: u64, context: u64) {
-        self.entry.store(entry, Ordering::Relaxed);
-        self.context.store(context, Ordering::Relaxed);
-        self.power.store(Power::OnPending as u8, Ordering::Release);
-    }
-}
-
 /// The guest's stage-2 space and what is rebuilt with it on a reset.
 struct Space {
     s2: Option<Stage2>,
@@ -171,7 +114,8 @@ pub struct Vm {
     vgic: Option<Mutex<VGic>>,
     /// Frames promised to this guest at creation; every frame it draws is counted here first.
     budget: MemoryBudget,
-    start: [VcpuStart; MAX_VCPUS],
+    /// Each vCPU's PSCI power state and pending start.
+    power: VcpuPowerStates,
     life: Lifecycle,
     /// The counters of vCPUs that left the guest, for the report.
     totals: Mutex<Stats>,
@@ -322,7 +266,7 @@ pub fn create_all(
     LIVE.store(vms.len(), Ordering::Release);
     let vms: &'static [Vm] = Vec::leak(vms);
     for vm in vms {
-        vm.start[0].set_pending(vm.layout.kernel, vm.layout.dtb);
+        boot_vcpu0(vm);
         for index in 0..vm.vcpus {
             let cpu = vm.cpu_of(index);
             // SAFETY: CPU `cpu` does not run yet (boot CPU, before starting it).
@@ -399,7 +343,7 @@ fn build_inner(
         uart: Mutex::new(VPl011::new()),
         vgic: cfg.virtual_gic.then(|| Mutex::new(VGic::new())),
         budget,
-        start: [const { VcpuStart::new() }; MAX_VCPUS],
+        power: VcpuPowerStates::new(vcpus).ok_or_else(|| format!("cpus = {vcpus}: not a vCPU count"))?,
         life: Lifecycle::new(),
         totals: Mutex::new(Stats::default()),
     };
@@ -526,7 +470,6 @@ pub fn run_this_cpu() -> ! {
 /// (its guest's boot, a CPU_ON, a reset), or parks for good once its guest has stopped.
 fn wait_to_run(vcpu: &mut Vcpu) -> ! {
     let vm = vcpu.vm;
-    let start = &vm.start[vcpu.index];
     vm.life.leave(vcpu.index);
     loop {
         match vm.life() {
@@ -536,18 +479,16 @@ fn wait_to_run(vcpu: &mut Vcpu) -> ! {
                 }
                 arch::park();
             }
-            Life::Running if start.power() == Power::OnPending => {
+            Life::Running if vm.power.state(vcpu.index) == Some(PowerState::OnPending) => {
                 // A stop that began meanwhile either sees this vCPU inside (and kicks it) or
                 // is seen here (see `vm::lifecycle`).
                 if !vm.life.try_enter(vcpu.index) {
                     continue;
                 }
-                if !start.swap_power(Power::OnPending, Power::On) {
+                let Some(StartRequest { entry, context }) = vm.power.enter(vcpu.index) else {
                     vm.life.leave(vcpu.index);
                     continue;
-                }
-                let (entry, context) =
-                    (start.entry.load(Ordering::Relaxed), start.context.load(Ordering::Relaxed));
+                };
                 if vcpu.index != 0 {
                     info!(
                         "guest {}: vCPU {} starts at {entry:#x} on CPU {}",
@@ -801,33 +742,22 @@ fn give_back_block(vm: &Vm, head: Pfn) -> bool {
 }
 
 /// An HVC on the fast path: PSCI calls whose whole effect is a return value (VERSION,
-/// FEATURES, errors) are answered from x0-x3; calls that read or change vCPU state go to the
-/// general path. Not inlined: the fault path beside it in `guest_fast` then needs no stack
-/// frame of its own (this is a tail call).
+/// FEATURES, AFFINITY_INFO, errors) are answered from x0-x3; calls that change vCPU state go
+/// to the general path. Not inlined: the fault path beside it in `guest_fast` then needs no
+/// stack frame of its own (this is a tail call).
 #[inline(never)]
 pub fn fast_hvc(frame: &mut TrapFrame) -> bool {
-    if reads_vcpu_state(frame.x[0]) {
-        return false;
-    }
     let Some(vcpu) = this_vcpu() else { return false };
-    match vpsci::handle(frame.x[0], frame.x[1], frame.x[2], frame.x[3], 0, &[true]) {
-        PsciAction::Return(v) => {
+    let vm = vcpu.vm;
+    let ram = vm.layout.ram_base..vm.layout.ram_end();
+    match vpsci::query(frame.x[0], frame.x[1], frame.x[2], frame.x[3], &vm.power, ram) {
+        Some(v) => {
             vcpu.stats.hvc += 1;
             frame.x[0] = v;
             true
         }
-        _ => false,
+        None => false,
     }
-}
-
-/// CPU_ON and AFFINITY_INFO: their answer depends on the vCPUs' power states.
-fn reads_vcpu_state(fid: u64) -> bool {
-    use labyrinth::psci::{AFFINITY_INFO_64, CPU_ON_64};
-    matches!(fid as u32, AFFINITY_INFO_64 | 0x8400_0004 | CPU_ON_64 | 0x8400_0003)
-}
-
-fn is_affinity_info(fid: u64) -> bool {
-    matches!(fid as u32, labyrinth::psci::AFFINITY_INFO_64 | 0x8400_0004)
 }
 
 /// First touch of guest RAM: a 2 MiB block when allowed and the whole aligned block is
@@ -1096,70 +1026,35 @@ fn undefined(vcpu: &mut Vcpu, frame: &mut TrapFrame, what: core::fmt::Arguments<
 fn psci(vcpu: &mut Vcpu, frame: &mut TrapFrame) {
     let vm = vcpu.vm;
     let (fid, x1, x2, x3) = (frame.x[0], frame.x[1], frame.x[2], frame.x[3]);
-    let mut online = [false; MAX_CPUS];
-    for (i, o) in online.iter_mut().enumerate().take(vm.vcpus) {
-        *o = vm.start[i].power() != Power::Off;
-    }
-    let online = &online[..vm.vcpus];
-    if is_affinity_info(fid) {
-        frame.x[0] = affinity_info(vm, x1, x2);
-        return;
-    }
-    match vpsci::handle(fid, x1, x2, x3, vcpu.index, online) {
+    match vpsci::call(fid, x1, x2, x3, vcpu.index, &vm.power, vm.layout.ram_base..vm.layout.ram_end()) {
         PsciAction::Return(v) => frame.x[0] = v,
-        PsciAction::CpuOn { vcpu: target, entry, context } => frame.x[0] = cpu_on(vm, target, entry, context),
+        PsciAction::CpuOn { .. } => {
+            // The target's CPU waits in `wait_to_run`: wake it to take the request.
+            arch::send_event();
+            frame.x[0] = 0;
+        }
         PsciAction::CpuOff => cpu_off(vcpu),
         PsciAction::SystemOff => stop(vcpu, StopCause::SystemOff),
         PsciAction::SystemReset => reset(vcpu),
     }
 }
 
-/// PSCI AFFINITY_INFO at level 0 from the vCPUs' power states.
-fn affinity_info(vm: &Vm, target: u64, level: u64) -> u64 {
-    const ON: u64 = 0;
-    const OFF: u64 = 1;
-    const ON_PENDING: u64 = 2;
-    let index = (target & 0xff) as usize;
-    if level != 0 || target & 0xff_00ff_ff00 != 0 || index >= vm.vcpus {
-        return PsciError::InvalidParameters.code() as u64;
+/// vCPU 0 starts at the kernel with x0 = the device tree, as a boot loader would start it:
+/// a start request like any CPU_ON, taken by its CPU in `wait_to_run`.
+fn boot_vcpu0(vm: &Vm) {
+    vm.power.reset();
+    vm.power.cpu_off(0);
+    if vm.power.cpu_on(0, vm.layout.kernel, vm.layout.dtb).is_err() {
+        error!("guest {}: vCPU 0 cannot be started", vm.name);
     }
-    match vm.start[index].power() {
-        Power::Off => OFF,
-        Power::Claimed | Power::OnPending => ON_PENDING,
-        Power::On => ON,
-    }
-}
-
-/// PSCI CPU_ON for vCPU `target`: exactly one of racing callers wins the compare-and-swap
-/// from Off; the others see ON_PENDING or ALREADY_ON. The winner writes the entry point and
-/// wakes the target's CPU, which takes it from `wait_to_run`.
-fn cpu_on(vm: &Vm, target: usize, entry: u64, context: u64) -> u64 {
-    let Some(start) = vm.start.get(target).filter(|_| target < vm.vcpus) else {
-        return PsciError::InvalidParameters.code() as u64;
-    };
-    if !vm.layout.in_ram(entry) {
-        return PsciError::InvalidAddress.code() as u64;
-    }
-    if !start.swap_power(Power::Off, Power::Claimed) {
-        return match start.power() {
-            Power::On => PsciError::AlreadyOn.code() as u64,
-            _ => PsciError::OnPending.code() as u64,
-        };
-    }
-    start.set_pending(entry, context);
-    arch::send_event();
-    0
 }
 
 /// PSCI CPU_OFF: this vCPU leaves the guest until a CPU_ON starts it again; the last running
 /// vCPU to go off stops the guest.
 fn cpu_off(vcpu: &mut Vcpu) -> ! {
-    let vm = vcpu.vm;
-    let others_on = (0..vm.vcpus).any(|i| i != vcpu.index && vm.start[i].power() != Power::Off);
-    if !others_on {
+    if vcpu.vm.power.all_off() {
         stop(vcpu, StopCause::CpuOff);
     }
-    vm.start[vcpu.index].power.store(Power::Off as u8, Ordering::Release);
     leave_guest(vcpu)
 }
 
@@ -1243,12 +1138,7 @@ fn reset(vcpu: &mut Vcpu) -> ! {
     if let Some(g) = vm.vgic.as_ref() {
         *g.lock() = VGic::new();
     }
-    for (i, s) in vm.start.iter().enumerate().take(vm.vcpus) {
-        s.power.store(Power::Off as u8, Ordering::Relaxed);
-        if i == 0 {
-            s.set_pending(vm.layout.kernel, vm.layout.dtb);
-        }
-    }
+    boot_vcpu0(vm);
     vm.life.finish(true);
     arch::send_event();
     leave_guest(vcpu)

@@ -253,36 +253,6 @@ pub fn call(
     }
 }
 
-/// Single-vCPU form kept for the current VMM until it holds a [`VcpuPowerStates`]: vCPU `i` is
-/// On where `online[i]`, RAM is not checked and `CPU_ON` of an Off vCPU claims nothing.
-/// Replace with [`query`] and [`call`].
-pub fn handle(fid: u64, x1: u64, x2: u64, x3: u64, caller: usize, online: &[bool]) -> PsciAction {
-    let call = PsciCall::decode(fid, x1, x2, x3);
-    if let Some(v) = answer(&call, online, &(0..u64::MAX)) {
-        return PsciAction::Return(v);
-    }
-    match call {
-        PsciCall::CpuOn { target, entry, context } => match vcpu_of(target, online.len()) {
-            Some(vcpu) if vcpu != caller => PsciAction::CpuOn { vcpu, entry, context },
-            _ => PsciAction::Return(code(PsciError::AlreadyOn)),
-        },
-        PsciCall::CpuOff => PsciAction::CpuOff,
-        PsciCall::SystemOff => PsciAction::SystemOff,
-        PsciCall::SystemReset => PsciAction::SystemReset,
-        _ => PsciAction::Return(code(PsciError::NotSupported)),
-    }
-}
-
-impl PowerView for [bool] {
-    fn vcpus(&self) -> usize {
-        self.len()
-    }
-
-    fn state(&self, vcpu: usize) -> Option<PowerState> {
-        self.get(vcpu).map(|&on| if on { PowerState::On } else { PowerState::Off })
-    }
-}
-
 /// Where a started vCPU begins: the `CPU_ON` arguments of the call that won.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StartRequest {

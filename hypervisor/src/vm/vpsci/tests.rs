@@ -232,27 +232,6 @@ fn vcpu_counts_and_indices_are_bounded() {
     assert_eq!(two.state(0), Some(PowerState::On));
 }
 
-/// The single-vCPU form the current VMM calls.
-#[test]
-fn the_single_vcpu_form_answers_as_before() {
-    assert_eq!(handle(0x8400_0000, 0, 0, 0, 0, &[true]), ret(0x1_0000));
-    assert_eq!(handle(0x8400_000a, 0x8400_0008, 0, 0, 0, &[true]), ret(0));
-    assert_eq!(handle(0x8400_000a, SMCCC_VERSION, 0, 0, 0, &[true]), ret(NOT_SUPPORTED));
-    assert_eq!(handle(SMCCC_VERSION, 0, 0, 0, 0, &[true]), ret(NOT_SUPPORTED));
-    assert_eq!(handle(0xc400_0004, 0, 0, 0, 0, &[true]), ret(0));
-    assert_eq!(handle(0xc400_0004, 1, 0, 0, 0, &[true, false]), ret(1));
-    assert_eq!(handle(0xc400_0004, 5, 0, 0, 0, &[true]), ret(INVALID_PARAMETERS));
-    assert_eq!(handle(0xc400_0003, 0, ENTRY, 0, 0, &[true]), ret(ALREADY_ON));
-    assert_eq!(handle(0xc400_0003, 1, ENTRY, 0, 0, &[true]), ret(INVALID_PARAMETERS));
-    assert_eq!(
-        handle(0xc400_0003, 1, ENTRY, 7, 0, &[true, false]),
-        PsciAction::CpuOn { vcpu: 1, entry: ENTRY, context: 7 }
-    );
-    assert_eq!(handle(0x8400_0002, 0, 0, 0, 0, &[true]), PsciAction::CpuOff);
-    assert_eq!(handle(0x8400_0008, 0, 0, 0, 0, &[true]), PsciAction::SystemOff);
-    assert_eq!(handle(0x8400_0009, 0, 0, 0, 0, &[true]), PsciAction::SystemReset);
-}
-
 /// Callers on their own threads race CPU_ON for one target, round after round, while the
 /// target's thread enters and turns itself off again and an observer reads AFFINITY_INFO:
 /// exactly one caller wins each round, the target starts with the winner's arguments, and the
