@@ -10,3 +10,4 @@ pub mod trap;
 pub mod vgic;
 pub mod vpl011;
 pub mod vpsci;
+pub mod vtimer;
