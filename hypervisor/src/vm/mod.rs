@@ -11,5 +11,6 @@ pub mod trap;
 pub mod vgic;
 pub mod vpl011;
 pub mod vpsci;
+pub mod vtimer;
 
 mod sync;
