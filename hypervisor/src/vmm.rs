@@ -21,7 +21,9 @@ use labyrinth::dt::{GuestConfig, Platform};
 use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
 use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
 use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
-use labyrinth::vm::lifecycle::{Life, Lifecycle, VcpuSet};
+use labyrinth::vm::lifecycle::{Life, Lifecycle};
+use labyrinth::vm::vtimer::{self, PhysTimer};
+use labyrinth::vm::VcpuSet;
 use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
 use labyrinth::vm::vgic::{self, VGic};
 use labyrinth::vm::vpsci::{self, PowerState, PsciAction, StartRequest, VcpuPowerStates};
@@ -111,7 +113,7 @@ pub struct Vm {
     vttbr: AtomicU64,
     uart: Mutex<VPl011>,
     /// Its virtual GICv3 (unless the guest opted out).
-    vgic: Option<Mutex<VGic>>,
+    vgic: Option<VGic>,
     /// Frames promised to this guest at creation; every frame it draws is counted here first.
     budget: MemoryBudget,
     /// Each vCPU's PSCI power state and pending start.
@@ -144,6 +146,11 @@ pub struct Vcpu {
     stats: Stats,
     /// Aborts and undefined instructions are logged for the first few only.
     logged: u32,
+    /// Its emulated EL1 physical timer.
+    ptimer: PhysTimer,
+    /// The virtual timer's PPI is disabled at the host GIC until the guest has dealt with its
+    /// interrupt (the line is resampled low).
+    vtimer_held: bool,
 }
 
 const LOG_LIMIT: u32 = 8;
@@ -271,7 +278,15 @@ pub fn create_all(
             let cpu = vm.cpu_of(index);
             // SAFETY: CPU `cpu` does not run yet (boot CPU, before starting it).
             if let Some(slot) = unsafe { vcpu_slot(cpu) } {
-                *slot = Some(Vcpu { vm, index, pool: frames().cpu(cpu), stats: Stats::default(), logged: 0 });
+                *slot = Some(Vcpu {
+                    vm,
+                    index,
+                    pool: frames().cpu(cpu),
+                    stats: Stats::default(),
+                    logged: 0,
+                    ptimer: PhysTimer::new(),
+                    vtimer_held: false,
+                });
             }
         }
     }
@@ -341,7 +356,10 @@ fn build_inner(
         space: Mutex::new(Space { s2: None, vmid, dtb, resets: 0, frames_returned: 0 }),
         vttbr: AtomicU64::new(0),
         uart: Mutex::new(VPl011::new()),
-        vgic: cfg.virtual_gic.then(|| Mutex::new(VGic::new())),
+        vgic: match cfg.virtual_gic {
+            true => Some(VGic::new(vcpus).ok_or_else(|| format!("cpus = {vcpus}: too many for its virtual GIC"))?),
+            false => None,
+        },
         budget,
         power: VcpuPowerStates::new(vcpus).ok_or_else(|| format!("cpus = {vcpus}: not a vCPU count"))?,
         life: Lifecycle::new(),
@@ -501,6 +519,10 @@ fn wait_to_run(vcpu: &mut Vcpu) -> ! {
                 if HOST_GIC.load(Ordering::Relaxed) {
                     arch::gic::vcpu_reset();
                 }
+                vcpu.ptimer = PhysTimer::new();
+                vcpu.vtimer_held = false;
+                // Interrupts posted while it was off (SGIs in its mailbox) go in now.
+                sync_vgic(vcpu);
                 arch::enter_guest(entry, context)
             }
             _ => arch::wait_for_event(),
@@ -558,7 +580,7 @@ fn guest_sync(vcpu: &mut Vcpu, frame: &mut TrapFrame) {
             mmio_uart(vcpu, frame, ipa - UART_BASE, a, syn.esr)
         }
         GuestTrap::Abort { ipa: Some(ipa), access: Some(a), instruction: false, .. }
-            if vm.vgic.is_some() && vgic::frame_of(ipa).is_some() =>
+            if vm.vgic.is_some() && vgic::frame_of(ipa, vm.vcpus).is_some() =>
         {
             mmio_vgic(vcpu, frame, ipa, a, syn.esr)
         }
@@ -578,6 +600,10 @@ fn guest_sync(vcpu: &mut Vcpu, frame: &mut TrapFrame) {
             // A trapped SMC leaves ELR at the SMC itself.
             frame.elr += 4;
             psci(vcpu, frame);
+        }
+        GuestTrap::SysReg { encoding, read, reg: r } if vtimer::classify(encoding).is_some() => {
+            vcpu.stats.sysreg += 1;
+            physical_timer(vcpu, frame, encoding, read, r);
         }
         GuestTrap::SysReg { encoding, .. } if trap::is_dc_set_way(encoding) => {
             vcpu.stats.sysreg += 1;
@@ -871,31 +897,53 @@ fn mmio_uart(vcpu: &mut Vcpu, frame: &mut TrapFrame, offset: u64, a: MmioAccess,
     }
 }
 
-/// An access to the virtual GIC's distributor or redistributor.
+/// An access to the virtual GIC's distributor or a redistributor.
 fn mmio_vgic(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64, a: MmioAccess, esr: u64) {
     vcpu.stats.vgic_mmio += 1;
-    let (Some(g), Some((f, offset))) = (vcpu.vm.vgic.as_ref(), vgic::frame_of(ipa)) else { return };
-    let ok = {
-        let mut g = g.lock();
-        emulate_mmio(frame, a, |write| match write {
-            Some(v) => {
-                let ok = g.write(f, offset, a.size, v);
-                // An enable, a pending bit or a priority may have changed what the guest should see.
-                sync_lrs(&mut g);
-                ok.then_some(0)
-            }
-            None => g.read(f, offset, a.size),
-        })
-    };
+    let vm = vcpu.vm;
+    let (Some(g), Some((f, offset))) = (vm.vgic.as_ref(), vgic::frame_of(ipa, vm.vcpus)) else { return };
+    let mut to_sync = VcpuSet::EMPTY;
+    let ok = emulate_mmio(frame, a, |write| match write {
+        Some(v) => g.write(f, offset, a.size, v).map(|set| {
+            // An enable, a pending bit, a priority or a route changed what these vCPUs see.
+            to_sync = set;
+            0
+        }),
+        None => g.read(f, offset, a.size),
+    });
     if !ok {
-        refuse_access(
-            vcpu,
-            frame,
-            false,
-            esr,
-            format_args!("GIC {f:?} offset {offset:#x}, {} bytes", a.size),
-        );
+        refuse_access(vcpu, frame, false, esr, format_args!("GIC {f:?} offset {offset:#x}, {} bytes", a.size));
+        return;
     }
+    deliver(vcpu, to_sync);
+}
+
+/// The vCPUs in `set` have new interrupt state: this one syncs its list registers now, the
+/// others are kicked (they sync when they trap).
+fn deliver(vcpu: &mut Vcpu, set: VcpuSet) {
+    let vm = vcpu.vm;
+    for i in set.without(vcpu.index).iter().filter(|&i| i < vm.vcpus) {
+        if let Some(mpidr) = crate::boot::cpu_mpidr(vm.cpu_of(i)) {
+            arch::gic::kick(mpidr);
+        }
+    }
+    if set.contains(vcpu.index) {
+        sync_vgic(vcpu);
+    }
+}
+
+/// A trapped access to the EL1 physical timer (`CNTP_CTL/CVAL/TVAL_EL0`), emulated: its
+/// interrupt (PPI 30) follows the emulated timer's line.
+fn physical_timer(vcpu: &mut Vcpu, frame: &mut TrapFrame, encoding: u32, read: bool, r: u8) {
+    let Some(which) = vtimer::classify(encoding) else { return };
+    let now = arch::timer::counter();
+    if read {
+        set_reg(frame, r, vcpu.ptimer.read(which, now));
+    } else {
+        vcpu.ptimer.write(which, reg(frame, r), now);
+    }
+    frame.elr += 4;
+    sync_vgic(vcpu);
 }
 
 /// Carries out a trapped MMIO access on a device model: `device(None)` reads (the value, or
@@ -929,28 +977,25 @@ fn load_value(a: MmioAccess, v: u64) -> u64 {
     v
 }
 
-/// A trapped `ICC_SGI1R_EL1` (or ASGI1R/SGI0R) write: an SGI the guest sends, possibly to its
-/// own vCPU.
+/// A trapped `ICC_SGI1R_EL1` (or ASGI1R/SGI0R) write: an SGI the guest sends, posted to its
+/// targets' mailboxes without a lock, then delivered (see [`deliver`]).
 fn send_sgi(vcpu: &mut Vcpu, value: u64) {
     let Some(g) = vcpu.vm.vgic.as_ref() else { return };
-    if let Some(intid) = VGic::sgi_for_self(value) {
-        vcpu.stats.sgis += 1;
-        let mut g = g.lock();
-        g.raise(intid);
-        sync_lrs(&mut g);
-    }
+    vcpu.stats.sgis += 1;
+    let targets = g.send_sgi(vcpu.index, value);
+    deliver(vcpu, targets);
 }
 
 /// Physical interrupts that arrived while the guest ran: a kick only takes the vCPU out of
-/// the guest (its caller then looks at the guest's state); the virtual timer's is masked at
-/// its source and injected as virtual PPI 27; the maintenance interrupt only asks for a refill.
+/// the guest (its caller then looks at the guest's state; the sync below drains its mailbox);
+/// the virtual timer's PPI is held off at the host GIC until the guest deals with it; the EL2
+/// timer stands for the emulated physical timer; the maintenance interrupt asks for a sync.
 fn guest_irq(vcpu: &mut Vcpu) {
     if !HOST_GIC.load(Ordering::Relaxed) {
         warn!("guest {}: interrupt with no host GIC set up, ignored", vcpu.vm.name);
         return;
     }
-    let mut vgic = vcpu.vm.vgic.as_ref().map(|g| g.lock());
-    // Bounded: each INTID is completed before the next acknowledge, and a masked timer does
+    // Bounded: each INTID is completed before the next acknowledge, and a held timer does
     // not come back, so more than a few rounds means a misbehaving GIC.
     for _ in 0..16 {
         let intid = arch::gic::ack();
@@ -958,31 +1003,46 @@ fn guest_irq(vcpu: &mut Vcpu) {
             break;
         }
         vcpu.stats.irqs += 1;
-        match (intid, vgic.as_mut()) {
-            (arch::gic::KICK_SGI, _) => vcpu.stats.kicks += 1,
-            (arch::gic::VTIMER_PPI, Some(g)) => {
-                arch::gic::mask_vtimer();
-                g.raise(vgic::VTIMER_INTID);
+        match intid {
+            arch::gic::KICK_SGI => vcpu.stats.kicks += 1,
+            arch::gic::VTIMER_PPI => {
+                arch::gic::set_ppi_enabled(arch::gic::VTIMER_PPI, false);
+                // A guest without a virtual GIC cannot take it: it stays off.
+                vcpu.vtimer_held = vcpu.vm.vgic.is_some();
                 vcpu.stats.vtimer += 1;
             }
+            arch::timer::HYP_TIMER_PPI => arch::timer::set_hyp_timer(None),
             _ => {}
         }
         arch::gic::eoi(intid);
     }
-    if let Some(g) = vgic.as_mut() {
-        sync_lrs(g);
-    }
+    sync_vgic(vcpu);
 }
 
-/// Hands the list registers back to the model and refills them (see `vm::vgic`).
-fn sync_lrs(g: &mut VGic) {
+/// Brings the guest's interrupts up to date on this CPU: both timers' lines resampled (a
+/// disabled or re-armed timer is no longer pending), the list registers folded back into the
+/// model, the mailbox drained, and the list registers refilled (see `vm::vgic`).
+fn sync_vgic(vcpu: &mut Vcpu) {
+    let Some(g) = vcpu.vm.vgic.as_ref() else { return };
+    let now = arch::timer::counter();
+    let (ctl, cval) = arch::timer::vtimer_registers();
+    let vline = vtimer::line_level(ctl, cval, now);
+    g.set_line_level(vcpu.index, vgic::VTIMER_INTID, vline);
+    if !vline && vcpu.vtimer_held {
+        vcpu.vtimer_held = false;
+        arch::gic::set_ppi_enabled(arch::gic::VTIMER_PPI, true);
+    }
+    let pline = vcpu.ptimer.level(now);
+    g.set_line_level(vcpu.index, vgic::PTIMER_INTID, pline);
+    // While its line is high the EL2 timer stays off; it is armed again once the guest has
+    // dealt with the interrupt (a resample finds the line low).
+    arch::timer::set_hyp_timer(if pline { None } else { vcpu.ptimer.deadline() });
     let mut buf = [0u64; 8];
     let lrs = &mut buf[..arch::gic::lr_count()];
     arch::gic::read_lrs(lrs);
-    g.fold(lrs);
-    let left_out = g.refill(lrs);
+    let underflow = g.sync_lrs(vcpu.index, lrs);
     arch::gic::write_lrs(lrs);
-    arch::gic::set_underflow(left_out);
+    arch::gic::set_underflow(underflow);
 }
 
 fn emit(name: &str, line: &[u8]) {
@@ -1065,7 +1125,7 @@ fn take_guest_down(vcpu: &mut Vcpu) -> bool {
     if !vm.life.begin_stop(vcpu.index) {
         return false;
     }
-    let mut kicked = VcpuSet::default();
+    let mut kicked = VcpuSet::EMPTY;
     let mut rounds = 0u64;
     loop {
         let inside = vm.life.inside(vm.vcpus);
@@ -1076,7 +1136,7 @@ fn take_guest_down(vcpu: &mut Vcpu) -> bool {
             // One kick each, sent again now and then: a vCPU that took its kick just before it
             // re-entered sees the stop on entry, so this is only a guard against a lost SGI.
             if !kicked.contains(i) || rounds % 100_000 == 0 {
-                kicked.insert(i);
+                kicked = kicked.with(i);
                 if let Some(mpidr) = crate::boot::cpu_mpidr(vm.cpu_of(i)) {
                     arch::gic::kick(mpidr);
                 }
@@ -1136,7 +1196,7 @@ fn reset(vcpu: &mut Vcpu) -> ! {
     }
     *vm.uart.lock() = VPl011::new();
     if let Some(g) = vm.vgic.as_ref() {
-        *g.lock() = VGic::new();
+        g.reset();
     }
     boot_vcpu0(vm);
     vm.life.finish(true);

@@ -13,9 +13,8 @@
 //! [`inside`]: Lifecycle::inside
 
 use super::sync::{AtomicBool, AtomicU8, Ordering};
-
-/// The most vCPUs a guest can have (the machine's CPUs bound it further).
-pub const MAX_VCPUS: usize = 8;
+use super::VcpuSet;
+use crate::dt::MAX_VCPUS;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Life {
@@ -23,28 +22,6 @@ pub enum Life {
     /// One vCPU won the guest (stop or reset) and waits for the others to be out.
     Stopping,
     Stopped,
-}
-
-/// A set of vCPUs of one guest, by index.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VcpuSet(u32);
-
-impl VcpuSet {
-    pub fn contains(self, vcpu: usize) -> bool {
-        vcpu < 32 && self.0 & (1 << vcpu) != 0
-    }
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-    pub fn insert(&mut self, vcpu: usize) {
-        if vcpu < 32 {
-            self.0 |= 1 << vcpu;
-        }
-    }
-    /// The vCPUs in the set, lowest first.
-    pub fn iter(self) -> impl Iterator<Item = usize> {
-        (0..32).filter(move |&i| self.0 & (1 << i) != 0)
-    }
 }
 
 pub struct Lifecycle {
@@ -108,10 +85,10 @@ impl Lifecycle {
 
     /// The vCPUs among the first `vcpus` that are still inside the guest.
     pub fn inside(&self, vcpus: usize) -> VcpuSet {
-        let mut set = VcpuSet::default();
+        let mut set = VcpuSet::EMPTY;
         for (i, flag) in self.in_guest.iter().enumerate().take(vcpus) {
             if flag.load(Ordering::SeqCst) {
-                set.insert(i);
+                set = set.with(i);
             }
         }
         set
@@ -131,11 +108,11 @@ mod tests {
     fn one_vcpu_wins_the_stop_and_nobody_enters_meanwhile() {
         let l = Lifecycle::new();
         assert!(l.try_enter(0) && l.try_enter(1));
-        assert_eq!(l.inside(2), VcpuSet(0b11));
+        assert_eq!(l.inside(2), VcpuSet::first(2));
         assert!(l.begin_stop(1));
         assert!(!l.begin_stop(0), "a second stop loses");
         assert_eq!(l.life(), Life::Stopping);
-        assert_eq!(l.inside(2), VcpuSet(0b01), "the winner is out, the other is still inside");
+        assert_eq!(l.inside(2), VcpuSet::only(0), "the winner is out, the other is still inside");
         l.leave(0);
         assert!(!l.try_enter(0), "nobody enters a guest being stopped");
         assert!(l.inside(2).is_empty());
@@ -153,7 +130,6 @@ mod tests {
         assert!(!l.try_enter(MAX_VCPUS));
         l.leave(usize::MAX);
         assert!(l.inside(usize::MAX).is_empty());
-        assert_eq!(VcpuSet(0b101).iter().collect::<Vec<_>>(), [0, 2]);
     }
 }
 

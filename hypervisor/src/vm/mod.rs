@@ -8,9 +8,12 @@ pub mod image;
 pub mod layout;
 pub mod lifecycle;
 pub mod trap;
+pub mod vcpu_set;
 pub mod vgic;
 pub mod vpl011;
 pub mod vpsci;
 pub mod vtimer;
 
 mod sync;
+
+pub use vcpu_set::VcpuSet;

@@ -22,7 +22,9 @@ use tock_registers::interfaces::{ReadWriteable, Readable as _, Writeable as _};
 use tock_registers::registers::{ReadOnly, ReadWrite};
 use tock_registers::{register_bitfields, register_structs};
 
+use super::cpu::{cpu_index, MAX_CPUS};
 use super::mmu::{map_range, MapKind};
+use super::timer::HYP_TIMER_PPI;
 
 /// Interrupt IDs Labyrinth takes on a CPU that runs a guest with a virtual GIC.
 pub const VTIMER_PPI: u32 = 27;
@@ -82,7 +84,7 @@ register_structs! {
         (0x0084 => _reserved1),
         (0x0100 => isenabler0: ReadWrite<u32>),
         (0x0104 => _reserved2),
-        (0x0180 => _icenabler0: ReadWrite<u32>),
+        (0x0180 => icenabler0: ReadWrite<u32>),
         (0x0184 => _reserved3),
         (0x0400 => ipriorityr: [ReadWrite<u32>; 8]),
         (0x0420 => @END),
@@ -99,6 +101,8 @@ const POLL_LIMIT: u32 = 1_000_000;
 static GICD: AtomicU64 = AtomicU64::new(0);
 static GICR: AtomicU64 = AtomicU64::new(0);
 static GICR_END: AtomicU64 = AtomicU64::new(0);
+/// Each CPU's redistributor SGI frame, found by [`init_cpu`] (0: none yet).
+static SGI_FRAMES: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 /// Why the physical GIC cannot be used for guests.
 #[derive(Debug, Clone, Copy)]
@@ -184,14 +188,17 @@ pub fn init_cpu() -> Result<(), GicError> {
             return Err(GicError::WakeTimeout);
         }
     }
-    let ours = (1 << VTIMER_PPI) | (1 << MAINTENANCE_PPI) | (1 << KICK_SGI);
+    let ours = (1 << VTIMER_PPI) | (1 << MAINTENANCE_PPI) | (1 << KICK_SGI) | (1 << HYP_TIMER_PPI);
     sgi.igroupr0.set(sgi.igroupr0.get() | ours);
-    for intid in [VTIMER_PPI, MAINTENANCE_PPI, KICK_SGI] {
+    for intid in [VTIMER_PPI, MAINTENANCE_PPI, KICK_SGI, HYP_TIMER_PPI] {
         let reg = &sgi.ipriorityr[(intid / 4) as usize];
         let shift = (intid % 4) * 8;
         reg.set((reg.get() & !(0xff << shift)) | (u32::from(PPI_PRIORITY) << shift));
     }
     sgi.isenabler0.set(ours);
+    if let Some(slot) = SGI_FRAMES.get(cpu_index()) {
+        slot.store(base + SGI_FRAME, Ordering::Release);
+    }
     // System registers at EL2 and (Enable) for EL1, which then reaches the virtual interface.
     ICC_SRE_EL2.write(ICC_SRE_EL2::SRE::SET + ICC_SRE_EL2::ENABLE::SET);
     aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
@@ -265,10 +272,21 @@ pub fn eoi(intid: u32) {
     unsafe { core::arch::asm!("msr S3_0_C12_C12_1, {}", "isb", in(reg) u64::from(intid), options(nostack)) };
 }
 
-/// Masks the EL1 virtual timer's output (CNTV_CTL_EL0.IMASK): its interrupt line drops; the
-/// guest clears IMASK itself when it programs its next event.
-pub fn mask_vtimer() {
-    CNTV_CTL_EL0.modify(aarch64_cpu::registers::CNTV_CTL_EL0::IMASK::SET);
+/// Enables or disables PPI `intid` in this CPU's redistributor: how the virtual timer's line
+/// is held off while the guest has not dealt with its interrupt (its own `CNTV_CTL_EL0` stays
+/// as the guest wrote it).
+pub fn set_ppi_enabled(intid: u32, on: bool) {
+    let Some(frame) = SGI_FRAMES.get(cpu_index()).map(|f| f.load(Ordering::Acquire)).filter(|&f| f != 0) else {
+        return;
+    };
+    // SAFETY: this CPU's redistributor SGI frame, mapped by `init` and found by `init_cpu`.
+    let sgi = unsafe { &*(frame as *const GicrSgiRegs) };
+    let bit = 1u32 << (intid % 32);
+    if on {
+        sgi.isenabler0.set(bit);
+    } else {
+        sgi.icenabler0.set(bit);
+    }
 }
 
 /// List registers this CPU implements (at most 16; Labyrinth uses the first 8).

@@ -45,10 +45,11 @@ use dist::{Distributor, Touched};
 pub use lr::{LR_ACTIVE, LR_EOI, LR_GROUP1, LR_INTID, LR_PENDING, LR_PRIORITY_SHIFT};
 use mailbox::Mailbox;
 use redist::Redistributor;
-pub use sgi::{sgi_targets, VcpuSet};
+pub use super::vcpu_set::VcpuSet;
+pub use sgi::sgi_targets;
 
 /// The most vCPUs a guest with a virtual GIC may have.
-pub const MAX_VCPUS: usize = 8;
+pub use crate::dt::MAX_VCPUS;
 
 /// Distributor frame (64 KiB) at QEMU virt's GICD.
 pub const GICD_BASE: u64 = 0x0800_0000;

@@ -4,73 +4,7 @@
 //! vCPU `i` of a guest has MPIDR Aff0 = `i` and Aff1..Aff3 = 0; targets that name no vCPU
 //! are dropped, as a GIC drops SGIs to PEs that do not exist.
 
-use super::MAX_VCPUS;
-
-/// A set of a guest's vCPUs, by index.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct VcpuSet(u32);
-
-const _: () = assert!(MAX_VCPUS <= 32, "VcpuSet holds up to 32 vCPUs");
-
-impl VcpuSet {
-    pub const EMPTY: VcpuSet = VcpuSet(0);
-
-    /// vCPUs `0..n`.
-    pub const fn first(n: usize) -> VcpuSet {
-        if n >= 32 {
-            VcpuSet(u32::MAX)
-        } else {
-            VcpuSet((1 << n) - 1)
-        }
-    }
-
-    pub const fn only(vcpu: usize) -> VcpuSet {
-        VcpuSet::EMPTY.with(vcpu)
-    }
-
-    /// This set and `vcpu` (an index beyond the set's range is ignored).
-    pub const fn with(self, vcpu: usize) -> VcpuSet {
-        if vcpu < 32 {
-            VcpuSet(self.0 | 1 << vcpu)
-        } else {
-            self
-        }
-    }
-
-    pub const fn without(self, vcpu: usize) -> VcpuSet {
-        if vcpu < 32 {
-            VcpuSet(self.0 & !(1 << vcpu))
-        } else {
-            self
-        }
-    }
-
-    pub const fn union(self, other: VcpuSet) -> VcpuSet {
-        VcpuSet(self.0 | other.0)
-    }
-
-    pub const fn contains(self, vcpu: usize) -> bool {
-        vcpu < 32 && self.0 & (1 << vcpu) != 0
-    }
-
-    pub const fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
-    pub const fn len(self) -> usize {
-        self.0.count_ones() as usize
-    }
-
-    /// One bit per vCPU, vCPU 0 in bit 0.
-    pub const fn bits(self) -> u32 {
-        self.0
-    }
-
-    /// The vCPUs in the set, lowest first.
-    pub fn iter(self) -> impl Iterator<Item = usize> {
-        (0..32).filter(move |&i| self.contains(i))
-    }
-}
+use super::{VcpuSet, MAX_VCPUS};
 
 // ICC_SGI1R_EL1 fields (ASGI1R and SGI0R share them).
 const TARGET_LIST: u64 = 0xffff;
@@ -101,5 +35,5 @@ pub fn sgi_targets(sender: usize, value: u64, vcpus: usize) -> (u32, VcpuSet) {
     let base = ((value >> RS_SHIFT) & RS_MASK) as usize * 16;
     let list = value & TARGET_LIST;
     let set = (0..16).filter(|bit| list & (1 << bit) != 0).fold(VcpuSet::EMPTY, |s, bit| s.with(base + bit));
-    (intid, VcpuSet(set.0 & all.0))
+    (intid, set.intersection(all))
 }
