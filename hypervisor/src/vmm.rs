@@ -22,11 +22,11 @@ use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, B
 use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
 use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
 use labyrinth::vm::lifecycle::{Life, Lifecycle};
-use labyrinth::vm::vtimer::{self, PhysTimer};
-use labyrinth::vm::VcpuSet;
 use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
 use labyrinth::vm::vgic::{self, VGic};
 use labyrinth::vm::vpsci::{self, PowerState, PsciAction, StartRequest, VcpuPowerStates};
+use labyrinth::vm::vtimer::{self, PhysTimer};
+use labyrinth::vm::VcpuSet;
 use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
 use log::{error, info, warn};
 use spin::Mutex;
@@ -357,7 +357,9 @@ fn build_inner(
         vttbr: AtomicU64::new(0),
         uart: Mutex::new(VPl011::new()),
         vgic: match cfg.virtual_gic {
-            true => Some(VGic::new(vcpus).ok_or_else(|| format!("cpus = {vcpus}: too many for its virtual GIC"))?),
+            true => Some(
+                VGic::new(vcpus).ok_or_else(|| format!("cpus = {vcpus}: too many for its virtual GIC"))?,
+            ),
             false => None,
         },
         budget,
@@ -912,7 +914,13 @@ fn mmio_vgic(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64, a: MmioAccess, es
         None => g.read(f, offset, a.size),
     });
     if !ok {
-        refuse_access(vcpu, frame, false, esr, format_args!("GIC {f:?} offset {offset:#x}, {} bytes", a.size));
+        refuse_access(
+            vcpu,
+            frame,
+            false,
+            esr,
+            format_args!("GIC {f:?} offset {offset:#x}, {} bytes", a.size),
+        );
         return;
     }
     deliver(vcpu, to_sync);

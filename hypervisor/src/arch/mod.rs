@@ -13,7 +13,6 @@ pub use aarch64::{
     power::{cpu_off, cpu_on, park, power_off, send_event, wait_for_event},
     secondary_entry_address,
     stage2_hw::HwStage2,
-    timer,
-    ticks_per_second, time_now_ticks,
+    ticks_per_second, time_now_ticks, timer,
     vcpu::{configure_el2, enter as enter_guest, inject_external_abort, inject_undefined, trap_syndrome},
 };

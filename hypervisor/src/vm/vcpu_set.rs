@@ -72,4 +72,3 @@ impl VcpuSet {
         (0..32).filter(move |&i| self.contains(i))
     }
 }
-

@@ -276,7 +276,8 @@ pub fn eoi(intid: u32) {
 /// is held off while the guest has not dealt with its interrupt (its own `CNTV_CTL_EL0` stays
 /// as the guest wrote it).
 pub fn set_ppi_enabled(intid: u32, on: bool) {
-    let Some(frame) = SGI_FRAMES.get(cpu_index()).map(|f| f.load(Ordering::Acquire)).filter(|&f| f != 0) else {
+    let Some(frame) = SGI_FRAMES.get(cpu_index()).map(|f| f.load(Ordering::Acquire)).filter(|&f| f != 0)
+    else {
         return;
     };
     // SAFETY: this CPU's redistributor SGI frame, mapped by `init` and found by `init_cpu`.

@@ -40,12 +40,12 @@ mod tests;
 
 use spin::Mutex;
 
+pub use super::vcpu_set::VcpuSet;
 use bank::bit;
 use dist::{Distributor, Touched};
 pub use lr::{LR_ACTIVE, LR_EOI, LR_GROUP1, LR_INTID, LR_PENDING, LR_PRIORITY_SHIFT};
 use mailbox::Mailbox;
 use redist::Redistributor;
-pub use super::vcpu_set::VcpuSet;
 pub use sgi::sgi_targets;
 
 /// The most vCPUs a guest with a virtual GIC may have.

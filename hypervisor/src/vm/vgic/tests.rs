@@ -114,7 +114,9 @@ fn redistributors_are_laid_out_contiguously() {
     assert_eq!(frame_of(0x080e_0000, 3), Some((rd(2), 0)));
     assert_eq!(frame_of(0x0810_0000, 3), None, "past the third");
     assert_eq!(frame_of(0x081a_0000 - 4, 8), Some((sgi_frame(7), 0xfffc)));
-    assert_eq!(frame_of(0x081a_0000, 99), None, "never more than MAX_VCPUS");
+    let past_the_last = GICR_BASE + MAX_VCPUS as u64 * GICR_SIZE;
+    assert_eq!(frame_of(past_the_last - 4, 99), Some((sgi_frame(MAX_VCPUS - 1), 0xfffc)));
+    assert_eq!(frame_of(past_the_last, 99), None, "never more than MAX_VCPUS");
     assert_eq!(frame_of(0x0800_0004, 2), Some((D, 4)));
     assert_eq!(frame_of(0x0801_0000, 2), None);
     assert_eq!(frame_of(0x0809_ffff, 2), None);
