@@ -67,6 +67,8 @@ struct Stats {
     vgic_mmio: u64,
     /// Kicks taken: another CPU took this vCPU out of the guest.
     kicks: u64,
+    /// vGIC maintenance interrupts (list registers emptied, a level interrupt completed).
+    maintenance: u64,
 }
 
 impl Stats {
@@ -84,6 +86,7 @@ impl Stats {
         self.sgis += o.sgis;
         self.vgic_mmio += o.vgic_mmio;
         self.kicks += o.kicks;
+        self.maintenance += o.maintenance;
     }
 }
 
@@ -1013,6 +1016,12 @@ fn guest_irq(vcpu: &mut Vcpu) {
         vcpu.stats.irqs += 1;
         match intid {
             arch::gic::KICK_SGI => vcpu.stats.kicks += 1,
+            // Its condition (a completed level interrupt, empty list registers) holds until
+            // the list registers are rewritten: sync before completing it, or it comes back.
+            arch::gic::MAINTENANCE_PPI => {
+                vcpu.stats.maintenance += 1;
+                sync_vgic(vcpu);
+            }
             arch::gic::VTIMER_PPI => {
                 arch::gic::set_ppi_enabled(arch::gic::VTIMER_PPI, false);
                 // A guest without a virtual GIC cannot take it: it stays off.
@@ -1275,7 +1284,7 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     let mut line = alloc::string::String::new();
     let _ = write!(
         line,
-        "guest {}: stopped by {cause:?}; vCPUs {}; faults {} (4 KiB pages {}, 2 MiB blocks {}); aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {resets}; frames returned {returned}, still owned {left}; interrupts {} (virtual timer {}, kicks {}), own SGIs {}, vgic mmio {}",
+        "guest {}: stopped by {cause:?}; vCPUs {}; faults {} (4 KiB pages {}, 2 MiB blocks {}); aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {resets}; frames returned {returned}, still owned {left}; interrupts {} (virtual timer {}, kicks {}, maintenance {}), own SGIs {}, vgic mmio {}",
         vm.name,
         vm.vcpus,
         s.page_faults + s.block_faults,
@@ -1290,6 +1299,7 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
         s.irqs,
         s.vtimer,
         s.kicks,
+        s.maintenance,
         s.sgis,
         s.vgic_mmio,
     );
