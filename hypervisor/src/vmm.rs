@@ -15,148 +15,24 @@
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::fmt::Write as _;
-use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use labyrinth::dt::{GuestConfig, Platform};
 use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
 use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
-use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
-use labyrinth::vm::lifecycle::{Life, Lifecycle};
-use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
-use labyrinth::vm::vgic::{self, VGic};
-use labyrinth::vm::vpsci::{self, PowerState, PsciAction, StartRequest, VcpuPowerStates};
-use labyrinth::vm::vtimer::{self, PhysTimer};
-use labyrinth::vm::VcpuSet;
+use labyrinth::vm::exit::{self, Outcome};
+use labyrinth::vm::guest::{Space, VmParts};
+use labyrinth::vm::layout::{self, Layout};
+use labyrinth::vm::lifecycle::Life;
+use labyrinth::vm::vpsci::{PowerState, StartRequest};
 use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
+use labyrinth::vm::{StopCause, Vcpu, VcpuSet, Vm};
 use log::{error, info, warn};
 use spin::Mutex;
 
 use crate::arch::{self, TrapFrame, MAX_CPUS};
 
 const BLOCK: u64 = level_size(2);
-
-/// Why a guest stopped, for its report.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum StopCause {
-    SystemOff,
-    /// Its last running vCPU called CPU_OFF.
-    CpuOff,
-    OutOfMemory,
-    SError,
-    /// The host GIC could not be set up for its virtual GIC.
-    HostGic,
-    /// Its stage-2 space, VMID or device tree could not be made again after a reset.
-    ResetFailed,
-}
-
-#[derive(Default, Clone, Copy)]
-struct Stats {
-    page_faults: u64,
-    block_faults: u64,
-    aborts_injected: u64,
-    undefs_injected: u64,
-    mmio: u64,
-    hvc: u64,
-    smc: u64,
-    sysreg: u64,
-    /// Physical interrupts taken while it ran, virtual timer interrupts injected, SGIs it sent
-    /// itself, accesses to its virtual GIC's registers.
-    irqs: u64,
-    vtimer: u64,
-    sgis: u64,
-    vgic_mmio: u64,
-    /// Kicks taken: another CPU took this vCPU out of the guest.
-    kicks: u64,
-    /// vGIC maintenance interrupts (list registers emptied, a level interrupt completed).
-    maintenance: u64,
-}
-
-impl Stats {
-    fn add(&mut self, o: &Stats) {
-        self.page_faults += o.page_faults;
-        self.block_faults += o.block_faults;
-        self.aborts_injected += o.aborts_injected;
-        self.undefs_injected += o.undefs_injected;
-        self.mmio += o.mmio;
-        self.hvc += o.hvc;
-        self.smc += o.smc;
-        self.sysreg += o.sysreg;
-        self.irqs += o.irqs;
-        self.vtimer += o.vtimer;
-        self.sgis += o.sgis;
-        self.vgic_mmio += o.vgic_mmio;
-        self.kicks += o.kicks;
-        self.maintenance += o.maintenance;
-    }
-}
-
-/// The guest's stage-2 space and what is rebuilt with it on a reset.
-struct Space {
-    s2: Option<Stage2>,
-    vmid: u16,
-    dtb: Vec<u8>,
-    resets: u32,
-    frames_returned: u64,
-}
-
-/// What the vCPUs of one guest share.
-pub struct Vm {
-    name: &'static str,
-    config: GuestConfig<'static>,
-    id: VmId,
-    layout: Layout,
-    geo: Geometry,
-    /// Its vCPUs run on physical CPUs `first_cpu..first_cpu + vcpus`.
-    first_cpu: usize,
-    vcpus: usize,
-    /// Faults take it with `try_lock` on the fast path (never waiting) and `lock` on the
-    /// general path; creation, reset and teardown hold it while every other vCPU is out.
-    space: Mutex<Space>,
-    /// `VTTBR_EL2` of the space (0 while it has none), read by each vCPU as it enters.
-    vttbr: AtomicU64,
-    uart: Mutex<VPl011>,
-    /// Its virtual GICv3 (unless the guest opted out).
-    vgic: Option<VGic>,
-    /// Frames promised to this guest at creation; every frame it draws is counted here first.
-    budget: MemoryBudget,
-    /// Each vCPU's PSCI power state and pending start.
-    power: VcpuPowerStates,
-    life: Lifecycle,
-    /// The counters of vCPUs that left the guest, for the report.
-    totals: Mutex<Stats>,
-}
-
-impl Vm {
-    fn owner(&self) -> Owner {
-        Owner::guest(self.id)
-    }
-
-    fn life(&self) -> Life {
-        self.life.life()
-    }
-
-    fn cpu_of(&self, vcpu: usize) -> usize {
-        self.first_cpu + vcpu
-    }
-}
-
-/// What one CPU owns of the vCPU it runs.
-pub struct Vcpu {
-    vm: &'static Vm,
-    index: usize,
-    /// The atomic path of this CPU.
-    pool: Option<CpuFrames<'static, 'static>>,
-    stats: Stats,
-    /// Aborts and undefined instructions are logged for the first few only.
-    logged: u32,
-    /// Its emulated EL1 physical timer.
-    ptimer: PhysTimer,
-    /// The virtual timer's PPI is disabled at the host GIC until the guest has dealt with its
-    /// interrupt (the line is resampled low).
-    vtimer_held: bool,
-}
-
-const LOG_LIMIT: u32 = 8;
 
 /// One slot per CPU; a slot is written by the boot CPU before its CPU starts, and afterwards
 /// only by that CPU.
@@ -276,20 +152,14 @@ pub fn create_all(
     LIVE.store(vms.len(), Ordering::Release);
     let vms: &'static [Vm] = Vec::leak(vms);
     for vm in vms {
-        boot_vcpu0(vm);
+        if !vm.boot_vcpu0() {
+            error!("guest {}: vCPU 0 cannot be started", vm.name);
+        }
         for index in 0..vm.vcpus {
             let cpu = vm.cpu_of(index);
             // SAFETY: CPU `cpu` does not run yet (boot CPU, before starting it).
             if let Some(slot) = unsafe { vcpu_slot(cpu) } {
-                *slot = Some(Vcpu {
-                    vm,
-                    index,
-                    pool: frames().cpu(cpu),
-                    stats: Stats::default(),
-                    logged: 0,
-                    ptimer: PhysTimer::new(),
-                    vtimer_held: false,
-                });
+                *slot = Some(Vcpu::new(vm, index, frames().cpu(cpu)));
             }
         }
     }
@@ -348,28 +218,8 @@ fn build_inner(
         frames().uncommit(budget.promised());
         return Err(format!("no VMID left"));
     };
-    let vm = Vm {
-        name: cfg.name,
-        config: *cfg,
-        id,
-        layout,
-        geo,
-        first_cpu,
-        vcpus,
-        space: Mutex::new(Space { s2: None, vmid, dtb, resets: 0, frames_returned: 0 }),
-        vttbr: AtomicU64::new(0),
-        uart: Mutex::new(VPl011::new()),
-        vgic: match cfg.virtual_gic {
-            true => Some(
-                VGic::new(vcpus).ok_or_else(|| format!("cpus = {vcpus}: too many for its virtual GIC"))?,
-            ),
-            false => None,
-        },
-        budget,
-        power: VcpuPowerStates::new(vcpus).ok_or_else(|| format!("cpus = {vcpus}: not a vCPU count"))?,
-        life: Lifecycle::new(),
-        totals: Mutex::new(Stats::default()),
-    };
+    let parts = VmParts { config: *cfg, id, layout, geo, first_cpu, vmid, dtb, budget };
+    let vm = Vm::new(parts).map_err(|e| format!("{e}"))?;
     let loaded = load(&vm, &mut vm.space.lock(), first_cpu);
     if let Err(e) = loaded {
         teardown(&vm, &mut vm.space.lock());
@@ -495,7 +345,7 @@ fn wait_to_run(vcpu: &mut Vcpu) -> ! {
     let vm = vcpu.vm;
     vm.life.leave(vcpu.index);
     loop {
-        match vm.life() {
+        match vm.life.life() {
             Life::Stopped => {
                 if HOST_GIC.load(Ordering::Relaxed) {
                     arch::gic::vcpu_off();
@@ -524,10 +374,9 @@ fn wait_to_run(vcpu: &mut Vcpu) -> ! {
                 if HOST_GIC.load(Ordering::Relaxed) {
                     arch::gic::vcpu_reset();
                 }
-                vcpu.ptimer = PhysTimer::new();
-                vcpu.vtimer_held = false;
+                vcpu.restart();
                 // Interrupts posted while it was off (SGIs in its mailbox) go in now.
-                sync_vgic(vcpu);
+                exit::sync_vgic(vcpu, &mut arch::Hw);
                 arch::enter_guest(entry, context)
             }
             _ => arch::wait_for_event(),
@@ -546,14 +395,21 @@ fn leave_guest(vcpu: &mut Vcpu) -> ! {
     wait_to_run(vcpu)
 }
 
-/// Every exception a guest takes comes here (on its CPU's exception stack).
-pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
+/// Every exception a guest takes comes here, from the arch's vectors, on its CPU's exception
+/// stack with the guest's registers in `frame`; what the frame holds on return is what the
+/// guest resumes with. `kind` is the vector: 8 synchronous, 9 IRQ, 10 FIQ, 11 SError.
+#[no_mangle]
+extern "C" fn guest_trap(kind: u64, frame: &mut TrapFrame) {
     let Some(vcpu) = this_vcpu() else {
         arch::emergency_line(format_args!("guest exception on CPU {} with no guest", arch::cpu_index()));
         arch::power_off();
     };
-    match kind {
-        8 => guest_sync(vcpu, frame),
+    let hw = &mut arch::Hw;
+    let outcome = match kind {
+        8 => {
+            let syn = arch::trap_syndrome();
+            exit::handle_sync(vcpu, frame, hw, syn.esr, syn.far, syn.hpfar)
+        }
         11 => {
             error!(
                 "guest {} vCPU {}: SError (ESR {:#x}): stopped",
@@ -561,79 +417,47 @@ pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
                 vcpu.index,
                 arch::trap_syndrome().esr
             );
-            stop(vcpu, StopCause::SError);
+            Outcome::Stop(StopCause::SError)
         }
-        // IRQ (or FIQ) while the guest ran: a kick, the virtual timer or the vGIC's maintenance.
-        _ => guest_irq(vcpu),
+        // IRQ (or FIQ) while the guest ran: a kick, a timer or the vGIC's maintenance.
+        _ if HOST_GIC.load(Ordering::Relaxed) => exit::handle_irq(vcpu, hw),
+        _ => {
+            warn!("guest {}: interrupt with no host GIC set up, ignored", vcpu.vm.name);
+            Outcome::Resume
+        }
+    };
+    match outcome {
+        Outcome::Resume => {}
+        Outcome::Fault { ipa } => demand_fault(vcpu, frame, ipa),
+        Outcome::CpuOff => leave_guest(vcpu),
+        Outcome::Stop(cause) => stop(vcpu, cause),
+        Outcome::Reset => reset(vcpu),
     }
     // Another vCPU is stopping or resetting the guest: this one leaves it now.
-    if vcpu.vm.life() != Life::Running {
+    if vcpu.vm.life.life() != Life::Running {
         leave_guest(vcpu);
     }
 }
 
-fn guest_sync(vcpu: &mut Vcpu, frame: &mut TrapFrame) {
-    let vm = vcpu.vm;
-    let syn = arch::trap_syndrome();
-    match trap::decode(syn.esr, syn.far, syn.hpfar) {
-        GuestTrap::Abort { ipa: Some(ipa), fsc: 0x04..=0x07, .. } if vm.layout.in_ram(ipa) => {
-            demand_fault(vcpu, frame, ipa)
-        }
-        GuestTrap::Abort { ipa: Some(ipa), access: Some(a), instruction: false, .. }
-            if (UART_BASE..UART_BASE + UART_SIZE).contains(&ipa) =>
-        {
-            mmio_uart(vcpu, frame, ipa - UART_BASE, a, syn.esr)
-        }
-        GuestTrap::Abort { ipa: Some(ipa), access: Some(a), instruction: false, .. }
-            if vm.vgic.is_some() && vgic::frame_of(ipa, vm.vcpus).is_some() =>
-        {
-            mmio_vgic(vcpu, frame, ipa, a, syn.esr)
-        }
-        GuestTrap::Abort { ipa, instruction, fsc, .. } => refuse_access(
-            vcpu,
-            frame,
-            instruction,
-            syn.esr,
-            format_args!("IPA {ipa:x?} (FAR {:#x}), fault status {fsc:#x}", syn.far),
-        ),
-        GuestTrap::Hvc { .. } => {
-            vcpu.stats.hvc += 1;
-            psci(vcpu, frame);
-        }
-        GuestTrap::Smc { .. } => {
-            vcpu.stats.smc += 1;
-            // A trapped SMC leaves ELR at the SMC itself.
-            frame.elr += 4;
-            psci(vcpu, frame);
-        }
-        GuestTrap::SysReg { encoding, read, reg: r } if vtimer::classify(encoding).is_some() => {
-            vcpu.stats.sysreg += 1;
-            physical_timer(vcpu, frame, encoding, read, r);
-        }
-        GuestTrap::SysReg { encoding, .. } if trap::is_dc_set_way(encoding) => {
-            vcpu.stats.sysreg += 1;
-            frame.elr += 4;
-        }
-        GuestTrap::SysReg { encoding, read: false, reg: r }
-            if vm.vgic.is_some() && trap::is_gic_sgi_register(encoding) =>
-        {
-            vcpu.stats.sysreg += 1;
-            send_sgi(vcpu, reg(frame, r));
-            frame.elr += 4;
-        }
-        GuestTrap::SysReg { encoding, read, .. } => {
-            vcpu.stats.sysreg += 1;
-            undefined(
-                vcpu,
-                frame,
-                format_args!(
-                    "system register access {encoding:#x} ({})",
-                    if read { "read" } else { "write" }
-                ),
-            );
-        }
-        GuestTrap::Other { class } => undefined(vcpu, frame, format_args!("exception class {class:#x}")),
+/// The fast path for a guest's synchronous exception, from the arch's vectors with only
+/// x0-x18 and x30 saved in `frame`: a stage-2 translation fault goes to [`fast_fault`], an HVC
+/// to the PSCI query; `false` sends everything else, and what they decline, to [`guest_trap`]
+/// with a full frame.
+#[no_mangle]
+extern "C" fn guest_fast(frame: &mut TrapFrame) -> bool {
+    match arch::fast_trap() {
+        arch::FastTrap::Hvc => fast_hvc(frame),
+        arch::FastTrap::TranslationFault { ipa } => fast_fault(ipa),
+        arch::FastTrap::Other => false,
     }
+}
+
+/// Not inlined: the fault path beside it in `guest_fast` then needs no stack frame of its own
+/// (this is a tail call).
+#[inline(never)]
+fn fast_hvc(frame: &mut TrapFrame) -> bool {
+    let Some(vcpu) = this_vcpu() else { return false };
+    exit::psci_query(vcpu, frame)
 }
 
 /// The demand-fault fast path, called before any frame is built: a 4 KiB page for a guest
@@ -641,7 +465,7 @@ fn guest_sync(vcpu: &mut Vcpu, frame: &mut TrapFrame) {
 /// [`fast_block_fault`]. `false` leaves the fault to the general path (walks, table pages,
 /// pool refills, errors, MMIO, a stage-2 space another vCPU is changing...).
 #[inline(always)]
-pub fn fast_fault(ipa_page: u64) -> bool {
+fn fast_fault(ipa_page: u64) -> bool {
     let Some(vcpu) = this_vcpu() else { return false };
     if !vcpu.vm.config.no_block_mappings {
         return fast_block_fault(vcpu, ipa_page);
@@ -772,25 +596,6 @@ fn give_back_block(vm: &Vm, head: Pfn) -> bool {
     false
 }
 
-/// An HVC on the fast path: PSCI calls whose whole effect is a return value (VERSION,
-/// FEATURES, AFFINITY_INFO, errors) are answered from x0-x3; calls that change vCPU state go
-/// to the general path. Not inlined: the fault path beside it in `guest_fast` then needs no
-/// stack frame of its own (this is a tail call).
-#[inline(never)]
-pub fn fast_hvc(frame: &mut TrapFrame) -> bool {
-    let Some(vcpu) = this_vcpu() else { return false };
-    let vm = vcpu.vm;
-    let ram = vm.layout.ram_base..vm.layout.ram_end();
-    match vpsci::query(frame.x[0], frame.x[1], frame.x[2], frame.x[3], &vm.power, ram) {
-        Some(v) => {
-            vcpu.stats.hvc += 1;
-            frame.x[0] = v;
-            true
-        }
-        None => false,
-    }
-}
-
 /// First touch of guest RAM: a 2 MiB block when allowed and the whole aligned block is
 /// unmapped and a block is at hand, else a 4 KiB page, from the atomic path.
 #[inline(always)]
@@ -869,270 +674,19 @@ fn demand_fault(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64) {
             vm.budget.untake(1);
             let _ = frames.return_unused_page_atomic(cpu, pfn, owner);
             drop(space);
-            refuse_access(vcpu, frame, false, arch::trap_syndrome().esr, format_args!("IPA {ipa:#x}: {e}"));
+            exit::refuse_access(
+                vcpu,
+                frame,
+                &mut arch::Hw,
+                false,
+                arch::trap_syndrome().esr,
+                format_args!("IPA {ipa:#x}: {e}"),
+            );
         }
     }
     if frames.needs_refill(cpu) {
         let _ = frames.refill(cpu);
     }
-}
-
-fn reg(frame: &TrapFrame, r: u8) -> u64 {
-    frame.x.get(r as usize).copied().unwrap_or(0)
-}
-
-fn set_reg(frame: &mut TrapFrame, r: u8, v: u64) {
-    if let Some(x) = frame.x.get_mut(r as usize) {
-        *x = v;
-    }
-}
-
-fn mmio_uart(vcpu: &mut Vcpu, frame: &mut TrapFrame, offset: u64, a: MmioAccess, esr: u64) {
-    vcpu.stats.mmio += 1;
-    let name = vcpu.vm.name;
-    let ok = {
-        let mut uart = vcpu.vm.uart.lock();
-        emulate_mmio(frame, a, |write| match write {
-            Some(v) => uart.write(offset, a.size, v as u32, &mut |line| emit(name, line)).then_some(0),
-            None => uart.read(offset, a.size).map(u64::from),
-        })
-    };
-    if !ok {
-        refuse_access(vcpu, frame, false, esr, format_args!("UART offset {offset:#x}, {} bytes", a.size));
-    }
-}
-
-/// An access to the virtual GIC's distributor or a redistributor.
-fn mmio_vgic(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64, a: MmioAccess, esr: u64) {
-    vcpu.stats.vgic_mmio += 1;
-    let vm = vcpu.vm;
-    let (Some(g), Some((f, offset))) = (vm.vgic.as_ref(), vgic::frame_of(ipa, vm.vcpus)) else { return };
-    let mut to_sync = VcpuSet::EMPTY;
-    let ok = emulate_mmio(frame, a, |write| match write {
-        Some(v) => g.write(f, offset, a.size, v).map(|set| {
-            // An enable, a pending bit, a priority or a route changed what these vCPUs see.
-            to_sync = set;
-            0
-        }),
-        None => g.read(f, offset, a.size),
-    });
-    if !ok {
-        refuse_access(
-            vcpu,
-            frame,
-            false,
-            esr,
-            format_args!("GIC {f:?} offset {offset:#x}, {} bytes", a.size),
-        );
-        return;
-    }
-    deliver(vcpu, to_sync);
-}
-
-/// The vCPUs in `set` have new interrupt state: this one syncs its list registers now, the
-/// others are kicked (they sync when they trap).
-fn deliver(vcpu: &mut Vcpu, set: VcpuSet) {
-    let vm = vcpu.vm;
-    for i in set.without(vcpu.index).iter().filter(|&i| i < vm.vcpus) {
-        if let Some(mpidr) = crate::boot::cpu_mpidr(vm.cpu_of(i)) {
-            arch::gic::kick(mpidr);
-        }
-    }
-    if set.contains(vcpu.index) {
-        sync_vgic(vcpu);
-    }
-}
-
-/// A trapped access to the EL1 physical timer (`CNTP_CTL/CVAL/TVAL_EL0`), emulated: its
-/// interrupt (PPI 30) follows the emulated timer's line.
-fn physical_timer(vcpu: &mut Vcpu, frame: &mut TrapFrame, encoding: u32, read: bool, r: u8) {
-    let Some(which) = vtimer::classify(encoding) else { return };
-    let now = arch::timer::counter();
-    if read {
-        set_reg(frame, r, vcpu.ptimer.read(which, now));
-    } else {
-        vcpu.ptimer.write(which, reg(frame, r), now);
-    }
-    frame.elr += 4;
-    sync_vgic(vcpu);
-}
-
-/// Carries out a trapped MMIO access on a device model: `device(None)` reads (the value, or
-/// `None` to refuse), `device(Some(v))` writes `v` (`Some(_)` when accepted). On success the
-/// load's register gets the value as the instruction would have, and the instruction is
-/// skipped; `false` leaves the frame as it was for the caller to inject an abort.
-fn emulate_mmio(
-    frame: &mut TrapFrame,
-    a: MmioAccess,
-    device: impl FnOnce(Option<u64>) -> Option<u64>,
-) -> bool {
-    let Some(value) = device(a.write.then(|| reg(frame, a.reg))) else { return false };
-    if !a.write {
-        set_reg(frame, a.reg, load_value(a, value));
-    }
-    frame.elr += 4;
-    true
-}
-
-/// A load's value as the register receives it: zero- or sign-extended from `a.size` bytes,
-/// truncated to 32 bits for a W register.
-fn load_value(a: MmioAccess, v: u64) -> u64 {
-    let mask = if a.size >= 8 { u64::MAX } else { (1u64 << (a.size * 8)) - 1 };
-    let mut v = v & mask;
-    if a.sign_extend && a.size < 8 && v & (1 << (a.size * 8 - 1)) != 0 {
-        v |= !mask;
-    }
-    if !a.sixty_four {
-        v &= 0xffff_ffff;
-    }
-    v
-}
-
-/// A trapped `ICC_SGI1R_EL1` (or ASGI1R/SGI0R) write: an SGI the guest sends, posted to its
-/// targets' mailboxes without a lock, then delivered (see [`deliver`]).
-fn send_sgi(vcpu: &mut Vcpu, value: u64) {
-    let Some(g) = vcpu.vm.vgic.as_ref() else { return };
-    vcpu.stats.sgis += 1;
-    let targets = g.send_sgi(vcpu.index, value);
-    deliver(vcpu, targets);
-}
-
-/// Physical interrupts that arrived while the guest ran: a kick only takes the vCPU out of
-/// the guest (its caller then looks at the guest's state; the sync below drains its mailbox);
-/// the virtual timer's PPI is held off at the host GIC until the guest deals with it; the EL2
-/// timer stands for the emulated physical timer; the maintenance interrupt asks for a sync.
-fn guest_irq(vcpu: &mut Vcpu) {
-    if !HOST_GIC.load(Ordering::Relaxed) {
-        warn!("guest {}: interrupt with no host GIC set up, ignored", vcpu.vm.name);
-        return;
-    }
-    // Bounded: each INTID is completed before the next acknowledge, and a held timer does
-    // not come back, so more than a few rounds means a misbehaving GIC.
-    for _ in 0..16 {
-        let intid = arch::gic::ack();
-        if intid >= arch::gic::SPURIOUS {
-            break;
-        }
-        vcpu.stats.irqs += 1;
-        match intid {
-            arch::gic::KICK_SGI => vcpu.stats.kicks += 1,
-            // Its condition (a completed level interrupt, empty list registers) holds until
-            // the list registers are rewritten: sync before completing it, or it comes back.
-            arch::gic::MAINTENANCE_PPI => {
-                vcpu.stats.maintenance += 1;
-                sync_vgic(vcpu);
-            }
-            arch::gic::VTIMER_PPI => {
-                arch::gic::set_ppi_enabled(arch::gic::VTIMER_PPI, false);
-                // A guest without a virtual GIC cannot take it: it stays off.
-                vcpu.vtimer_held = vcpu.vm.vgic.is_some();
-                vcpu.stats.vtimer += 1;
-            }
-            arch::timer::HYP_TIMER_PPI => arch::timer::set_hyp_timer(None),
-            _ => {}
-        }
-        arch::gic::eoi(intid);
-    }
-    sync_vgic(vcpu);
-}
-
-/// Brings the guest's interrupts up to date on this CPU: both timers' lines resampled (a
-/// disabled or re-armed timer is no longer pending), the list registers folded back into the
-/// model, the mailbox drained, and the list registers refilled (see `vm::vgic`).
-fn sync_vgic(vcpu: &mut Vcpu) {
-    let Some(g) = vcpu.vm.vgic.as_ref() else { return };
-    let now = arch::timer::counter();
-    let (ctl, cval) = arch::timer::vtimer_registers();
-    let vline = vtimer::line_level(ctl, cval, now);
-    g.set_line_level(vcpu.index, vgic::VTIMER_INTID, vline);
-    if !vline && vcpu.vtimer_held {
-        vcpu.vtimer_held = false;
-        arch::gic::set_ppi_enabled(arch::gic::VTIMER_PPI, true);
-    }
-    let pline = vcpu.ptimer.level(now);
-    g.set_line_level(vcpu.index, vgic::PTIMER_INTID, pline);
-    // While its line is high the EL2 timer stays off; it is armed again once the guest has
-    // dealt with the interrupt (a resample finds the line low).
-    arch::timer::set_hyp_timer(if pline { None } else { vcpu.ptimer.deadline() });
-    let mut buf = [0u64; 8];
-    let lrs = &mut buf[..arch::gic::lr_count()];
-    arch::gic::read_lrs(lrs);
-    let underflow = g.sync_lrs(vcpu.index, lrs);
-    arch::gic::write_lrs(lrs);
-    arch::gic::set_underflow(underflow);
-}
-
-fn emit(name: &str, line: &[u8]) {
-    let text = core::str::from_utf8(line).unwrap_or("<non-UTF-8 output>");
-    arch::raw_line(format_args!("[{name}] {text}"));
-}
-
-fn refuse_access(
-    vcpu: &mut Vcpu,
-    frame: &mut TrapFrame,
-    instruction: bool,
-    esr: u64,
-    what: core::fmt::Arguments<'_>,
-) {
-    vcpu.stats.aborts_injected += 1;
-    if vcpu.logged < LOG_LIMIT {
-        vcpu.logged += 1;
-        warn!(
-            "guest {} vCPU {}: {} at PC {:#x} refused: {what}: external abort injected",
-            vcpu.vm.name,
-            vcpu.index,
-            if instruction { "instruction fetch" } else { "data access" },
-            frame.elr
-        );
-    }
-    arch::inject_external_abort(frame, instruction, esr);
-}
-
-fn undefined(vcpu: &mut Vcpu, frame: &mut TrapFrame, what: core::fmt::Arguments<'_>) {
-    vcpu.stats.undefs_injected += 1;
-    if vcpu.logged < LOG_LIMIT {
-        vcpu.logged += 1;
-        warn!(
-            "guest {} vCPU {}: {what} at PC {:#x}: undefined instruction injected",
-            vcpu.vm.name, vcpu.index, frame.elr
-        );
-    }
-    arch::inject_undefined(frame);
-}
-
-fn psci(vcpu: &mut Vcpu, frame: &mut TrapFrame) {
-    let vm = vcpu.vm;
-    let (fid, x1, x2, x3) = (frame.x[0], frame.x[1], frame.x[2], frame.x[3]);
-    match vpsci::call(fid, x1, x2, x3, vcpu.index, &vm.power, vm.layout.ram_base..vm.layout.ram_end()) {
-        PsciAction::Return(v) => frame.x[0] = v,
-        PsciAction::CpuOn { .. } => {
-            // The target's CPU waits in `wait_to_run`: wake it to take the request.
-            arch::send_event();
-            frame.x[0] = 0;
-        }
-        PsciAction::CpuOff => cpu_off(vcpu),
-        PsciAction::SystemOff => stop(vcpu, StopCause::SystemOff),
-        PsciAction::SystemReset => reset(vcpu),
-    }
-}
-
-/// vCPU 0 starts at the kernel with x0 = the device tree, as a boot loader would start it:
-/// a start request like any CPU_ON, taken by its CPU in `wait_to_run`.
-fn boot_vcpu0(vm: &Vm) {
-    vm.power.reset();
-    vm.power.cpu_off(0);
-    if vm.power.cpu_on(0, vm.layout.kernel, vm.layout.dtb).is_err() {
-        error!("guest {}: vCPU 0 cannot be started", vm.name);
-    }
-}
-
-/// PSCI CPU_OFF: this vCPU leaves the guest until a CPU_ON starts it again; the last running
-/// vCPU to go off stops the guest.
-fn cpu_off(vcpu: &mut Vcpu) -> ! {
-    if vcpu.vm.power.all_off() {
-        stop(vcpu, StopCause::CpuOff);
-    }
-    leave_guest(vcpu)
 }
 
 /// Wins the right to stop or reset the guest and takes every other vCPU out of it: `false`
@@ -1154,7 +708,7 @@ fn take_guest_down(vcpu: &mut Vcpu) -> bool {
             // re-entered sees the stop on entry, so this is only a guard against a lost SGI.
             if !kicked.contains(i) || rounds % 100_000 == 0 {
                 kicked = kicked.with(i);
-                if let Some(mpidr) = crate::boot::cpu_mpidr(vm.cpu_of(i)) {
+                if let Some(mpidr) = arch::mpidr_of(vm.cpu_of(i)) {
                     arch::gic::kick(mpidr);
                 }
             }
@@ -1174,7 +728,7 @@ fn take_guest_down(vcpu: &mut Vcpu) -> bool {
 /// Called with every vCPU of the guest out of it.
 fn teardown(vm: &Vm, space: &mut Space) {
     let name = vm.name;
-    vm.uart.lock().flush(&mut |line| emit(name, line));
+    vm.uart.lock().flush(&mut |line| labyrinth::vm::vcpu::VcpuHw::console_line(&mut arch::Hw, name, line));
     let Some(s2) = space.s2.take() else { return };
     let mut env = env(vm);
     vm.vttbr.store(0, Ordering::Release);
@@ -1215,7 +769,9 @@ fn reset(vcpu: &mut Vcpu) -> ! {
     if let Some(g) = vm.vgic.as_ref() {
         g.reset();
     }
-    boot_vcpu0(vm);
+    if !vm.boot_vcpu0() {
+        error!("guest {}: vCPU 0 cannot be started after reset", vm.name);
+    }
     vm.life.finish(true);
     arch::send_event();
     leave_guest(vcpu)

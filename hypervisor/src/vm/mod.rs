@@ -3,11 +3,14 @@
 //! vCPU code runs guests and calls in here to decide what a trap means.
 
 pub mod budget;
+pub mod exit;
 pub mod fdt_gen;
+pub mod guest;
 pub mod image;
 pub mod layout;
 pub mod lifecycle;
 pub mod trap;
+pub mod vcpu;
 pub mod vcpu_set;
 pub mod vgic;
 pub mod vpl011;
@@ -16,4 +19,6 @@ pub mod vtimer;
 
 mod sync;
 
+pub use guest::{StopCause, Vm};
+pub use vcpu::Vcpu;
 pub use vcpu_set::VcpuSet;
