@@ -19,6 +19,9 @@ pub mod vtimer;
 
 mod sync;
 
+#[cfg(all(test, not(loom)))]
+mod exit_tests;
+
 pub use guest::{StopCause, Vm};
 pub use vcpu::Vcpu;
 pub use vcpu_set::VcpuSet;
