@@ -447,9 +447,22 @@ extern "C" fn guest_trap(kind: u64, frame: &mut TrapFrame) {
 extern "C" fn guest_fast(frame: &mut TrapFrame) -> bool {
     match arch::fast_trap() {
         arch::FastTrap::Hvc => fast_hvc(frame),
-        arch::FastTrap::TranslationFault { ipa } => fast_fault(ipa),
+        arch::FastTrap::TranslationFault { ipa, esr } => fast_fault(ipa) || fast_mmio(frame, ipa, esr),
         arch::FastTrap::Other => false,
     }
+}
+
+/// An access to an emulated device on the fast path: served when the hardware decoded it and
+/// its register is one the fast frame holds, and the device takes it; anything else (a
+/// refusal to explain, x19-x29) goes to the general path, which does it again in full.
+#[inline(never)]
+fn fast_mmio(frame: &mut TrapFrame, ipa_page: u64, esr: u64) -> bool {
+    let Some(vcpu) = this_vcpu() else { return false };
+    let Some(a) = labyrinth::vm::trap::mmio_access(esr).filter(|a| arch::FastRegs::holds(a.reg)) else {
+        return false;
+    };
+    let Some(device) = exit::device_at(vcpu.vm, ipa_page | arch::fault_page_offset()) else { return false };
+    exit::mmio(vcpu, &mut arch::FastRegs(frame), &mut arch::Hw, device, a)
 }
 
 /// Not inlined: the fault path beside it in `guest_fast` then needs no stack frame of its own

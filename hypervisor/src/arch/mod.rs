@@ -14,5 +14,8 @@ pub use aarch64::{
     secondary_entry_address,
     stage2_hw::HwStage2,
     ticks_per_second, time_now_ticks,
-    vcpu::{configure_el2, enter as enter_guest, fast_trap, trap_syndrome, FastTrap, Hw},
+    vcpu::{
+        configure_el2, enter as enter_guest, fast_trap, fault_page_offset, trap_syndrome, FastRegs, FastTrap,
+        Hw,
+    },
 };

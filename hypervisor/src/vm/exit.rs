@@ -51,14 +51,14 @@ pub fn handle_sync<H: VcpuHw>(
             Outcome::Fault { ipa }
         }
         GuestTrap::Abort { ipa: Some(ipa), access: Some(a), instruction: false, .. }
-            if (UART_BASE..UART_BASE + UART_SIZE).contains(&ipa) =>
+            if device_at(vm, ipa).is_some() =>
         {
-            mmio_uart(vcpu, regs, hw, ipa - UART_BASE, a, esr)
-        }
-        GuestTrap::Abort { ipa: Some(ipa), access: Some(a), instruction: false, .. }
-            if vm.vgic.is_some() && vgic::frame_of(ipa, vm.vcpus).is_some() =>
-        {
-            mmio_vgic(vcpu, regs, hw, ipa, a, esr)
+            match device_at(vm, ipa) {
+                Some(device) if !mmio(vcpu, regs, hw, device, a) => {
+                    refuse_access(vcpu, regs, hw, false, esr, format_args!("{device:x?}, {} bytes", a.size))
+                }
+                _ => Outcome::Resume,
+            }
         }
         GuestTrap::Abort { ipa, instruction, fsc, .. } => refuse_access(
             vcpu,
@@ -150,73 +150,63 @@ fn psci<H: VcpuHw>(vcpu: &mut Vcpu, regs: &mut H::Regs, hw: &mut H) -> Outcome {
     }
 }
 
-fn mmio_uart<H: VcpuHw>(
-    vcpu: &mut Vcpu,
-    regs: &mut H::Regs,
-    hw: &mut H,
-    offset: u64,
-    a: MmioAccess,
-    esr: u64,
-) -> Outcome {
-    vcpu.stats.mmio += 1;
-    let name = vcpu.vm.name;
-    let ok = {
-        let mut uart = vcpu.vm.uart.lock();
-        emulate_mmio(regs, a, |write| match write {
-            Some(v) => {
-                uart.write(offset, a.size, v as u32, &mut |line| hw.console_line(name, line)).then_some(0)
-            }
-            None => uart.read(offset, a.size).map(u64::from),
-        })
-    };
-    if !ok {
-        return refuse_access(
-            vcpu,
-            regs,
-            hw,
-            false,
-            esr,
-            format_args!("UART offset {offset:#x}, {} bytes", a.size),
-        );
-    }
-    Outcome::Resume
+/// An emulated device's registers, and the offset of an access in them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Uart { offset: u64 },
+    Gic { frame: vgic::Frame, offset: u64 },
 }
 
-/// An access to the virtual GIC's distributor or a redistributor.
-fn mmio_vgic<H: VcpuHw>(
-    vcpu: &mut Vcpu,
-    regs: &mut H::Regs,
-    hw: &mut H,
-    ipa: u64,
-    a: MmioAccess,
-    esr: u64,
-) -> Outcome {
-    vcpu.stats.vgic_mmio += 1;
-    let vm = vcpu.vm;
-    let (Some(g), Some((f, offset))) = (vm.vgic.as_ref(), vgic::frame_of(ipa, vm.vcpus)) else {
-        return Outcome::Resume;
-    };
-    let mut to_sync = VcpuSet::EMPTY;
-    let ok = emulate_mmio(regs, a, |write| match write {
-        Some(v) => g.write(f, offset, a.size, v).map(|set| {
-            // An enable, a pending bit, a priority or a route changed what these vCPUs see.
-            to_sync = set;
-            0
-        }),
-        None => g.read(f, offset, a.size),
-    });
-    if !ok {
-        return refuse_access(
-            vcpu,
-            regs,
-            hw,
-            false,
-            esr,
-            format_args!("GIC {f:?} offset {offset:#x}, {} bytes", a.size),
-        );
+/// The device a guest's `ipa` reaches, if any.
+#[inline(always)]
+pub fn device_at(vm: &super::Vm, ipa: u64) -> Option<Device> {
+    if (UART_BASE..UART_BASE + UART_SIZE).contains(&ipa) {
+        return Some(Device::Uart { offset: ipa - UART_BASE });
     }
-    deliver(vcpu, hw, to_sync);
-    Outcome::Resume
+    let (frame, offset) = vgic::frame_of(ipa, vm.vcpus).filter(|_| vm.vgic.is_some())?;
+    Some(Device::Gic { frame, offset })
+}
+
+/// A trapped MMIO access `a` to `device`, carried out: `true` when the device took it (the
+/// load's register filled, the PC moved on), `false` when it refused it (nothing changed:
+/// the caller injects an abort). The same for the fast path and the general one.
+#[inline(always)]
+pub fn mmio<H: VcpuHw>(
+    vcpu: &mut Vcpu,
+    regs: &mut impl GuestRegs,
+    hw: &mut H,
+    device: Device,
+    a: MmioAccess,
+) -> bool {
+    match device {
+        Device::Uart { offset } => {
+            vcpu.stats.mmio += 1;
+            let name = vcpu.vm.name;
+            let mut uart = vcpu.vm.uart.lock();
+            emulate_mmio(regs, a, |write| match write {
+                Some(v) => {
+                    uart.write(offset, a.size, v as u32, &mut |line| hw.console_line(name, line)).then_some(0)
+                }
+                None => uart.read(offset, a.size).map(u64::from),
+            })
+        }
+        Device::Gic { frame, offset } => {
+            vcpu.stats.vgic_mmio += 1;
+            let Some(g) = vcpu.vm.vgic.as_ref() else { return false };
+            let mut to_sync = VcpuSet::EMPTY;
+            let done = emulate_mmio(regs, a, |write| match write {
+                Some(v) => g.write(frame, offset, a.size, v).map(|set| {
+                    // An enable, a pending bit, a priority or a route changed what these
+                    // vCPUs see.
+                    to_sync = set;
+                    0
+                }),
+                None => g.read(frame, offset, a.size),
+            });
+            deliver(vcpu, hw, to_sync);
+            done
+        }
+    }
 }
 
 /// The vCPUs in `set` have new interrupt state: this one syncs its list registers now, the

@@ -83,6 +83,20 @@ pub fn is_gic_sgi_register(encoding: u32) -> bool {
     op0 == 3 && op1 == 0 && crn == 12 && crm == 11 && matches!(op2, 5..=7)
 }
 
+/// The access a data abort's syndrome describes, when the hardware decoded it (ISV = 1) and
+/// FAR is valid (FnV = 0). Data aborts only: the caller checks the class.
+#[inline(always)]
+pub fn mmio_access(esr: u64) -> Option<MmioAccess> {
+    let iss = esr & 0x1ff_ffff;
+    (iss & (1 << 24) != 0 && iss & (1 << 10) == 0).then(|| MmioAccess {
+        size: 1 << ((iss >> 22) & 3),
+        write: iss & (1 << 6) != 0,
+        reg: ((iss >> 16) & 0x1f) as u8,
+        sign_extend: iss & (1 << 21) != 0,
+        sixty_four: iss & (1 << 15) != 0,
+    })
+}
+
 pub fn decode(esr: u64, far: u64, hpfar: u64) -> GuestTrap {
     let s = Syndrome(esr);
     let iss = s.iss();
@@ -94,14 +108,7 @@ pub fn decode(esr: u64, far: u64, hpfar: u64) -> GuestTrap {
             let ipa =
                 (hpfar_valid(fsc) && !fnv).then_some(((hpfar >> 4) & ((1 << 40) - 1)) << 12 | (far & 0xfff));
             let write = !instruction && iss & (1 << 6) != 0;
-            let isv = !instruction && iss & (1 << 24) != 0;
-            let access = (isv && !fnv).then(|| MmioAccess {
-                size: 1 << ((iss >> 22) & 3),
-                write,
-                reg: ((iss >> 16) & 0x1f) as u8,
-                sign_extend: iss & (1 << 21) != 0,
-                sixty_four: iss & (1 << 15) != 0,
-            });
+            let access = if instruction { None } else { mmio_access(esr) };
             GuestTrap::Abort { instruction, ipa, fsc, write, access }
         }
         0x16 => GuestTrap::Hvc { imm: iss as u16 },

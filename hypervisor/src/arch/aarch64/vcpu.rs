@@ -25,8 +25,8 @@
 //! Aff0 = its index in the guest whatever CPU runs it, as its device tree says.
 
 use aarch64_cpu::registers::{
-    Readable, Writeable, CNTHCTL_EL2, CNTVOFF_EL2, CPTR_EL2, ELR_EL1, ESR_EL1, ESR_EL2, FAR_EL1, FAR_EL2,
-    HCR_EL2, HPFAR_EL2, ID_AA64MMFR0_EL1, SPSR_EL1, VBAR_EL1, VTCR_EL2, VTTBR_EL2,
+    Readable, Writeable, CNTHCTL_EL2, CNTVOFF_EL2, CPTR_EL2, ELR_EL1, ELR_EL2, ESR_EL1, ESR_EL2, FAR_EL1,
+    FAR_EL2, HCR_EL2, HPFAR_EL2, ID_AA64MMFR0_EL1, SPSR_EL1, VBAR_EL1, VTCR_EL2, VTTBR_EL2,
 };
 use labyrinth::stage2::Geometry;
 
@@ -211,9 +211,11 @@ extern "C" {
 pub enum FastTrap {
     /// An HVC (ELR already past it).
     Hvc,
-    /// A stage-2 translation fault (data or instruction, any level) at the page `ipa`.
+    /// A stage-2 translation fault (data or instruction, any level) at the page `ipa`, with
+    /// its syndrome (for an MMIO access: what the hardware decoded of it).
     TranslationFault {
         ipa: u64,
+        esr: u64,
     },
     Other,
 }
@@ -230,7 +232,50 @@ pub fn fast_trap() -> FastTrap {
     if (class != 0x24 && class != 0x20) || esr & 0x3c != 0x04 {
         return FastTrap::Other;
     }
-    FastTrap::TranslationFault { ipa: ((HPFAR_EL2.get() >> 4) & ((1 << 40) - 1)) << 12 }
+    FastTrap::TranslationFault { ipa: ((HPFAR_EL2.get() >> 4) & ((1 << 40) - 1)) << 12, esr }
+}
+
+/// The byte offset in its page of the address that faulted (`FAR_EL2`'s low 12 bits).
+#[inline(always)]
+pub fn fault_page_offset() -> u64 {
+    FAR_EL2.get() & 0xfff
+}
+
+/// The registers of a trap on the fast path: x0-x18 and x30 in the frame, x19-x29 still in
+/// the CPU (Rust preserves them) and the PC in `ELR_EL2` (the fast return does not reload
+/// it). Only accesses to the frame's registers may be served through it.
+pub struct FastRegs<'a>(pub &'a mut TrapFrame);
+
+impl FastRegs<'_> {
+    /// Whether register `r` is one this frame holds.
+    #[inline(always)]
+    pub fn holds(r: u8) -> bool {
+        r <= 18 || r >= 30
+    }
+}
+
+impl GuestRegs for FastRegs<'_> {
+    #[inline(always)]
+    fn x(&self, r: u8) -> u64 {
+        if Self::holds(r) {
+            self.0.x(r)
+        } else {
+            0
+        }
+    }
+    #[inline(always)]
+    fn set_x(&mut self, r: u8, value: u64) {
+        if Self::holds(r) {
+            self.0.set_x(r, value);
+        }
+    }
+    fn pc(&self) -> u64 {
+        ELR_EL2.get()
+    }
+    #[inline(always)]
+    fn skip_instruction(&mut self) {
+        ELR_EL2.set(ELR_EL2.get() + 4);
+    }
 }
 
 impl GuestRegs for TrapFrame {
