@@ -35,6 +35,14 @@ impl Stage2Env for Plain {
         self.tables[(table.0 - self.base) as usize].get_or_insert_with(|| Box::new([0; ENTRIES]))[index] =
             value;
     }
+    fn cas(&mut self, table: Pfn, index: usize, old: u64, new: u64) -> Result<(), u64> {
+        let cur = self.read(table, index);
+        if cur != old {
+            return Err(cur);
+        }
+        self.write(table, index, new);
+        Ok(())
+    }
     fn take_tables(&mut self, _vm: VmId, out: &mut [Pfn]) -> Result<(), Stage2Error> {
         for slot in out {
             let pfn = self.free_tables.pop().ok_or(Stage2Error::OutOfMemory)?;
