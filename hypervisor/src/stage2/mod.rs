@@ -23,6 +23,10 @@ mod sync;
 mod table;
 mod vmid;
 
+#[cfg(all(test, loom))]
+mod loom_tests;
+#[cfg(all(test, not(loom)))]
+mod stress_tests;
 #[cfg(all(test, not(loom)))]
 mod tests;
 
