@@ -328,6 +328,31 @@ impl Stage2 {
         }
     }
 
+    /// The general path's map for a vCPU whose frame came from the atomic path by number (not
+    /// as a claim): `map` at `level` (3 or 2) with the owner check, by compare-and-swap, then the
+    /// tables it went into are remembered in the vCPU's `cache`. `AlreadyMapped` or `Busy`:
+    /// another vCPU was first or a structural change holds the entry (give the frame back and
+    /// re-enter the guest).
+    pub fn map_cached(
+        &self,
+        env: &mut impl Stage2Env,
+        cache: &mut FaultCache,
+        ipa: u64,
+        pa: u64,
+        level: usize,
+        attrs: Attrs,
+    ) -> Result<(), Stage2Error> {
+        let epoch = self.epoch();
+        let placed = self.map_placed(env, ipa, pa, level, attrs)?;
+        match level {
+            3 => cache.remember_page(ipa, placed, epoch),
+            2 => cache.remember_l2(ipa, placed.table, epoch),
+            // A 1 GiB block's table is level 1: nothing for the cache.
+            _ => {}
+        }
+        Ok(())
+    }
+
     // The exclusive forms: one caller at a time (`&mut self`), the space's own cache.
 
     /// Maps one 4 KiB page (the single-vCPU demand-fault form): like `map` at level 3, through

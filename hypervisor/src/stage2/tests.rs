@@ -995,3 +995,29 @@ fn unmap_leaves_a_block_mapped_across_its_end_by_a_later_fault() {
     assert_eq!(s2.translate(&env, GUEST_RAM + 2 * MIB).unwrap().pa, head);
     clean(&mut env);
 }
+
+// The general path's form for frames allocated by number: owner-checked, by CAS, and the
+// tables it used are remembered in the vCPU's cache for the fast path's next fault; a second
+// vCPU mapping the same page meets `AlreadyMapped`.
+#[test]
+fn map_cached_fills_the_vcpu_cache() {
+    let (mut env, s2) = setup(4096);
+    let mut cache = FaultCache::new();
+    let a = guest_frame(&mut env, 1);
+    s2.map_cached(&mut env, &mut cache, GUEST_RAM, a, 3, Attrs::RAM).unwrap();
+    assert!(s2.page_slot(&cache, GUEST_RAM + 0x1000).is_some());
+    assert!(s2.block_slot(&cache, GUEST_RAM + 2 * MIB).is_some(), "the level-2 table on the path too");
+    let b = guest_frame(&mut env, 1);
+    let r = s2.map_cached(&mut env, &mut FaultCache::new(), GUEST_RAM, b, 3, Attrs::RAM);
+    assert_eq!(r, Err(Stage2Error::AlreadyMapped { ipa: GUEST_RAM }));
+    let foreign = guest_frame(&mut env, 2);
+    let r = s2.map_cached(&mut env, &mut cache, GUEST_RAM + 0x1000, foreign, 3, Attrs::RAM);
+    assert!(matches!(r, Err(Stage2Error::NotOwned { .. })), "{r:?}");
+    let blk = guest_block(&mut env, 1);
+    let mut other = FaultCache::new();
+    s2.map_cached(&mut env, &mut other, GUEST_RAM + 2 * MIB, blk, 2, Attrs::RAM).unwrap();
+    assert!(s2.block_slot(&other, GUEST_RAM + 4 * MIB).is_some());
+    assert!(s2.page_slot(&other, GUEST_RAM).is_none(), "a block fills only the level-2 table");
+    assert!(cache.agrees(&s2, &env) && other.agrees(&s2, &env));
+    clean(&mut env);
+}
