@@ -30,8 +30,35 @@ register_bitfields! {u64,
             Owned = 0b00,
             SharedOwned = 0b01,
             SharedBorrowed = 0b10
-        ]
+        ],
+        /// Software bit 58, set only in an *invalid* descriptor (VALID = 0, where the hardware
+        /// ignores bits [63:1]): a structural change holds the entry (see [`LOCKED`]).
+        SW_LOCK OFFSET(58) NUMBITS(1) []
     ]
+}
+
+/// An invalid descriptor held by a structural change (break-before-make, a table page leaving
+/// the tree): no walker translates through it, and a fault's compare-and-swap from 0 cannot
+/// succeed on it, so the fault re-enters the guest instead of writing.
+pub const LOCKED: u64 = 1 << 58;
+
+/// Whether `raw` is an invalid descriptor held by a structural change.
+#[inline(always)]
+pub const fn is_locked(raw: u64) -> bool {
+    raw & (LOCKED | 1) == LOCKED
+}
+
+/// A locked descriptor that also carries `payload` (< 2^57) in bits [57:1]: how a table page
+/// waiting to be freed links the list it waits in, while every entry of it stays locked.
+#[inline(always)]
+pub const fn locked_with(payload: u64) -> u64 {
+    LOCKED | ((payload << 1) & (LOCKED - 2))
+}
+
+/// The payload of a [`locked_with`] descriptor.
+#[inline(always)]
+pub const fn locked_payload(raw: u64) -> u64 {
+    (raw & (LOCKED - 2)) >> 1
 }
 
 /// Output-address bits [47:12] of a descriptor.
@@ -197,6 +224,19 @@ mod tests {
     #[test]
     fn level_3_with_table_bit_clear_is_invalid() {
         assert_eq!(Entry::decode(0x4000_0001, 3), Entry::Invalid);
+    }
+
+    #[test]
+    fn a_locked_entry_is_invalid_and_carries_its_payload() {
+        assert_eq!(S2DESC::SW_LOCK::SET.value, LOCKED);
+        assert_eq!(Entry::decode(LOCKED, 3), Entry::Invalid);
+        assert!(is_locked(LOCKED) && !is_locked(0));
+        let leaf = Entry::Leaf { pa: 0x4000_0000, attrs: Attrs::RAM }.encode(3);
+        assert!(!is_locked(leaf | LOCKED), "a valid entry is never locked");
+        let w = locked_with(0x1_2345_6789);
+        assert!(is_locked(w) && w != 0);
+        assert_eq!(Entry::decode(w, 2), Entry::Invalid);
+        assert_eq!(locked_payload(w), 0x1_2345_6789);
     }
 
     #[test]

@@ -2,22 +2,41 @@
 //! pages, frame ownership, and the barriers and TLB maintenance it issues. The arch implements it
 //! over real memory and instructions; the host tests and the fuzzer implement it over a model
 //! that checks every write and every invalidation.
+//!
+//! One value of it serves one CPU (it may carry that CPU's frame pool); several CPUs working on
+//! one guest's tables each bring their own, over the same table memory. Table memory is then
+//! shared: `read`, `write` and `cas` must each be one single-copy-atomic access, with the
+//! orderings they state, so that a walker on another CPU sees a table page's contents once it
+//! sees the entry that links it.
 
 use crate::frame::{FrameState, Pfn, VmId};
 
 use super::Stage2Error;
 
 pub trait Stage2Env {
-    /// Reads entry `index` of the table in frame `table`.
+    /// Reads entry `index` of the table in frame `table` (one atomic load, Acquire: a table
+    /// it links is seen as it was when linked).
     fn read(&self, table: Pfn, index: usize) -> u64;
-    /// Writes entry `index` of the table in frame `table` with one single-copy-atomic store.
+    /// Writes entry `index` of the table in frame `table` with one single-copy-atomic store
+    /// (Release). Only structural changes write; a fault installs with [`Stage2Env::cas`].
     fn write(&mut self, table: Pfn, index: usize, value: u64);
+    /// Compare-and-swap of entry `index` of the table in frame `table`: if it holds `old`, it
+    /// becomes `new` (`Ok`); else nothing is written and `Err` carries what it holds. One
+    /// atomic read-modify-write (AcqRel; Acquire when it fails), so of several CPUs installing
+    /// into the same invalid entry exactly one wins.
+    fn cas(&mut self, table: Pfn, index: usize, old: u64, new: u64) -> Result<(), u64>;
 
     /// Takes zeroed frames, tagged as `vm`'s page tables, into every slot of `out`; all of them
     /// or none (then `Err(OutOfMemory)`).
     fn take_tables(&mut self, vm: VmId, out: &mut [Pfn]) -> Result<(), Stage2Error>;
     /// Gives back a table page that no walker can reach any more (its invalidation is complete).
     fn free_table(&mut self, vm: VmId, table: Pfn);
+    /// Gives back a table page from `take_tables` that was never linked into the tree (a lost
+    /// install race, a spare an operation did not need): still zero, so it may go back through
+    /// the atomic path without a scrub.
+    fn return_unused_table(&mut self, vm: VmId, table: Pfn) {
+        self.free_table(vm, table)
+    }
     /// The frame database's view of `pfn`; `None` if it is not RAM.
     fn frame_state(&self, pfn: Pfn) -> Option<FrameState>;
 

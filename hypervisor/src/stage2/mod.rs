@@ -4,8 +4,10 @@
 //!
 //! This module owns guests' table pages (tagged as that guest's page tables) and decides every
 //! entry in them. It never maps a frame the frame database does not give to the guest, never
-//! changes a live entry except through break-before-make, and never frees a table page or
-//! reports a frame unmapped before the invalidation that makes it unreachable is complete.
+//! changes a live entry except through break-before-make, never installs except by one
+//! compare-and-swap from an invalid entry (the vCPUs of a guest fault into it at once, with no
+//! lock), and never frees a table page or reports a frame unmapped before the invalidation that
+//! makes it unreachable is complete and no vCPU can still hold a pointer to it.
 //! It is plain Rust: the arch supplies the `Stage2Env` over real memory and instructions, tests
 //! and the fuzzer supply [`model::ModelEnv`], which checks the rules as the code runs.
 
@@ -13,17 +15,26 @@ mod desc;
 mod env;
 #[cfg(any(test, feature = "model"))]
 pub mod exercise;
+mod fault;
 #[cfg(any(test, feature = "model"))]
 pub mod model;
+mod quiesce;
+mod sync;
 mod table;
 mod vmid;
 
-#[cfg(test)]
+#[cfg(all(test, loom))]
+mod loom_tests;
+#[cfg(all(test, not(loom)))]
+mod stress_tests;
+#[cfg(all(test, not(loom)))]
 mod tests;
 
-pub use desc::{Attrs, Entry, MemType, PageState};
+pub use desc::{Attrs, Entry, MemType, PageState, LOCKED};
 pub use env::Stage2Env;
-pub use table::{level_size, Mapping, PageSlot, Stage2, VacantBlock, ENTRIES, PAGE_SIZE};
+pub use fault::{Declined, FaultCache, PageSlot, VacantBlock};
+pub use quiesce::Quiescence;
+pub use table::{level_size, Mapping, Stage2, ENTRIES, PAGE_SIZE};
 pub use vmid::{VmidAllocator, VmidInvalidated};
 
 use crate::frame::{FrameState, Pfn};
@@ -99,6 +110,10 @@ pub enum Stage2Error {
     AlreadyMapped {
         ipa: u64,
     },
+    /// A structural change holds an entry on the path (break-before-make in progress): retry.
+    Busy {
+        ipa: u64,
+    },
     /// The frame is not this guest's (RAM) or is RAM (Device mapping).
     NotOwned {
         pfn: Pfn,
@@ -121,6 +136,7 @@ impl core::fmt::Display for Stage2Error {
             Stage2Error::OutOfRange { ipa } => write!(f, "IPA {ipa:#x} is beyond the guest's IPA space"),
             Stage2Error::BadLevel { level } => write!(f, "no mapping of level {level} here"),
             Stage2Error::AlreadyMapped { ipa } => write!(f, "IPA {ipa:#x} is already mapped"),
+            Stage2Error::Busy { ipa } => write!(f, "IPA {ipa:#x} is being remapped: retry"),
             Stage2Error::NotOwned { pfn, state: Some(s) } => {
                 write!(f, "{pfn} is {s}, not this guest's to map")
             }

@@ -479,6 +479,24 @@ impl Stage2Env for ModelEnv {
         }
     }
 
+    /// One caller at a time here: the compare and the write cannot be split by another CPU.
+    fn cas(&mut self, table: Pfn, index: usize, old: u64, new: u64) -> Result<(), u64> {
+        let cur = self.read(table, index);
+        if cur != old {
+            return Err(cur);
+        }
+        self.write(table, index, new);
+        Ok(())
+    }
+
+    /// A table page never linked must come back as it was taken: zero, reachable from nowhere.
+    fn return_unused_table(&mut self, vm: VmId, table: Pfn) {
+        if self.tables.get(&table.0).is_some_and(|t| t.iter().any(|&e| e != 0)) {
+            self.violation(format!("{table} returned unused but written"));
+        }
+        self.free_table(vm, table);
+    }
+
     fn take_tables(&mut self, vm: VmId, out: &mut [Pfn]) -> Result<(), Stage2Error> {
         if out.is_empty() {
             return Ok(());

@@ -1,21 +1,36 @@
-//! One guest's stage-2 translation tables: map, unmap, protect, split, collapse, teardown, and a
-//! software walker.
+//! One guest's stage-2 translation tables: the walk, the install by compare-and-swap that every
+//! fault and map goes through, the structural changes (unmap, protect, split, collapse,
+//! teardown), the table pages waiting to be freed, and a software walker.
 //!
-//! Rules this module keeps (and the fuzzer's model checks):
-//! - Invalid to valid needs no TLB maintenance, only `DSB ISHST` before the guest can see it.
-//! - Every change of a valid entry (remove, new attributes, block to table, table to block) goes
-//!   through one break-before-make primitive, [`Stage2::commit`]: write invalid, `DSB ISHST`,
-//!   `TLBI IPAS2E1IS` per entry (or `VMALLS12E1IS` when a live subtree goes), `DSB ISH`,
-//!   `TLBI VMALLE1IS`, `DSB ISH`, `ISB`, and only then the new entry.
-//! - Frames and table pages are handed back only after that invalidation is complete.
+//! Several vCPUs install into one space at once, through `&Stage2` and no lock. Rules this
+//! module keeps (the checking model, the loom models and the fuzzer check them):
+//! - Invalid to valid is one compare-and-swap from 0 per entry: a page, a block, or a new table
+//!   page, linked empty, top-down. No TLB maintenance, only `DSB ISHST`. A lost CAS wrote
+//!   nothing; table pages that lost go back unused, still zero.
+//! - Valid to anything else is a structural change, one at a time (the space's maintenance
+//!   lock, which no fault takes), through one break-before-make primitive, [`Stage2::commit`]:
+//!   the entry is held [`LOCKED`] (invalid: a fault's CAS from 0 fails on it and the fault
+//!   re-enters the guest), `DSB ISHST`, `TLBI IPAS2E1IS` per entry (or `VMALLS12E1IS`), `DSB
+//!   ISH`, `TLBI VMALLE1IS`, `DSB ISH`, `ISB`, and only then the new entry (or 0).
+//! - A table page leaves the tree only with no entry at 0 (each locked or valid), so no late CAS
+//!   through a stale pointer lands in it; the space's epoch moves after it left. The exclusive
+//!   (`&mut self`) forms free it at once; the live forms retire it until every vCPU has passed
+//!   a quiescent point ([`Stage2::drain_retired`]).
+//! - Frames and table pages are handed back only after the invalidation that makes them
+//!   unreachable is complete.
 //! - Prepare, then commit: every table page an operation needs is taken before the first entry
 //!   changes, so running out of memory leaves the address space exactly as it was.
-//! - A RAM frame is mapped only if the frame database says this guest owns it.
+//! - A RAM frame is mapped only if the frame database says this guest owns it (or the atomic
+//!   path's claim says so), and every output address is derived from the entry's own IPA.
 
-use crate::frame::{ClaimedBlock, ClaimedPage, FrameState, Pfn, VmId};
+use core::sync::atomic::{AtomicU64 as SpaceIds, Ordering as IdOrdering};
 
-use super::desc::{Attrs, Entry, MemType};
+use crate::frame::{FrameState, Pfn, VmId};
+
+use super::desc::{is_locked, locked_payload, locked_with, Attrs, Entry, MemType, LOCKED};
 use super::env::Stage2Env;
+use super::fault::FaultCache;
+use super::sync::{AtomicU64, AtomicUsize, Ordering};
 use super::vmid::VmidInvalidated;
 use super::{Geometry, Stage2Error};
 
@@ -25,6 +40,10 @@ pub const PAGE_SIZE: u64 = 4096;
 const BATCH: usize = 32;
 /// More TLBIs than this in one flush and the whole VMID is invalidated instead.
 const TLBI_LIMIT: usize = 16;
+/// Each space's epochs start at a distinct multiple of this, so a vCPU's cache filled from one
+/// space never matches another (the new space of a reset, a VMID reused).
+const EPOCH_SPAN: u64 = 1 << 32;
+static NEXT_EPOCH_BASE: SpaceIds = SpaceIds::new(0);
 
 pub const fn level_shift(level: usize) -> u32 {
     12 + 9 * (3 - level as u32)
@@ -34,7 +53,8 @@ pub const fn level_size(level: usize) -> u64 {
     1u64 << level_shift(level)
 }
 
-fn index(ipa: u64, level: usize) -> usize {
+#[inline(always)]
+pub(super) fn index(ipa: u64, level: usize) -> usize {
     ((ipa >> level_shift(level)) as usize) & (ENTRIES - 1)
 }
 
@@ -94,48 +114,61 @@ impl Batch {
     }
 }
 
-impl VacantBlock<'_> {
-    /// The first IPA of the 2 MiB it would map.
-    pub fn ipa(&self) -> u64 {
-        self.ipa
-    }
+/// Why an install wrote nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Blocked {
+    /// A valid entry is in the way, at `level` in `table`: a leaf (the IPA is mapped already),
+    /// or a table where a block was to go.
+    Occupied {
+        level: usize,
+        table: Pfn,
+        raw: u64,
+    },
+    /// A structural change holds an entry on the path (or emptied the path under the walk).
+    Busy,
+    OutOfMemory,
+}
 
-    /// Second half: maps the 2 MiB at `pa` (2 MiB-aligned) here with one block entry, if the
-    /// frame database holds it as one unit owned by this guest (one tag: the block head's).
-    /// RAM only. On error nothing changed.
-    #[inline(always)]
-    pub fn map(self, env: &mut impl Stage2Env, pa: u64, attrs: Attrs) -> Result<(), Stage2Error> {
-        if !pa.is_multiple_of(level_size(2)) || pa >= 1 << 48 {
-            return Err(Stage2Error::Unaligned { addr: pa });
+impl Blocked {
+    fn error(self, ipa: u64) -> Stage2Error {
+        match self {
+            Blocked::Occupied { .. } => Stage2Error::AlreadyMapped { ipa },
+            Blocked::Busy => Stage2Error::Busy { ipa },
+            Blocked::OutOfMemory => Stage2Error::OutOfMemory,
         }
-        let head = Pfn(pa >> 12);
-        if attrs.mem != MemType::Normal || !env.block_is(head, FrameState::Guest(self.s2.vm)) {
-            return Err(Stage2Error::NotOwned { pfn: head, state: env.frame_state(head) });
-        }
-        // Invalid to valid: no TLB maintenance, only the publishing barrier.
-        env.write(self.table, self.index, Entry::Leaf { pa, attrs }.encode(2));
-        env.dsb_ishst();
-        Ok(())
     }
 }
 
-impl VacantBlock<'_> {
-    /// [`VacantBlock::map`] for a block the atomic path has just claimed for this guest: the
-    /// claim stands for the owner check (see [`ClaimedBlock`]); a claim for another guest is
-    /// handed back, nothing written.
-    #[inline(always)]
-    pub fn fill(self, env: &mut impl Stage2Env, block: ClaimedBlock) -> Result<(), ClaimedBlock> {
-        if block.vm() != self.s2.vm {
-            return Err(block);
-        }
-        env.write(
-            self.table,
-            self.index,
-            Entry::Leaf { pa: block.pfn().phys(), attrs: Attrs::RAM }.encode(2),
-        );
-        env.dsb_ishst();
-        Ok(())
+/// What a failed CAS (or a walk) met where it wanted 0.
+fn blocked(raw: u64, level: usize, table: Pfn) -> Blocked {
+    if raw & 1 != 0 {
+        Blocked::Occupied { level, table, raw }
+    } else {
+        Blocked::Busy
     }
+}
+
+/// Where an installed leaf went: its table, and the level-2 table on its path, if any.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Placed {
+    pub(super) table: Pfn,
+    pub(super) l2: Option<Pfn>,
+}
+
+/// Table pages that left the tree and wait for every vCPU to pass a quiescent point. Linked
+/// through the pages themselves, newest first: entry 0 holds the next page, entry 1 the
+/// epoch it was retired at (both [`locked_with`], so every entry stays non-zero).
+#[derive(Debug, Default)]
+struct Retired {
+    head: Option<Pfn>,
+    count: usize,
+}
+
+/// A structural change's hold on the space: the retired list, and whether the caller holds
+/// the space exclusively (no fault can be running: unlinked table pages are freed at once).
+struct Maint<'r> {
+    retired: &'r mut Retired,
+    exclusive: bool,
 }
 
 /// A mapping as the walker finds it.
@@ -147,55 +180,36 @@ pub struct Mapping {
     pub attrs: Attrs,
 }
 
-/// A free level-3 entry of one guest's space, found by [`Stage2::cached_page_slot`] and
-/// holding the space's borrow until it is filled.
-pub struct PageSlot<'s> {
-    vm: VmId,
-    table: Pfn,
-    index: usize,
-    _space: core::marker::PhantomData<&'s mut Stage2>,
-}
-
-impl PageSlot<'_> {
-    /// Maps `page` here as guest RAM. The claim stands for the owner check (see
-    /// [`ClaimedPage`]); a claim for another guest is handed back, nothing written.
-    #[inline(always)]
-    pub fn fill(self, env: &mut impl Stage2Env, page: ClaimedPage) -> Result<(), ClaimedPage> {
-        if page.vm() != self.vm {
-            return Err(page);
-        }
-        env.write(self.table, self.index, Entry::Leaf { pa: page.pfn().phys(), attrs: Attrs::RAM }.encode(3));
-        env.dsb_ishst();
-        Ok(())
-    }
-}
-
-/// One guest's stage-2 address space.
-#[derive(Debug)]
+/// One guest's stage-2 address space. Faults install through `&Stage2` from every vCPU at once
+/// (see `stage2::fault`); structural changes take `&mut self` (every vCPU out of the guest's
+/// fault path: table pages freed at once) or `&self` (the `*_live` forms: serialized among
+/// themselves, racing faults safely, table pages retired for [`Stage2::drain_retired`]).
 pub struct Stage2 {
-    vm: VmId,
+    pub(super) vm: VmId,
     vmid: u16,
     geo: Geometry,
     root: Pfn,
-    tables: usize,
-    /// The level-3 table the last page went into, and the 2 MiB it covers: demand faults come
-    /// in runs, so most skip the walk. Forgotten whenever a table page is freed.
-    last_l3: Option<(u64, Pfn)>,
-    /// The level-2 table the last block fault looked in, and the 1 GiB it covers: block faults
-    /// come in runs too. Forgotten, like `last_l3`, whenever a table page is freed (the only
-    /// way a level-1 entry stops pointing at it); teardown consumes the whole space.
-    last_l2: Option<(u64, Pfn)>,
+    /// Table pages in the tree, root included (not the retired ones).
+    tables: AtomicUsize,
+    /// Moves (SeqCst) after every table page leaves the tree; from `epoch_base` on.
+    epoch: AtomicU64,
+    epoch_base: u64,
+    /// Held by structural changes (never by a fault); guards the retired list.
+    maint: spin::Mutex<Retired>,
+    /// The cache of the exclusive fault forms (`map_page`, `vacant_block`...: the loader, the
+    /// tests and the fuzzer). vCPUs keep their own [`FaultCache`].
+    pub(super) own: FaultCache,
 }
 
-/// An invalid level-2 entry found by [`Stage2::vacant_block`]: nothing is mapped in its 2 MiB
-/// and no table hangs there. It borrows the space mutably, so no other operation can change
-/// the tables before [`VacantBlock::map`] fills it.
-#[derive(Debug)]
-pub struct VacantBlock<'a> {
-    s2: &'a mut Stage2,
-    table: Pfn,
-    index: usize,
-    ipa: u64,
+impl core::fmt::Debug for Stage2 {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Stage2")
+            .field("vm", &self.vm)
+            .field("vmid", &self.vmid)
+            .field("root", &self.root)
+            .field("tables", &self.table_pages())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Stage2 {
@@ -203,7 +217,18 @@ impl Stage2 {
     pub fn new(env: &mut impl Stage2Env, vm: VmId, vmid: u16, geo: Geometry) -> Result<Self, Stage2Error> {
         let mut root = [Pfn(0)];
         env.take_tables(vm, &mut root)?;
-        Ok(Stage2 { vm, vmid, geo, root: root[0], tables: 1, last_l3: None, last_l2: None })
+        let base = NEXT_EPOCH_BASE.fetch_add(EPOCH_SPAN, IdOrdering::Relaxed);
+        Ok(Stage2 {
+            vm,
+            vmid,
+            geo,
+            root: root[0],
+            tables: AtomicUsize::new(1),
+            epoch: AtomicU64::new(base),
+            epoch_base: base,
+            maint: spin::Mutex::new(Retired::default()),
+            own: FaultCache::new(),
+        })
     }
 
     pub fn vm(&self) -> VmId {
@@ -223,30 +248,60 @@ impl Stage2 {
         ((self.vmid as u64) << 48) | self.root.phys()
     }
 
-    /// Table pages in use, root included.
+    /// Table pages in the tree, root included.
     pub fn table_pages(&self) -> usize {
-        self.tables
+        self.tables.load(Ordering::Relaxed)
     }
 
-    fn find(&self, env: &impl Stage2Env, ipa: u64, stop_level: usize) -> Slot {
+    /// Table pages that left the tree and wait for [`Stage2::drain_retired`].
+    pub fn retired_pages(&self) -> usize {
+        self.maint.lock().count
+    }
+
+    /// The space's epoch: it moves after every table page leaves the tree. A vCPU publishes
+    /// it at each quiescent point (see [`super::Quiescence`]).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// The epoch for a cache check on the fault path: a plain load. A vCPU's earlier quiescent
+    /// point read it with SeqCst, and a table page is freed only after every vCPU passed one
+    /// since it left (its own later loads cannot see an older value), or by an exclusive form,
+    /// which no fault runs beside.
+    #[inline(always)]
+    pub(super) fn epoch_now(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// The entry on `ipa`'s path at `stop_level`, or the first above it that is not a table;
+    /// and the level-2 table the walk went through, if it reached one.
+    fn walk(&self, env: &impl Stage2Env, ipa: u64, stop_level: usize) -> (Slot, Option<Pfn>) {
         let mut table = self.root;
         let mut level = self.geo.start_level;
+        let mut l2 = None;
         loop {
+            if level == 2 {
+                l2 = Some(table);
+            }
             let idx = index(ipa, level);
             let raw = env.read(table, idx);
             // The entry on `ipa`'s path covers `ipa` rounded down to the level's size.
             let slot = Slot { table, index: idx, level, base: ipa & !(level_size(level) - 1), raw };
             if level >= stop_level {
-                return slot;
+                return (slot, l2);
             }
             match Entry::decode(raw, level) {
                 Entry::Table(next) => {
                     table = next;
                     level += 1;
                 }
-                _ => return slot,
+                _ => return (slot, l2),
             }
         }
+    }
+
+    fn find(&self, env: &impl Stage2Env, ipa: u64, stop_level: usize) -> Slot {
+        self.walk(env, ipa, stop_level).0
     }
 
     fn check_range(&self, ipa: u64, len: u64) -> Result<u64, Stage2Error> {
@@ -260,17 +315,100 @@ impl Stage2 {
         Ok(end)
     }
 
+    /// Installs `leaf` (encoded for `level`) as the entry for `ipa` at `level`, racing other
+    /// installers safely. The tables missing on the path are taken first (all or none), then
+    /// linked empty, top-down, each with one CAS from 0; the leaf goes in with one more. A
+    /// table page that lost its race, or that the walk did not need after all, goes back
+    /// unused. On an error, nothing was written except tables linked on the way (empty, now
+    /// part of the tree).
+    pub(super) fn install(
+        &self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        level: usize,
+        leaf: u64,
+    ) -> Result<Placed, Blocked> {
+        let (first, mut l2) = self.walk(env, ipa, level);
+        if first.raw != 0 {
+            return Err(blocked(first.raw, first.level, first.table));
+        }
+        let needed = level - first.level;
+        let mut spare = [Pfn(0); 3];
+        if env.take_tables(self.vm, &mut spare[..needed]).is_err() {
+            return Err(Blocked::OutOfMemory);
+        }
+        let (mut table, mut lvl, mut used) = (first.table, first.level, 0);
+        let result = loop {
+            let idx = index(ipa, lvl);
+            if lvl == level {
+                break match env.cas(table, idx, 0, leaf) {
+                    Ok(()) => Ok(Placed { table, l2 }),
+                    Err(cur) => Err(blocked(cur, lvl, table)),
+                };
+            }
+            // A table is missing here (or was when the walk looked): link a spare, or follow
+            // the one another CPU linked first.
+            let raw = match spare.get(used).filter(|_| used < needed) {
+                Some(&fresh) => {
+                    let new = Entry::Table(fresh).encode(lvl);
+                    match env.cas(table, idx, 0, new) {
+                        Ok(()) => {
+                            used += 1;
+                            new
+                        }
+                        Err(cur) => cur,
+                    }
+                }
+                None => env.read(table, idx),
+            };
+            match Entry::decode(raw, lvl) {
+                Entry::Table(next) => {
+                    table = next;
+                    lvl += 1;
+                    if lvl == 2 {
+                        l2 = Some(table);
+                    }
+                }
+                Entry::Leaf { .. } => break Err(Blocked::Occupied { level: lvl, table, raw }),
+                // Locked, or a table emptied and unlinked since the walk (no spare left).
+                Entry::Invalid => break Err(Blocked::Busy),
+            }
+        };
+        for &t in &spare[used..needed] {
+            env.return_unused_table(self.vm, t);
+        }
+        if used > 0 {
+            self.tables.fetch_add(used, Ordering::Relaxed);
+        }
+        if used > 0 || result.is_ok() {
+            env.dsb_ishst();
+        }
+        result
+    }
+
     /// Maps `[ipa, ipa + size of level)` to `pa` with one page (level 3) or block (levels 1, 2)
-    /// entry. The target must be unmapped. RAM frames must all belong to this guest; a Device
-    /// mapping must not cover RAM.
+    /// entry. The target must be unmapped (`AlreadyMapped`; `Busy` while a structural change
+    /// holds it). RAM frames must all belong to this guest; a Device mapping must not cover RAM.
     pub fn map(
-        &mut self,
+        &self,
         env: &mut impl Stage2Env,
         ipa: u64,
         pa: u64,
         level: usize,
         attrs: Attrs,
     ) -> Result<(), Stage2Error> {
+        self.map_placed(env, ipa, pa, level, attrs).map(|_| ())
+    }
+
+    /// `map`, saying where the entry went.
+    pub(super) fn map_placed(
+        &self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        pa: u64,
+        level: usize,
+        attrs: Attrs,
+    ) -> Result<Placed, Stage2Error> {
         if !(1..=3).contains(&level) || level < self.geo.start_level.max(1) {
             return Err(Stage2Error::BadLevel { level });
         }
@@ -283,189 +421,16 @@ impl Stage2 {
             return Err(Stage2Error::Unaligned { addr: pa });
         }
         self.check_owner(env, pa, size, attrs.mem)?;
-
-        // Prepare: how many new tables between the deepest existing entry and `level`.
-        let slot = self.find(env, ipa, level);
-        if slot.raw & 1 != 0 {
-            return Err(Stage2Error::AlreadyMapped { ipa });
-        }
-        let needed = level - slot.level;
-        let mut fresh = [Pfn(0); 3];
-        env.take_tables(self.vm, &mut fresh[..needed])?;
-
-        // Commit: fill the unreachable new tables bottom-up, then publish with one write.
-        let leaf = Entry::Leaf { pa, attrs }.encode(level);
-        if needed == 0 {
-            env.write(slot.table, slot.index, leaf);
-        } else {
-            env.write(fresh[needed - 1], index(ipa, level), leaf);
-            for i in (1..needed).rev() {
-                let lvl = slot.level + i;
-                env.write(fresh[i - 1], index(ipa, lvl), Entry::Table(fresh[i]).encode(lvl));
-            }
-            env.dsb_ishst();
-            env.write(slot.table, slot.index, Entry::Table(fresh[0]).encode(slot.level));
-            self.tables += needed;
-        }
-        env.dsb_ishst();
-        Ok(())
+        self.install(env, ipa, level, Entry::Leaf { pa, attrs }.encode(level)).map_err(|b| b.error(ipa))
     }
 
-    /// Maps one 4 KiB page (the demand-fault path): like `map` at level 3, with a shortcut when
-    /// the page's level-3 table is the one the previous page went into.
-    #[inline(always)]
-    pub fn map_page(
-        &mut self,
-        env: &mut impl Stage2Env,
-        ipa: u64,
+    pub(super) fn check_owner(
+        &self,
+        env: &impl Stage2Env,
         pa: u64,
-        attrs: Attrs,
+        size: u64,
+        mem: MemType,
     ) -> Result<(), Stage2Error> {
-        if pa.is_multiple_of(PAGE_SIZE) {
-            if let Some(slot) = self.cached_l3_slot(env, ipa) {
-                let (table, idx) = slot?;
-                // One frame: its owner, checked inline (a block's tail answers through its head).
-                let pfn = Pfn(pa >> 12);
-                if attrs.mem != MemType::Normal || !env.frame_is(pfn, FrameState::Guest(self.vm)) {
-                    let state = env.frame_state(pfn);
-                    if attrs.mem != MemType::Normal || state != Some(FrameState::Guest(self.vm)) {
-                        return Err(Stage2Error::NotOwned { pfn, state });
-                    }
-                }
-                env.write(table, idx, Entry::Leaf { pa, attrs }.encode(3));
-                env.dsb_ishst();
-                return Ok(());
-            }
-        }
-        self.map_page_walk(env, ipa, pa, attrs)
-    }
-
-    /// The demand-fault fast path's first step: the free level-3 slot of page `ipa` when it
-    /// lies in the table the previous page went into, or `None` (walk, already mapped: the
-    /// general path's business). The slot borrows the space, so no table can change before
-    /// [`PageSlot::fill`] writes it.
-    #[inline(always)]
-    pub fn cached_page_slot(&mut self, env: &impl Stage2Env, ipa: u64) -> Option<PageSlot<'_>> {
-        let (table, index) = self.cached_l3_slot(env, ipa)?.ok()?;
-        Some(PageSlot { vm: self.vm, table, index, _space: core::marker::PhantomData })
-    }
-
-    /// The free level-3 slot of page `ipa` when it lies in the table the previous page went
-    /// into (`None`: walk), or why it cannot be mapped.
-    #[inline(always)]
-    fn cached_l3_slot(&self, env: &impl Stage2Env, ipa: u64) -> Option<Result<(Pfn, usize), Stage2Error>> {
-        let (base, table) = self.last_l3?;
-        if ipa & !(level_size(2) - 1) != base || !ipa.is_multiple_of(PAGE_SIZE) {
-            return None;
-        }
-        let idx = index(ipa, 3);
-        Some(if env.read(table, idx) & 1 != 0 {
-            Err(Stage2Error::AlreadyMapped { ipa })
-        } else {
-            Ok((table, idx))
-        })
-    }
-
-    /// `map_page` without the shortcut: the general map, then remember the level-3 table.
-    #[inline(never)]
-    fn map_page_walk(
-        &mut self,
-        env: &mut impl Stage2Env,
-        ipa: u64,
-        pa: u64,
-        attrs: Attrs,
-    ) -> Result<(), Stage2Error> {
-        self.map(env, ipa, pa, 3, attrs)?;
-        let slot = self.find(env, ipa, 3);
-        if slot.level == 3 {
-            self.last_l3 = Some((ipa & !(level_size(2) - 1), slot.table));
-        }
-        Ok(())
-    }
-
-    /// The block-fault form of a 2 MiB map, first half: the invalid level-2 entry for the
-    /// aligned 2 MiB around `ipa`, found through the cached level-2 table (one read when the
-    /// fault is in the same 1 GiB as the last one). `None` when something is mapped there, when
-    /// no level-2 table covers it yet (the general `map` builds one), or when `ipa` is outside
-    /// the IPA space. Takes and changes nothing, so the caller can decline after it for free.
-    #[inline(always)]
-    pub fn vacant_block(&mut self, env: &impl Stage2Env, ipa: u64) -> Option<VacantBlock<'_>> {
-        if !self.l2_cached_for(ipa) {
-            self.find_l2(env, ipa)?;
-        }
-        self.cached_vacant_block(env, ipa)
-    }
-
-    /// [`Stage2::vacant_block`] through the cached level-2 table only: `None` on a miss too
-    /// (the fast path then declines rather than walk, so it makes no call; the general path's
-    /// [`Stage2::map_block`] remembers the table for the next fault).
-    #[inline(always)]
-    pub fn cached_vacant_block(&mut self, env: &impl Stage2Env, ipa: u64) -> Option<VacantBlock<'_>> {
-        let table = match self.last_l2 {
-            Some((base, table)) if ipa & !(level_size(1) - 1) == base => table,
-            _ => return None,
-        };
-        let index = index(ipa, 2);
-        if env.read(table, index) & 1 != 0 {
-            return None;
-        }
-        Some(VacantBlock { s2: self, table, index, ipa: ipa & !(level_size(2) - 1) })
-    }
-
-    /// Whether the cached level-2 table covers `ipa`'s 1 GiB.
-    #[inline(always)]
-    fn l2_cached_for(&self, ipa: u64) -> bool {
-        matches!(self.last_l2, Some((base, _)) if ipa & !(level_size(1) - 1) == base)
-    }
-
-    /// `map` of a 2 MiB block (the general block-fault path), then remember its level-2 table
-    /// for [`Stage2::cached_vacant_block`].
-    pub fn map_block(
-        &mut self,
-        env: &mut impl Stage2Env,
-        ipa: u64,
-        pa: u64,
-        attrs: Attrs,
-    ) -> Result<(), Stage2Error> {
-        self.map(env, ipa, pa, 2, attrs)?;
-        self.find_l2(env, ipa);
-        Ok(())
-    }
-
-    /// `vacant_block`'s walk: the level-2 table covering `ipa`, if there is one, remembered.
-    #[inline(never)]
-    fn find_l2(&mut self, env: &impl Stage2Env, ipa: u64) -> Option<Pfn> {
-        if ipa >= self.geo.ipa_limit() {
-            return None;
-        }
-        let slot = self.find(env, ipa, 2);
-        if slot.level != 2 {
-            return None;
-        }
-        self.last_l2 = Some((ipa & !(level_size(1) - 1), slot.table));
-        Some(slot.table)
-    }
-
-    /// A table page is about to be freed: no cached table may outlive it.
-    fn forget_cached_tables(&mut self) {
-        self.last_l3 = None;
-        self.last_l2 = None;
-    }
-
-    /// Whether the cached tables are the ones a walk finds now (for tests and the fuzzer).
-    pub fn caches_agree(&self, env: &impl Stage2Env) -> bool {
-        let l3 = self.last_l3.is_none_or(|(base, t)| {
-            let slot = self.find(env, base, 3);
-            slot.level == 3 && slot.table == t
-        });
-        let l2 = self.last_l2.is_none_or(|(base, t)| {
-            let slot = self.find(env, base, 2);
-            slot.level == 2 && slot.table == t
-        });
-        l3 && l2
-    }
-
-    fn check_owner(&self, env: &impl Stage2Env, pa: u64, size: u64, mem: MemType) -> Result<(), Stage2Error> {
         let (first, end) = (pa >> 12, (pa + size) >> 12);
         let mut pfn = first;
         while pfn < end {
@@ -483,13 +448,32 @@ impl Stage2 {
         Ok(())
     }
 
-    /// The break-before-make primitive: every change of a valid entry comes through here.
-    fn commit(&mut self, env: &mut impl Stage2Env, changes: &[Change]) {
+    /// The level-2 table covering `ipa`, if the walk reaches one (for the exclusive block form).
+    pub(super) fn l2_table(&self, env: &impl Stage2Env, ipa: u64) -> Option<Pfn> {
+        if ipa >= self.geo.ipa_limit() {
+            return None;
+        }
+        let slot = self.find(env, ipa, 2);
+        (slot.level == 2).then_some(slot.table)
+    }
+
+    /// The table a walk of `base` finds at `level`, if it gets there (for cache checks).
+    pub(super) fn table_at(&self, env: &impl Stage2Env, base: u64, level: usize) -> Option<Pfn> {
+        let slot = self.find(env, base, level);
+        (slot.level == level).then_some(slot.table)
+    }
+
+    /// The break-before-make primitive: every change of a valid entry comes through here,
+    /// under the maintenance lock. Each entry is held locked until the invalidation is
+    /// complete: a fault meeting it re-enters the guest.
+    fn commit(&self, env: &mut impl Stage2Env, changes: &[Change]) {
         if changes.is_empty() {
             return;
         }
+        // Only the lock holder writes a valid entry (a fault's CAS expects 0), so the old
+        // values stand and plain stores suffice.
         for c in changes {
-            env.write(c.table, c.index, 0);
+            env.write(c.table, c.index, LOCKED);
         }
         env.dsb_ishst();
         if changes.len() > TLBI_LIMIT || changes.iter().any(|c| c.live_subtree) {
@@ -503,14 +487,86 @@ impl Stage2 {
         env.tlbi_vmalle1is(self.vmid);
         env.dsb_ish();
         env.isb();
-        let mut made = false;
-        for c in changes.iter().filter(|c| c.new != 0) {
+        for c in changes {
             env.write(c.table, c.index, c.new);
-            made = true;
         }
-        if made {
-            env.dsb_ishst();
+        env.dsb_ishst();
+    }
+
+    /// A table page was unlinked by a completed [`Stage2::commit`]: move the epoch (any
+    /// cache holding it is stale from now on), then free it at once (exclusive) or retire it.
+    fn unlinked(&self, env: &mut impl Stage2Env, m: &mut Maint<'_>, table: Pfn) {
+        let stamp = self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.tables.fetch_sub(1, Ordering::Relaxed);
+        if m.exclusive {
+            env.free_table(self.vm, table);
+            return;
         }
+        let next = m.retired.head.map_or(0, |p| p.0 + 1);
+        env.write(table, 0, locked_with(next));
+        env.write(table, 1, locked_with(stamp - self.epoch_base));
+        env.dsb_ishst();
+        m.retired.head = Some(table);
+        m.retired.count += 1;
+    }
+
+    /// Frees the retired table pages no vCPU can still hold: those retired before epoch
+    /// `oldest_seen`, the oldest epoch any vCPU of the guest published at its last quiescent
+    /// point ([`super::Quiescence::oldest`]). Returns how many were freed.
+    pub fn drain_retired(&self, env: &mut impl Stage2Env, oldest_seen: u64) -> usize {
+        let mut retired = self.maint.lock();
+        self.drain(env, &mut retired, oldest_seen)
+    }
+
+    fn drain(&self, env: &mut impl Stage2Env, retired: &mut Retired, oldest_seen: u64) -> usize {
+        let link = |raw: u64| match locked_payload(raw) {
+            0 => None,
+            n => Some(Pfn(n - 1)),
+        };
+        // Newest first: once one is old enough, so is every page after it.
+        let (mut prev, mut cur) = (None, retired.head);
+        while let Some(t) = cur {
+            if self.epoch_base + locked_payload(env.read(t, 1)) < oldest_seen {
+                break;
+            }
+            prev = Some(t);
+            cur = link(env.read(t, 0));
+        }
+        if cur.is_none() {
+            return 0;
+        }
+        match prev {
+            Some(p) => {
+                env.write(p, 0, locked_with(0));
+                env.dsb_ishst();
+            }
+            None => retired.head = None,
+        }
+        let mut freed = 0;
+        while let Some(t) = cur {
+            cur = link(env.read(t, 0));
+            env.free_table(self.vm, t);
+            freed += 1;
+        }
+        retired.count -= freed;
+        freed
+    }
+
+    /// Runs a structural change under the maintenance lock. Exclusive: unlinked table pages
+    /// are freed at once, and so is everything retired before.
+    fn structural<E: Stage2Env, R>(
+        &self,
+        env: &mut E,
+        exclusive: bool,
+        change: impl FnOnce(&Self, &mut E, &mut Maint<'_>) -> R,
+    ) -> R {
+        let mut retired = self.maint.lock();
+        let mut m = Maint { retired: &mut retired, exclusive };
+        let r = change(self, env, &mut m);
+        if exclusive {
+            self.drain(env, &mut retired, u64::MAX);
+        }
+        r
     }
 
     /// Tables needed to split the leaves around boundary `addr` down to what it needs.
@@ -527,7 +583,7 @@ impl Stage2 {
     }
 
     /// Splits blocks so that no leaf straddles `addr`, taking tables from `spare`.
-    fn split_at(&mut self, env: &mut impl Stage2Env, addr: u64, spare: &mut &[Pfn]) {
+    fn split_at(&self, env: &mut impl Stage2Env, addr: u64, spare: &mut &[Pfn]) {
         if addr == 0 || addr >= self.geo.ipa_limit() {
             return;
         }
@@ -545,7 +601,7 @@ impl Stage2 {
     }
 
     /// Replaces the block in `slot` with a table of `table` mapping the same memory.
-    fn split_slot(&mut self, env: &mut impl Stage2Env, slot: Slot, table: Pfn) {
+    fn split_slot(&self, env: &mut impl Stage2Env, slot: Slot, table: Pfn) {
         let Entry::Leaf { pa, attrs } = Entry::decode(slot.raw, slot.level) else { return };
         let child = slot.level + 1;
         let step = level_size(child);
@@ -554,8 +610,11 @@ impl Stage2 {
         if child == 3 && attrs.mem == MemType::Normal {
             env.split_frames(self.vm, Pfn(pa >> 12));
         }
+        // The new table is unreachable until the commit: plain writes, each entry's output
+        // address derived from its own IPA's offset in the block.
         for i in 0..ENTRIES {
-            env.write(table, i, Entry::Leaf { pa: pa + i as u64 * step, attrs }.encode(child));
+            let ipa = slot.base + i as u64 * step;
+            env.write(table, i, Entry::Leaf { pa: pa + (ipa - slot.base), attrs }.encode(child));
         }
         let change = Change {
             table: slot.table,
@@ -567,12 +626,12 @@ impl Stage2 {
             live_subtree: false,
         };
         self.commit(env, &[change]);
-        self.tables += 1;
+        self.tables.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Takes the tables that splitting at both ends of `[ipa, end)` needs: all, or none.
     fn prepare_edges(
-        &mut self,
+        &self,
         env: &mut impl Stage2Env,
         ipa: u64,
         end: u64,
@@ -583,18 +642,29 @@ impl Stage2 {
         Ok(n)
     }
 
-    fn split_edges(&mut self, env: &mut impl Stage2Env, ipa: u64, end: u64, spare: &[Pfn]) {
+    fn split_edges(&self, env: &mut impl Stage2Env, ipa: u64, end: u64, spare: &[Pfn]) {
         let mut left = spare;
         self.split_at(env, ipa, &mut left);
         self.split_at(env, end, &mut left);
         // Both edges in one block take fewer tables than counted: give the rest back unused.
         for &t in left {
-            env.free_table(self.vm, t);
+            env.return_unused_table(self.vm, t);
         }
     }
 
-    /// Splits the block mapping `ipa` at `level` into a table of next-level entries.
+    /// Splits the block mapping `ipa` at `level` into a table of next-level entries (every vCPU
+    /// out of the fault path).
     pub fn split(&mut self, env: &mut impl Stage2Env, ipa: u64, level: usize) -> Result<(), Stage2Error> {
+        self.structural(env, true, |s2, env, _| s2.split_block(env, ipa, level))
+    }
+
+    /// [`Stage2::split`] while vCPUs fault: a fault into the block's 2 MiB meanwhile finds its
+    /// entry locked and re-enters the guest.
+    pub fn split_live(&self, env: &mut impl Stage2Env, ipa: u64, level: usize) -> Result<(), Stage2Error> {
+        self.structural(env, false, |s2, env, _| s2.split_block(env, ipa, level))
+    }
+
+    fn split_block(&self, env: &mut impl Stage2Env, ipa: u64, level: usize) -> Result<(), Stage2Error> {
         self.check_range(ipa & !(PAGE_SIZE - 1), PAGE_SIZE)?;
         let slot = self.find(env, ipa, level);
         match Entry::decode(slot.raw, slot.level) {
@@ -610,6 +680,21 @@ impl Stage2 {
     /// Replaces the table at `level` covering `ipa` with one block, if its entries map one
     /// aligned, contiguous range with identical attributes; the table page is freed.
     pub fn collapse(&mut self, env: &mut impl Stage2Env, ipa: u64, level: usize) -> Result<(), Stage2Error> {
+        self.structural(env, true, |s2, env, m| s2.collapse_table(env, m, ipa, level))
+    }
+
+    /// [`Stage2::collapse`] while vCPUs fault: the table page is retired, not freed.
+    pub fn collapse_live(&self, env: &mut impl Stage2Env, ipa: u64, level: usize) -> Result<(), Stage2Error> {
+        self.structural(env, false, |s2, env, m| s2.collapse_table(env, m, ipa, level))
+    }
+
+    fn collapse_table(
+        &self,
+        env: &mut impl Stage2Env,
+        m: &mut Maint<'_>,
+        ipa: u64,
+        level: usize,
+    ) -> Result<(), Stage2Error> {
         if !(1..=2).contains(&level) || level < self.geo.start_level.max(1) {
             return Err(Stage2Error::BadLevel { level });
         }
@@ -621,6 +706,8 @@ impl Stage2 {
         if slot.level != level {
             return Err(Stage2Error::NotCollapsible { ipa });
         }
+        // Every entry valid (faults only fill invalid ones, so that stays true): no late CAS
+        // can land in the table once it is unlinked.
         let step = level_size(level + 1);
         let (base, attrs) = match Entry::decode(env.read(child, 0), level + 1) {
             Entry::Leaf { pa, attrs } if pa % level_size(level) == 0 => (pa, attrs),
@@ -642,9 +729,7 @@ impl Stage2 {
             live_subtree: true,
         };
         self.commit(env, &[change]);
-        self.forget_cached_tables();
-        env.free_table(self.vm, child);
-        self.tables -= 1;
+        self.unlinked(env, m, child);
         Ok(())
     }
 
@@ -676,9 +761,11 @@ impl Stage2 {
     }
 
     /// Applies `make` to every leaf in `[ipa, end)` in batches through the primitive; `after`
-    /// sees each change once its invalidation is complete.
+    /// sees each change once its invalidation is complete. A leaf straddling an end (a fault
+    /// mapped a block there after the edges were split) is left alone: that fault comes after
+    /// this change.
     fn change_leaves(
-        &mut self,
+        &self,
         env: &mut impl Stage2Env,
         ipa: u64,
         end: u64,
@@ -694,6 +781,9 @@ impl Stage2 {
                 let (root, start_level) = (self.root, self.geo.start_level);
                 let items = &mut batch;
                 self.visit_leaves(env, root, start_level, 0, &(cursor..end), &mut |s: Slot| {
+                    if s.base < ipa || s.base + level_size(s.level) > end {
+                        return;
+                    }
                     if items.len == BATCH {
                         if s.base < next {
                             next = s.base;
@@ -724,10 +814,34 @@ impl Stage2 {
 
     /// Unmaps every page in `[ipa, ipa + len)`, splitting blocks that straddle its ends.
     /// `released(pa, size)` gets each unmapped range once no TLB can translate to it; table
-    /// pages left empty are freed.
+    /// pages left empty are freed. Every vCPU out of the fault path.
     pub fn unmap(
         &mut self,
         env: &mut impl Stage2Env,
+        ipa: u64,
+        len: u64,
+        released: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), Stage2Error> {
+        self.structural(env, true, |s2, env, m| s2.unmap_range(env, m, ipa, len, released))
+    }
+
+    /// [`Stage2::unmap`] while vCPUs fault: table pages left empty are retired for
+    /// [`Stage2::drain_retired`]. A fault into the range meanwhile either lands before its
+    /// entry is locked (and is unmapped with it) or after (and stays mapped).
+    pub fn unmap_live(
+        &self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        len: u64,
+        released: &mut dyn FnMut(u64, u64),
+    ) -> Result<(), Stage2Error> {
+        self.structural(env, false, |s2, env, m| s2.unmap_range(env, m, ipa, len, released))
+    }
+
+    fn unmap_range(
+        &self,
+        env: &mut impl Stage2Env,
+        m: &mut Maint<'_>,
         ipa: u64,
         len: u64,
         released: &mut dyn FnMut(u64, u64),
@@ -741,7 +855,8 @@ impl Stage2 {
                 released(pa, level_size(c.level));
             }
         });
-        self.reclaim_empty(env, ipa, end);
+        let (root, level) = (self.root, self.geo.start_level);
+        self.reclaim_in(env, m, root, level, 0, ipa, end);
         Ok(())
     }
 
@@ -749,6 +864,27 @@ impl Stage2 {
     /// stay), splitting blocks that straddle its ends. Unmapped pages stay unmapped.
     pub fn protect(
         &mut self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        len: u64,
+        attrs: Attrs,
+    ) -> Result<(), Stage2Error> {
+        self.structural(env, true, |s2, env, _| s2.protect_range(env, ipa, len, attrs))
+    }
+
+    /// [`Stage2::protect`] while vCPUs fault.
+    pub fn protect_live(
+        &self,
+        env: &mut impl Stage2Env,
+        ipa: u64,
+        len: u64,
+        attrs: Attrs,
+    ) -> Result<(), Stage2Error> {
+        self.structural(env, false, |s2, env, _| s2.protect_range(env, ipa, len, attrs))
+    }
+
+    fn protect_range(
+        &self,
         env: &mut impl Stage2Env,
         ipa: u64,
         len: u64,
@@ -773,16 +909,13 @@ impl Stage2 {
         Ok(())
     }
 
-    /// Unlinks and frees every table under `[start, end)` that holds no valid entry.
-    fn reclaim_empty(&mut self, env: &mut impl Stage2Env, start: u64, end: u64) {
-        let (root, level) = (self.root, self.geo.start_level);
-        self.reclaim_in(env, root, level, 0, start, end);
-    }
-
-    /// Returns whether `table` is empty afterwards.
+    /// Unlinks every table under `[start, end)` that holds no valid entry; returns whether
+    /// `table` holds none afterwards.
+    #[allow(clippy::too_many_arguments)]
     fn reclaim_in(
-        &mut self,
+        &self,
         env: &mut impl Stage2Env,
+        m: &mut Maint<'_>,
         table: Pfn,
         level: usize,
         base: u64,
@@ -797,28 +930,47 @@ impl Stage2 {
             }
             let raw = env.read(table, idx);
             if let Entry::Table(child) = Entry::decode(raw, level) {
-                if self.reclaim_in(env, child, level + 1, eb, start, end) {
+                if self.reclaim_in(env, m, child, level + 1, eb, start, end) && self.hold_empty(env, m, child)
+                {
                     let change =
                         Change { table, index: idx, level, ipa: eb, old: raw, new: 0, live_subtree: false };
                     self.commit(env, &[change]);
-                    self.forget_cached_tables();
-                    env.free_table(self.vm, child);
-                    self.tables -= 1;
+                    self.unlinked(env, m, child);
                 }
             }
         }
-        (0..ENTRIES).all(|i| env.read(table, i) & 1 == 0)
+        (0..ENTRIES).all(|i| env.read(table, i) == 0)
+    }
+
+    /// Locks every entry of the empty `table` before it is unlinked, so that no fault can
+    /// install into it through a pointer it already holds; `false` (nothing left locked) if a
+    /// fault got an entry in first. Exclusive callers race no fault.
+    fn hold_empty(&self, env: &mut impl Stage2Env, m: &Maint<'_>, table: Pfn) -> bool {
+        if m.exclusive {
+            return true;
+        }
+        for i in 0..ENTRIES {
+            if env.cas(table, i, 0, LOCKED).is_err() {
+                for j in 0..i {
+                    env.write(table, j, 0);
+                }
+                env.dsb_ishst();
+                return false;
+            }
+        }
+        true
     }
 
     /// Destroys the address space: every entry goes, the VMID's TLB entries are invalidated,
-    /// then `released` gets every mapped range and every table page (root included) is freed.
+    /// then `released` gets every mapped range and every table page (root and retired ones
+    /// included) is freed. Every vCPU of the guest must be out of it (the space is consumed).
     /// The returned proof lets the VMID be reused.
     pub fn teardown(self, env: &mut impl Stage2Env, released: &mut dyn FnMut(u64, u64)) -> VmidInvalidated {
         let (start, entries) = (self.geo.start_level, self.geo.root_entries());
         let mut live = [0u64; ENTRIES];
         for (i, slot) in live.iter_mut().enumerate().take(entries) {
             *slot = env.read(self.root, i);
-            if *slot & 1 != 0 {
+            if *slot != 0 {
                 env.write(self.root, i, 0);
             }
         }
@@ -829,6 +981,8 @@ impl Stage2 {
         for &raw in live.iter().take(entries) {
             self.release_subtree(env, raw, start, released);
         }
+        let mut retired = self.maint.lock();
+        self.drain(env, &mut retired, u64::MAX);
         env.free_table(self.vm, self.root);
         VmidInvalidated(self.vmid)
     }
@@ -854,10 +1008,16 @@ impl Stage2 {
     }
 
     /// Whether nothing is mapped in the `level`-sized, aligned region containing `ipa` (no leaf
-    /// and no table there): a block could be mapped without touching any entry.
+    /// and no table there, nor a structural change holding it): a block could be mapped
+    /// without touching any entry.
     #[inline]
     pub fn is_unmapped(&self, env: &impl Stage2Env, ipa: u64, level: usize) -> bool {
-        self.find(env, ipa, level).raw & 1 == 0
+        self.find(env, ipa, level).raw == 0
+    }
+
+    /// Whether a structural change holds the entry on `ipa`'s path (for tests).
+    pub fn is_held(&self, env: &impl Stage2Env, ipa: u64) -> bool {
+        is_locked(self.find(env, ipa, 3).raw)
     }
 
     /// Translates `ipa` as the MMU would.
@@ -909,7 +1069,7 @@ impl Stage2 {
         }
     }
 
-    /// Every table page, root first (for the audit and the fuzzer).
+    /// Every table page in the tree, root first (for the audit and the fuzzer).
     pub fn for_each_table(&self, env: &impl Stage2Env, f: &mut dyn FnMut(Pfn)) {
         f(self.root);
         self.tables_under(env, self.root, self.geo.start_level, f);

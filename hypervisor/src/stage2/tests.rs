@@ -1,6 +1,7 @@
 //! Stage-2 behaviour, one behaviour per test, each run against the checking model: every test
 //! ends with the model's verdict that no rule was broken.
 
+use super::desc::LOCKED;
 use super::model::{ModelEnv, Sabotage};
 use super::*;
 use crate::frame::{ClaimedBlock, ClaimedPage, VmId};
@@ -50,7 +51,7 @@ fn max_table_pages_bounds_mapping_every_page() {
     for (base, pages) in
         [(GUEST_RAM, 1u64), (GUEST_RAM, 1024), (GUEST_RAM + 0x1f_f000, 2), (GUEST_RAM - 0x1000, 3)]
     {
-        let (mut env, mut s2) = setup(pages as usize + 64);
+        let (mut env, s2) = setup(pages as usize + 64);
         for i in 0..pages {
             let pa = guest_frame(&mut env, 1);
             s2.map(&mut env, base + i * PAGE_SIZE, pa, 3, Attrs::RAM).unwrap();
@@ -69,7 +70,7 @@ fn max_table_pages_bounds_mapping_every_page() {
 
 #[test]
 fn maps_a_page_and_translates_it() {
-    let (mut env, mut s2) = setup(64);
+    let (mut env, s2) = setup(64);
     let pa = guest_frame(&mut env, 1);
     s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM).unwrap();
     let m = s2.translate(&env, GUEST_RAM + 0x123).unwrap();
@@ -82,7 +83,7 @@ fn maps_a_page_and_translates_it() {
 
 #[test]
 fn mapping_needs_no_tlb_maintenance() {
-    let (mut env, mut s2) = setup(64);
+    let (mut env, s2) = setup(64);
     let pa = guest_frame(&mut env, 1);
     s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM).unwrap();
     assert_eq!(env.tlbi_count, 0);
@@ -91,7 +92,7 @@ fn mapping_needs_no_tlb_maintenance() {
 
 #[test]
 fn maps_a_2mib_block() {
-    let (mut env, mut s2) = setup(2048);
+    let (mut env, s2) = setup(2048);
     let pa = guest_block(&mut env, 1);
     s2.map(&mut env, GUEST_RAM + 2 * MIB, pa, 2, Attrs::RAM).unwrap();
     let m = s2.translate(&env, GUEST_RAM + 3 * MIB).unwrap();
@@ -109,7 +110,7 @@ fn maps_a_2mib_block() {
 fn maps_a_1gib_block() {
     let frames = 512 * 512 * 2;
     let mut env = ModelEnv::new(RAM_BASE_PFN, frames);
-    let mut s2 = Stage2::new(&mut env, vm(1), 1, Geometry::for_pa_bits(40)).unwrap();
+    let s2 = Stage2::new(&mut env, vm(1), 1, Geometry::for_pa_bits(40)).unwrap();
     let pa = env.claim_contiguous(512 * 512, 512 * 512, FrameState::Guest(vm(1))).unwrap().phys();
     s2.map(&mut env, 0x8000_0000, pa, 1, Attrs::RAM).unwrap();
     assert_eq!(s2.translate(&env, 0x8000_0000 + 0x1234_5000).unwrap().pa, pa + 0x1234_5000);
@@ -117,7 +118,7 @@ fn maps_a_1gib_block() {
 
 #[test]
 fn refuses_frames_the_guest_does_not_own() {
-    let (mut env, mut s2) = setup(64);
+    let (mut env, s2) = setup(64);
     let other = guest_frame(&mut env, 2);
     let hyp = env.claim_frame(FrameState::Hypervisor).unwrap().phys();
     let free = env.claim_frame(FrameState::Free).unwrap().phys();
@@ -131,7 +132,7 @@ fn refuses_frames_the_guest_does_not_own() {
 
 #[test]
 fn refuses_a_block_with_one_foreign_frame() {
-    let (mut env, mut s2) = setup(2048);
+    let (mut env, s2) = setup(2048);
     let pa = guest_block(&mut env, 1);
     env.release_frames(pa + 0x5000, 0x1000);
     env.claim_contiguous(1, 1, FrameState::Guest(vm(2)));
@@ -141,7 +142,7 @@ fn refuses_a_block_with_one_foreign_frame() {
 
 #[test]
 fn device_mappings_may_not_cover_ram() {
-    let (mut env, mut s2) = setup(64);
+    let (mut env, s2) = setup(64);
     let pa = guest_frame(&mut env, 1);
     let dev = Attrs { mem: MemType::Device, exec: false, ..Attrs::RAM };
     assert!(s2.map(&mut env, 0x0900_0000, pa, 3, dev).is_err());
@@ -152,7 +153,7 @@ fn device_mappings_may_not_cover_ram() {
 
 #[test]
 fn refuses_to_map_over_a_mapping() {
-    let (mut env, mut s2) = setup(2048);
+    let (mut env, s2) = setup(2048);
     let a = guest_frame(&mut env, 1);
     let b = guest_frame(&mut env, 1);
     s2.map(&mut env, GUEST_RAM, a, 3, Attrs::RAM).unwrap();
@@ -168,7 +169,7 @@ fn refuses_to_map_over_a_mapping() {
 
 #[test]
 fn out_of_memory_leaves_the_space_unchanged() {
-    let (mut env, mut s2) = setup(64);
+    let (mut env, s2) = setup(64);
     let pa = guest_frame(&mut env, 1);
     let tables = s2.table_pages();
     env.fail_tables = true;
@@ -181,7 +182,7 @@ fn out_of_memory_leaves_the_space_unchanged() {
 
 #[test]
 fn bad_alignment_and_range_are_refused() {
-    let (mut env, mut s2) = setup(2048);
+    let (mut env, s2) = setup(2048);
     let pa = guest_frame(&mut env, 1);
     assert!(matches!(s2.map(&mut env, GUEST_RAM + 1, pa, 3, Attrs::RAM), Err(Stage2Error::Unaligned { .. })));
     assert!(matches!(s2.map(&mut env, 1 << 40, pa, 3, Attrs::RAM), Err(Stage2Error::OutOfRange { .. })));
@@ -267,7 +268,7 @@ fn collapse_refuses_a_table_that_is_not_one_block() {
 
 #[test]
 fn teardown_returns_everything_and_leaves_no_tlb_entry() {
-    let (mut env, mut s2) = setup(4096);
+    let (mut env, s2) = setup(4096);
     let blk = guest_block(&mut env, 1);
     s2.map(&mut env, GUEST_RAM, blk, 2, Attrs::RAM).unwrap();
     for i in 0..5 {
@@ -320,7 +321,7 @@ fn model_catches_a_missing_dsb() {
 
 #[test]
 fn model_catches_a_teardown_without_vmid_invalidation() {
-    let (mut env, mut s2) = setup(64);
+    let (mut env, s2) = setup(64);
     let pa = guest_frame(&mut env, 1);
     s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM).unwrap();
     env.sabotage = Sabotage::DropVmidTlbi;
@@ -333,7 +334,7 @@ fn model_catches_a_teardown_without_vmid_invalidation() {
 
 #[test]
 fn model_catches_a_live_entry_changed_in_place() {
-    let (mut env, mut s2) = setup(64);
+    let (mut env, s2) = setup(64);
     let pa = guest_frame(&mut env, 1);
     let pb = guest_frame(&mut env, 1);
     s2.map(&mut env, GUEST_RAM, pa, 3, Attrs::RAM).unwrap();
@@ -603,4 +604,420 @@ fn model_catches_a_write_into_a_freed_table() {
     s2.unmap(&mut env, GUEST_RAM, 0x1000, &mut |pa, size| got.push((pa, size))).unwrap();
     env.write(l3.unwrap(), 1, 0x4000_0000 | 0x7ff);
     assert!(env.violations.iter().any(|v| v.contains("not a live table page")), "{:?}", env.violations);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Concurrent installs, one interleaving at a time: the model with a hook that lets "another
+// vCPU" act in the middle of an operation (the loom models explore every interleaving on a
+// smaller machine; these check the same protocol against the TLB model).
+
+/// When the hook runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    /// At the first TLB invalidation: an entry is held locked by break-before-make.
+    FirstTlbi,
+    /// At the first compare-and-swap that locks an empty table before it leaves the tree.
+    LockingCas,
+    /// Right after table pages were taken for an install, before it links any.
+    TablesTaken,
+}
+
+/// What "another vCPU" does at the trigger.
+type Hook<'h> = Box<dyn FnOnce(&mut ModelEnv) + 'h>;
+
+struct Hooked<'h> {
+    env: ModelEnv,
+    trigger: Trigger,
+    hook: Option<Hook<'h>>,
+}
+
+impl<'h> Hooked<'h> {
+    fn new(env: ModelEnv, trigger: Trigger, hook: impl FnOnce(&mut ModelEnv) + 'h) -> Self {
+        Hooked { env, trigger, hook: Some(Box::new(hook)) }
+    }
+    /// The model back, the hook (and what it borrowed) gone.
+    fn into_env(self) -> ModelEnv {
+        self.env
+    }
+    fn fire(&mut self, at: Trigger) {
+        if at == self.trigger {
+            if let Some(h) = self.hook.take() {
+                h(&mut self.env);
+            }
+        }
+    }
+}
+
+impl Stage2Env for Hooked<'_> {
+    fn read(&self, table: Pfn, index: usize) -> u64 {
+        self.env.read(table, index)
+    }
+    fn write(&mut self, table: Pfn, index: usize, value: u64) {
+        self.env.write(table, index, value)
+    }
+    fn cas(&mut self, table: Pfn, index: usize, old: u64, new: u64) -> Result<(), u64> {
+        if new == LOCKED {
+            self.fire(Trigger::LockingCas);
+        }
+        self.env.cas(table, index, old, new)
+    }
+    fn take_tables(&mut self, vm: VmId, out: &mut [Pfn]) -> Result<(), Stage2Error> {
+        self.env.take_tables(vm, out)?;
+        if !out.is_empty() {
+            self.fire(Trigger::TablesTaken);
+        }
+        Ok(())
+    }
+    fn free_table(&mut self, vm: VmId, table: Pfn) {
+        self.env.free_table(vm, table)
+    }
+    fn return_unused_table(&mut self, vm: VmId, table: Pfn) {
+        self.env.return_unused_table(vm, table)
+    }
+    fn frame_state(&self, pfn: Pfn) -> Option<FrameState> {
+        self.env.frame_state(pfn)
+    }
+    fn frame_unit(&self, pfn: Pfn) -> (Option<FrameState>, u64) {
+        self.env.frame_unit(pfn)
+    }
+    fn split_frames(&mut self, vm: VmId, head: Pfn) {
+        self.env.split_frames(vm, head)
+    }
+    fn dsb_ishst(&mut self) {
+        self.env.dsb_ishst()
+    }
+    fn dsb_ish(&mut self) {
+        self.env.dsb_ish()
+    }
+    fn isb(&mut self) {
+        self.env.isb()
+    }
+    fn tlbi_ipas2e1is(&mut self, vmid: u16, ipa: u64, level: usize) {
+        self.env.tlbi_ipas2e1is(vmid, ipa, level);
+        self.fire(Trigger::FirstTlbi);
+    }
+    fn tlbi_vmalle1is(&mut self, vmid: u16) {
+        self.env.tlbi_vmalle1is(vmid)
+    }
+    fn tlbi_vmalls12e1is(&mut self, vmid: u16) {
+        self.env.tlbi_vmalls12e1is(vmid);
+        self.fire(Trigger::FirstTlbi);
+    }
+}
+
+fn claim_page(env: &mut ModelEnv, n: u16) -> ClaimedPage {
+    ClaimedPage::assume(env.claim_frame(FrameState::Guest(vm(n))).unwrap(), vm(n))
+}
+
+fn claim_block(env: &mut ModelEnv, n: u16) -> ClaimedBlock {
+    ClaimedBlock::assume(env.claim_contiguous(512, 512, FrameState::Guest(vm(n))).unwrap(), vm(n))
+}
+
+fn release_all(env: &mut ModelEnv, got: Vec<(u64, u64)>) {
+    for (pa, size) in got {
+        env.release_frames(pa, size);
+    }
+}
+
+// The vCPU form: the general fault walks, links the tables and fills the vCPU's cache; the
+// next fault in the same 2 MiB goes through the cache with one CAS and no TLB maintenance.
+#[test]
+fn faults_install_through_the_vcpu_cache() {
+    let (mut env, s2) = setup(64);
+    let mut cache = FaultCache::new();
+    assert!(s2.page_slot(&cache, GUEST_RAM).is_none(), "an empty cache is a miss");
+    let a = claim_page(&mut env, 1);
+    let pa = a.pfn().phys();
+    s2.fault_page(&mut env, &mut cache, GUEST_RAM, a).unwrap();
+    assert_eq!(s2.translate(&env, GUEST_RAM).unwrap().pa, pa);
+    assert!(cache.agrees(&s2, &env));
+    let b = claim_page(&mut env, 1);
+    let pb = b.pfn().phys();
+    s2.page_slot(&cache, GUEST_RAM + 0x7000).expect("same 2 MiB").install(&mut env, b).unwrap();
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x7000).unwrap().pa, pb);
+    assert!(s2.page_slot(&cache, GUEST_RAM + 2 * MIB).is_none(), "another 2 MiB: walk");
+    // The page is there: a second fault on it retries, its claim handed back untouched.
+    let c = claim_page(&mut env, 1);
+    let back = s2.page_slot(&cache, GUEST_RAM).unwrap().install(&mut env, c);
+    assert!(matches!(back, Err(Declined::Retry(ref p)) if p.pfn() != Pfn(pa >> 12)), "{back:?}");
+    let c = back.unwrap_err().into_claim();
+    assert!(matches!(s2.fault_page(&mut env, &mut cache, GUEST_RAM, c), Err(Declined::Retry(_))));
+    // A claim for another guest is refused with nothing written.
+    let f = claim_page(&mut env, 2);
+    let r = s2.page_slot(&cache, GUEST_RAM + 0x8000).unwrap().install(&mut env, f);
+    assert!(matches!(r, Err(Declined::Refused(_, Stage2Error::NotOwned { .. }))), "{r:?}");
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x8000), None);
+    assert_eq!(env.tlbi_count, 0);
+    clean(&mut env);
+}
+
+// The block forms: a block goes where nothing is; pages there refuse it (map a page instead),
+// a block there already is a race to retry.
+#[test]
+fn block_faults_refuse_pages_and_retry_on_a_block() {
+    let (mut env, s2) = setup(4096);
+    let mut cache = FaultCache::new();
+    let blk = claim_block(&mut env, 1);
+    let head = blk.pfn().phys();
+    s2.fault_block(&mut env, &mut cache, GUEST_RAM + 0x3000, blk).unwrap();
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x3000).unwrap().pa, head + 0x3000);
+    let again = claim_block(&mut env, 1);
+    let r = s2.block_slot(&cache, GUEST_RAM).unwrap().install(&mut env, again);
+    assert!(matches!(r, Err(Declined::Retry(_))), "{r:?}");
+    env.release_frames(r.unwrap_err().into_claim().pfn().phys(), 2 * MIB);
+    // Pages in the next 2 MiB: a block there is refused, through the cache and the walk.
+    let page = claim_page(&mut env, 1);
+    s2.fault_page(&mut env, &mut cache, GUEST_RAM + 2 * MIB, page).unwrap();
+    let blk = claim_block(&mut env, 1);
+    let r = s2.block_slot(&cache, GUEST_RAM + 2 * MIB).unwrap().install(&mut env, blk);
+    assert!(matches!(r, Err(Declined::Refused(_, Stage2Error::AlreadyMapped { .. }))), "{r:?}");
+    let r = s2.fault_block(&mut env, &mut cache, GUEST_RAM + 2 * MIB, r.unwrap_err().into_claim());
+    assert!(matches!(r, Err(Declined::Refused(_, Stage2Error::AlreadyMapped { .. }))), "{r:?}");
+    assert_eq!(env.tlbi_count, 0);
+    clean(&mut env);
+}
+
+// Another vCPU links the same tables between this install's taking its table pages and
+// linking them: this install follows the winner's tables, and its own pages go back zero.
+#[test]
+fn a_lost_table_race_hands_the_table_pages_back_unused() {
+    for same_page in [false, true] {
+        let (mut env, s2) = setup(64);
+        let mine = claim_page(&mut env, 1);
+        let theirs = claim_page(&mut env, 1);
+        let (pm, pt) = (mine.pfn().phys(), theirs.pfn().phys());
+        let their_ipa = if same_page { GUEST_RAM } else { GUEST_RAM + 0x1000 };
+        let (s2r, mut their_cache) = (&s2, FaultCache::new());
+        let mut hooked = Hooked::new(env, Trigger::TablesTaken, |env| {
+            s2r.fault_page(env, &mut their_cache, their_ipa, theirs).unwrap();
+        });
+        let r = s2.fault_page(&mut hooked, &mut FaultCache::new(), GUEST_RAM, mine);
+        let mut env = hooked.into_env();
+        assert_eq!(s2.translate(&env, their_ipa).unwrap().pa, pt);
+        if same_page {
+            assert_eq!(r.map_err(|d| matches!(d, Declined::Retry(p) if p.pfn().phys() == pm)), Err(true));
+        } else {
+            r.unwrap();
+            assert_eq!(s2.translate(&env, GUEST_RAM).unwrap().pa, pm);
+        }
+        // Root (level 0), levels 1 to 3: the loser's three table pages went back.
+        assert_eq!(s2.table_pages(), 4);
+        assert_eq!(env.frames_in(FrameState::PageTable(vm(1))), 4);
+        clean(&mut env);
+    }
+}
+
+// A fault meeting an entry held by break-before-make (an unmap, a split) writes nothing and
+// retries; once the change is made, the same fault maps.
+#[test]
+fn a_fault_during_break_before_make_retries() {
+    let (env, s2) = setup(2048);
+    let mut env = env;
+    let a = guest_frame(&mut env, 1);
+    let b = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, a, 3, Attrs::RAM).unwrap();
+    s2.map(&mut env, GUEST_RAM + 0x1000, b, 3, Attrs::RAM).unwrap();
+    let mut cache = FaultCache::new();
+    let c = claim_page(&mut env, 1);
+    let pc = c.pfn().phys();
+    s2.fault_page(&mut env, &mut cache, GUEST_RAM + 0x2000, c).unwrap();
+    let (s2r, mut during) = (&s2, Vec::new());
+    let d = claim_page(&mut env, 1);
+    let e = claim_page(&mut env, 1);
+    let cache_r = &cache;
+    let mut hooked = Hooked::new(env, Trigger::FirstTlbi, |env| {
+        assert!(s2r.is_held(env, GUEST_RAM), "the entry is locked during break-before-make");
+        during.push(s2r.page_slot(cache_r, GUEST_RAM).unwrap().install(env, d));
+        during.push(s2r.fault_page(env, &mut FaultCache::new(), GUEST_RAM, e));
+    });
+    let mut got = Vec::new();
+    s2.unmap_live(&mut hooked, GUEST_RAM, 0x1000, &mut |pa, size| got.push((pa, size))).unwrap();
+    let mut env = hooked.into_env();
+    assert_eq!(got, vec![(a, 0x1000)]);
+    release_all(&mut env, got);
+    assert_eq!(during.len(), 2);
+    let mut back = Vec::new();
+    for r in during {
+        let Err(Declined::Retry(p)) = r else { panic!("a fault wrote into a held entry: {r:?}") };
+        back.push(p);
+    }
+    assert_eq!(s2.translate(&env, GUEST_RAM), None);
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x2000).unwrap().pa, pc);
+    // The guest re-executes the access: now it maps.
+    let d = back.remove(0);
+    let pd = d.pfn().phys();
+    s2.page_slot(&cache, GUEST_RAM).unwrap().install(&mut env, d).unwrap();
+    assert_eq!(s2.translate(&env, GUEST_RAM).unwrap().pa, pd);
+    clean(&mut env);
+
+    // A split: the block's level-2 entry is held; a fault into its 2 MiB retries.
+    let blk = guest_block(&mut env, 1);
+    let ipa = GUEST_RAM + 4 * MIB;
+    s2.map(&mut env, ipa, blk, 2, Attrs::RAM).unwrap();
+    let f = claim_page(&mut env, 1);
+    let mut during = None;
+    let mut hooked = Hooked::new(env, Trigger::FirstTlbi, |env| {
+        during = Some(s2r.fault_page(env, &mut FaultCache::new(), ipa + 0x5000, f));
+    });
+    s2.split_live(&mut hooked, ipa, 2).unwrap();
+    let mut env = hooked.into_env();
+    assert!(matches!(during, Some(Err(Declined::Retry(_)))), "{during:?}");
+    assert_eq!(s2.translate(&env, ipa + 0x5000).unwrap().pa, blk + 0x5000);
+    clean(&mut env);
+}
+
+// An unmap empties a level-3 table while a vCPU, through its cache, puts a page in it just
+// before the table is locked: the table stays (nothing is lost), the page is mapped.
+#[test]
+fn a_table_being_emptied_keeps_a_page_put_in_first() {
+    let (mut env, s2) = setup(64);
+    let mut cache = FaultCache::new();
+    let a = claim_page(&mut env, 1);
+    let pa = a.pfn().phys();
+    s2.fault_page(&mut env, &mut cache, GUEST_RAM, a).unwrap();
+    let b = claim_page(&mut env, 1);
+    let pb = b.pfn().phys();
+    let (s2r, mut late) = (&s2, None);
+    let cache_r = &cache;
+    let mut hooked = Hooked::new(env, Trigger::LockingCas, |env| {
+        late = Some(s2r.page_slot(cache_r, GUEST_RAM + 0x5000).unwrap().install(env, b));
+    });
+    let mut got = Vec::new();
+    s2.unmap_live(&mut hooked, GUEST_RAM, 0x1000, &mut |pa, size| got.push((pa, size))).unwrap();
+    let mut env = hooked.into_env();
+    assert_eq!(got, vec![(pa, 0x1000)]);
+    release_all(&mut env, got);
+    assert_eq!(late, Some(Ok(())));
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x5000).unwrap().pa, pb);
+    assert_eq!((s2.table_pages(), s2.retired_pages()), (4, 0), "the table stayed");
+    assert!(cache.agrees(&s2, &env));
+    clean(&mut env);
+}
+
+// Tables unlinked while vCPUs run are retired, every entry non-zero, and freed only once every
+// vCPU has passed a quiescent point; a vCPU's cache of them is never used again.
+#[test]
+fn retired_tables_wait_for_every_vcpu() {
+    let (mut env, s2) = setup(64);
+    let q = Quiescence::<2>::new();
+    q.online(0, &s2);
+    q.online(1, &s2);
+    let mut cache = FaultCache::new();
+    let a = claim_page(&mut env, 1);
+    s2.fault_page(&mut env, &mut cache, GUEST_RAM, a).unwrap();
+    let mut l3 = Pfn(0);
+    s2.for_each_table(&env, &mut |t| l3 = t);
+    let mut got = Vec::new();
+    s2.unmap_live(&mut env, GUEST_RAM, 0x1000, &mut |pa, size| got.push((pa, size))).unwrap();
+    release_all(&mut env, got);
+    assert_eq!((s2.table_pages(), s2.retired_pages()), (1, 3), "levels 1 to 3 retired");
+    assert_eq!(env.frames_in(FrameState::PageTable(vm(1))), 4);
+    assert!((0..ENTRIES).all(|i| env.read(l3, i) != 0 && env.read(l3, i) & 1 == 0), "all held");
+    assert!(s2.page_slot(&cache, GUEST_RAM + 0x1000).is_none(), "the epoch moved: the cache is stale");
+    assert!(cache.agrees(&s2, &env), "a stale cache is never used");
+    assert_eq!(s2.drain_retired(&mut env, q.oldest()), 0, "no vCPU passed a quiescent point");
+    q.pass(0, &s2);
+    assert_eq!(s2.drain_retired(&mut env, q.oldest()), 0, "vCPU 1 may still hold them");
+    q.offline(1);
+    assert_eq!(s2.drain_retired(&mut env, q.oldest()), 3);
+    assert_eq!((s2.table_pages(), s2.retired_pages()), (1, 0));
+    assert_eq!(env.frames_in(FrameState::PageTable(vm(1))), 1);
+    // A table retired after a vCPU's quiescent point waits for the next one.
+    q.online(1, &s2);
+    let b = claim_page(&mut env, 1);
+    s2.fault_page(&mut env, &mut cache, GUEST_RAM, b).unwrap();
+    let mut got = Vec::new();
+    s2.unmap_live(&mut env, GUEST_RAM, 0x1000, &mut |pa, size| got.push((pa, size))).unwrap();
+    release_all(&mut env, got);
+    assert_eq!(s2.drain_retired(&mut env, q.oldest()), 0);
+    q.pass(0, &s2);
+    q.pass(1, &s2);
+    assert_eq!(s2.drain_retired(&mut env, q.oldest()), 3);
+    clean(&mut env);
+}
+
+// A collapse while vCPUs run retires the level-3 table (its entries are all valid, so no late
+// install lands in it); teardown frees whatever is still retired.
+#[test]
+fn collapse_live_retires_and_teardown_frees_the_retired() {
+    let (mut env, s2) = setup(2048);
+    let blk = guest_block(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, blk, 2, Attrs::RAM).unwrap();
+    s2.split_live(&mut env, GUEST_RAM, 2).unwrap();
+    s2.collapse_live(&mut env, GUEST_RAM, 2).unwrap();
+    assert_eq!(s2.retired_pages(), 1);
+    assert_eq!(s2.translate(&env, GUEST_RAM + 0x9000).unwrap().pa, blk + 0x9000);
+    clean(&mut env);
+    let mut got = Vec::new();
+    let _ = s2.teardown(&mut env, &mut |pa, size| got.push((pa, size)));
+    assert_eq!(got, vec![(blk, 2 * MIB)]);
+    release_all(&mut env, got);
+    assert_eq!(env.frames_in(FrameState::PageTable(vm(1))), 0);
+    assert!(env.violations.is_empty(), "{:#?}", env.violations);
+}
+
+// A vCPU's cache from a space that was torn down never matches the next one (a reset), even
+// where the new space reuses the same table pages.
+#[test]
+fn a_cache_from_another_space_is_never_used() {
+    let (mut env, s2) = setup(64);
+    let mut cache = FaultCache::new();
+    let a = claim_page(&mut env, 1);
+    s2.fault_page(&mut env, &mut cache, GUEST_RAM, a).unwrap();
+    let mut got = Vec::new();
+    let _ = s2.teardown(&mut env, &mut |pa, size| got.push((pa, size)));
+    release_all(&mut env, got);
+    let s2 = Stage2::new(&mut env, vm(1), 1, Geometry::for_pa_bits(40)).unwrap();
+    assert!(s2.page_slot(&cache, GUEST_RAM).is_none());
+    assert!(s2.block_slot(&cache, GUEST_RAM).is_none());
+}
+
+// A block fault lands across the end of an unmap's range after the unmap split its edges: the
+// unmap leaves it alone (that fault comes after the unmap), and releases only what it unmapped.
+#[test]
+fn unmap_leaves_a_block_mapped_across_its_end_by_a_later_fault() {
+    let (mut env, s2) = setup(4096);
+    let page = guest_frame(&mut env, 1);
+    s2.map(&mut env, GUEST_RAM, page, 3, Attrs::RAM).unwrap();
+    let blk = claim_block(&mut env, 1);
+    let head = blk.pfn().phys();
+    let s2r = &s2;
+    // The first TLBI is the unmap's own break-before-make of the page: the block fault lands
+    // right then, over the range's end.
+    let mut hooked = Hooked::new(env, Trigger::FirstTlbi, |env| {
+        s2r.fault_block(env, &mut FaultCache::new(), GUEST_RAM + 2 * MIB, blk).unwrap();
+    });
+    let mut got = Vec::new();
+    s2.unmap_live(&mut hooked, GUEST_RAM, 2 * MIB + 0x1000, &mut |pa, size| got.push((pa, size))).unwrap();
+    let mut env = hooked.into_env();
+    assert_eq!(got, vec![(page, 0x1000)]);
+    release_all(&mut env, got);
+    assert_eq!(s2.translate(&env, GUEST_RAM + 2 * MIB).unwrap().pa, head);
+    clean(&mut env);
+}
+
+// The general path's form for frames allocated by number: owner-checked, by CAS, and the
+// tables it used are remembered in the vCPU's cache for the fast path's next fault; a second
+// vCPU mapping the same page meets `AlreadyMapped`.
+#[test]
+fn map_cached_fills_the_vcpu_cache() {
+    let (mut env, s2) = setup(4096);
+    let mut cache = FaultCache::new();
+    let a = guest_frame(&mut env, 1);
+    s2.map_cached(&mut env, &mut cache, GUEST_RAM, a, 3, Attrs::RAM).unwrap();
+    assert!(s2.page_slot(&cache, GUEST_RAM + 0x1000).is_some());
+    assert!(s2.block_slot(&cache, GUEST_RAM + 2 * MIB).is_some(), "the level-2 table on the path too");
+    let b = guest_frame(&mut env, 1);
+    let r = s2.map_cached(&mut env, &mut FaultCache::new(), GUEST_RAM, b, 3, Attrs::RAM);
+    assert_eq!(r, Err(Stage2Error::AlreadyMapped { ipa: GUEST_RAM }));
+    let foreign = guest_frame(&mut env, 2);
+    let r = s2.map_cached(&mut env, &mut cache, GUEST_RAM + 0x1000, foreign, 3, Attrs::RAM);
+    assert!(matches!(r, Err(Stage2Error::NotOwned { .. })), "{r:?}");
+    let blk = guest_block(&mut env, 1);
+    let mut other = FaultCache::new();
+    s2.map_cached(&mut env, &mut other, GUEST_RAM + 2 * MIB, blk, 2, Attrs::RAM).unwrap();
+    assert!(s2.block_slot(&other, GUEST_RAM + 4 * MIB).is_some());
+    assert!(s2.page_slot(&other, GUEST_RAM).is_none(), "a block fills only the level-2 table");
+    assert!(cache.agrees(&s2, &env) && other.agrees(&s2, &env));
+    clean(&mut env);
 }

@@ -1,5 +1,8 @@
-//! The stage-2 code's machine on aarch64: table pages read and written through the identity
-//! map, table frames from the atomic path, and the real barriers and TLB instructions.
+//! The stage-2 code's machine on aarch64: table pages read, written and compared-and-swapped
+//! through the identity map as 64-bit atomics (several CPUs install into one guest's tables at
+//! once), table frames from the atomic path, and the real barriers and TLB instructions.
+
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use labyrinth::frame::{FrameManager, FrameState, Owner, Pfn, VmId};
 use labyrinth::stage2::{Stage2Env, Stage2Error};
@@ -11,6 +14,15 @@ pub struct HwStage2<'a> {
     pub cpu: usize,
     /// The guest's `VTTBR_EL2`: TLBI by IPA and VMALL*E1IS act on the VMID it holds.
     pub vttbr: u64,
+}
+
+/// Entry `index` of the table page `table`, as the atomic it is for every CPU that walks it.
+#[inline(always)]
+fn entry(table: Pfn, index: usize) -> &'static AtomicU64 {
+    // SAFETY: `table` is a page-table frame of a guest (tagged so by the frame database), in
+    // RAM identity-mapped at EL2 for the hypervisor's lifetime, 8-byte aligned; `index & 511`
+    // stays inside the page. Every access to table memory goes through these atomics.
+    unsafe { AtomicU64::from_ptr((table.phys() as *mut u64).add(index & 511)) }
 }
 
 impl HwStage2<'_> {
@@ -30,15 +42,20 @@ impl HwStage2<'_> {
 impl Stage2Env for HwStage2<'_> {
     #[inline(always)]
     fn read(&self, table: Pfn, index: usize) -> u64 {
-        // SAFETY: `table` is a page-table frame of this guest (tagged so by the frame database),
-        // in free RAM identity-mapped at EL2; `index` < 512 by construction of the caller.
-        unsafe { core::ptr::read_volatile((table.phys() as *const u64).add(index & 511)) }
+        entry(table, index).load(Ordering::Acquire)
     }
 
     #[inline(always)]
     fn write(&mut self, table: Pfn, index: usize, value: u64) {
-        // SAFETY: as for `read`; a single 64-bit store, so a walker sees the old or new entry.
-        unsafe { core::ptr::write_volatile((table.phys() as *mut u64).add(index & 511), value) }
+        // One 64-bit store: a walker sees the old or the new entry.
+        entry(table, index).store(value, Ordering::Release)
+    }
+
+    #[inline(always)]
+    fn cas(&mut self, table: Pfn, index: usize, old: u64, new: u64) -> Result<(), u64> {
+        // LDAXR/STLXR on ARMv8.0 (no LSE on the cortex-a72): the exclusive pair replaces the
+        // plain store the single-vCPU path made, and the load the fault path made before it.
+        entry(table, index).compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire).map(|_| ())
     }
 
     fn take_tables(&mut self, vm: VmId, out: &mut [Pfn]) -> Result<(), Stage2Error> {
@@ -62,6 +79,15 @@ impl Stage2Env for HwStage2<'_> {
     fn free_table(&mut self, vm: VmId, table: Pfn) {
         if let Err(e) = self.frames.release(table, 1, Owner::page_table(vm), &Scrubber) {
             log::error!("stage-2 table {table} of VM {} not released: {e}", vm.get());
+        }
+    }
+
+    fn return_unused_table(&mut self, vm: VmId, table: Pfn) {
+        // Never linked, so never written: back to this CPU's pool as it came (still zero);
+        // the scrubbing release when the pool is full or busy.
+        let owner = Owner::page_table(vm);
+        if self.frames.return_unused_page_atomic(self.cpu, table, owner).is_err() {
+            self.free_table(vm, table);
         }
     }
 
