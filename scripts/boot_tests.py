@@ -530,8 +530,10 @@ def smp_stress_test(mode, cpus):
         st = guest_lines(out, "stress")
         expect_smp_stress(st, out, mode, cpus)
         expect_stress_smp_end(st, out, cpus)
-        check(re.search(r"guest stress: stopped by SystemOff", out), "stress not stopped by SystemOff", out)
+        report = re.search(r"guest stress: stopped by SystemOff; vCPUs \d+; (faults \d+ \([^)]*\), lost races \d+)", out)
+        check(report, "stress not stopped by SystemOff, or its report has no fault counts", out)
         expect_audit_clean(out)
+        print("      (%s)" % report.group(1), flush=True)
     run.__name__ = "smp_stress_%s_on_%d_vcpus" % (mode, cpus)
     return run
 

@@ -19,9 +19,9 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use labyrinth::dt::{GuestConfig, Platform};
 use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
-use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
+use labyrinth::stage2::{level_size, Attrs, Declined, Geometry, Stage2, Stage2Error, VmidAllocator};
 use labyrinth::vm::exit::{self, Outcome};
-use labyrinth::vm::guest::{Space, VmParts};
+use labyrinth::vm::guest::{Boot, VmParts};
 use labyrinth::vm::layout::{self, Layout};
 use labyrinth::vm::lifecycle::Life;
 use labyrinth::vm::vpsci::{PowerState, StartRequest};
@@ -76,7 +76,7 @@ fn frames() -> &'static FrameManager<'static> {
 
 #[inline(always)]
 fn env(vm: &Vm) -> arch::HwStage2<'static> {
-    arch::HwStage2 { frames: frames(), cpu: arch::cpu_index(), vttbr: vm.vttbr.load(Ordering::Relaxed) }
+    arch::HwStage2 { frames: frames(), cpu: arch::cpu_index(), vttbr: vm.s2.vttbr() }
 }
 
 /// Builds every well-formed guest the device tree describes and gives each of its vCPUs a
@@ -140,7 +140,7 @@ pub fn create_all(
                     if cfg.no_block_mappings { "4 KiB" } else { "4 KiB and 2 MiB" },
                     if n > 1 { "s" } else { "" },
                     if n > 1 { alloc::format!("-{}", next_cpu + n - 1) } else { alloc::string::String::new() },
-                    vm.space.lock().vmid,
+                    vm.s2.vmid(),
                 );
                 vms.push(vm);
                 next_cpu += n;
@@ -218,11 +218,19 @@ fn build_inner(
         frames().uncommit(budget.promised());
         return Err(format!("no VMID left"));
     };
-    let parts = VmParts { config: *cfg, id, layout, geo, first_cpu, vmid, dtb, budget };
+    let mut env = arch::HwStage2 { frames: frames(), cpu: first_cpu, vttbr: 0 };
+    let s2 = match Stage2::new(&mut env, id, vmid, geo) {
+        Ok(s2) => s2,
+        Err(e) => {
+            frames().uncommit(budget.promised());
+            return Err(format!("no stage-2 root table: {e}"));
+        }
+    };
+    let parts = VmParts { config: *cfg, id, layout, geo, first_cpu, s2, dtb, budget };
     let vm = Vm::new(parts).map_err(|e| format!("{e}"))?;
-    let loaded = load(&vm, &mut vm.space.lock(), first_cpu);
+    let loaded = load(&vm, &vm.boot.lock(), first_cpu);
     if let Err(e) = loaded {
-        teardown(&vm, &mut vm.space.lock());
+        destroy(&vm);
         frames().uncommit(vm.budget.promised());
         return Err(format!("loading: {e}"));
     }
@@ -261,38 +269,23 @@ fn module_bytes(base: u64, size: u64) -> Result<&'static [u8], BuildError> {
     Ok(unsafe { core::slice::from_raw_parts(base as *const u8, size as usize) })
 }
 
-/// A fresh stage-2 space with the kernel, ramdisk and device tree copied in (and cleaned to the
-/// point of coherency: the guest starts with its MMU and caches off). Everything else of its
-/// RAM is faulted in on first touch. Called with every vCPU of the guest out of it.
-fn load(vm: &Vm, space: &mut Space, cpu: usize) -> Result<(), Stage2Error> {
-    let mut env = arch::HwStage2 { frames: frames(), cpu, vttbr: 0 };
-    let mut s2 = Stage2::new(&mut env, vm.id, space.vmid, vm.geo)?;
-    env.vttbr = s2.vttbr();
+/// The kernel, ramdisk and device tree copied into the guest's (empty) stage-2 space, and
+/// cleaned to the point of coherency: the guest starts with its MMU and caches off. Everything
+/// else of its RAM is faulted in on first touch. Called with every vCPU of the guest out.
+fn load(vm: &Vm, boot: &Boot, cpu: usize) -> Result<(), Stage2Error> {
+    let mut env = arch::HwStage2 { frames: frames(), cpu, vttbr: vm.s2.vttbr() };
     let kernel = module_bytes(vm.config.kernel.region.base(), vm.config.kernel.region.size())
         .map_err(|_| Stage2Error::OutOfMemory)?;
-    let mut r = copy_in(vm, &mut s2, &mut env, vm.layout.kernel, kernel);
-    if let (Ok(()), Some(m), Some((at, _))) = (&r, vm.config.ramdisk, vm.layout.ramdisk) {
-        r = module_bytes(m.region.base(), m.region.size())
-            .map_err(|_| Stage2Error::OutOfMemory)
-            .and_then(|bytes| copy_in(vm, &mut s2, &mut env, at, bytes));
+    copy_in(vm, &mut env, vm.layout.kernel, kernel)?;
+    if let (Some(m), Some((at, _))) = (vm.config.ramdisk, vm.layout.ramdisk) {
+        let bytes = module_bytes(m.region.base(), m.region.size()).map_err(|_| Stage2Error::OutOfMemory)?;
+        copy_in(vm, &mut env, at, bytes)?;
     }
-    if r.is_ok() {
-        r = copy_in(vm, &mut s2, &mut env, vm.layout.dtb, &space.dtb);
-    }
-    // Kept even when loading failed, so that teardown returns what was copied.
-    vm.vttbr.store(s2.vttbr(), Ordering::Release);
-    space.s2 = Some(s2);
-    r
+    copy_in(vm, &mut env, vm.layout.dtb, &boot.dtb)
 }
 
 /// Copies `bytes` to guest IPA `at` (page-aligned), page by page into fresh frames.
-fn copy_in(
-    vm: &Vm,
-    s2: &mut Stage2,
-    env: &mut arch::HwStage2<'static>,
-    at: u64,
-    bytes: &[u8],
-) -> Result<(), Stage2Error> {
+fn copy_in(vm: &Vm, env: &mut arch::HwStage2<'static>, at: u64, bytes: &[u8]) -> Result<(), Stage2Error> {
     for (i, chunk) in bytes.chunks(FRAME_SIZE as usize).enumerate() {
         if !vm.budget.take(1) {
             return Err(Stage2Error::OutOfMemory);
@@ -302,7 +295,7 @@ fn copy_in(
         // `chunk` is at most a page of a module or of the heap.
         unsafe { arch::copy_phys(pfn.phys(), chunk.as_ptr() as u64, chunk.len()) };
         arch::clean_to_poc(pfn.phys(), FRAME_SIZE);
-        s2.map(env, at + i as u64 * FRAME_SIZE, pfn.phys(), 3, Attrs::RAM)?;
+        vm.s2.map(env, at + i as u64 * FRAME_SIZE, pfn.phys(), 3, Attrs::RAM)?;
     }
     Ok(())
 }
@@ -370,7 +363,7 @@ fn wait_to_run(vcpu: &mut Vcpu) -> ! {
                         arch::cpu_index()
                     );
                 }
-                arch::configure_el2(vm.vttbr.load(Ordering::Acquire), vm.geo, vcpu.index);
+                arch::configure_el2(vm.s2.vttbr(), vm.geo, vcpu.index);
                 if HOST_GIC.load(Ordering::Relaxed) {
                     arch::gic::vcpu_reset();
                 }
@@ -486,8 +479,10 @@ fn fast_fault(ipa_page: u64) -> bool {
     fast_page_fault(vcpu, ipa_page)
 }
 
-/// A 4 KiB page through the cached level-3 table (inlined into both callers: `fast_fault`
-/// for guests without blocks, `fast_block_fault` where a block cannot go).
+/// A 4 KiB page through the vCPU's cached level-3 table (inlined into both callers:
+/// `fast_fault` for guests without blocks, `fast_block_fault` where a block cannot go): one
+/// budget CAS, one pool pop with its claim CAS, one descriptor CAS. No lock, nothing shared
+/// written but the budget, the pool, the frame's tag and the descriptor.
 #[inline(always)]
 fn fast_page_fault(vcpu: &mut Vcpu, ipa_page: u64) -> bool {
     let vm = vcpu.vm;
@@ -495,14 +490,10 @@ fn fast_page_fault(vcpu: &mut Vcpu, ipa_page: u64) -> bool {
         return false;
     }
     let Some(pool) = vcpu.pool else { return false };
-    // Never waits: a space another vCPU holds sends the fault to the general path.
-    let Some(mut space) = vm.space.try_lock() else { return false };
-    let Some(s2) = space.s2.as_mut() else { return false };
-    let mut env = fast_env(pool, vm.vttbr.load(Ordering::Relaxed));
-    // Only the cached level-3 table's free slots are served here: everything that could fail
-    // after the frame is taken (a walk, a table page) is the general path's, so this path makes
-    // no call (its caller saved only the caller-saved registers).
-    let Some(slot) = s2.cached_page_slot(&env, ipa_page) else { return false };
+    // Only the cached level-3 table's slots are served here: everything that could fail after
+    // the frame is taken (a walk, a table page) is the general path's, so this path makes no
+    // call (its caller saved only the caller-saved registers).
+    let Some(slot) = vm.s2.page_slot(&vcpu.cache, ipa_page) else { return false };
     if !vm.budget.take(1) {
         return false;
     }
@@ -510,34 +501,41 @@ fn fast_page_fault(vcpu: &mut Vcpu, ipa_page: u64) -> bool {
         vm.budget.untake(1);
         return false;
     };
-    match slot.fill(&mut env, page) {
+    match slot.install(&mut fast_env(pool), page) {
         Ok(()) => {
             vcpu.stats.page_faults += 1;
             true
         }
-        Err(page) => give_back_unmapped(vm, pool, page),
+        Err(declined) => page_declined(vcpu, pool, declined),
     }
+}
+
+/// A claimed page the fast path did not map: back to the pool untouched (still zero). Another
+/// vCPU's mapping there (or a structural change holding the entry) means the access just
+/// retries (`true`); anything else goes to the general path, which explains.
+#[cold]
+#[inline(never)]
+fn page_declined(
+    vcpu: &mut Vcpu,
+    pool: CpuFrames<'static, 'static>,
+    declined: Declined<labyrinth::frame::ClaimedPage>,
+) -> bool {
+    vcpu.vm.budget.untake(1);
+    let retry = matches!(declined, Declined::Retry(_));
+    let page = declined.into_claim();
+    if pool.return_unused_page_atomic(page.pfn(), Owner::guest(page.vm())).is_err() {
+        let _ = frames().release(page.pfn(), 1, Owner::guest(page.vm()), &arch::Scrubber);
+    }
+    vcpu.stats.lost_races += u64::from(retry);
+    retry
 }
 
 /// The fast paths' stage-2 environment, built from the CPU's pool handle rather than the
 /// global: nothing to load that the cached-table shortcuts do not use.
 #[inline(always)]
-fn fast_env(pool: CpuFrames<'static, 'static>, vttbr: u64) -> arch::HwStage2<'static> {
-    arch::HwStage2 { frames: pool.manager(), cpu: pool.index(), vttbr }
-}
-
-/// A claimed page the fast path could not map (cannot happen: it was claimed for this guest):
-/// back to the pool, and the general path explains.
-#[cold]
-#[inline(never)]
-fn give_back_unmapped(
-    vm: &Vm,
-    pool: CpuFrames<'static, 'static>,
-    page: labyrinth::frame::ClaimedPage,
-) -> bool {
-    vm.budget.untake(1);
-    let _ = pool.return_unused_page_atomic(page.pfn(), Owner::guest(page.vm()));
-    false
+fn fast_env(pool: CpuFrames<'static, 'static>) -> arch::HwStage2<'static> {
+    // No TLB maintenance on an install (invalid to valid): the VTTBR is not needed.
+    arch::HwStage2 { frames: pool.manager(), cpu: pool.index(), vttbr: 0 }
 }
 
 /// The block fault's fast path, for a guest that allows blocks: when the aligned 2 MiB around
@@ -558,35 +556,51 @@ fn fast_block_fault(vcpu: &mut Vcpu, ipa: u64) -> bool {
         return fast_page_fault(vcpu, ipa);
     }
     let Some(pool) = vcpu.pool else { return false };
-    let vacant_ok = {
-        let Some(mut space) = vm.space.try_lock() else { return false };
-        let Some(s2) = space.s2.as_mut() else { return false };
-        let mut env = fast_env(pool, vm.vttbr.load(Ordering::Relaxed));
-        let Some(vacant) = s2.cached_vacant_block(&env, block) else {
-            drop(space);
-            return fast_page_fault(vcpu, ipa);
-        };
-        if !vm.budget.take(BLOCK_FRAMES) {
-            return false;
-        }
-        let Ok(claimed) = pool.alloc_guest_block_own_pool(vm.id) else {
-            vm.budget.untake(BLOCK_FRAMES);
-            return false;
-        };
-        vacant.fill(&mut env, claimed).map_err(|b| b.pfn())
+    let Some(vacant) = vm.s2.block_slot(&vcpu.cache, block) else { return fast_page_fault(vcpu, ipa) };
+    if !vm.budget.take(BLOCK_FRAMES) {
+        return false;
+    }
+    let Ok(claimed) = pool.alloc_guest_block_own_pool(vm.id) else {
+        vm.budget.untake(BLOCK_FRAMES);
+        return false;
     };
-    if let Err(head) = vacant_ok {
-        // Claimed but not mapped (cannot happen: it was claimed for this guest).
-        return give_back_block(vm, head);
+    if let Err(declined) = vacant.install(&mut fast_env(pool), claimed) {
+        return block_declined(vcpu, ipa, declined);
     }
     vcpu.stats.block_faults += 1;
     // The pool just ran dry: refill it now, several blocks at once, so the next faults find
     // blocks here instead of taking the general path to refill (the call the general path
-    // would make, with the same lock; paid once per `block_high` blocks).
+    // would make; paid once per `block_high` blocks).
     if pool.needs_block_refill() {
         return refill_blocks(pool);
     }
     true
+}
+
+/// A claimed block the fast path did not map: released (scrubbed: a block has no atomic
+/// return). Pages already there: a page instead; another vCPU's block (or a held entry): the
+/// access retries.
+#[cold]
+#[inline(never)]
+fn block_declined(vcpu: &mut Vcpu, ipa: u64, declined: Declined<labyrinth::frame::ClaimedBlock>) -> bool {
+    let vm = vcpu.vm;
+    vm.budget.untake(BLOCK_FRAMES);
+    let outcome = match &declined {
+        Declined::Retry(_) => Some(true),
+        Declined::Refused(_, Stage2Error::AlreadyMapped { .. }) => None,
+        Declined::Refused(..) => Some(false),
+    };
+    let head = declined.into_claim().pfn();
+    if let Err(e) = frames().release(head, BLOCK_FRAMES, vm.owner(), &arch::Scrubber) {
+        error!("guest {}: block {head} claimed and not mapped, not returned: {e}", vm.name);
+    }
+    match outcome {
+        Some(retry) => {
+            vcpu.stats.lost_races += u64::from(retry);
+            retry
+        }
+        None => fast_page_fault(vcpu, ipa),
+    }
 }
 
 /// Refills the CPU's pools after the fault was served; `true`: the fault was.
@@ -597,34 +611,21 @@ fn refill_blocks(pool: CpuFrames<'static, 'static>) -> bool {
     true
 }
 
-/// A block claimed on the fast path and not mapped: never used, but released the slow way
-/// (scrubbed), which a block has no atomic return for. `false`: the general path explains.
-#[cold]
-#[inline(never)]
-fn give_back_block(vm: &Vm, head: Pfn) -> bool {
-    vm.budget.untake(BLOCK_FRAMES);
-    if let Err(e) = frames().release(head, BLOCK_FRAMES, vm.owner(), &arch::Scrubber) {
-        error!("guest {}: block {head} claimed and not mapped, not returned: {e}", vm.name);
-    }
-    false
-}
-
-/// First touch of guest RAM: a 2 MiB block when allowed and the whole aligned block is
-/// unmapped and a block is at hand, else a 4 KiB page, from the atomic path.
-#[inline(always)]
+/// First touch of guest RAM, the general path: a 2 MiB block when allowed, the whole aligned
+/// block is unmapped and a block is at hand (the pool refilled once if empty), else a 4 KiB
+/// page, from the atomic path; missing tables linked by compare-and-swap. Another vCPU's
+/// mapping found on the way is not an error: the frame goes back and the access retries.
 fn demand_fault(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64) {
     let vm = vcpu.vm;
     let frames = frames();
     let cpu = arch::cpu_index();
     let owner = vm.owner();
     let mut env = env(vm);
-    let mut space = vm.space.lock();
-    let Some(s2) = space.s2.as_mut() else { return };
     if !vm.config.no_block_mappings {
         let block = ipa & !(BLOCK - 1);
         if block >= vm.layout.ram_base
             && block + BLOCK <= vm.layout.ram_end()
-            && s2.is_unmapped(&env, block, 2)
+            && vm.s2.is_unmapped(&env, block, 2)
             && vm.budget.take(BLOCK_FRAMES)
         {
             // The fast path leaves an empty block pool to this path: refill it here (several
@@ -637,28 +638,29 @@ fn demand_fault(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64) {
                 }
             });
             match block_at_hand {
-                Ok(first) => match s2.map_block(&mut env, block, first.phys(), Attrs::RAM) {
-                    Ok(()) => {
-                        vcpu.stats.block_faults += 1;
-                        return;
+                Ok(first) => {
+                    match vm.s2.map_cached(&mut env, &mut vcpu.cache, block, first.phys(), 2, Attrs::RAM) {
+                        Ok(()) => {
+                            vcpu.stats.block_faults += 1;
+                            return;
+                        }
+                        Err(e) => {
+                            vm.budget.untake(BLOCK_FRAMES);
+                            let _ = frames.release(first, BLOCK_FRAMES, owner, &arch::Scrubber);
+                            if matches!(e, Stage2Error::Busy { .. }) || !vm.s2.is_unmapped(&env, block, 2) {
+                                // Another vCPU mapped a block there first, or a change holds it.
+                                vcpu.stats.lost_races += 1;
+                                return;
+                            }
+                            warn!("guest {}: block at {block:#x} not mapped ({e}): using pages", vm.name);
+                        }
                     }
-                    Err(e) => {
-                        vm.budget.untake(BLOCK_FRAMES);
-                        let _ = frames.release(first, BLOCK_FRAMES, owner, &arch::Scrubber);
-                        warn!("guest {}: block at {block:#x} not mapped ({e}): using pages", vm.name);
-                    }
-                },
+                }
                 Err(_) => vm.budget.untake(BLOCK_FRAMES),
             }
         }
     }
-    // Mapped meanwhile by another vCPU (it held the space while this one waited): done, the
-    // access is retried.
-    if !s2.is_unmapped(&env, ipa & !(FRAME_SIZE - 1), 3) {
-        return;
-    }
     if !vm.budget.take(1) {
-        drop(space);
         error!(
             "guest {}: out of memory at IPA {ipa:#x}: the {} KiB promised to it are used up",
             vm.name,
@@ -667,34 +669,35 @@ fn demand_fault(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64) {
         stop(vcpu, StopCause::OutOfMemory);
     }
     let Some(pfn) = alloc_page(cpu, owner) else {
-        drop(space);
         error!("guest {}: out of memory at IPA {ipa:#x}: no frame left", vm.name);
         stop(vcpu, StopCause::OutOfMemory);
     };
-    match s2.map_page(&mut env, ipa & !(FRAME_SIZE - 1), pfn.phys(), Attrs::RAM) {
+    match vm.s2.map_cached(&mut env, &mut vcpu.cache, ipa & !(FRAME_SIZE - 1), pfn.phys(), 3, Attrs::RAM) {
         Ok(()) => vcpu.stats.page_faults += 1,
-        Err(Stage2Error::OutOfMemory) => {
-            vm.budget.untake(1);
-            let _ = frames.return_unused_page_atomic(cpu, pfn, owner);
-            if frames.refill(cpu).is_err() || frames.needs_refill(cpu) {
-                drop(space);
-                error!("guest {}: out of memory for stage-2 tables at IPA {ipa:#x}", vm.name);
-                stop(vcpu, StopCause::OutOfMemory);
-            }
-            // Retried when the guest re-executes the access.
-        }
         Err(e) => {
             vm.budget.untake(1);
             let _ = frames.return_unused_page_atomic(cpu, pfn, owner);
-            drop(space);
-            exit::refuse_access(
-                vcpu,
-                frame,
-                &mut arch::Hw,
-                false,
-                arch::trap_syndrome().esr,
-                format_args!("IPA {ipa:#x}: {e}"),
-            );
+            match e {
+                // Another vCPU was first, or a structural change holds the entry: retry.
+                Stage2Error::AlreadyMapped { .. } | Stage2Error::Busy { .. } => vcpu.stats.lost_races += 1,
+                Stage2Error::OutOfMemory => {
+                    if frames.refill(cpu).is_err() || frames.needs_refill(cpu) {
+                        error!("guest {}: out of memory for stage-2 tables at IPA {ipa:#x}", vm.name);
+                        stop(vcpu, StopCause::OutOfMemory);
+                    }
+                    // Retried when the guest re-executes the access.
+                }
+                e => {
+                    exit::refuse_access(
+                        vcpu,
+                        frame,
+                        &mut arch::Hw,
+                        false,
+                        arch::trap_syndrome().esr,
+                        format_args!("IPA {ipa:#x}: {e}"),
+                    );
+                }
+            }
         }
     }
     if frames.needs_refill(cpu) {
@@ -737,27 +740,37 @@ fn take_guest_down(vcpu: &mut Vcpu) -> bool {
     }
 }
 
-/// Takes the guest's stage-2 space apart: every frame and table page goes back (scrubbed).
-/// Called with every vCPU of the guest out of it.
-fn teardown(vm: &Vm, space: &mut Space) {
+/// Every frame mapped in the guest's space goes back (scrubbed), its table pages too: `empty`
+/// keeps the root (a reset), `destroy` frees it and the VMID (a stop). Called with every vCPU
+/// of the guest out of it.
+fn reclaim(vm: &Vm, destroy_space: bool) -> u64 {
     let name = vm.name;
     vm.uart.lock().flush(&mut |line| labyrinth::vm::vcpu::VcpuHw::console_line(&mut arch::Hw, name, line));
-    let Some(s2) = space.s2.take() else { return };
     let mut env = env(vm);
-    vm.vttbr.store(0, Ordering::Release);
     let frames = frames();
     let owner = vm.owner();
     let mut returned = 0u64;
-    let proof = s2.teardown(&mut env, &mut |pa, size| {
+    let mut released = |pa: u64, size: u64| {
         let n = (size / FRAME_SIZE) as usize;
         match frames.release(Pfn(pa / FRAME_SIZE), n, owner, &arch::Scrubber) {
             Ok(()) => returned += n as u64,
             Err(e) => error!("guest {name}: frames at {pa:#x} not returned: {e}"),
         }
-    });
-    space.frames_returned += returned;
+    };
+    if destroy_space {
+        let proof = vm.s2.destroy(&mut env, &mut released);
+        VMIDS.lock().release(proof);
+    } else {
+        vm.s2.empty(&mut env, &mut released);
+    }
     vm.budget.reclaimed();
-    VMIDS.lock().release(proof);
+    returned
+}
+
+/// A guest that could not be loaded, or stopped: its space destroyed.
+fn destroy(vm: &Vm) {
+    let returned = reclaim(vm, true);
+    vm.boot.lock().frames_returned += returned;
 }
 
 /// PSCI SYSTEM_RESET from any vCPU: every vCPU is taken out, the memory reclaimed, the images
@@ -768,11 +781,12 @@ fn reset(vcpu: &mut Vcpu) -> ! {
         leave_guest(vcpu);
     }
     info!("guest {}: SYSTEM_RESET: reclaiming and reloading", vm.name);
+    let returned = reclaim(vm, false);
     let reloaded = {
-        let mut space = vm.space.lock();
-        teardown(vm, &mut space);
-        space.resets += 1;
-        reload(vm, &mut space)
+        let mut boot = vm.boot.lock();
+        boot.frames_returned += returned;
+        boot.resets += 1;
+        reload(vm, &mut boot)
     };
     if let Err(why) = reloaded {
         error!("guest {}: cannot restart after reset: {why}", vm.name);
@@ -790,20 +804,19 @@ fn reset(vcpu: &mut Vcpu) -> ! {
     leave_guest(vcpu)
 }
 
-/// A fresh VMID, device tree and stage-2 space after a reset.
-fn reload(vm: &Vm, space: &mut Space) -> Result<(), &'static str> {
-    space.vmid = VMIDS.lock().alloc().ok_or("no VMID left")?;
-    space.dtb = fdt_gen::generate(&vm.layout, vm.vcpus, vm.config.bootargs, space.resets, vm.vgic.is_some())
+/// A fresh device tree (its reset count moved on) and the images loaded again after a reset.
+fn reload(vm: &Vm, boot: &mut Boot) -> Result<(), &'static str> {
+    boot.dtb = fdt_gen::generate(&vm.layout, vm.vcpus, vm.config.bootargs, boot.resets, vm.vgic.is_some())
         .map_err(|_| "cannot rewrite its device tree")?;
-    load(vm, space, arch::cpu_index()).map_err(|_| "out of memory loading its images")
+    load(vm, boot, arch::cpu_index()).map_err(|_| "out of memory loading its images")
 }
 
 /// The guest's stage-2 mappings, merged into runs, at debug level (`loglevel=debug`).
-fn dump_mappings(vm: &Vm, space: &Space) {
+fn dump_mappings(vm: &Vm) {
     if log::max_level() < log::LevelFilter::Debug {
         return;
     }
-    let Some(s2) = space.s2.as_ref() else { return };
+    let s2 = &vm.s2;
     let env = env(vm);
     let mut n = 0u32;
     s2.for_each_run(&env, &mut |m| {
@@ -839,11 +852,11 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     if HOST_GIC.load(Ordering::Relaxed) {
         arch::gic::vcpu_off();
     }
+    dump_mappings(vm);
+    destroy(vm);
     let (resets, returned) = {
-        let mut space = vm.space.lock();
-        dump_mappings(vm, &space);
-        teardown(vm, &mut space);
-        (space.resets, space.frames_returned)
+        let boot = vm.boot.lock();
+        (boot.resets, boot.frames_returned)
     };
     frames().uncommit(vm.budget.promised());
     let audit = frames().audit(None);
@@ -853,12 +866,13 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     let mut line = alloc::string::String::new();
     let _ = write!(
         line,
-        "guest {}: stopped by {cause:?}; vCPUs {}; faults {} (4 KiB pages {}, 2 MiB blocks {}); aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {resets}; frames returned {returned}, still owned {left}; interrupts {} (virtual timer {}, kicks {}, maintenance {}), own SGIs {}, vgic mmio {}",
+        "guest {}: stopped by {cause:?}; vCPUs {}; faults {} (4 KiB pages {}, 2 MiB blocks {}), lost races {}; aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {resets}; frames returned {returned}, still owned {left}; interrupts {} (virtual timer {}, kicks {}, maintenance {}), own SGIs {}, vgic mmio {}",
         vm.name,
         vm.vcpus,
         s.page_faults + s.block_faults,
         s.page_faults,
         s.block_faults,
+        s.lost_races,
         s.aborts_injected,
         s.undefs_injected,
         s.mmio,

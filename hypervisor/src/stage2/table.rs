@@ -966,6 +966,14 @@ impl Stage2 {
     /// included) is freed. Every vCPU of the guest must be out of it (the space is consumed).
     /// The returned proof lets the VMID be reused.
     pub fn teardown(self, env: &mut impl Stage2Env, released: &mut dyn FnMut(u64, u64)) -> VmidInvalidated {
+        self.destroy(env, released)
+    }
+
+    /// Empties the space in place (a guest's reset): every entry under the root goes, the
+    /// VMID's TLB entries are invalidated, `released` gets every mapped range, every table page
+    /// but the root is freed, and the epoch moves so that no vCPU's cache matches any more.
+    /// Every vCPU of the guest must be out of it and stay out until this returns.
+    pub fn empty(&self, env: &mut impl Stage2Env, released: &mut dyn FnMut(u64, u64)) {
         let (start, entries) = (self.geo.start_level, self.geo.root_entries());
         let mut live = [0u64; ENTRIES];
         for (i, slot) in live.iter_mut().enumerate().take(entries) {
@@ -983,6 +991,16 @@ impl Stage2 {
         }
         let mut retired = self.maint.lock();
         self.drain(env, &mut retired, u64::MAX);
+        self.tables.store(1, Ordering::SeqCst);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Destroys the address space in place (a guest that stopped for good): [`Stage2::empty`],
+    /// then the root page is freed too. The space must never be used again (its guest's vCPUs
+    /// never re-enter); the returned proof lets the VMID be reused.
+    pub fn destroy(&self, env: &mut impl Stage2Env, released: &mut dyn FnMut(u64, u64)) -> VmidInvalidated {
+        self.empty(env, released);
+        self.tables.store(0, Ordering::SeqCst);
         env.free_table(self.vm, self.root);
         VmidInvalidated(self.vmid)
     }

@@ -16,7 +16,8 @@ use super::vpsci::PowerState;
 use super::vtimer;
 use crate::dt::{GuestConfig, Module, ModuleKind, Region};
 use crate::frame::VmId;
-use crate::stage2::Geometry;
+use crate::stage2::model::ModelEnv;
+use crate::stage2::{Geometry, Stage2};
 
 const RAM: u64 = 0x4000_0000;
 const KERNEL: u64 = RAM + 0x8_0000;
@@ -151,13 +152,16 @@ fn guest(vcpus: u32, gic: bool) -> &'static Vm {
         ramdisk: None,
         dtb: RAM + (62 << 20),
     };
+    let (id, geo) = (VmId::new(1).unwrap(), Geometry::for_pa_bits(40));
+    let mut env = ModelEnv::new(RAM, 64);
+    let s2 = Stage2::new(&mut env, id, 1, geo).unwrap();
     let parts = VmParts {
         config,
-        id: VmId::new(1).unwrap(),
+        id,
         layout,
-        geo: Geometry::for_pa_bits(40),
+        geo,
         first_cpu: 4,
-        vmid: 1,
+        s2,
         dtb: Vec::new(),
         budget: MemoryBudget::new(100, 10).unwrap(),
     };

@@ -6,7 +6,6 @@
 //! It decides nothing about a trap (that is `vm::exit`) and never touches hardware.
 
 use core::ops::Range;
-use core::sync::atomic::AtomicU64;
 
 use alloc::vec::Vec;
 use spin::Mutex;
@@ -36,10 +35,8 @@ pub enum StopCause {
     ResetFailed,
 }
 
-/// The guest's stage-2 space and what is rebuilt with it on a reset.
-pub struct Space {
-    pub s2: Option<Stage2>,
-    pub vmid: u16,
+/// What a reset rebuilds besides the stage-2 space's contents, and what the report counts.
+pub struct Boot {
     /// The device tree the guest boots with (written again on a reset).
     pub dtb: Vec<u8>,
     pub resets: u32,
@@ -71,11 +68,12 @@ pub struct Vm {
     /// Its vCPUs run on physical CPUs `first_cpu..first_cpu + vcpus`.
     pub first_cpu: usize,
     pub vcpus: usize,
-    /// Faults take it with `try_lock` on the fast path (never waiting) and `lock` on the
-    /// general path; creation, reset and teardown hold it while every other vCPU is out.
-    pub space: Mutex<Space>,
-    /// `VTTBR_EL2` of the space (0 while it has none), read by each vCPU as it enters.
-    pub vttbr: AtomicU64,
+    /// Its stage-2 space, for its whole life: faults install into it by compare-and-swap,
+    /// from every vCPU at once, with no lock; a reset empties it and a stop destroys it, each
+    /// only once every other vCPU is out (`vm::lifecycle`).
+    pub s2: Stage2,
+    /// Taken only with every other vCPU out (creation, reset, stop).
+    pub boot: Mutex<Boot>,
     pub uart: Mutex<VPl011>,
     /// Its virtual GICv3 (unless the guest opted out).
     pub vgic: Option<VGic>,
@@ -95,13 +93,13 @@ pub struct VmParts {
     pub layout: Layout,
     pub geo: Geometry,
     pub first_cpu: usize,
-    pub vmid: u16,
+    pub s2: Stage2,
     pub dtb: Vec<u8>,
     pub budget: MemoryBudget,
 }
 
 impl Vm {
-    /// A guest with no stage-2 space yet, its vCPUs all off.
+    /// A guest with an empty stage-2 space, its vCPUs all off.
     pub fn new(p: VmParts) -> Result<Vm, VmError> {
         let vcpus = p.config.cpus as usize;
         let power = VcpuPowerStates::new(vcpus).ok_or(VmError::VcpuCount(vcpus))?;
@@ -117,8 +115,8 @@ impl Vm {
             geo: p.geo,
             first_cpu: p.first_cpu,
             vcpus,
-            space: Mutex::new(Space { s2: None, vmid: p.vmid, dtb: p.dtb, resets: 0, frames_returned: 0 }),
-            vttbr: AtomicU64::new(0),
+            s2: p.s2,
+            boot: Mutex::new(Boot { dtb: p.dtb, resets: 0, frames_returned: 0 }),
             uart: Mutex::new(VPl011::new()),
             vgic,
             budget: p.budget,

@@ -9,6 +9,7 @@
 use super::guest::Vm;
 use super::vtimer::PhysTimer;
 use crate::frame::CpuFrames;
+use crate::stage2::FaultCache;
 
 /// The general-purpose registers and PC of a vCPU stopped by a trap.
 pub trait GuestRegs {
@@ -73,6 +74,8 @@ pub mod host_irq {
 pub struct Stats {
     pub page_faults: u64,
     pub block_faults: u64,
+    /// Faults that found another vCPU's mapping already installed (the access just retried).
+    pub lost_races: u64,
     pub aborts_injected: u64,
     pub undefs_injected: u64,
     pub mmio: u64,
@@ -96,6 +99,7 @@ impl Stats {
     pub fn add(&mut self, o: &Stats) {
         self.page_faults += o.page_faults;
         self.block_faults += o.block_faults;
+        self.lost_races += o.lost_races;
         self.aborts_injected += o.aborts_injected;
         self.undefs_injected += o.undefs_injected;
         self.mmio += o.mmio;
@@ -125,6 +129,8 @@ pub struct Vcpu {
     /// The virtual timer's PPI is disabled at the host GIC until the guest has dealt with its
     /// interrupt (its line is resampled low).
     pub vtimer_held: bool,
+    /// The stage-2 tables its last faults went through: the fast paths' shortcut.
+    pub cache: FaultCache,
 }
 
 /// Warnings about one vCPU's refused accesses stop after this many.
@@ -140,6 +146,7 @@ impl Vcpu {
             logged: 0,
             ptimer: PhysTimer::new(),
             vtimer_held: false,
+            cache: FaultCache::new(),
         }
     }
 
@@ -147,5 +154,6 @@ impl Vcpu {
     pub fn restart(&mut self) {
         self.ptimer = PhysTimer::new();
         self.vtimer_held = false;
+        self.cache = FaultCache::new();
     }
 }
