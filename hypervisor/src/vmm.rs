@@ -440,7 +440,7 @@ extern "C" fn guest_trap(kind: u64, frame: &mut TrapFrame) {
 extern "C" fn guest_fast(frame: &mut TrapFrame) -> bool {
     match arch::fast_trap() {
         arch::FastTrap::Hvc => fast_hvc(frame),
-        arch::FastTrap::TranslationFault { ipa, esr } => fast_fault(ipa) || fast_mmio(frame, ipa, esr),
+        arch::FastTrap::TranslationFault { ipa, esr } => fast_translation_fault(frame, ipa, esr),
         arch::FastTrap::Other => false,
     }
 }
@@ -449,8 +449,7 @@ extern "C" fn guest_fast(frame: &mut TrapFrame) -> bool {
 /// its register is one the fast frame holds, and the device takes it; anything else (a
 /// refusal to explain, x19-x29) goes to the general path, which does it again in full.
 #[inline(never)]
-fn fast_mmio(frame: &mut TrapFrame, ipa_page: u64, esr: u64) -> bool {
-    let Some(vcpu) = this_vcpu() else { return false };
+fn fast_mmio(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa_page: u64, esr: u64) -> bool {
     let Some(a) = labyrinth::vm::trap::mmio_access(esr).filter(|a| arch::FastRegs::holds(a.reg)) else {
         return false;
     };
@@ -466,29 +465,31 @@ fn fast_hvc(frame: &mut TrapFrame) -> bool {
     exit::psci_query(vcpu, frame)
 }
 
-/// The demand-fault fast path, called before any frame is built: a 4 KiB page for a guest
-/// without block mappings ([`fast_page_fault`]); a guest with blocks goes to
-/// [`fast_block_fault`]. `false` leaves the fault to the general path (walks, table pages,
-/// pool refills, errors, MMIO, a stage-2 space another vCPU is changing...).
+/// A stage-2 translation fault on the fast path: in guest RAM a demand fault, a 4 KiB page
+/// for a guest without block mappings ([`fast_page_fault`]) or [`fast_block_fault`];
+/// elsewhere an MMIO access ([`fast_mmio`]). Every call is in tail position, so this path
+/// needs no stack frame. `false` leaves the trap to the general path (walks, table pages,
+/// pool refills, errors...).
 #[inline(always)]
-fn fast_fault(ipa_page: u64) -> bool {
+fn fast_translation_fault(frame: &mut TrapFrame, ipa_page: u64, esr: u64) -> bool {
     let Some(vcpu) = this_vcpu() else { return false };
+    if !vcpu.vm.layout.in_ram(ipa_page) {
+        return fast_mmio(vcpu, frame, ipa_page, esr);
+    }
     if !vcpu.vm.config.no_block_mappings {
         return fast_block_fault(vcpu, ipa_page);
     }
     fast_page_fault(vcpu, ipa_page)
 }
 
-/// A 4 KiB page through the vCPU's cached level-3 table (inlined into both callers:
-/// `fast_fault` for guests without blocks, `fast_block_fault` where a block cannot go): one
+/// A 4 KiB page of guest RAM (the caller checked `ipa_page` lies in it) through the vCPU's
+/// cached level-3 table (inlined into both callers: `fast_translation_fault` for guests
+/// without blocks, `fast_block_fault` where a block cannot go): one
 /// budget CAS, one pool pop with its claim CAS, one descriptor CAS. No lock, nothing shared
 /// written but the budget, the pool, the frame's tag and the descriptor.
 #[inline(always)]
 fn fast_page_fault(vcpu: &mut Vcpu, ipa_page: u64) -> bool {
     let vm = vcpu.vm;
-    if !vm.layout.in_ram(ipa_page) {
-        return false;
-    }
     let Some(pool) = vcpu.pool else { return false };
     // Only the cached level-3 table's slots are served here: everything that could fail after
     // the frame is taken (a walk, a table page) is the general path's, so this path makes no
