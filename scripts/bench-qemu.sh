@@ -2,8 +2,10 @@
 # Path lengths measured in QEMU under -icount shift=0 (1 instruction = 1 ns of virtual time;
 # the generic timer counts it):
 #   - the hypervisor's atomic frame allocation (labyrinth.bench=alloc, no guest);
-#   - guest-visible instructions per 4 KiB demand fault, per 2 MiB block fault and per
-#     PSCI_VERSION round trip (scripts/fault_bench.py, which also writes docs/fault-cost.svg).
+#   - guest-visible instructions per 4 KiB demand fault, per 2 MiB block fault, per
+#     PSCI_VERSION round trip, per emulated MMIO read (PL011 FR, GICD_IIDR), per SGI to self
+#     and per SGI round trip between two vCPUs (scripts/fault_bench.py, which also writes
+#     docs/fault-cost.svg).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

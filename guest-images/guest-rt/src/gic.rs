@@ -181,6 +181,15 @@ pub fn irqs_off() {
     unsafe { asm!("msr daifset, #2", "isb", options(nostack)) };
 }
 
+/// With IRQs masked: takes whatever interrupt is pending now (IRQs unmasked for one `ISB`),
+/// and masks them again. After a `WFI` with IRQs masked, this closes the gap in which an
+/// interrupt arriving between a check and an unmasked `WFI` would be taken before the `WFI`
+/// and leave it waiting for the next one.
+pub fn take_pending_irqs() {
+    // SAFETY: IRQs are handled by the vectors (handle_irq); masked again before returning.
+    unsafe { asm!("msr daifclr, #2", "isb", "msr daifset, #2", options(nostack)) };
+}
+
 /// Sends SGI `intid` (< 16) to the CPU with affinity `target` (MPIDR affinity fields).
 pub fn send_sgi(intid: u32, target: u64) {
     let aff0 = target & 0xff;

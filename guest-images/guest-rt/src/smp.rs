@@ -58,6 +58,15 @@ pub fn wfe() {
     unsafe { asm!("wfe", options(nomem, nostack, preserves_flags)) };
 }
 
+/// `WFI`: waits for an interrupt, pending or masked alike (PSTATE.I does not stop the wake-up),
+/// or returns at once if one is pending. Unlike `WFE` (which QEMU's TCG treats as a yield that
+/// keeps the CPU running), it halts the CPU until then.
+#[inline(always)]
+pub fn wfi() {
+    // SAFETY: waits for an interrupt.
+    unsafe { asm!("wfi", options(nomem, nostack, preserves_flags)) };
+}
+
 /// Per-CPU setup every CPU does once: the counter's event stream (CNTKCTL_EL1.EVNTEN, an event
 /// every 2^11 ticks of CNTVCT: ~33 us at 62.5 MHz), so that no `WFE` waits unboundedly.
 pub fn init_this_cpu() {

@@ -9,6 +9,9 @@
 //!   taken; enabled and firing: taken once.
 //! - `sgi`: a flood of SGIs from CPU 0 to CPU 1 through ICC_SGI1R_EL1, then pings answered one
 //!   by one, then one broadcast (IRM) reaching every other running CPU once.
+//! - `sgi-rtt` (not in the default list; a benchmark): an SGI to self and its handler, then
+//!   SGI round trips cpu 0 -> cpu 1 -> cpu 0 (cpu 1's handler answers), each timed with CNTVCT
+//!   against the same loop without the SGI; every wait is a `WFI` (see README.md for why).
 //! - `race` (3 CPUs or more): two CPUs call CPU_ON for the same OFF CPU at once, many rounds:
 //!   exactly one SUCCESS each round, the other ALREADY_ON or ON_PENDING, the target started once.
 //! - `cpu-on`: PSCI_FEATURES, AFFINITY_INFO of each CPU and of an unknown one, CPU_ON of
@@ -27,7 +30,7 @@
 use guest_rt::bootargs::parse_u64;
 use guest_rt::dt::BootInfo;
 use guest_rt::smp::{self, dsb, sev, this_cpu, wait_until};
-use guest_rt::timer::{self, now};
+use guest_rt::timer::{self, now, ticks_to_ns_per};
 use guest_rt::{exception, gic, println, psci, Global, PerCpu};
 
 guest_rt::entry!(main);
@@ -39,11 +42,16 @@ const SGI_BROADCAST: u32 = 3;
 const DEFAULT_FLOOD: u64 = 20_000;
 const PINGS: u64 = 100;
 const DEFAULT_ROUNDS: u64 = 20;
+/// Timed SGIs of the `sgi-rtt` case (to self, and round trips).
+const DEFAULT_RTT_ROUNDS: u64 = 200;
 
 // Mailbox commands (low byte of CMD; the sequence number above it).
 const OP_RACE: u64 = 1;
 const OP_SYSTEM_OFF: u64 = 2;
 const OP_CPU_OFF: u64 = 3;
+/// Wait in WFI (answering SGI_FLOOD with SGI_PING to CPU 0 while ECHO is set) until this CPU's
+/// ECHO_STOP reaches this command.
+const OP_ECHO: u64 = 4;
 
 static CMD: PerCpu<u64> = PerCpu::new(0);
 /// The last sequence number each CPU finished (written by that CPU).
@@ -67,6 +75,13 @@ static PINGED: PerCpu<u64> = PerCpu::new(0);
 static BROADCASTS: PerCpu<u64> = PerCpu::new(0);
 static TIMER_IRQS: PerCpu<u64> = PerCpu::new(0);
 static OTHER_IRQS: PerCpu<u64> = PerCpu::new(0);
+/// While set, a secondary's handler answers each SGI_FLOOD with an SGI_PING to CPU 0 (written
+/// by CPU 0).
+static ECHO: Global<bool> = Global::new(false);
+/// Per CPU, the OP_ECHO command (sequence number) whose WFI loop may end (written by CPU 0).
+static ECHO_STOP: PerCpu<u64> = PerCpu::new(0);
+/// The OP_ECHO command a CPU is waiting in (written by that CPU, just before its first WFI).
+static ECHO_READY: PerCpu<u64> = PerCpu::new(0);
 /// Whether the device tree has a GICv3 (set by CPU 0 before starting others).
 static HAVE_GIC: Global<bool> = Global::new(false);
 /// Wait bound for everything that waits on another CPU or the hypervisor, in counter ticks.
@@ -76,7 +91,12 @@ fn irq(intid: u32) {
     let me = this_cpu();
     let count = |c: &PerCpu<u64>| c.set(me, c.get(me) + 1);
     match intid {
-        SGI_FLOOD => count(&FLOODS),
+        SGI_FLOOD => {
+            count(&FLOODS);
+            if me != 0 && ECHO.get() {
+                gic::send_sgi(SGI_PING, smp::mpidr(0).unwrap_or(0));
+            }
+        }
         SGI_PING => count(&PINGED),
         SGI_BROADCAST => count(&BROADCASTS),
         timer::VIRTUAL_TIMER_INTID => {
@@ -136,6 +156,7 @@ fn secondary_main(me: usize) -> ! {
                 psci::call(psci::SYSTEM_OFF, 0, 0, 0);
                 println!("smp-test: sysoff-secondary FAILED: SYSTEM_OFF returned on cpu {}", me);
             }
+            OP_ECHO => echo(me, seen),
             OP_CPU_OFF => {
                 gic::irqs_off();
                 ACK.set(me, seen);
@@ -390,6 +411,149 @@ fn case_sgi(flood: u64) {
     );
 }
 
+// ------------------------------------------------------------------ sgi-rtt
+
+/// Arms this CPU's virtual timer `ticks` from now, its PPI enabled: the interrupt that ends a
+/// `WFI` nothing else ends, so that every wait has a deadline.
+fn arm_wake(ticks: u64) {
+    gic::enable(timer::VIRTUAL_TIMER_INTID);
+    timer::set_virt_cval(now().saturating_add(ticks));
+    timer::set_virt_ctl(timer::CTL_ENABLE);
+}
+
+fn disarm_wake() {
+    timer::set_virt_ctl(0);
+    gic::disable(timer::VIRTUAL_TIMER_INTID);
+}
+
+/// With IRQs masked: waits (`WFI`, which a pending interrupt ends even while masked) until
+/// `done()`, taking each interrupt as it comes; false once the counter passes `deadline` (an
+/// armed [`arm_wake`] ends the last `WFI`).
+fn wfi_until(deadline: u64, done: impl Fn() -> bool) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        if now() >= deadline {
+            return false;
+        }
+        smp::wfi();
+        gic::take_pending_irqs();
+    }
+}
+
+/// Ticks for `rounds` SGIs `intid` to `target`, each waited for until CPU 0 has taken one more
+/// SGI_PING (CPU 0, IRQs masked: the answer, or the SGI itself when sent to self); with `send`
+/// false the same loop, each wait over at once (the loop's own cost). `Err(round)` if a wait
+/// passed `deadline`.
+#[inline(never)]
+fn sgi_loop(intid: u32, target: u64, rounds: u64, send: bool, deadline: u64) -> Result<u64, u64> {
+    let base = PINGED.get(0);
+    let t0 = now();
+    for k in 1..=rounds {
+        let want = if send {
+            gic::send_sgi(intid, target);
+            base + k
+        } else {
+            base
+        };
+        if !wfi_until(deadline, || PINGED.get(0) >= want) {
+            return Err(k);
+        }
+    }
+    Ok(now() - t0)
+}
+
+/// Instructions per SGI: the timed loop minus the loop without SGIs.
+fn per_sgi(with: u64, without: u64, rounds: u64) -> i64 {
+    ticks_to_ns_per(with as i64 - without as i64, rounds)
+}
+
+/// A secondary's OP_ECHO: IRQs masked, waits in `WFI` (its handler answers the SGIs while
+/// ECHO is set) until CPU 0 ends the command.
+fn echo(me: usize, seq: u64) {
+    gic::irqs_off();
+    let wait = timeout().saturating_mul(2);
+    let deadline = now().saturating_add(wait);
+    arm_wake(wait);
+    ECHO_READY.set(me, seq);
+    dsb();
+    sev();
+    let stopped = wfi_until(deadline, || ECHO_STOP.get(me) >= seq);
+    disarm_wake();
+    if !stopped {
+        println!("smp-test: sgi round trip FAILED: cpu {} waited past the timeout for the end", me);
+    }
+    gic::irqs_on();
+}
+
+fn case_sgi_rtt(rounds: u64) {
+    let rounds = rounds.max(1);
+    gic::irqs_off();
+    // Every other running CPU goes to the WFI loop first (CPU 1 started if need be), for both
+    // figures: in its command loop a CPU waits with WFE, which under -icount keeps it runnable,
+    // and its loop would count in CPU 0's time.
+    let n = smp::cpu_count().min(8);
+    let have_1 = n >= 2 && ensure_on(1);
+    let parked: [Option<u64>; 8] = core::array::from_fn(|c| {
+        (c > 0 && c < n && (c == 1 && have_1 || c > 1 && !is_off(c))).then(|| post(c, OP_ECHO))
+    });
+    ECHO.set(true);
+    dsb();
+    let ready =
+        (1..n).all(|c| parked[c].is_none_or(|seq| wait_until(timeout(), || ECHO_READY.get(c) >= seq)));
+    let echo = have_1.then_some(ready);
+    let deadline = now().saturating_add(timeout());
+    arm_wake(timeout());
+
+    let me = smp::mpidr(0).unwrap_or(0);
+    let to_self = sgi_loop(SGI_PING, me, rounds, true, deadline)
+        .and_then(|with| Ok(per_sgi(with, sgi_loop(SGI_PING, me, rounds, false, deadline)?, rounds)));
+    // Err(None): a CPU never got to its WFI loop; Err(Some(k)): round trip k went unanswered.
+    let target = smp::mpidr(1).unwrap_or(0);
+    let round_trip = echo.map(|ready| {
+        if !ready {
+            return Err(None);
+        }
+        // One untimed round trip first: both CPUs are in their WFI loops when the timing starts.
+        sgi_loop(SGI_FLOOD, target, 1, true, deadline)
+            .and_then(|_| {
+                let with = sgi_loop(SGI_FLOOD, target, rounds, true, deadline)?;
+                Ok(per_sgi(with, sgi_loop(SGI_FLOOD, target, rounds, false, deadline)?, rounds))
+            })
+            .map_err(Some)
+    });
+    disarm_wake();
+    ECHO.set(false);
+    dsb();
+    // Ends the parked CPUs' WFIs (not answered: ECHO is off).
+    for (c, seq) in (1..n).filter_map(|c| parked[c].map(|seq| (c, seq))) {
+        ECHO_STOP.set(c, seq);
+        gic::send_sgi(SGI_FLOOD, smp::mpidr(c).unwrap_or(0));
+    }
+    let ended = (1..n).all(|c| parked[c].is_none_or(|seq| wait_ack(c, seq)));
+
+    match to_self {
+        Ok(f) => println!("smp-test: sgi to self={} instructions, cpu 0, {} rounds (ok)", f, rounds),
+        Err(k) => {
+            println!("smp-test: sgi to self FAILED: round {} of {} not taken within the timeout", k, rounds)
+        }
+    }
+    match round_trip {
+        None => println!("smp-test: sgi round trip skipped: needs cpu 1 running"),
+        Some(Ok(f)) if ended => println!(
+            "smp-test: sgi round trip={} instructions, cpu 0 -> cpu 1 -> cpu 0, {} rounds (ok)",
+            f, rounds
+        ),
+        Some(Ok(_)) => println!("smp-test: sgi round trip FAILED: a cpu did not leave its WFI loop"),
+        Some(Err(Some(k))) => println!(
+            "smp-test: sgi round trip FAILED: round trip {} of {} not answered within the timeout",
+            k, rounds
+        ),
+        Some(Err(None)) => println!("smp-test: sgi round trip FAILED: a cpu did not reach its WFI loop"),
+    }
+}
+
 // ------------------------------------------------------------------ race
 
 fn race_as_racer(me: usize, round: u64) {
@@ -640,10 +804,13 @@ fn main(boot: &BootInfo) -> ! {
                 let flood = args.value("smptest.flood").and_then(parse_u64).unwrap_or(DEFAULT_FLOOD);
                 case_sgi(flood)
             }
+            "sgi-rtt" if needs_gic(case) => {
+                case_sgi_rtt(args.value("smptest.rtt").and_then(parse_u64).unwrap_or(DEFAULT_RTT_ROUNDS))
+            }
             "race" => case_race(args.value("smptest.rounds").and_then(parse_u64).unwrap_or(DEFAULT_ROUNDS)),
             "cpu-on" => case_cpu_on(boot),
             "sysoff-secondary" => case_sysoff_secondary(),
-            "timer" | "sgi" => {}
+            "timer" | "sgi" | "sgi-rtt" => {}
             other => println!("smp-test: unknown case \"{}\" ignored", other),
         }
     }

@@ -11,7 +11,9 @@
 //!    expected value per page (a table in bss for the first 16384 touched pages = 64 MiB; pages
 //!    beyond it are only rewritten with and checked against their address pattern), then a full
 //!    verification: in every touched page the slot holds its expected value, every other word 0.
-//! 4. hvc round trip: 1000 PSCI_VERSION calls timed against the same loop with a `nop`.
+//! 4. hvc round trip: 1000 PSCI_VERSION calls timed against the same loop with a `nop`; with
+//!    `stress.bench=mmio` also 1000 32-bit loads of the PL011's FR and (with a GICv3 in the
+//!    device tree) of GICD_IIDR, timed the same way.
 //! 5. `stress: done` and SYSTEM_OFF; with `stress.reset`, a first boot instead leaves a marker
 //!    and asks for SYSTEM_RESET (see README.md for how the next boot knows it follows a reset).
 //!
@@ -29,7 +31,7 @@ use guest_rt::bootargs::parse_u64;
 use guest_rt::dt::BootInfo;
 use guest_rt::ranges::{Range, RangeSet};
 use guest_rt::timer::{frequency, now, ticks_to_ns_per};
-use guest_rt::{align_down, align_up, exception, println, psci, PAGE};
+use guest_rt::{align_down, align_up, console, exception, println, psci, PAGE};
 
 guest_rt::entry!(main);
 
@@ -41,6 +43,11 @@ const TABLE_PAGES: usize = 16384;
 const MARKER: u64 = 0x5445_5352_5942_414c;
 const DEFAULT_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 const HVC_CALLS: u64 = 1000;
+/// Loads per timed MMIO loop (`stress.bench=mmio`).
+const MMIO_READS: u64 = 1000;
+/// The PL011's flag register and the GIC distributor's implementer ID (offsets).
+const UART_FR: u64 = 0x18;
+const GICD_IIDR: u64 = 0x8;
 const MAX_SEGS: usize = 32;
 
 /// Expected slot values of the first TABLE_PAGES touched pages; 0 = still the address pattern
@@ -242,11 +249,55 @@ fn call_loop(n: u64, with_hvc: bool) -> u64 {
     now() - t0
 }
 
+/// Ticks for `n` (> 0) 32-bit loads of `addr` into w1 (`with_load`) or the same loop with a
+/// `nop`. The destination is a low register: a hypervisor may serve x0-x18 on a path that saves
+/// fewer registers than x19-x29 need.
+#[inline(never)]
+fn mmio_loop(addr: u64, n: u64, with_load: bool) -> u64 {
+    let t0 = now();
+    // SAFETY: a device register of the device tree's UART or GIC, read only (no side effect);
+    // the loop's registers are declared.
+    unsafe {
+        if with_load {
+            asm!("2: ldr w1, [{a}]", "subs {n}, {n}, #1", "b.ne 2b",
+                a = in(reg) addr, n = inout(reg) n => _, out("x1") _, options(nostack));
+        } else {
+            asm!("2: nop", "subs {n}, {n}, #1", "b.ne 2b",
+                n = inout(reg) n => _, out("x1") _, options(nostack));
+        }
+    }
+    now() - t0
+}
+
+/// What `stress.bench=mmio` reads besides the UART: the GIC distributor, if there is one.
+#[derive(Clone, Copy)]
+struct MmioBench {
+    gicd: Option<u64>,
+}
+
+/// The MMIO read costs: `stress: mmio {what} read={F} instructions`.
+fn mmio_bench(bench: MmioBench) {
+    let cost = |addr: u64| {
+        let with = mmio_loop(addr, MMIO_READS, true);
+        let without = mmio_loop(addr, MMIO_READS, false);
+        ticks_to_ns_per(with as i64 - without as i64, MMIO_READS)
+    };
+    println!("stress: mmio uart-fr read={} instructions", cost(console::UART_BASE as u64 + UART_FR));
+    match bench.gicd {
+        Some(d) => println!("stress: mmio gicd-iidr read={} instructions", cost(d + GICD_IIDR)),
+        None => println!("stress: mmio gicd-iidr skipped: no GICv3 in the device tree"),
+    }
+}
+
 fn main(boot: &BootInfo) -> ! {
     let args = boot.bootargs();
     let seed = args.value("stress.seed").and_then(parse_u64).filter(|&s| s != 0).unwrap_or(DEFAULT_SEED);
     let blocks = args.has("stress.blocks");
     let reset = args.has("stress.reset");
+    let mmio = args
+        .value("stress.bench")
+        .is_some_and(|b| b.split(',').any(|x| x == "mmio"))
+        .then_some(MmioBench { gicd: boot.gic.map(|g| g.distributor.start) });
     let image = guest_rt::boot::image();
     let span = boot.ram_span();
     let v = psci::version();
@@ -341,7 +392,7 @@ fn main(boot: &BootInfo) -> ! {
             println!("stress: {} cpus beyond the first {} left off", boot.cpus_dropped, boot.cpu_count);
         }
         match smp::run(&plan) {
-            Some(stray) => finish(stray, marker_page, after_reset),
+            Some(stray) => finish(stray, marker_page, after_reset, mmio),
             None => psci::system_off(),
         }
     }
@@ -379,17 +430,20 @@ fn main(boot: &BootInfo) -> ! {
         Some((a, want, got)) => println!("stress: verify FAILED at {:#x} want {:#x} got {:#x}", a, want, got),
     }
 
-    finish(exception::stray_faults(), marker_page, after_reset)
+    finish(exception::stray_faults(), marker_page, after_reset, mmio)
 }
 
-/// The hvc round trip, the stray aborts, then reset or power off.
-fn finish(stray: u64, marker_page: Option<u64>, after_reset: bool) -> ! {
+/// The hvc round trip (and the MMIO reads if asked), the stray aborts, then reset or power off.
+fn finish(stray: u64, marker_page: Option<u64>, after_reset: bool, mmio: Option<MmioBench>) -> ! {
     let with = call_loop(HVC_CALLS, true);
     let without = call_loop(HVC_CALLS, false);
     println!(
         "stress: hvc psci_version round trip={} instructions",
         ticks_to_ns_per(with as i64 - without as i64, HVC_CALLS)
     );
+    if let Some(bench) = mmio {
+        mmio_bench(bench);
+    }
 
     if stray > 0 {
         println!("stress: unexpected aborts: {}", stray);
