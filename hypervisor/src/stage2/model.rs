@@ -71,6 +71,9 @@ struct Stale {
     combined: bool,
     /// When it went stale: orders it against a pending `TLBI VMALLE1IS`.
     seq: u64,
+    /// Which entry it is, for that invalidation's refill list (parts of a subtree went stale
+    /// together but are refilled or not one by one).
+    id: u64,
 }
 
 impl Stale {
@@ -97,8 +100,9 @@ enum Pending {
         vmid: u16,
         ipa: u64,
     },
-    /// `issued`: the stale sequence number at issue; `refill`: the stale leaves then in the
-    /// stage-2 TLB (with everything reachable at issue, what combined entries may refill from).
+    /// `issued`: the stale sequence number at issue; `refill`: the ids of the stale leaves then
+    /// in the stage-2 TLB (with everything reachable at issue, what combined entries may refill
+    /// from).
     Stage1 {
         vmid: u16,
         issued: u64,
@@ -170,6 +174,7 @@ pub struct ModelEnv {
     /// Cached entries no walk reaches any more, oldest first.
     stale: Vec<Stale>,
     seq: u64,
+    ids: u64,
     pending: Vec<Pending>,
     unpublished: bool,
     pub sabotage: Sabotage,
@@ -203,6 +208,7 @@ impl ModelEnv {
             info: BTreeMap::new(),
             stale: Vec::new(),
             seq: 0,
+            ids: 0,
             pending: Vec::new(),
             unpublished: false,
             sabotage: Sabotage::None,
@@ -557,7 +563,8 @@ impl ModelEnv {
             }
         };
         self.seq += 1;
-        self.stale.push(Stale { entry, s2: true, combined: true, seq: self.seq });
+        self.ids += 1;
+        self.stale.push(Stale { entry, s2: true, combined: true, seq: self.seq, id: self.ids });
     }
 
     /// Calls `f` with every leaf below `w` (a stale subtree) that overlaps `[start, end)`.
@@ -633,7 +640,8 @@ impl ModelEnv {
                 }
                 Entry::Table(_) => continue,
             };
-            self.stale.push(Stale { entry, ..s });
+            self.ids += 1;
+            self.stale.push(Stale { entry, id: self.ids, ..s });
         }
     }
 
@@ -769,7 +777,7 @@ impl ModelEnv {
                     // the stale ones then, and whatever was reachable then and went stale since.
                     for s in self.stale.iter_mut().filter(|s| s.vmid() == vmid) {
                         if !matches!(s.entry, Cached::Walk(_)) {
-                            s.combined = s.seq > issued || refill.binary_search(&s.seq).is_ok();
+                            s.combined = s.seq > issued || refill.binary_search(&s.id).is_ok();
                         }
                     }
                 }
@@ -1033,8 +1041,10 @@ impl Stage2Env for ModelEnv {
                 .stale
                 .iter()
                 .filter(|s| s.vmid() == vmid && s.s2 && matches!(s.entry, Cached::Leaf(_)))
-                .map(|s| s.seq)
-                .collect();
+                .map(|s| s.id)
+                .collect::<Vec<u64>>();
+            let mut refill = refill;
+            refill.sort_unstable();
             self.pending.push(Pending::Stage1 { vmid, issued: self.seq, refill });
         }
     }
@@ -1044,5 +1054,123 @@ impl Stage2Env for ModelEnv {
         if self.sabotage != Sabotage::DropVmidTlbi {
             self.pending.push(Pending::All { vmid });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VMID: u16 = 1;
+    const PAGE: u64 = 0x1000;
+
+    fn vm(n: u16) -> VmId {
+        VmId::new(n).expect("small id")
+    }
+
+    /// A space built by hand (start level 1): root -> level-2 table -> level-3 table mapping
+    /// two pages at IPA 0 and 0x1000. Returns the model, the level-2 table and the two frames.
+    fn two_pages() -> (ModelEnv, Pfn, [u64; 2]) {
+        let mut env = ModelEnv::new(0x40000, 64);
+        let mut t = [Pfn(0); 3];
+        env.take_tables(vm(1), &mut t).expect("free frames");
+        let pages = [0, 1].map(|_| env.claim_frame(FrameState::Guest(vm(1))).expect("free frame").phys());
+        env.add_root(VMID, t[0], 1);
+        for (i, &pa) in pages.iter().enumerate() {
+            env.write(t[2], i, Entry::Leaf { pa, attrs: Attrs::RAM }.encode(3));
+        }
+        env.write(t[1], 0, Entry::Table(t[2]).encode(2));
+        env.write(t[0], 0, Entry::Table(t[1]).encode(1));
+        env.dsb_ishst();
+        env.check_quiescent();
+        assert!(env.violations.is_empty(), "{:?}", env.violations);
+        assert_eq!(env.pages_mapped(VMID), 2);
+        (env, t[1], pages)
+    }
+
+    /// Unlinks the level-3 table (break of break-before-make) without any invalidation yet.
+    fn unlink(env: &mut ModelEnv, l2: Pfn) {
+        env.write(l2, 0, 0);
+        env.dsb_ishst();
+        assert_eq!(env.pages_mapped(VMID), 0);
+    }
+
+    #[test]
+    fn an_unlinked_table_needs_more_than_one_address_invalidated() {
+        let (mut env, l2, _) = two_pages();
+        unlink(&mut env, l2);
+        env.tlbi_ipas2e1is(VMID, 0, 2);
+        env.dsb_ish();
+        env.tlbi_vmalle1is(VMID);
+        env.dsb_ish();
+        env.check_quiescent();
+        // The second page's translation was cached through the table and nothing removed it.
+        assert!(
+            env.violations.iter().any(|v| v.contains("stale TLB entry IPA 0x1000")),
+            "{:?}",
+            env.violations
+        );
+    }
+
+    #[test]
+    fn an_unlinked_table_goes_with_its_vmid() {
+        let (mut env, l2, pages) = two_pages();
+        unlink(&mut env, l2);
+        env.tlbi_vmalls12e1is(VMID);
+        env.dsb_ish();
+        env.tlbi_vmalle1is(VMID);
+        env.dsb_ish();
+        env.check_quiescent();
+        for pa in pages {
+            env.release_frames(pa, PAGE);
+        }
+        assert!(env.violations.is_empty(), "{:?}", env.violations);
+        assert_eq!(env.cached_for(VMID), 1, "only the root's descriptor of the level-2 table remains");
+    }
+
+    #[test]
+    fn a_write_into_an_unlinked_table_keeps_what_walks_may_have_cached() {
+        let (mut env, l2, pages) = two_pages();
+        let Entry::Table(l3) = Entry::decode(env.read(l2, 0), 2) else { panic!("no level-3 table") };
+        unlink(&mut env, l2);
+        // The unlinked table is reused before any invalidation: the old translation of IPA 0 is
+        // still what a TLB may hold, whatever the table says now.
+        env.write(l3, 0, 0);
+        env.release_frames(pages[0], PAGE);
+        assert!(
+            env.violations.iter().any(|v| v.contains("may still translate IPA 0x0")),
+            "{:?}",
+            env.violations
+        );
+    }
+
+    #[test]
+    fn releasing_a_frame_still_mapped_is_caught() {
+        let (mut env, _, pages) = two_pages();
+        env.release_frames(pages[1], PAGE);
+        assert!(env.violations.iter().any(|v| v.contains("live mapping")), "{:?}", env.violations);
+    }
+
+    #[test]
+    fn linking_another_vms_table_page_is_caught() {
+        let (mut env, l2, _) = two_pages();
+        let mut other = [Pfn(0)];
+        env.take_tables(vm(2), &mut other).expect("a free frame");
+        env.write(l2, 5, Entry::Table(other[0]).encode(2));
+        assert!(env.violations.iter().any(|v| v.contains("like its root")), "{:?}", env.violations);
+    }
+
+    #[test]
+    fn a_frame_mapped_twice_counts_twice() {
+        let (mut env, l2, pages) = two_pages();
+        let mut t = [Pfn(0)];
+        env.take_tables(vm(1), &mut t).expect("a free frame");
+        env.write(t[0], 0, Entry::Leaf { pa: pages[0], attrs: Attrs::RAM }.encode(3));
+        env.write(l2, 1, Entry::Table(t[0]).encode(2));
+        assert_eq!(env.leaves_mapping(Pfn(pages[0] >> 12)), 2);
+        assert_eq!(
+            env.first_not_mapped_once(Pfn(pages[0] >> 12), 2, FrameState::Guest(vm(1))),
+            Some(Pfn(pages[0] >> 12))
+        );
     }
 }
