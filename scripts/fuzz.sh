@@ -31,10 +31,14 @@ build_options() {
     fi
 }
 
-# The longest input worth mutating: a stage-2 sequence stops after its 64th operation.
+# The longest input worth mutating: a stage-2 sequence stops after its 64th operation, a trap
+# is three registers, a UART run a few hundred accesses.
 max_len() {
     case "$1" in
         stage2_ops) echo 512 ;;
+        trap_decode) echo 24 ;;
+        sysreg) echo 64 ;;
+        vpl011) echo 4096 ;;
         *) echo 16384 ;;
     esac
 }
