@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds Labyrinth's guest test kernels (guest-images/, its own cargo workspace) for
-# aarch64-unknown-none and writes the raw arm64 Images build/guest-stress.bin and
-# build/guest-isolation.bin (plus their ELFs, for gdb), and the Linux guest's /init
+# aarch64-unknown-none and writes the raw arm64 Images build/guest-stress.bin,
+# build/guest-isolation.bin and build/guest-smp-test.bin (plus their ELFs, for gdb), and the Linux guest's /init
 # (build/linux/init) packed into its initramfs, build/linux/initramfs.cpio. Quiet: prints nothing unless the build
 # fails (then cargo's whole output); fails on any error. Installs nothing: run
 # scripts/setup.sh first.
@@ -19,13 +19,13 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 if ! RUSTC_BOOTSTRAP=1 cargo build --release --target aarch64-unknown-none \
     -Zbuild-std=core,alloc,compiler_builtins -Zbuild-std-features=compiler-builtins-mem \
-    -p stress -p isolation -p linux-init >"$log" 2>&1; then
+    -p stress -p isolation -p smp-test -p linux-init >"$log" 2>&1; then
     cat "$log" >&2
     echo "build-guests: cargo build failed" >&2
     exit 1
 fi
 mkdir -p "$root/build"
-for k in stress isolation; do
+for k in stress isolation smp-test; do
     elf=target/aarch64-unknown-none/release/$k
     # The guests run with their MMU off (all memory Device): no DC ZVA (or any DC), no
     # exclusives, no LSE atomics. Checked on the disassembly when llvm-objdump is there.

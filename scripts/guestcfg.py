@@ -8,8 +8,9 @@ The binding (docs/configuration.md):
         NAME {
             compatible = "labyrinth,guest";
             #address-cells = <2>; #size-cells = <2>;
-            memory = <0x0 KIB>;  cpus = <1>;
+            memory = <0x0 KIB>;  cpus = <N>;
             [labyrinth,no-block-mappings;]
+            [labyrinth,no-virtual-gic;]      (a bare guest: no GIC, no timer interrupt)
             module@ADDR { compatible = "multiboot,kernel", "multiboot,module";
                           reg = <0x0 ADDR 0x0 SIZE>; bootargs = "..."; };
         };
@@ -17,7 +18,8 @@ The binding (docs/configuration.md):
 
 Usage as a program:
     scripts/guestcfg.py OUT.dtb [--mem 1G] [--smp 2] [--cpu cortex-a72]
-        --guest NAME=IMAGE,ADDR,MEMORY_KIB[,noblocks][,vgic][,initrd=FILE@ADDR][,args=...] ...
+        --guest NAME=IMAGE,ADDR,MEMORY_KIB[,cpus=N][,noblocks][,novgic][,xen][,initrd=FILE@ADDR][,args=...] ...
+(`xen`: compatible = "xen,domain", the dom0less spelling, instead of "labyrinth,guest").
 prints the QEMU arguments to add (-dtb and -device loader ...).
 """
 import argparse
@@ -41,14 +43,21 @@ def host_dts(cpu="cortex-a72", smp=2, mem="1G"):
                               capture_output=True, text=True).stdout
 
 
+# Xen's dom0less binding for a domU; Labyrinth accepts it as a guest node (no vendor property).
+XEN_DOMAIN = "xen,domain"
+
+
 class Guest:
     def __init__(self, name, image, addr, memory_kib, no_blocks=False, bootargs="", cpus=1,
-                 compatible="labyrinth,guest", extra="", ramdisk=None, ramdisk_addr=None, vgic=False):
+                 compatible="labyrinth,guest", extra="", ramdisk=None, ramdisk_addr=None, vgic=False,
+                 no_vgic=False):
         self.name, self.image, self.addr = name, image, addr
         # An optional initramfs, placed by the loader at ramdisk_addr.
         self.ramdisk, self.ramdisk_addr = ramdisk, ramdisk_addr
-        # A virtual GICv3 and timer interrupt (labyrinth,virtual-gic): what Linux needs.
-        self.vgic = vgic
+        # Every guest gets a virtual GICv3 and the timer's interrupts; no_vgic writes the
+        # opt-out (labyrinth,no-virtual-gic) for bare test kernels that must see no GIC, and
+        # vgic writes the old, now default, labyrinth,virtual-gic.
+        self.vgic, self.no_vgic = vgic, no_vgic
         self.memory_kib, self.no_blocks, self.bootargs = memory_kib, no_blocks, bootargs
         self.cpus, self.compatible, self.extra = cpus, compatible, extra
 
@@ -59,6 +68,8 @@ class Guest:
         flags = "\t\t\tlabyrinth,no-block-mappings;\n" if self.no_blocks else ""
         if self.vgic:
             flags += "\t\t\tlabyrinth,virtual-gic;\n"
+        if self.no_vgic:
+            flags += "\t\t\tlabyrinth,no-virtual-gic;\n"
         kernel = ""
         if self.image is not None:
             kernel = (
@@ -130,7 +141,7 @@ def main():
     ap.add_argument("--smp", type=int, default=2)
     ap.add_argument("--cpu", default="cortex-a72")
     ap.add_argument("--guest", action="append", default=[],
-                    help="NAME=IMAGE,ADDR,MEMORY_KIB[,noblocks][,vgic][,initrd=FILE@ADDR][,args=BOOTARGS]"
+                    help="NAME=IMAGE,ADDR,MEMORY_KIB[,cpus=N][,noblocks][,novgic][,xen][,initrd=FILE@ADDR][,args=BOOTARGS]"
                          " (args= last: it takes the rest, commas included)")
     a = ap.parse_args()
     guests = []
@@ -141,12 +152,16 @@ def main():
         image, addr, kib = parts[0], int(parts[1], 0), int(parts[2], 0)
         noblocks = "noblocks" in parts[3:]
         vgic = "vgic" in parts[3:]
+        no_vgic = "novgic" in parts[3:]
+        cpus = int(next((p[5:] for p in parts[3:] if p.startswith("cpus=")), "1"), 0)
         initrd = next((p[7:] for p in parts[3:] if p.startswith("initrd=")), None)
         rd, rd_addr = (None, None)
         if initrd:
             rd, at = initrd.rsplit("@", 1)
             rd_addr = int(at, 0)
-        guests.append(Guest(name, image, addr, kib, noblocks, args, ramdisk=rd, ramdisk_addr=rd_addr, vgic=vgic))
+        compatible = XEN_DOMAIN if "xen" in parts[3:] else "labyrinth,guest"
+        guests.append(Guest(name, image, addr, kib, noblocks, args, cpus=cpus, compatible=compatible,
+                            ramdisk=rd, ramdisk_addr=rd_addr, vgic=vgic, no_vgic=no_vgic))
     print(" ".join(make_dtb(a.out, guests, a.cpu, a.smp, a.mem)))
 
 

@@ -10,8 +10,8 @@ root=$PWD
 
 if [ "${1:-}" = fix ]; then
     cargo +nightly fmt --all
-    (cd hypervisor/fuzz && cargo +nightly fmt --all)
-    (cd guest-images && cargo +nightly fmt --all)
+    (cd hypervisor/fuzz && cargo +nightly fmt)
+    (cd guest-images && cargo +nightly fmt)
     exit 0
 fi
 
@@ -22,10 +22,11 @@ run() {
         status=1
     fi
 }
-# rustfmt finds rustfmt.toml in the repository's root from each of the three workspaces.
+# rustfmt finds rustfmt.toml in the repository's root from each of the three workspaces. Only
+# the main one takes `--all`: elsewhere it would also reach the path dependency `labyrinth`.
 run cargo +nightly fmt --all --check
-run bash -c 'cd hypervisor/fuzz && cargo +nightly fmt --all --check'
-run bash -c 'cd guest-images && cargo +nightly fmt --all --check'
+run bash -c 'cd hypervisor/fuzz && cargo +nightly fmt --check'
+run bash -c 'cd guest-images && cargo +nightly fmt --check'
 # Own target directories: the nightly's artifacts must not evict Debian cargo's.
 run cargo +nightly clippy -q --workspace --all-targets --target-dir target/clippy -- -D warnings
 # The fuzz targets see the model only under `--cfg fuzzing`, as cargo-fuzz builds them.

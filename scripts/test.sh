@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every test Labyrinth has, in one command (the README's; .ci/run calls exactly this):
 #   1. host unit, property, stress and regression tests of the portable core (cargo test),
-#      and the loom model check of the frame pools' lock-free paths,
+#      and the loom model checks of the lock-free paths (frame pools, the vCPU lifecycle, PSCI
+#      power states, the vGIC's SGI mailboxes),
 #   2. QEMU boot tests that assert on the console (scripts/boot_tests.py), with Labyrinth's
 #      guest kernels (scripts/build-guests.sh) for the two-guest scenarios and Debian's arm64
 #      Linux (scripts/fetch-linux.sh, downloaded once into build/) for the Linux guest,
@@ -48,8 +49,8 @@ step "formatting and lints (rustfmt, clippy)" timeout 1200 scripts/lint.sh
 step "host tests" timeout 1200 cargo test --workspace
 # Criterion runs each benchmark once in test mode: a benchmark that no longer builds or runs fails.
 step "benchmarks, once each" timeout 600 cargo test -q -p labyrinth --benches
-step "loom model check of the frame pools" env RUSTFLAGS="--cfg loom" timeout 1200 \
-    cargo test --release -p labyrinth --lib frame::loom --target-dir target/loom
+step "loom model checks (frame pools, vCPU lifecycle, PSCI, vGIC mailboxes)" env RUSTFLAGS="--cfg loom" \
+    timeout 1200 cargo test --release -p labyrinth --lib loom --target-dir target/loom
 step "build (aarch64)" no_warnings scripts/build.sh
 step "build guest kernels" scripts/build-guests.sh
 step "fetch the Linux guest kernel" scripts/fetch-linux.sh

@@ -20,7 +20,6 @@ const CPU_ONLINE_TIMEOUT_MS: u64 = 1000;
 /// CPUs that have reached `secondary_main` (the boot CPU counts itself).
 static CPUS_ONLINE: AtomicUsize = AtomicUsize::new(0);
 /// MPIDR of each CPU index Labyrinth gave out (index 0: the boot CPU; 0 for none).
-static CPU_MPIDRS: spin::Mutex<[u64; arch::MAX_CPUS]> = spin::Mutex::new([0; arch::MAX_CPUS]);
 /// The firmware's CPU_ON function id.
 static CPU_ON_FID: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(psci::CPU_ON_64 as u64);
 
@@ -114,7 +113,7 @@ pub fn primary_main(dtb: u64, dtb_size: u64) -> ! {
 
 /// Starts CPU `index` again (it powered itself off after reporting online) to run its guest.
 fn restart_cpu(index: usize) {
-    let Some(&mpidr) = CPU_MPIDRS.lock().get(index) else { return };
+    let Some(mpidr) = arch::mpidr_of(index) else { return };
     let fid = CPU_ON_FID.load(Ordering::Relaxed) as u32;
     // Make the guest's slot visible before the CPU starts (it reads it with its MMU on).
     aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::ISH);
@@ -170,7 +169,7 @@ fn start_secondaries(platform: &Platform<'_>) -> usize {
     let me = arch::mpidr();
     let mut next_index = 1;
     let mut started = 1;
-    CPU_MPIDRS.lock()[0] = me;
+    arch::record_mpidr(0, me);
     for c in cpus.iter().filter(|c| c.mpidr != me) {
         if next_index >= arch::MAX_CPUS {
             warn!("CPU {:#x}: beyond the {} CPUs Labyrinth runs, left off", c.mpidr, arch::MAX_CPUS);
@@ -178,7 +177,7 @@ fn start_secondaries(platform: &Platform<'_>) -> usize {
         }
         match arch::cpu_on(fid, c.mpidr, arch::secondary_entry_address(), next_index as u64) {
             Ok(()) => {
-                CPU_MPIDRS.lock()[next_index] = c.mpidr;
+                arch::record_mpidr(next_index, c.mpidr);
                 next_index += 1;
                 started += 1;
             }

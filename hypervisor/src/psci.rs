@@ -9,13 +9,26 @@ pub enum Conduit {
     Hvc,
 }
 
+// Function identifiers (SMCCC fast calls). `_64` ones are SMC64, the rest SMC32; PSCI defines
+// both forms for the calls that carry an address or an MPIDR.
 pub const PSCI_VERSION: u32 = 0x8400_0000;
+pub const CPU_SUSPEND_32: u32 = 0x8400_0001;
+pub const CPU_SUSPEND_64: u32 = 0xc400_0001;
 pub const CPU_OFF: u32 = 0x8400_0002;
+pub const CPU_ON_32: u32 = 0x8400_0003;
 pub const CPU_ON_64: u32 = 0xc400_0003;
+pub const AFFINITY_INFO_32: u32 = 0x8400_0004;
 pub const AFFINITY_INFO_64: u32 = 0xc400_0004;
+pub const MIGRATE_32: u32 = 0x8400_0005;
+pub const MIGRATE_64: u32 = 0xc400_0005;
+pub const MIGRATE_INFO_TYPE: u32 = 0x8400_0006;
+pub const MIGRATE_INFO_UP_CPU_32: u32 = 0x8400_0007;
+pub const MIGRATE_INFO_UP_CPU_64: u32 = 0xc400_0007;
 pub const SYSTEM_OFF: u32 = 0x8400_0008;
 pub const SYSTEM_RESET: u32 = 0x8400_0009;
 pub const PSCI_FEATURES: u32 = 0x8400_000a;
+pub const SYSTEM_SUSPEND_32: u32 = 0x8400_000e;
+pub const SYSTEM_SUSPEND_64: u32 = 0xc400_000e;
 
 /// PSCI return codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

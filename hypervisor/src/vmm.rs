@@ -1,21 +1,32 @@
 //! Guests on this machine: creating them from the device tree's guest nodes, loading their
-//! images, placing one vCPU per physical CPU, handling their traps, and taking them apart when
-//! they stop. The decisions about a trap's meaning are the portable `vm` modules'; the state
-//! lives here, one guest per CPU, touched only by that CPU once it runs.
+//! images, placing each vCPU on its own physical CPU, handling their traps, starting and
+//! stopping vCPUs, and taking guests apart when they stop. The decisions about a trap's
+//! meaning are the portable `vm` modules'.
+//!
+//! State: a [`Vm`] is what a guest's vCPUs share (its stage-2 space, memory budget, devices,
+//! lifecycle), reached through `&'static` from every CPU it runs on; a [`Vcpu`] is what one
+//! CPU owns (its counters, its pool handle), in that CPU's slot and touched by it alone.
+//!
+//! A guest's life is one state word: `Running`, then `Stopping` (one vCPU won the right to
+//! stop or reset the guest and waits until every other vCPU is out of the guest: each is sent
+//! a physical SGI and, on its way back into the guest, parks in [`wait_to_run`] instead), then
+//! `Stopped` or, after a reset, `Running` again with only vCPU 0 started.
 
 use alloc::vec::Vec;
 use core::cell::UnsafeCell;
 use core::fmt::Write as _;
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use labyrinth::dt::{GuestConfig, Platform};
 use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
 use labyrinth::stage2::{level_size, Attrs, Geometry, Stage2, Stage2Error, VmidAllocator};
-use labyrinth::vm::layout::{self, Layout, UART_BASE, UART_SIZE};
-use labyrinth::vm::trap::{self, GuestTrap, MmioAccess};
-use labyrinth::vm::vgic::{self, VGic};
-use labyrinth::vm::vpsci::{self, PsciAction};
+use labyrinth::vm::exit::{self, Outcome};
+use labyrinth::vm::guest::{Space, VmParts};
+use labyrinth::vm::layout::{self, Layout};
+use labyrinth::vm::lifecycle::Life;
+use labyrinth::vm::vpsci::{PowerState, StartRequest};
 use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
+use labyrinth::vm::{StopCause, Vcpu, VcpuSet, Vm};
 use log::{error, info, warn};
 use spin::Mutex;
 
@@ -23,91 +34,36 @@ use crate::arch::{self, TrapFrame, MAX_CPUS};
 
 const BLOCK: u64 = level_size(2);
 
-/// Why a guest stopped, for its report.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum StopCause {
-    SystemOff,
-    CpuOff,
-    OutOfMemory,
-    SError,
-    /// The host GIC could not be set up for its virtual GIC.
-    HostGic,
-}
+/// One slot per CPU; a slot is written by the boot CPU before its CPU starts, and afterwards
+/// only by that CPU.
+struct PerCpu(UnsafeCell<[Option<Vcpu>; MAX_CPUS]>);
 
-#[derive(Default, Clone, Copy)]
-struct Stats {
-    page_faults: u64,
-    block_faults: u64,
-    aborts_injected: u64,
-    undefs_injected: u64,
-    mmio: u64,
-    hvc: u64,
-    smc: u64,
-    sysreg: u64,
-    /// Physical interrupts taken while it ran, virtual timer interrupts injected, SGIs it sent
-    /// itself, accesses to its virtual GIC's registers.
-    irqs: u64,
-    vtimer: u64,
-    sgis: u64,
-    vgic_mmio: u64,
-    resets: u64,
-    frames_returned: u64,
-}
-
-pub struct Vm {
-    name: &'static str,
-    config: GuestConfig<'static>,
-    id: VmId,
-    vmid: u16,
-    owner: Owner,
-    layout: Layout,
-    geo: Geometry,
-    s2: Option<Stage2>,
-    /// The atomic path of the CPU this guest runs on.
-    pool: Option<CpuFrames<'static, 'static>>,
-    /// `VTTBR_EL2` of `s2` (0 while it has none), kept at hand for the fault path.
-    vttbr: u64,
-    uart: VPl011,
-    /// Its virtual GICv3, when configured (`labyrinth,virtual-gic`).
-    vgic: Option<VGic>,
-    stats: Stats,
-    /// Frames promised to this guest at creation; every frame it draws is counted here first.
-    budget: MemoryBudget,
-    dtb: Vec<u8>,
-    /// Aborts and undefined instructions are logged for the first few only.
-    logged: u32,
-}
-
-const LOG_LIMIT: u32 = 8;
-
-/// One slot per CPU; a slot is written by the boot CPU before its CPU starts the guest, and
-/// afterwards only by that CPU.
-struct PerCpu(UnsafeCell<[Option<Vm>; MAX_CPUS]>);
-
-// SAFETY: see `this_cpu_vm`: each slot has a single user at any time.
+// SAFETY: see `vcpu_slot`: each slot has a single user at any time.
 unsafe impl Sync for PerCpu {}
 
-static VMS: PerCpu = PerCpu(UnsafeCell::new([const { None }; MAX_CPUS]));
+static VCPUS: PerCpu = PerCpu(UnsafeCell::new([const { None }; MAX_CPUS]));
 static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator::new());
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static REPORTS: Mutex<Vec<alloc::string::String>> = Mutex::new(Vec::new());
+/// Whether the host GIC is set up: CPUs can kick each other and guests can have a vGIC.
+static HOST_GIC: AtomicBool = AtomicBool::new(false);
 /// Set once before any guest runs; read on every fault, so a plain pointer, not a `Once`.
 static FRAMES: core::sync::atomic::AtomicPtr<FrameManager<'static>> =
     core::sync::atomic::AtomicPtr::new(core::ptr::null_mut());
 
-/// The guest that runs on CPU `cpu`.
+/// The vCPU that runs on CPU `cpu`.
 ///
 /// # Safety
-/// Only CPU `cpu` may call this once it runs its guest, and only the boot CPU before that (the
-/// CPU is not started yet); interrupts are masked, so no call overlaps another on a CPU.
-unsafe fn vm_slot(cpu: usize) -> Option<&'static mut Option<Vm>> {
+/// Only CPU `cpu` may call this once it runs, and only the boot CPU before that (the CPU is not
+/// started yet); interrupts are masked at EL2, so no call overlaps another on a CPU.
+unsafe fn vcpu_slot(cpu: usize) -> Option<&'static mut Option<Vcpu>> {
     // SAFETY: per the contract, nobody else holds a reference into this slot.
-    unsafe { (*VMS.0.get()).get_mut(cpu) }
+    unsafe { (*VCPUS.0.get()).get_mut(cpu) }
 }
 
-fn this_cpu_vm() -> Option<&'static mut Vm> {
+fn this_vcpu() -> Option<&'static mut Vcpu> {
     // SAFETY: called only from this CPU's trap handler or guest entry, on its own slot.
-    unsafe { vm_slot(arch::cpu_index()) }?.as_mut()
+    unsafe { vcpu_slot(arch::cpu_index()) }?.as_mut()
 }
 
 #[inline(always)]
@@ -120,12 +76,12 @@ fn frames() -> &'static FrameManager<'static> {
 
 #[inline(always)]
 fn env(vm: &Vm) -> arch::HwStage2<'static> {
-    arch::HwStage2 { frames: frames(), cpu: arch::cpu_index(), vttbr: vm.vttbr }
+    arch::HwStage2 { frames: frames(), cpu: arch::cpu_index(), vttbr: vm.vttbr.load(Ordering::Relaxed) }
 }
 
-/// Builds every well-formed guest the device tree describes and places guest `i` on CPU `i`.
-/// Returns how many will run. A guest that cannot be built is named, with its reason, and
-/// left out; the others go on.
+/// Builds every well-formed guest the device tree describes and gives each of its vCPUs a
+/// physical CPU, in configuration order. Returns how many CPUs run a vCPU. A guest that cannot
+/// be built is named, with its reason, and left out; the others go on.
 pub fn create_all(
     platform: &Platform<'static>,
     frames_mgr: &'static FrameManager<'static>,
@@ -134,19 +90,20 @@ pub fn create_all(
 ) -> usize {
     FRAMES.store(frames_mgr as *const _ as *mut _, Ordering::Release);
     let geo = Geometry::for_pa_bits(pa_bits);
-    // The physical GIC is set up only if some guest gets a virtual one.
-    let mut host_gic = None;
-    if platform.guests().iter().any(|g| g.as_ref().is_ok_and(|c| c.virtual_gic)) {
-        host_gic = Some(match platform.gic() {
-            Some(gic) => arch::gic::init(gic).map_err(|e| alloc::format!("{e}")),
-            None => Err(alloc::format!("the host device tree describes no GIC")),
-        });
-    }
-    // CPUs that can get no guest never allocate: empty their pools before any promise is made,
+    // The host GIC carries the kicks between CPUs and the virtual GICs' interrupts.
+    let host_gic = match platform.gic() {
+        Some(gic) => arch::gic::init(gic).map_err(|e| alloc::format!("{e}")),
+        None => Err(alloc::format!("the host device tree describes no GIC")),
+    };
+    HOST_GIC.store(host_gic.is_ok(), Ordering::Release);
+    // CPUs that can get no vCPU never allocate: empty their pools before any promise is made,
     // so those frames can be promised (the rest are retired once the guests are placed).
-    let wanted = platform.guests().iter().filter(|g| g.is_ok()).count().min(cpus);
+    let wanted: usize =
+        platform.guests().iter().filter_map(|g| g.as_ref().ok()).map(|c| c.cpus as usize).sum();
+    let wanted = wanted.min(cpus);
     retire_cpus(frames_mgr, wanted..cpus);
     let mut next_cpu = 0;
+    let mut vms = Vec::new();
     for g in platform.guests() {
         let cfg = match g {
             Ok(cfg) => *cfg,
@@ -155,37 +112,57 @@ pub fn create_all(
                 continue;
             }
         };
-        if next_cpu >= cpus {
-            error!("guest {}: no physical CPU left for its vCPU ({cpus} CPUs): not started", cfg.name);
+        let n = cfg.cpus as usize;
+        if next_cpu + n > cpus {
+            error!(
+                "guest {}: {n} vCPUs but {} physical CPUs left ({cpus} CPUs): not started",
+                cfg.name,
+                cpus - next_cpu
+            );
             continue;
         }
-        if let (true, Some(Err(e))) = (cfg.virtual_gic, &host_gic) {
-            error!("guest {}: needs a virtual GIC but {e}: not started", cfg.name);
+        if let (true, Err(e)) = (cfg.virtual_gic || n > 1, &host_gic) {
+            error!(
+                "guest {}: needs the host GIC (virtual GIC or several vCPUs) but {e}: not started",
+                cfg.name
+            );
             continue;
         }
         match build(&cfg, geo, cpus, next_cpu) {
             Ok(vm) => {
                 info!(
-                    "guest {}: {} MiB RAM at {:#x}, kernel at {:#x}, device tree at {:#x}, {} mappings, on CPU {next_cpu}, VMID {}",
+                    "guest {}: {} MiB RAM at {:#x}, kernel at {:#x}, device tree at {:#x}, {} mappings, {n} vCPU{} on CPU {next_cpu}{}, VMID {}",
                     vm.name,
                     vm.layout.ram_size >> 20,
                     vm.layout.ram_base,
                     vm.layout.kernel,
                     vm.layout.dtb,
                     if cfg.no_block_mappings { "4 KiB" } else { "4 KiB and 2 MiB" },
-                    vm.vmid
+                    if n > 1 { "s" } else { "" },
+                    if n > 1 { alloc::format!("-{}", next_cpu + n - 1) } else { alloc::string::String::new() },
+                    vm.space.lock().vmid,
                 );
-                // SAFETY: CPU `next_cpu` does not run a guest yet (boot CPU, before starting it).
-                if let Some(slot) = unsafe { vm_slot(next_cpu) } {
-                    *slot = Some(vm);
-                }
-                next_cpu += 1;
+                vms.push(vm);
+                next_cpu += n;
             }
             Err(msg) => error!("{msg}: not started"),
         }
     }
     retire_cpus(frames_mgr, next_cpu..wanted);
-    LIVE.store(next_cpu, Ordering::Release);
+    LIVE.store(vms.len(), Ordering::Release);
+    let vms: &'static [Vm] = Vec::leak(vms);
+    for vm in vms {
+        if !vm.boot_vcpu0() {
+            error!("guest {}: vCPU 0 cannot be started", vm.name);
+        }
+        for index in 0..vm.vcpus {
+            let cpu = vm.cpu_of(index);
+            // SAFETY: CPU `cpu` does not run yet (boot CPU, before starting it).
+            if let Some(slot) = unsafe { vcpu_slot(cpu) } {
+                *slot = Some(Vcpu::new(vm, index, frames().cpu(cpu)));
+            }
+        }
+    }
     next_cpu
 }
 
@@ -201,9 +178,10 @@ fn retire_cpus(frames_mgr: &FrameManager<'static>, cpus: core::ops::Range<usize>
 /// A formatted reason a guest cannot be built.
 type BuildError = alloc::string::String;
 
-/// Builds guest `cfg` for CPU `cpu`; the error names the guest and what is wrong.
-fn build(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usize) -> Result<Vm, BuildError> {
-    build_inner(cfg, geo, cpus, cpu).map_err(|e| {
+/// Builds guest `cfg` with its vCPUs from CPU `first_cpu` on; the error names the guest and
+/// what is wrong.
+fn build(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, first_cpu: usize) -> Result<Vm, BuildError> {
+    build_inner(cfg, geo, cpus, first_cpu).map_err(|e| {
         if e.starts_with("guest ") {
             e
         } else {
@@ -212,51 +190,39 @@ fn build(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usize) -> 
     })
 }
 
-fn build_inner(cfg: &GuestConfig<'static>, geo: Geometry, cpus: usize, cpu: usize) -> Result<Vm, BuildError> {
+fn build_inner(
+    cfg: &GuestConfig<'static>,
+    geo: Geometry,
+    cpus: usize,
+    first_cpu: usize,
+) -> Result<Vm, BuildError> {
     use alloc::format;
     cfg.validate(cpus, geo.ipa_bits).map_err(|e| format!("{e}"))?;
-    if cfg.cpus != 1 {
-        return Err(format!("cpus = {}: this version runs one vCPU per guest", cfg.cpus));
-    }
     if cfg.device_tree.is_some() {
         warn!(
             "guest {}: its multiboot,device-tree module is ignored; Labyrinth writes the guest's device tree",
             cfg.name
         );
     }
+    let vcpus = cfg.cpus as usize;
     let kernel = module_bytes(cfg.kernel.region.base(), cfg.kernel.region.size())?;
     let header = image::parse(kernel).map_err(|e| format!("kernel: {e}"))?;
     let ramdisk_size = cfg.ramdisk.map(|r| r.region.size());
     let layout = layout::plan(cfg.memory_bytes(), geo.ipa_bits, &header, ramdisk_size)
         .map_err(|e| format!("memory: {e}"))?;
-    let dtb = fdt_gen::generate(&layout, 1, cfg.bootargs, 0, cfg.virtual_gic)
+    let dtb = fdt_gen::generate(&layout, vcpus, cfg.bootargs, 0, cfg.virtual_gic)
         .map_err(|_| format!("cannot write its device tree"))?;
-    let id = VmId::new(cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
+    let id = VmId::new(first_cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
     let budget = promise_memory(cfg.name, &layout, geo)?;
     let Some(vmid) = VMIDS.lock().alloc() else {
         frames().uncommit(budget.promised());
         return Err(format!("no VMID left"));
     };
-    let mut vm = Vm {
-        name: cfg.name,
-        config: *cfg,
-        id,
-        vmid,
-        owner: Owner::guest(id),
-        layout,
-        geo,
-        s2: None,
-        pool: frames().cpu(cpu),
-        vttbr: 0,
-        uart: VPl011::new(),
-        vgic: cfg.virtual_gic.then(VGic::new),
-        stats: Stats::default(),
-        budget,
-        dtb,
-        logged: 0,
-    };
-    if let Err(e) = load(&mut vm, cpu) {
-        teardown(&mut vm);
+    let parts = VmParts { config: *cfg, id, layout, geo, first_cpu, vmid, dtb, budget };
+    let vm = Vm::new(parts).map_err(|e| format!("{e}"))?;
+    let loaded = load(&vm, &mut vm.space.lock(), first_cpu);
+    if let Err(e) = loaded {
+        teardown(&vm, &mut vm.space.lock());
         frames().uncommit(vm.budget.promised());
         return Err(format!("loading: {e}"));
     }
@@ -297,34 +263,41 @@ fn module_bytes(base: u64, size: u64) -> Result<&'static [u8], BuildError> {
 
 /// A fresh stage-2 space with the kernel, ramdisk and device tree copied in (and cleaned to the
 /// point of coherency: the guest starts with its MMU and caches off). Everything else of its
-/// RAM is faulted in on first touch.
-fn load(vm: &mut Vm, cpu: usize) -> Result<(), Stage2Error> {
+/// RAM is faulted in on first touch. Called with every vCPU of the guest out of it.
+fn load(vm: &Vm, space: &mut Space, cpu: usize) -> Result<(), Stage2Error> {
     let mut env = arch::HwStage2 { frames: frames(), cpu, vttbr: 0 };
-    let s2 = Stage2::new(&mut env, vm.id, vm.vmid, vm.geo)?;
+    let mut s2 = Stage2::new(&mut env, vm.id, space.vmid, vm.geo)?;
     env.vttbr = s2.vttbr();
-    vm.vttbr = s2.vttbr();
-    vm.s2 = Some(s2);
     let kernel = module_bytes(vm.config.kernel.region.base(), vm.config.kernel.region.size())
         .map_err(|_| Stage2Error::OutOfMemory)?;
-    copy_in(vm, &mut env, vm.layout.kernel, kernel)?;
-    if let (Some(m), Some((at, _))) = (vm.config.ramdisk, vm.layout.ramdisk) {
-        let bytes = module_bytes(m.region.base(), m.region.size()).map_err(|_| Stage2Error::OutOfMemory)?;
-        copy_in(vm, &mut env, at, bytes)?;
+    let mut r = copy_in(vm, &mut s2, &mut env, vm.layout.kernel, kernel);
+    if let (Ok(()), Some(m), Some((at, _))) = (&r, vm.config.ramdisk, vm.layout.ramdisk) {
+        r = module_bytes(m.region.base(), m.region.size())
+            .map_err(|_| Stage2Error::OutOfMemory)
+            .and_then(|bytes| copy_in(vm, &mut s2, &mut env, at, bytes));
     }
-    let dtb = core::mem::take(&mut vm.dtb);
-    let r = copy_in(vm, &mut env, vm.layout.dtb, &dtb);
-    vm.dtb = dtb;
+    if r.is_ok() {
+        r = copy_in(vm, &mut s2, &mut env, vm.layout.dtb, &space.dtb);
+    }
+    // Kept even when loading failed, so that teardown returns what was copied.
+    vm.vttbr.store(s2.vttbr(), Ordering::Release);
+    space.s2 = Some(s2);
     r
 }
 
 /// Copies `bytes` to guest IPA `at` (page-aligned), page by page into fresh frames.
-fn copy_in(vm: &mut Vm, env: &mut arch::HwStage2<'static>, at: u64, bytes: &[u8]) -> Result<(), Stage2Error> {
-    let s2 = vm.s2.as_mut().ok_or(Stage2Error::OutOfMemory)?;
+fn copy_in(
+    vm: &Vm,
+    s2: &mut Stage2,
+    env: &mut arch::HwStage2<'static>,
+    at: u64,
+    bytes: &[u8],
+) -> Result<(), Stage2Error> {
     for (i, chunk) in bytes.chunks(FRAME_SIZE as usize).enumerate() {
         if !vm.budget.take(1) {
             return Err(Stage2Error::OutOfMemory);
         }
-        let pfn = alloc_page(env.cpu, vm.owner).ok_or(Stage2Error::OutOfMemory)?;
+        let pfn = alloc_page(env.cpu, vm.owner()).ok_or(Stage2Error::OutOfMemory)?;
         // SAFETY: `pfn` was just handed to this guest (zeroed, mapped at EL2 as free RAM) and
         // `chunk` is at most a page of a module or of the heap.
         unsafe { arch::copy_phys(pfn.phys(), chunk.as_ptr() as u64, chunk.len()) };
@@ -343,130 +316,176 @@ fn alloc_page(cpu: usize, owner: Owner) -> Option<Pfn> {
     })
 }
 
-/// Whether CPU `cpu` has a guest to run.
+/// Whether CPU `cpu` has a vCPU to run.
 pub fn has_guest(cpu: usize) -> bool {
     // SAFETY: read-only look at a slot the boot CPU filled before starting `cpu`.
-    unsafe { vm_slot(cpu) }.is_some_and(|s| s.is_some())
+    unsafe { vcpu_slot(cpu) }.is_some_and(|s| s.is_some())
 }
 
-/// Runs this CPU's guest: never returns.
+/// Runs this CPU's vCPU: never returns.
 pub fn run_this_cpu() -> ! {
-    let Some(vm) = this_cpu_vm() else {
+    let Some(vcpu) = this_vcpu() else {
         arch::park();
     };
-    arch::configure_el2(vm.vttbr, vm.geo);
-    if vm.vgic.is_some() {
+    if HOST_GIC.load(Ordering::Acquire) {
         if let Err(e) = arch::gic::init_cpu() {
-            error!("guest {}: cannot set up this CPU's GIC: {e}", vm.name);
-            stop(vm, StopCause::HostGic);
+            error!("guest {}: cannot set up this CPU's GIC: {e}", vcpu.vm.name);
+            if vcpu.index == 0 {
+                stop(vcpu, StopCause::HostGic);
+            }
+            arch::park();
         }
     }
-    arch::enter_guest(vm.layout.kernel, vm.layout.dtb)
+    wait_to_run(vcpu)
 }
 
-/// Every exception a guest takes comes here (on its CPU's exception stack).
-pub fn guest_trap(kind: u64, frame: &mut TrapFrame) {
-    let Some(vm) = this_cpu_vm() else {
+/// This CPU's vCPU is out of the guest: it waits (never spinning hot) until it is started
+/// (its guest's boot, a CPU_ON, a reset), or parks for good once its guest has stopped.
+fn wait_to_run(vcpu: &mut Vcpu) -> ! {
+    let vm = vcpu.vm;
+    vm.life.leave(vcpu.index);
+    loop {
+        match vm.life.life() {
+            Life::Stopped => {
+                if HOST_GIC.load(Ordering::Relaxed) {
+                    arch::gic::vcpu_off();
+                }
+                arch::park();
+            }
+            Life::Running if vm.power.state(vcpu.index) == Some(PowerState::OnPending) => {
+                // A stop that began meanwhile either sees this vCPU inside (and kicks it) or
+                // is seen here (see `vm::lifecycle`).
+                if !vm.life.try_enter(vcpu.index) {
+                    continue;
+                }
+                let Some(StartRequest { entry, context }) = vm.power.enter(vcpu.index) else {
+                    vm.life.leave(vcpu.index);
+                    continue;
+                };
+                if vcpu.index != 0 {
+                    info!(
+                        "guest {}: vCPU {} starts at {entry:#x} on CPU {}",
+                        vm.name,
+                        vcpu.index,
+                        arch::cpu_index()
+                    );
+                }
+                arch::configure_el2(vm.vttbr.load(Ordering::Acquire), vm.geo, vcpu.index);
+                if HOST_GIC.load(Ordering::Relaxed) {
+                    arch::gic::vcpu_reset();
+                }
+                vcpu.restart();
+                // Interrupts posted while it was off (SGIs in its mailbox) go in now.
+                exit::sync_vgic(vcpu, &mut arch::Hw);
+                arch::enter_guest(entry, context)
+            }
+            _ => arch::wait_for_event(),
+        }
+    }
+}
+
+/// Takes this vCPU out of the guest for good or until it is started again: its counters go
+/// to the guest's totals, its virtual interface is silenced, and it waits.
+fn leave_guest(vcpu: &mut Vcpu) -> ! {
+    let stats = core::mem::take(&mut vcpu.stats);
+    vcpu.vm.totals.lock().add(&stats);
+    if HOST_GIC.load(Ordering::Relaxed) {
+        arch::gic::vcpu_reset();
+    }
+    wait_to_run(vcpu)
+}
+
+/// Every exception a guest takes comes here, from the arch's vectors, on its CPU's exception
+/// stack with the guest's registers in `frame`; what the frame holds on return is what the
+/// guest resumes with. `kind` is the vector: 8 synchronous, 9 IRQ, 10 FIQ, 11 SError.
+#[no_mangle]
+extern "C" fn guest_trap(kind: u64, frame: &mut TrapFrame) {
+    let Some(vcpu) = this_vcpu() else {
         arch::emergency_line(format_args!("guest exception on CPU {} with no guest", arch::cpu_index()));
         arch::power_off();
     };
-    match kind {
-        8 => {}
+    let hw = &mut arch::Hw;
+    let outcome = match kind {
+        8 => {
+            let syn = arch::trap_syndrome();
+            exit::handle_sync(vcpu, frame, hw, syn.esr, syn.far, syn.hpfar)
+        }
         11 => {
-            error!("guest {}: SError (ESR {:#x}): stopped", vm.name, arch::trap_syndrome().esr);
-            stop(vm, StopCause::SError);
-        }
-        // IRQ (or FIQ) while the guest ran: the virtual timer or the vGIC's maintenance.
-        9 | 10 if vm.vgic.is_some() => {
-            guest_irq(vm);
-            return;
-        }
-        // Without a virtual GIC no interrupt is enabled: a stray one is noted, the guest resumes.
-        _ => {
-            warn!("guest {}: unexpected interrupt (vector {kind}) ignored", vm.name);
-            return;
-        }
-    }
-    let syn = arch::trap_syndrome();
-    match trap::decode(syn.esr, syn.far, syn.hpfar) {
-        GuestTrap::Abort { ipa: Some(ipa), fsc: 0x04..=0x07, .. } if vm.layout.in_ram(ipa) => {
-            demand_fault(vm, frame, ipa)
-        }
-        GuestTrap::Abort { ipa: Some(ipa), access: Some(a), instruction: false, .. }
-            if (UART_BASE..UART_BASE + UART_SIZE).contains(&ipa) =>
-        {
-            mmio_uart(vm, frame, ipa - UART_BASE, a, syn.esr)
-        }
-        GuestTrap::Abort { ipa: Some(ipa), access: Some(a), instruction: false, .. }
-            if vm.vgic.is_some() && vgic::frame_of(ipa).is_some() =>
-        {
-            mmio_vgic(vm, frame, ipa, a, syn.esr)
-        }
-        GuestTrap::Abort { ipa, instruction, fsc, .. } => refuse_access(
-            vm,
-            frame,
-            instruction,
-            syn.esr,
-            format_args!("IPA {ipa:x?} (FAR {:#x}), fault status {fsc:#x}", syn.far),
-        ),
-        GuestTrap::Hvc { .. } => {
-            vm.stats.hvc += 1;
-            psci(vm, frame);
-        }
-        GuestTrap::Smc { .. } => {
-            vm.stats.smc += 1;
-            // A trapped SMC leaves ELR at the SMC itself.
-            frame.elr += 4;
-            psci(vm, frame);
-        }
-        GuestTrap::SysReg { encoding, .. } if trap::is_dc_set_way(encoding) => {
-            vm.stats.sysreg += 1;
-            frame.elr += 4;
-        }
-        GuestTrap::SysReg { encoding, read: false, reg: r }
-            if vm.vgic.is_some() && trap::is_gic_sgi_register(encoding) =>
-        {
-            vm.stats.sysreg += 1;
-            send_sgi(vm, reg(frame, r));
-            frame.elr += 4;
-        }
-        GuestTrap::SysReg { encoding, read, .. } => {
-            vm.stats.sysreg += 1;
-            undefined(
-                vm,
-                frame,
-                format_args!(
-                    "system register access {encoding:#x} ({})",
-                    if read { "read" } else { "write" }
-                ),
+            error!(
+                "guest {} vCPU {}: SError (ESR {:#x}): stopped",
+                vcpu.vm.name,
+                vcpu.index,
+                arch::trap_syndrome().esr
             );
+            Outcome::Stop(StopCause::SError)
         }
-        GuestTrap::Other { class } => undefined(vm, frame, format_args!("exception class {class:#x}")),
+        // IRQ (or FIQ) while the guest ran: a kick, a timer or the vGIC's maintenance.
+        _ if HOST_GIC.load(Ordering::Relaxed) => exit::handle_irq(vcpu, hw),
+        _ => {
+            warn!("guest {}: interrupt with no host GIC set up, ignored", vcpu.vm.name);
+            Outcome::Resume
+        }
+    };
+    match outcome {
+        Outcome::Resume => {}
+        Outcome::Fault { ipa } => demand_fault(vcpu, frame, ipa),
+        Outcome::CpuOff => leave_guest(vcpu),
+        Outcome::Stop(cause) => stop(vcpu, cause),
+        Outcome::Reset => reset(vcpu),
     }
+    // Another vCPU is stopping or resetting the guest: this one leaves it now.
+    if vcpu.vm.life.life() != Life::Running {
+        leave_guest(vcpu);
+    }
+}
+
+/// The fast path for a guest's synchronous exception, from the arch's vectors with only
+/// x0-x18 and x30 saved in `frame`: a stage-2 translation fault goes to [`fast_fault`], an HVC
+/// to the PSCI query; `false` sends everything else, and what they decline, to [`guest_trap`]
+/// with a full frame.
+#[no_mangle]
+extern "C" fn guest_fast(frame: &mut TrapFrame) -> bool {
+    match arch::fast_trap() {
+        arch::FastTrap::Hvc => fast_hvc(frame),
+        arch::FastTrap::TranslationFault { ipa } => fast_fault(ipa),
+        arch::FastTrap::Other => false,
+    }
+}
+
+/// Not inlined: the fault path beside it in `guest_fast` then needs no stack frame of its own
+/// (this is a tail call).
+#[inline(never)]
+fn fast_hvc(frame: &mut TrapFrame) -> bool {
+    let Some(vcpu) = this_vcpu() else { return false };
+    exit::psci_query(vcpu, frame)
 }
 
 /// The demand-fault fast path, called before any frame is built: a 4 KiB page for a guest
 /// without block mappings ([`fast_page_fault`]); a guest with blocks goes to
 /// [`fast_block_fault`]. `false` leaves the fault to the general path (walks, table pages,
-/// pool refills, errors, MMIO...).
+/// pool refills, errors, MMIO, a stage-2 space another vCPU is changing...).
 #[inline(always)]
-pub fn fast_fault(ipa_page: u64) -> bool {
-    let Some(vm) = this_cpu_vm() else { return false };
-    if !vm.config.no_block_mappings {
-        return fast_block_fault(vm, ipa_page);
+fn fast_fault(ipa_page: u64) -> bool {
+    let Some(vcpu) = this_vcpu() else { return false };
+    if !vcpu.vm.config.no_block_mappings {
+        return fast_block_fault(vcpu, ipa_page);
     }
-    fast_page_fault(vm, ipa_page)
+    fast_page_fault(vcpu, ipa_page)
 }
 
 /// A 4 KiB page through the cached level-3 table (inlined into both callers: `fast_fault`
 /// for guests without blocks, `fast_block_fault` where a block cannot go).
 #[inline(always)]
-fn fast_page_fault(vm: &mut Vm, ipa_page: u64) -> bool {
+fn fast_page_fault(vcpu: &mut Vcpu, ipa_page: u64) -> bool {
+    let vm = vcpu.vm;
     if !vm.layout.in_ram(ipa_page) {
         return false;
     }
-    let (Some(pool), Some(s2)) = (vm.pool, vm.s2.as_mut()) else { return false };
-    let mut env = fast_env(pool, vm.vttbr);
+    let Some(pool) = vcpu.pool else { return false };
+    // Never waits: a space another vCPU holds sends the fault to the general path.
+    let Some(mut space) = vm.space.try_lock() else { return false };
+    let Some(s2) = space.s2.as_mut() else { return false };
+    let mut env = fast_env(pool, vm.vttbr.load(Ordering::Relaxed));
     // Only the cached level-3 table's free slots are served here: everything that could fail
     // after the frame is taken (a walk, a table page) is the general path's, so this path makes
     // no call (its caller saved only the caller-saved registers).
@@ -480,10 +499,10 @@ fn fast_page_fault(vm: &mut Vm, ipa_page: u64) -> bool {
     };
     match slot.fill(&mut env, page) {
         Ok(()) => {
-            vm.stats.page_faults += 1;
+            vcpu.stats.page_faults += 1;
             true
         }
-        Err(page) => give_back_unmapped(vm, page),
+        Err(page) => give_back_unmapped(vm, pool, page),
     }
 }
 
@@ -498,11 +517,13 @@ fn fast_env(pool: CpuFrames<'static, 'static>, vttbr: u64) -> arch::HwStage2<'st
 /// back to the pool, and the general path explains.
 #[cold]
 #[inline(never)]
-fn give_back_unmapped(vm: &mut Vm, page: labyrinth::frame::ClaimedPage) -> bool {
+fn give_back_unmapped(
+    vm: &Vm,
+    pool: CpuFrames<'static, 'static>,
+    page: labyrinth::frame::ClaimedPage,
+) -> bool {
     vm.budget.untake(1);
-    if let Some(pool) = vm.pool {
-        let _ = pool.return_unused_page_atomic(page.pfn(), Owner::guest(page.vm()));
-    }
+    let _ = pool.return_unused_page_atomic(page.pfn(), Owner::guest(page.vm()));
     false
 }
 
@@ -515,32 +536,40 @@ fn give_back_unmapped(vm: &mut Vm, page: labyrinth::frame::ClaimedPage) -> bool 
 /// Out of line: inlined it saves ~3 instructions here but adds registers to `guest_fast`'s
 /// frame, costing the 4 KiB and HVC paths 6 each (measured).
 #[inline(never)]
-fn fast_block_fault(vm: &mut Vm, ipa: u64) -> bool {
+fn fast_block_fault(vcpu: &mut Vcpu, ipa: u64) -> bool {
+    let vm = vcpu.vm;
     let block = ipa & !(BLOCK - 1);
     // Where no block can go (RAM ends inside this 2 MiB, or part of it is mapped already: a
     // level-3 table is there), a page can, through the cached level-3 table.
     if block < vm.layout.ram_base || block + BLOCK > vm.layout.ram_end() {
-        return fast_page_fault(vm, ipa);
+        return fast_page_fault(vcpu, ipa);
     }
-    let (Some(pool), Some(s2)) = (vm.pool, vm.s2.as_mut()) else { return false };
-    let mut env = fast_env(pool, vm.vttbr);
-    let Some(vacant) = s2.cached_vacant_block(&env, block) else { return fast_page_fault(vm, ipa) };
-    if !vm.budget.take(BLOCK_FRAMES) {
-        return false;
-    }
-    let Ok(block) = pool.alloc_guest_block_own_pool(vm.id) else {
-        vm.budget.untake(BLOCK_FRAMES);
-        return false;
+    let Some(pool) = vcpu.pool else { return false };
+    let vacant_ok = {
+        let Some(mut space) = vm.space.try_lock() else { return false };
+        let Some(s2) = space.s2.as_mut() else { return false };
+        let mut env = fast_env(pool, vm.vttbr.load(Ordering::Relaxed));
+        let Some(vacant) = s2.cached_vacant_block(&env, block) else {
+            drop(space);
+            return fast_page_fault(vcpu, ipa);
+        };
+        if !vm.budget.take(BLOCK_FRAMES) {
+            return false;
+        }
+        let Ok(claimed) = pool.alloc_guest_block_own_pool(vm.id) else {
+            vm.budget.untake(BLOCK_FRAMES);
+            return false;
+        };
+        vacant.fill(&mut env, claimed).map_err(|b| b.pfn())
     };
-    if let Err(block) = vacant.fill(&mut env, block) {
+    if let Err(head) = vacant_ok {
         // Claimed but not mapped (cannot happen: it was claimed for this guest).
-        return give_back_block(vm, block.pfn());
+        return give_back_block(vm, head);
     }
-    vm.stats.block_faults += 1;
+    vcpu.stats.block_faults += 1;
     // The pool just ran dry: refill it now, several blocks at once, so the next faults find
     // blocks here instead of taking the general path to refill (the call the general path
-    // would make, with the same lock; paid once per `block_high` blocks). Every call here is
-    // in tail position, so this path needs no stack frame.
+    // would make, with the same lock; paid once per `block_high` blocks).
     if pool.needs_block_refill() {
         return refill_blocks(pool);
     }
@@ -559,39 +588,25 @@ fn refill_blocks(pool: CpuFrames<'static, 'static>) -> bool {
 /// (scrubbed), which a block has no atomic return for. `false`: the general path explains.
 #[cold]
 #[inline(never)]
-fn give_back_block(vm: &mut Vm, head: Pfn) -> bool {
+fn give_back_block(vm: &Vm, head: Pfn) -> bool {
     vm.budget.untake(BLOCK_FRAMES);
-    if let Err(e) = frames().release(head, BLOCK_FRAMES, vm.owner, &arch::Scrubber) {
+    if let Err(e) = frames().release(head, BLOCK_FRAMES, vm.owner(), &arch::Scrubber) {
         error!("guest {}: block {head} claimed and not mapped, not returned: {e}", vm.name);
     }
     false
 }
 
-/// An HVC on the fast path: PSCI calls whose whole effect is a return value (VERSION,
-/// FEATURES, AFFINITY_INFO, errors) are answered from x0-x3; calls that stop, reset or start a
-/// vCPU go to the general path. Not inlined: the fault path beside it in `guest_fast` then
-/// needs no stack frame of its own (this is a tail call).
-#[inline(never)]
-pub fn fast_hvc(frame: &mut TrapFrame) -> bool {
-    let Some(vm) = this_cpu_vm() else { return false };
-    match vpsci::handle(frame.x[0], frame.x[1], frame.x[2], frame.x[3], 0, &[true]) {
-        PsciAction::Return(v) => {
-            vm.stats.hvc += 1;
-            frame.x[0] = v;
-            true
-        }
-        _ => false,
-    }
-}
-
 /// First touch of guest RAM: a 2 MiB block when allowed and the whole aligned block is
 /// unmapped and a block is at hand, else a 4 KiB page, from the atomic path.
 #[inline(always)]
-fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
+fn demand_fault(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64) {
+    let vm = vcpu.vm;
     let frames = frames();
     let cpu = arch::cpu_index();
+    let owner = vm.owner();
     let mut env = env(vm);
-    let Some(s2) = vm.s2.as_mut() else { return };
+    let mut space = vm.space.lock();
+    let Some(s2) = space.s2.as_mut() else { return };
     if !vm.config.no_block_mappings {
         let block = ipa & !(BLOCK - 1);
         if block >= vm.layout.ram_base
@@ -601,9 +616,9 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
         {
             // The fast path leaves an empty block pool to this path: refill it here (several
             // blocks at once) rather than fall back to pages while the buddy allocator has blocks.
-            let block_at_hand = frames.alloc_block_atomic_exclusive(cpu, vm.owner).or_else(|e| {
+            let block_at_hand = frames.alloc_block_atomic_exclusive(cpu, owner).or_else(|e| {
                 if e == AtomicError::Empty && frames.refill(cpu).is_ok() {
-                    frames.alloc_block_atomic_exclusive(cpu, vm.owner)
+                    frames.alloc_block_atomic_exclusive(cpu, owner)
                 } else {
                     Err(e)
                 }
@@ -611,12 +626,12 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
             match block_at_hand {
                 Ok(first) => match s2.map_block(&mut env, block, first.phys(), Attrs::RAM) {
                     Ok(()) => {
-                        vm.stats.block_faults += 1;
+                        vcpu.stats.block_faults += 1;
                         return;
                     }
                     Err(e) => {
                         vm.budget.untake(BLOCK_FRAMES);
-                        let _ = frames.release(first, BLOCK_FRAMES, vm.owner, &arch::Scrubber);
+                        let _ = frames.release(first, BLOCK_FRAMES, owner, &arch::Scrubber);
                         warn!("guest {}: block at {block:#x} not mapped ({e}): using pages", vm.name);
                     }
                 },
@@ -624,33 +639,49 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
             }
         }
     }
+    // Mapped meanwhile by another vCPU (it held the space while this one waited): done, the
+    // access is retried.
+    if !s2.is_unmapped(&env, ipa & !(FRAME_SIZE - 1), 3) {
+        return;
+    }
     if !vm.budget.take(1) {
+        drop(space);
         error!(
             "guest {}: out of memory at IPA {ipa:#x}: the {} KiB promised to it are used up",
             vm.name,
             vm.budget.pages() * 4
         );
-        stop(vm, StopCause::OutOfMemory);
+        stop(vcpu, StopCause::OutOfMemory);
     }
-    let Some(pfn) = alloc_page(cpu, vm.owner) else {
+    let Some(pfn) = alloc_page(cpu, owner) else {
+        drop(space);
         error!("guest {}: out of memory at IPA {ipa:#x}: no frame left", vm.name);
-        stop(vm, StopCause::OutOfMemory);
+        stop(vcpu, StopCause::OutOfMemory);
     };
     match s2.map_page(&mut env, ipa & !(FRAME_SIZE - 1), pfn.phys(), Attrs::RAM) {
-        Ok(()) => vm.stats.page_faults += 1,
+        Ok(()) => vcpu.stats.page_faults += 1,
         Err(Stage2Error::OutOfMemory) => {
             vm.budget.untake(1);
-            let _ = frames.return_unused_page_atomic(cpu, pfn, vm.owner);
+            let _ = frames.return_unused_page_atomic(cpu, pfn, owner);
             if frames.refill(cpu).is_err() || frames.needs_refill(cpu) {
+                drop(space);
                 error!("guest {}: out of memory for stage-2 tables at IPA {ipa:#x}", vm.name);
-                stop(vm, StopCause::OutOfMemory);
+                stop(vcpu, StopCause::OutOfMemory);
             }
             // Retried when the guest re-executes the access.
         }
         Err(e) => {
             vm.budget.untake(1);
-            let _ = frames.return_unused_page_atomic(cpu, pfn, vm.owner);
-            refuse_access(vm, frame, false, arch::trap_syndrome().esr, format_args!("IPA {ipa:#x}: {e}"));
+            let _ = frames.return_unused_page_atomic(cpu, pfn, owner);
+            drop(space);
+            exit::refuse_access(
+                vcpu,
+                frame,
+                &mut arch::Hw,
+                false,
+                arch::trap_syndrome().esr,
+                format_args!("IPA {ipa:#x}: {e}"),
+            );
         }
     }
     if frames.needs_refill(cpu) {
@@ -658,177 +689,51 @@ fn demand_fault(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64) {
     }
 }
 
-fn reg(frame: &TrapFrame, r: u8) -> u64 {
-    frame.x.get(r as usize).copied().unwrap_or(0)
-}
-
-fn set_reg(frame: &mut TrapFrame, r: u8, v: u64) {
-    if let Some(x) = frame.x.get_mut(r as usize) {
-        *x = v;
+/// Wins the right to stop or reset the guest and takes every other vCPU out of it: `false`
+/// if another vCPU won (this one then leaves the guest through its caller's path).
+fn take_guest_down(vcpu: &mut Vcpu) -> bool {
+    let vm = vcpu.vm;
+    if !vm.life.begin_stop(vcpu.index) {
+        return false;
     }
-}
-
-fn mmio_uart(vm: &mut Vm, frame: &mut TrapFrame, offset: u64, a: MmioAccess, esr: u64) {
-    vm.stats.mmio += 1;
-    let name = vm.name;
-    let uart = &mut vm.uart;
-    let ok = emulate_mmio(frame, a, |write| match write {
-        Some(v) => uart.write(offset, a.size, v as u32, &mut |line| emit(name, line)).then_some(0),
-        None => uart.read(offset, a.size).map(u64::from),
-    });
-    if !ok {
-        refuse_access(vm, frame, false, esr, format_args!("UART offset {offset:#x}, {} bytes", a.size));
-    }
-}
-
-/// An access to the virtual GIC's distributor or redistributor.
-fn mmio_vgic(vm: &mut Vm, frame: &mut TrapFrame, ipa: u64, a: MmioAccess, esr: u64) {
-    vm.stats.vgic_mmio += 1;
-    let (Some(g), Some((f, offset))) = (vm.vgic.as_mut(), vgic::frame_of(ipa)) else { return };
-    let ok = emulate_mmio(frame, a, |write| match write {
-        Some(v) => {
-            let ok = g.write(f, offset, a.size, v);
-            // An enable, a pending bit or a priority may have changed what the guest should see.
-            sync_lrs(g);
-            ok.then_some(0)
+    let mut kicked = VcpuSet::EMPTY;
+    let mut rounds = 0u64;
+    loop {
+        let inside = vm.life.inside(vm.vcpus);
+        if inside.is_empty() {
+            return true;
         }
-        None => g.read(f, offset, a.size),
-    });
-    if !ok {
-        refuse_access(vm, frame, false, esr, format_args!("GIC {f:?} offset {offset:#x}, {} bytes", a.size));
-    }
-}
-
-/// Carries out a trapped MMIO access on a device model: `device(None)` reads (the value, or
-/// `None` to refuse), `device(Some(v))` writes `v` (`Some(_)` when accepted). On success the
-/// load's register gets the value as the instruction would have, and the instruction is
-/// skipped; `false` leaves the frame as it was for the caller to inject an abort.
-fn emulate_mmio(
-    frame: &mut TrapFrame,
-    a: MmioAccess,
-    device: impl FnOnce(Option<u64>) -> Option<u64>,
-) -> bool {
-    let Some(value) = device(a.write.then(|| reg(frame, a.reg))) else { return false };
-    if !a.write {
-        set_reg(frame, a.reg, load_value(a, value));
-    }
-    frame.elr += 4;
-    true
-}
-
-/// A load's value as the register receives it: zero- or sign-extended from `a.size` bytes,
-/// truncated to 32 bits for a W register.
-fn load_value(a: MmioAccess, v: u64) -> u64 {
-    let mask = if a.size >= 8 { u64::MAX } else { (1u64 << (a.size * 8)) - 1 };
-    let mut v = v & mask;
-    if a.sign_extend && a.size < 8 && v & (1 << (a.size * 8 - 1)) != 0 {
-        v |= !mask;
-    }
-    if !a.sixty_four {
-        v &= 0xffff_ffff;
-    }
-    v
-}
-
-/// A trapped `ICC_SGI1R_EL1` (or ASGI1R/SGI0R) write: an SGI the guest sends, possibly to its
-/// own (only) vCPU.
-fn send_sgi(vm: &mut Vm, value: u64) {
-    let Some(g) = vm.vgic.as_mut() else { return };
-    if let Some(intid) = VGic::sgi_for_self(value) {
-        vm.stats.sgis += 1;
-        g.raise(intid);
-        sync_lrs(g);
-    }
-}
-
-/// Physical interrupts that arrived while the guest ran: the virtual timer's is masked at its
-/// source and injected as virtual PPI 27; the maintenance interrupt only asks for a refill.
-fn guest_irq(vm: &mut Vm) {
-    let Some(g) = vm.vgic.as_mut() else { return };
-    // Bounded: each INTID is completed before the next acknowledge, and a masked timer does
-    // not come back, so more than a few rounds means a misbehaving GIC.
-    for _ in 0..16 {
-        let intid = arch::gic::ack();
-        if intid >= arch::gic::SPURIOUS {
-            break;
+        for i in inside.iter() {
+            // One kick each, sent again now and then: a vCPU that took its kick just before it
+            // re-entered sees the stop on entry, so this is only a guard against a lost SGI.
+            if !kicked.contains(i) || rounds % 100_000 == 0 {
+                kicked = kicked.with(i);
+                if let Some(mpidr) = arch::mpidr_of(vm.cpu_of(i)) {
+                    arch::gic::kick(mpidr);
+                }
+            }
         }
-        vm.stats.irqs += 1;
-        if intid == arch::gic::VTIMER_PPI {
-            arch::gic::mask_vtimer();
-            g.raise(vgic::VTIMER_INTID);
-            vm.stats.vtimer += 1;
+        rounds += 1;
+        if rounds == 10_000_000 {
+            warn!(
+                "guest {}: vCPUs {inside:?} still in the guest after a stop was asked for: waiting",
+                vm.name
+            );
         }
-        arch::gic::eoi(intid);
-    }
-    sync_lrs(g);
-}
-
-/// Hands the list registers back to the model and refills them (see `vm::vgic`).
-fn sync_lrs(g: &mut VGic) {
-    let mut buf = [0u64; 8];
-    let lrs = &mut buf[..arch::gic::lr_count()];
-    arch::gic::read_lrs(lrs);
-    g.fold(lrs);
-    let left_out = g.refill(lrs);
-    arch::gic::write_lrs(lrs);
-    arch::gic::set_underflow(left_out);
-}
-
-fn emit(name: &str, line: &[u8]) {
-    let text = core::str::from_utf8(line).unwrap_or("<non-UTF-8 output>");
-    arch::raw_line(format_args!("[{name}] {text}"));
-}
-
-fn refuse_access(
-    vm: &mut Vm,
-    frame: &mut TrapFrame,
-    instruction: bool,
-    esr: u64,
-    what: core::fmt::Arguments<'_>,
-) {
-    vm.stats.aborts_injected += 1;
-    if vm.logged < LOG_LIMIT {
-        vm.logged += 1;
-        warn!(
-            "guest {}: {} at PC {:#x} refused: {what}: external abort injected",
-            vm.name,
-            if instruction { "instruction fetch" } else { "data access" },
-            frame.elr
-        );
-    }
-    arch::inject_external_abort(frame, instruction, esr);
-}
-
-fn undefined(vm: &mut Vm, frame: &mut TrapFrame, what: core::fmt::Arguments<'_>) {
-    vm.stats.undefs_injected += 1;
-    if vm.logged < LOG_LIMIT {
-        vm.logged += 1;
-        warn!("guest {}: {what} at PC {:#x}: undefined instruction injected", vm.name, frame.elr);
-    }
-    arch::inject_undefined(frame);
-}
-
-fn psci(vm: &mut Vm, frame: &mut TrapFrame) {
-    let (fid, x1, x2, x3) = (frame.x[0], frame.x[1], frame.x[2], frame.x[3]);
-    match vpsci::handle(fid, x1, x2, x3, 0, &[true]) {
-        PsciAction::Return(v) => frame.x[0] = v,
-        PsciAction::CpuOn { .. } => frame.x[0] = labyrinth::psci::PsciError::InternalFailure.code() as u64,
-        PsciAction::CpuOff => stop(vm, StopCause::CpuOff),
-        PsciAction::SystemOff => stop(vm, StopCause::SystemOff),
-        PsciAction::SystemReset => reset(vm, frame),
+        core::hint::spin_loop();
     }
 }
 
 /// Takes the guest's stage-2 space apart: every frame and table page goes back (scrubbed).
-fn teardown(vm: &mut Vm) {
+/// Called with every vCPU of the guest out of it.
+fn teardown(vm: &Vm, space: &mut Space) {
     let name = vm.name;
-    let mut uart = core::mem::take(&mut vm.uart);
-    uart.flush(&mut |line| emit(name, line));
-    let Some(s2) = vm.s2.take() else { return };
+    vm.uart.lock().flush(&mut |line| labyrinth::vm::vcpu::VcpuHw::console_line(&mut arch::Hw, name, line));
+    let Some(s2) = space.s2.take() else { return };
     let mut env = env(vm);
-    vm.vttbr = 0;
+    vm.vttbr.store(0, Ordering::Release);
     let frames = frames();
-    let owner = vm.owner;
+    let owner = vm.owner();
     let mut returned = 0u64;
     let proof = s2.teardown(&mut env, &mut |pa, size| {
         let n = (size / FRAME_SIZE) as usize;
@@ -837,45 +742,55 @@ fn teardown(vm: &mut Vm) {
             Err(e) => error!("guest {name}: frames at {pa:#x} not returned: {e}"),
         }
     });
-    vm.stats.frames_returned += returned;
+    space.frames_returned += returned;
     vm.budget.reclaimed();
     VMIDS.lock().release(proof);
 }
 
-fn reset(vm: &mut Vm, frame: &mut TrapFrame) {
+/// PSCI SYSTEM_RESET from any vCPU: every vCPU is taken out, the memory reclaimed, the images
+/// loaded again, and vCPU 0 alone restarted at the kernel, as firmware would.
+fn reset(vcpu: &mut Vcpu) -> ! {
+    let vm = vcpu.vm;
+    if !take_guest_down(vcpu) {
+        leave_guest(vcpu);
+    }
     info!("guest {}: SYSTEM_RESET: reclaiming and reloading", vm.name);
-    teardown(vm);
-    vm.stats.resets += 1;
-    let cpu = arch::cpu_index();
-    vm.vmid = match VMIDS.lock().alloc() {
-        Some(v) => v,
-        None => stop(vm, StopCause::OutOfMemory),
+    let reloaded = {
+        let mut space = vm.space.lock();
+        teardown(vm, &mut space);
+        space.resets += 1;
+        reload(vm, &mut space)
     };
-    match fdt_gen::generate(&vm.layout, 1, vm.config.bootargs, vm.stats.resets as u32, vm.vgic.is_some()) {
-        Ok(dtb) => vm.dtb = dtb,
-        Err(_) => {
-            error!("guest {}: cannot rewrite its device tree after reset", vm.name);
-            stop(vm, StopCause::OutOfMemory);
-        }
+    if let Err(why) = reloaded {
+        error!("guest {}: cannot restart after reset: {why}", vm.name);
+        stop_taken_down(vcpu, StopCause::ResetFailed);
     }
-    if let Err(e) = load(vm, cpu) {
-        error!("guest {}: cannot reload after reset: {e}", vm.name);
-        stop(vm, StopCause::OutOfMemory);
+    *vm.uart.lock() = VPl011::new();
+    if let Some(g) = vm.vgic.as_ref() {
+        g.reset();
     }
-    arch::configure_el2(vm.vttbr, vm.geo);
-    if let Some(g) = vm.vgic.as_mut() {
-        *g = VGic::new();
-        arch::gic::vcpu_reset();
+    if !vm.boot_vcpu0() {
+        error!("guest {}: vCPU 0 cannot be started after reset", vm.name);
     }
-    arch::restart_guest(frame, vm.layout.kernel, vm.layout.dtb);
+    vm.life.finish(true);
+    arch::send_event();
+    leave_guest(vcpu)
+}
+
+/// A fresh VMID, device tree and stage-2 space after a reset.
+fn reload(vm: &Vm, space: &mut Space) -> Result<(), &'static str> {
+    space.vmid = VMIDS.lock().alloc().ok_or("no VMID left")?;
+    space.dtb = fdt_gen::generate(&vm.layout, vm.vcpus, vm.config.bootargs, space.resets, vm.vgic.is_some())
+        .map_err(|_| "cannot rewrite its device tree")?;
+    load(vm, space, arch::cpu_index()).map_err(|_| "out of memory loading its images")
 }
 
 /// The guest's stage-2 mappings, merged into runs, at debug level (`loglevel=debug`).
-fn dump_mappings(vm: &Vm) {
+fn dump_mappings(vm: &Vm, space: &Space) {
     if log::max_level() < log::LevelFilter::Debug {
         return;
     }
-    let Some(s2) = vm.s2.as_ref() else { return };
+    let Some(s2) = space.s2.as_ref() else { return };
     let env = env(vm);
     let mut n = 0u32;
     s2.for_each_run(&env, &mut |m| {
@@ -897,22 +812,37 @@ fn dump_mappings(vm: &Vm) {
     log::debug!("guest {}: {n} mapping runs, {} table pages", vm.name, s2.table_pages());
 }
 
-/// The guest is done: reclaim, audit, report; the last guest to stop powers the machine off.
-fn stop(vm: &mut Vm, cause: StopCause) -> ! {
-    if vm.vgic.is_some() {
+/// The guest is done: every vCPU out, reclaim, audit, report; the last guest to stop powers
+/// the machine off.
+fn stop(vcpu: &mut Vcpu, cause: StopCause) -> ! {
+    if !take_guest_down(vcpu) {
+        leave_guest(vcpu);
+    }
+    stop_taken_down(vcpu, cause)
+}
+
+fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
+    let vm = vcpu.vm;
+    if HOST_GIC.load(Ordering::Relaxed) {
         arch::gic::vcpu_off();
     }
-    dump_mappings(vm);
-    teardown(vm);
+    let (resets, returned) = {
+        let mut space = vm.space.lock();
+        dump_mappings(vm, &space);
+        teardown(vm, &mut space);
+        (space.resets, space.frames_returned)
+    };
     frames().uncommit(vm.budget.promised());
     let audit = frames().audit(None);
     let left = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory + g.page_tables);
-    let s = vm.stats;
+    let mut s = *vm.totals.lock();
+    s.add(&vcpu.stats);
     let mut line = alloc::string::String::new();
     let _ = write!(
         line,
-        "guest {}: stopped by {cause:?}; faults {} (4 KiB pages {}, 2 MiB blocks {}); aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {}; frames returned {}, still owned {left}; interrupts {} (virtual timer {}), own SGIs {}, vgic mmio {}",
+        "guest {}: stopped by {cause:?}; vCPUs {}; faults {} (4 KiB pages {}, 2 MiB blocks {}); aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {resets}; frames returned {returned}, still owned {left}; interrupts {} (virtual timer {}, kicks {}, maintenance {}), own SGIs {}, vgic mmio {}",
         vm.name,
+        vm.vcpus,
         s.page_faults + s.block_faults,
         s.page_faults,
         s.block_faults,
@@ -922,15 +852,17 @@ fn stop(vm: &mut Vm, cause: StopCause) -> ! {
         s.hvc,
         s.smc,
         s.sysreg,
-        s.resets,
-        s.frames_returned,
         s.irqs,
         s.vtimer,
+        s.kicks,
+        s.maintenance,
         s.sgis,
         s.vgic_mmio,
     );
     info!("{line}");
     REPORTS.lock().push(line);
+    vm.life.finish(false);
+    arch::send_event();
     if LIVE.fetch_sub(1, Ordering::AcqRel) == 1 {
         info!("all guests stopped");
         for r in REPORTS.lock().iter() {

@@ -7,6 +7,11 @@
 //! FP/SIMD (CPACR_EL1.FPEN: the compiler may use SIMD registers), sets SCTLR_EL1.A (alignment
 //! checking, see [`set_alignment_check`]), installs VBAR_EL1, sets the stack, zeroes bss with
 //! plain `str xzr` (never `DC ZVA`), then calls [`__guest_rt_start`].
+//!
+//! Secondary CPUs enter at `__guest_rt_secondary_entry` (PSCI CPU_ON, context id = the CPU's
+//! index, 1..MAX_CPUS): the same register setup, then their own stack (slot `index - 1` of
+//! `__secondary_stacks`, [`crate::smp::SECONDARY_STACK`] bytes each) and
+//! `__guest_rt_secondary_start(index)` (in `smp`). Any other index: PSCI CPU_OFF at once.
 
 use core::arch::global_asm;
 
@@ -65,9 +70,44 @@ _start:
 5:  wfi
     b       5b
     .ltorg
+
+    .section .text, "ax"
+    .global __guest_rt_secondary_entry
+    .balign 4
+__guest_rt_secondary_entry:
+    msr     daifset, #0xf
+    msr     spsel, #1
+    mov     x19, x0                 // context id: this CPU's index
+    cbz     x19, 3f
+    cmp     x19, #{max_cpus}
+    b.hs    3f
+    mov     x1, #(3 << 20)          // CPACR_EL1.FPEN, SCTLR_EL1.A and VBAR_EL1: as above
+    msr     cpacr_el1, x1
+    mrs     x1, sctlr_el1
+    orr     x1, x1, #(1 << 1)
+    msr     sctlr_el1, x1
+    ldr     x1, =__guest_rt_vectors
+    msr     vbar_el1, x1
+    isb
+    ldr     x1, =__secondary_stacks
+    mov     x2, #{stack_size}
+    madd    x1, x19, x2, x1         // top of slot index - 1
+    mov     sp, x1
+    mov     x29, #0
+    mov     x30, #0
+    mov     x0, x19
+    bl      __guest_rt_secondary_start
+3:  mov     w0, #0x0002
+    movk    w0, #0x8400, lsl #16    // PSCI CPU_OFF
+    hvc     #0
+5:  wfi
+    b       5b
+    .ltorg
 "#,
     text_offset = const TEXT_OFFSET,
     load = const LOAD_ADDRESS,
+    max_cpus = const crate::dt::MAX_CPUS,
+    stack_size = const crate::smp::SECONDARY_STACK,
 );
 
 extern "C" {
@@ -114,8 +154,16 @@ unsafe extern "C" fn __guest_rt_start(dtb: usize) -> ! {
     extern "Rust" {
         fn __guest_main(boot: &BootInfo) -> !;
     }
+    crate::smp::init_this_cpu();
     match crate::dt::read(dtb) {
-        Ok(info) => __guest_main(&info),
+        Ok(info) => {
+            crate::psci::set_conduit(info.conduit);
+            crate::smp::init(&info);
+            if let Some(gic) = &info.gic {
+                crate::gic::init(gic);
+            }
+            __guest_main(&info)
+        }
         Err(e) => {
             crate::println!("guest: unusable device tree at {:#x}: {}", dtb, e);
             crate::psci::system_off()

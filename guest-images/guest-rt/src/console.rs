@@ -1,9 +1,20 @@
 //! The PL011 at 0x0900_0000, transmit only. Every access is one aligned 32-bit `ldr`/`str`
 //! without writeback (the hypervisor emulates it from the trap syndrome): FR (0x18) is polled
 //! for TXFF (bit 5), a bounded number of times, before each byte goes to DR (0x00).
+//!
+//! Several CPUs print whole lines: each [`print!`]/[`println!`] call holds a lock for its
+//! bytes. Without atomics (MMU off) the lock is Lamport's bakery: a CPU takes a ticket one
+//! above every ticket it sees, and enters when no CPU holds a smaller (ticket, index); each
+//! CPU writes only its own `CHOOSING`/`TICKET` words, and a `DMB` orders every step. A CPU
+//! that prints from its exception handler while it holds the lock (a nested print) goes on
+//! without waiting for itself.
 
 use core::arch::asm;
 use core::fmt;
+
+use crate::dt::MAX_CPUS;
+use crate::global::PerCpu;
+use crate::smp::{dmb, dsb, this_cpu};
 
 pub const UART_BASE: usize = 0x0900_0000;
 const DR: usize = 0x00;
@@ -58,9 +69,53 @@ impl fmt::Write for Console {
     }
 }
 
+static CHOOSING: PerCpu<u64> = PerCpu::new(0);
+static TICKET: PerCpu<u64> = PerCpu::new(0);
+/// Nesting depth of this CPU's prints (a print from the exception handler inside a print).
+static DEPTH: PerCpu<u64> = PerCpu::new(0);
+
+fn lock(me: usize) {
+    let depth = DEPTH.get(me);
+    DEPTH.set(me, depth + 1);
+    if depth > 0 {
+        return;
+    }
+    CHOOSING.set(me, 1);
+    dmb();
+    let ticket = 1 + (0..MAX_CPUS).map(|j| TICKET.get(j)).max().unwrap_or(0);
+    TICKET.set(me, ticket);
+    dmb();
+    CHOOSING.set(me, 0);
+    dmb();
+    for j in (0..MAX_CPUS).filter(|&j| j != me) {
+        while CHOOSING.get(j) != 0 {}
+        dmb();
+        loop {
+            let t = TICKET.get(j);
+            if t == 0 || (t, j) > (ticket, me) {
+                break;
+            }
+        }
+    }
+    dmb();
+}
+
+fn unlock(me: usize) {
+    let depth = DEPTH.get(me) - 1;
+    DEPTH.set(me, depth);
+    if depth == 0 {
+        dsb();
+        TICKET.set(me, 0);
+        dsb();
+    }
+}
+
 #[doc(hidden)]
 pub fn _print(args: fmt::Arguments) {
+    let me = this_cpu();
+    lock(me);
     let _ = fmt::write(&mut Console, args);
+    unlock(me);
 }
 
 #[macro_export]

@@ -1,6 +1,8 @@
 //! What the guest kernels need from their device tree, read once at boot with the `fdt` crate:
 //! RAM (`/memory` nodes), what must be left alone in it (the tree itself, `/memreserve/`
-//! entries, an initrd), `/chosen/bootargs` and the hypervisor's `/chosen/labyrinth,reset-count`.
+//! entries, an initrd), `/chosen/bootargs` and the hypervisor's `/chosen/labyrinth,reset-count`,
+//! the CPUs (`device_type = "cpu"` nodes' `reg`: their MPIDRs), the PSCI conduit (`/psci`
+//! `method`) and the GICv3 (`arm,gic-v3`: distributor and first redistributor region).
 //! `/reserved-memory` is not read (neither QEMU's virt nor Labyrinth gives guests one).
 
 use crate::bootargs::Bootargs;
@@ -8,6 +10,24 @@ use crate::ranges::{Range, RangeSet};
 
 /// Longest command line kept; a longer one is truncated (and `bootargs_truncated` set).
 pub const BOOTARGS_MAX: usize = 1024;
+/// CPUs the kernels can run on; further cpu nodes are counted in `cpus_dropped`.
+pub const MAX_CPUS: usize = 8;
+/// The MPIDR bits that name a CPU (Aff3, Aff2, Aff1, Aff0), as a cpu node's `reg` holds them.
+pub const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
+
+/// How PSCI is called (`/psci` `method`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Conduit {
+    Hvc,
+    Smc,
+}
+
+/// A GICv3's frames: the distributor and the (first) redistributor region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GicV3 {
+    pub distributor: Range,
+    pub redistributors: Range,
+}
 
 pub struct BootInfo {
     /// The device tree: its address (x0 at entry) and `totalsize`.
@@ -20,12 +40,26 @@ pub struct BootInfo {
     /// `/chosen/labyrinth,reset-count`: how many times the hypervisor has reset this guest
     /// (PSCI SYSTEM_RESET) before this boot; 0 when absent.
     pub reset_count: u64,
+    /// The CPUs' MPIDRs (affinity fields), ascending: CPU index `i` is the `i`-th. At least one.
+    pub cpus: [u64; MAX_CPUS],
+    pub cpu_count: usize,
+    /// cpu nodes beyond MAX_CPUS.
+    pub cpus_dropped: usize,
+    /// `/psci` `method`; HVC when absent or unknown (what Labyrinth and QEMU's virt at EL1 use).
+    pub conduit: Conduit,
+    /// The `arm,gic-v3` node's first two `reg` entries, if there is one.
+    pub gic: Option<GicV3>,
     pub bootargs_truncated: bool,
     bootargs: [u8; BOOTARGS_MAX],
     bootargs_len: usize,
 }
 
 impl BootInfo {
+    /// The CPUs' MPIDRs, index order.
+    pub fn cpu_mpidrs(&self) -> &[u64] {
+        &self.cpus[..self.cpu_count]
+    }
+
     pub fn bootargs(&self) -> Bootargs<'_> {
         Bootargs(core::str::from_utf8(&self.bootargs[..self.bootargs_len]).unwrap_or(""))
     }
@@ -58,6 +92,11 @@ pub unsafe fn read(dtb: usize) -> Result<BootInfo, &'static str> {
         memory: RangeSet::new(),
         reserved: RangeSet::new(),
         reset_count: 0,
+        cpus: [0; MAX_CPUS],
+        cpu_count: 0,
+        cpus_dropped: 0,
+        conduit: Conduit::Hvc,
+        gic: None,
         bootargs_truncated: false,
         bootargs: [0; BOOTARGS_MAX],
         bootargs_len: 0,
@@ -70,6 +109,36 @@ pub unsafe fn read(dtb: usize) -> Result<BootInfo, &'static str> {
     for node in fdt.all_nodes() {
         if node.name == "chosen" && chosen.is_none() {
             chosen = Some(node);
+        }
+        let compatible = |c: &str| node.compatible().is_some_and(|cs| cs.all().any(|x| x == c));
+        if node.name == "psci" || compatible("arm,psci-0.2") || compatible("arm,psci") {
+            if node.property("method").and_then(|p| p.as_str()) == Some("smc") {
+                info.conduit = Conduit::Smc;
+            }
+        }
+        if compatible("arm,gic-v3") {
+            let mut regs = node.reg().into_iter().flatten();
+            let mut next = || {
+                regs.next().map(|r| {
+                    let start = r.starting_address as u64;
+                    Range::new(start, start.saturating_add(r.size.unwrap_or(0) as u64))
+                })
+            };
+            if let (Some(distributor), Some(redistributors)) = (next(), next()) {
+                info.gic = Some(GicV3 { distributor, redistributors });
+            }
+        }
+        if node.property("device_type").and_then(|p| p.as_str()) == Some("cpu") {
+            // reg: one or two cells (the parent's #address-cells), the MPIDR's affinity fields.
+            if let Some(mpidr) = node.property("reg").and_then(|p| p.as_usize()) {
+                if info.cpu_count < MAX_CPUS {
+                    info.cpus[info.cpu_count] = mpidr as u64 & MPIDR_AFFINITY_MASK;
+                    info.cpu_count += 1;
+                } else {
+                    info.cpus_dropped += 1;
+                }
+            }
+            continue;
         }
         let is_memory = match node.property("device_type").and_then(|p| p.as_str()) {
             Some(t) => t == "memory",
@@ -85,6 +154,12 @@ pub unsafe fn read(dtb: usize) -> Result<BootInfo, &'static str> {
     }
     if info.memory.is_empty() {
         return Err("no /memory");
+    }
+    info.cpus[..info.cpu_count].sort_unstable();
+    if info.cpu_count == 0 {
+        // A tree without cpu nodes still runs on the CPU that booted it.
+        info.cpus[0] = crate::mpidr_affinity();
+        info.cpu_count = 1;
     }
 
     for r in fdt.memory_reservations() {
@@ -119,6 +194,8 @@ mod tests {
     /// `/chosen/labyrinth,reset-count = <1>` added (dtc), as the guest sees it when that is
     /// given back to QEMU with `-dtb`: QEMU's edits leave 54 FDT_NOP tokens in the root node.
     const QEMU_RESET: &[u8] = include_bytes!("../testdata/qemu-virt-64m-reset.dtb");
+    /// QEMU 7.2's `-M virt,gic-version=3 -smp 4 -m 64M` tree (`dumpdtb`, shrunk by dtc).
+    const QEMU_GICV3_SMP4: &[u8] = include_bytes!("../testdata/qemu-virt-gicv3-smp4.dtb");
 
     fn read_blob(blob: &[u8]) -> BootInfo {
         let mut buf = vec![0u64; blob.len().div_ceil(8)];
@@ -142,6 +219,24 @@ mod tests {
         assert_eq!(info.reset_count, 1);
         assert_eq!(info.bootargs().0, "stress.reset stress.seed=5");
         assert!(!info.bootargs_truncated);
+        assert_eq!(info.cpu_mpidrs(), &[0]);
+        assert_eq!(info.conduit, Conduit::Hvc);
+        assert_eq!(info.gic, None, "a GICv2 is not a GICv3");
+    }
+
+    #[test]
+    fn qemu_virt_gicv3_four_cpus() {
+        let info = read_blob(QEMU_GICV3_SMP4);
+        assert_eq!(info.cpu_mpidrs(), &[0, 1, 2, 3]);
+        assert_eq!(info.cpus_dropped, 0);
+        assert_eq!(info.conduit, Conduit::Hvc);
+        assert_eq!(
+            info.gic,
+            Some(GicV3 {
+                distributor: Range::new(0x800_0000, 0x801_0000),
+                redistributors: Range::new(0x80a_0000, 0x900_0000),
+            })
+        );
     }
 
     #[test]

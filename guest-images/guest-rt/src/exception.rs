@@ -8,8 +8,9 @@
 //! - inside a probe, also: any other synchronous exception (an `hvc`/`smc` that is UNDEFINED
 //!   here: skipped; code fetched and executed from a probed address: back to x30), and an
 //!   SError taken in the window a write probe opens (recorded, resumed).
-//! Anything else prints `guest: unexpected <vector> esr=.. far=.. elr=.. spsr=..` and powers
-//! off. An abort recovered outside a probe is printed too (`guest: recovered ...`) and counted
+//! An IRQ (current EL, SP_EL1) goes to [`crate::gic::handle_irq`] if the kernel installed a
+//! handler there. Anything else prints `guest: unexpected <vector> esr=.. far=.. elr=.. spsr=..`
+//! and powers off. The probe mode and the records are per CPU. An abort recovered outside a probe is printed too (`guest: recovered ...`) and counted
 //! ([`stray_faults`]): it means the kernel touched something it should have been given.
 //!
 //! The entry code saves x0-x30, ELR, SPSR, FPSR, FPCR and q0-q31 (800 bytes, on SP_EL1).
@@ -17,7 +18,8 @@
 use core::arch::{asm, global_asm};
 use core::fmt;
 
-use crate::Global;
+use crate::smp::this_cpu;
+use crate::PerCpu;
 
 global_asm!(
     r#"
@@ -145,6 +147,7 @@ pub struct Frame {
 
 /// Vector offsets / 0x80.
 const CURRENT_SPX_SYNC: u64 = 4;
+const CURRENT_SPX_IRQ: u64 = 5;
 const CURRENT_SPX_SERROR: u64 = 7;
 
 pub const EC_UNKNOWN: u64 = 0x00;
@@ -236,18 +239,23 @@ enum Mode {
     Exec,
 }
 
-static MODE: Global<Mode> = Global::new(Mode::Normal);
-static LAST: Global<Option<Fault>> = Global::new(None);
-static STRAY: Global<u64> = Global::new(0);
+static MODE: PerCpu<Mode> = PerCpu::new(Mode::Normal);
+static LAST: PerCpu<Option<Fault>> = PerCpu::new(None);
+static STRAY: PerCpu<u64> = PerCpu::new(0);
 
-/// The last exception the handler recovered from.
+/// The last exception the handler recovered from on this CPU.
 pub fn last_fault() -> Option<Fault> {
-    LAST.get()
+    LAST.get(this_cpu())
 }
 
-/// Aborts recovered outside a probe since boot.
+/// Aborts recovered outside a probe since boot, on this CPU.
 pub fn stray_faults() -> u64 {
-    STRAY.get()
+    STRAY.get(this_cpu())
+}
+
+/// Aborts recovered outside a probe since boot, on CPU `cpu`.
+pub fn stray_faults_of(cpu: usize) -> u64 {
+    STRAY.get(cpu)
 }
 
 fn read_esr_far() -> (u64, u64) {
@@ -282,9 +290,13 @@ fn vector_name(v: u64) -> &'static str {
 
 #[no_mangle]
 extern "C" fn __guest_rt_exception(frame: &mut Frame, vector: u64) {
+    if vector == CURRENT_SPX_IRQ && crate::gic::handle_irq() {
+        return;
+    }
+    let me = this_cpu();
     let (esr, far) = read_esr_far();
     let fault = Fault { vector, esr, far, elr: frame.elr };
-    let mode = MODE.get();
+    let mode = MODE.get(me);
     let ec = fault.ec();
     if vector == CURRENT_SPX_SYNC {
         let resume = match (mode, ec) {
@@ -293,9 +305,9 @@ extern "C" fn __guest_rt_exception(frame: &mut Frame, vector: u64) {
             _ => None,
         };
         if let Some(pc) = resume {
-            LAST.set(Some(fault));
+            LAST.set(me, Some(fault));
             if mode == Mode::Normal {
-                STRAY.set(STRAY.get() + 1);
+                STRAY.set(me, STRAY.get(me) + 1);
                 crate::println!(
                     "guest: recovered {}: esr={:#x} far={:#x} elr={:#x}, resuming at {:#x}",
                     ec_name(ec),
@@ -309,7 +321,7 @@ extern "C" fn __guest_rt_exception(frame: &mut Frame, vector: u64) {
             return;
         }
     } else if vector == CURRENT_SPX_SERROR && mode != Mode::Normal {
-        LAST.set(Some(fault));
+        LAST.set(me, Some(fault));
         return;
     }
     crate::println!(
@@ -326,14 +338,24 @@ extern "C" fn __guest_rt_exception(frame: &mut Frame, vector: u64) {
 
 /// Runs `f` (one probing instruction) in `mode`, then opens a window for a pending SError.
 fn probe<R>(mode: Mode, f: impl FnOnce() -> R) -> (R, Option<Fault>) {
-    LAST.set(None);
-    MODE.set(mode);
+    let me = this_cpu();
+    LAST.set(me, None);
+    MODE.set(me, mode);
     let r = f();
     // An asynchronous abort the hypervisor may have raised for this access is taken here.
     // SAFETY: unmasks SError for two instructions; the handler resumes it in probe mode.
     unsafe { asm!("msr daifclr, #4", "isb", "msr daifset, #4", options(nostack)) };
-    MODE.set(Mode::Normal);
-    (r, LAST.get())
+    MODE.set(me, Mode::Normal);
+    (r, LAST.get(me))
+}
+
+/// Runs `f`, one instruction that may be UNDEFINED or abort (e.g. a system register access):
+/// its result, or the exception it raised (the instruction is then skipped).
+pub fn probe_insn<R>(f: impl FnOnce() -> R) -> Result<R, Fault> {
+    match probe(Mode::Insn, f) {
+        (_, Some(fault)) => Err(fault),
+        (r, None) => Ok(r),
+    }
 }
 
 /// One aligned 32-bit load from `addr`: the value, or the exception it raised.

@@ -44,3 +44,63 @@ pub fn delay_us(us: u64) {
     let end = now() + frequency() * us / 1_000_000;
     while now() < end {}
 }
+
+/// CNTV_CTL_EL0 / CNTP_CTL_EL0 bits.
+pub const CTL_ENABLE: u64 = 1 << 0;
+pub const CTL_IMASK: u64 = 1 << 1;
+pub const CTL_ISTATUS: u64 = 1 << 2;
+/// The EL1 virtual timer's PPI (INTID 27) and the EL1 physical timer's (non-secure, 30).
+pub const VIRTUAL_TIMER_INTID: u32 = 27;
+pub const PHYSICAL_TIMER_INTID: u32 = 30;
+
+/// CNTV_CTL_EL0.
+pub fn virt_ctl() -> u64 {
+    let v: u64;
+    // SAFETY: reads the virtual timer's control.
+    unsafe { asm!("isb", "mrs {v}, cntv_ctl_el0", v = out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Writes CNTV_CTL_EL0.
+pub fn set_virt_ctl(v: u64) {
+    // SAFETY: the virtual timer's control; its interrupt is the kernel's to handle.
+    unsafe { asm!("msr cntv_ctl_el0, {v}", "isb", v = in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// Writes CNTV_CVAL_EL0 (the virtual timer fires when CNTVCT >= it).
+pub fn set_virt_cval(v: u64) {
+    // SAFETY: the virtual timer's compare value.
+    unsafe { asm!("msr cntv_cval_el0, {v}", "isb", v = in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// CNTP_CTL_EL0: one `mrs`, so that [`crate::exception::probe_insn`] can skip it if UNDEFINED.
+#[inline(always)]
+pub fn phys_ctl() -> u64 {
+    let v: u64;
+    // SAFETY: reads the EL1 physical timer's control.
+    unsafe { asm!("mrs {v}, cntp_ctl_el0", v = out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v
+}
+
+/// Writes CNTP_CTL_EL0 (one `msr`).
+#[inline(always)]
+pub fn set_phys_ctl(v: u64) {
+    // SAFETY: the EL1 physical timer's control.
+    unsafe { asm!("msr cntp_ctl_el0, {v}", v = in(reg) v, options(nostack, preserves_flags)) };
+}
+
+/// CNTP_TVAL_EL0, sign-extended (one `mrs`).
+#[inline(always)]
+pub fn phys_tval() -> i64 {
+    let v: u64;
+    // SAFETY: reads the EL1 physical timer's down-counter view.
+    unsafe { asm!("mrs {v}, cntp_tval_el0", v = out(reg) v, options(nomem, nostack, preserves_flags)) };
+    v as u32 as i32 as i64
+}
+
+/// Writes CNTP_TVAL_EL0 (one `msr`).
+#[inline(always)]
+pub fn set_phys_tval(v: u32) {
+    // SAFETY: the EL1 physical timer's compare value, relative to now.
+    unsafe { asm!("msr cntp_tval_el0, {v}", v = in(reg) v as u64, options(nostack, preserves_flags)) };
+}

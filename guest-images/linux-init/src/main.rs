@@ -1,6 +1,8 @@
 //! `/init` of the Linux guest's initramfs: proof that a Linux guest reached user space. It
 //! reads `labyrinth,reset-count` from the device tree Labyrinth wrote for it (mounting sysfs
-//! for `/sys/firmware/devicetree`), says what it found, and asks the kernel to power off, which
+//! for `/sys/firmware/devicetree`), says what it found, reports the CPUs Linux brought up
+//! (`/sys/devices/system/cpu/online`) and runs a small computation pinned to each of them in
+//! turn (`sched_setaffinity`, then `getcpu` says where it ran), and asks the kernel to power off, which
 //! Linux turns into PSCI SYSTEM_OFF for Labyrinth to reclaim the guest. With `init_reset=1` on
 //! the kernel command line (Linux hands unknown `name=value` parameters to init as its
 //! environment) and a reset count of 0, it asks for a restart instead (PSCI SYSTEM_RESET), so
@@ -14,6 +16,9 @@
 use core::arch::{asm, global_asm};
 
 const SYS_MOUNT: u64 = 40;
+const SYS_CLOSE: u64 = 57;
+const SYS_SCHED_SETAFFINITY: u64 = 122;
+const SYS_GETCPU: u64 = 168;
 const SYS_OPENAT: u64 = 56;
 const SYS_READ: u64 = 63;
 const SYS_WRITE: u64 = 64;
@@ -54,8 +59,16 @@ fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
     }
 }
 
-/// `/chosen/labyrinth,reset-count` (a big-endian u32), if sysfs and the property are there.
-fn reset_count() -> Option<u32> {
+/// `n` in hexadecimal (16 digits) into `buf`.
+fn hex(n: u64, buf: &mut [u8; 16]) -> &[u8] {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let d = (n >> (60 - 4 * i)) & 0xf;
+        *b = if d < 10 { b'0' + d as u8 } else { b'a' + d as u8 - 10 };
+    }
+    buf
+}
+
+fn mount_sysfs() {
     syscall(
         SYS_MOUNT,
         b"sysfs\0".as_ptr() as u64,
@@ -64,6 +77,82 @@ fn reset_count() -> Option<u32> {
         0,
         0,
     );
+}
+
+/// Reads the NUL-terminated `path` into `buf`: the bytes read.
+fn read_file<'a>(path: &[u8], buf: &'a mut [u8]) -> Option<&'a [u8]> {
+    let fd = syscall(SYS_OPENAT, AT_FDCWD, path.as_ptr() as u64, 0, 0, 0);
+    if fd < 0 {
+        return None;
+    }
+    let n = syscall(SYS_READ, fd as u64, buf.as_mut_ptr() as u64, buf.len() as u64, 0, 0);
+    syscall(SYS_CLOSE, fd as u64, 0, 0, 0, 0);
+    (n >= 0).then(|| &buf[..n as usize])
+}
+
+/// The CPUs of a Linux CPU list (`0-1,3`), as a bit set (CPUs 0-63).
+fn parse_cpu_list(list: &[u8]) -> u64 {
+    let mut set = 0u64;
+    for part in list.split(|&b| b == b',') {
+        let num = |s: &[u8]| -> Option<u32> {
+            let s = s.trim_ascii();
+            if s.is_empty() {
+                return None;
+            }
+            s.iter().try_fold(0u32, |acc, &b| b.is_ascii_digit().then(|| acc * 10 + (b - b'0') as u32))
+        };
+        let mut ends = part.splitn(2, |&b| b == b'-');
+        let lo = ends.next().and_then(num);
+        let hi = ends.next().and_then(num).or(lo);
+        if let (Some(lo), Some(hi)) = (lo, hi) {
+            for c in lo..=hi.min(63) {
+                set |= 1 << c;
+            }
+        }
+    }
+    set
+}
+
+/// Reports the online CPUs, then pins itself to each in turn and does some work there.
+fn work_on_each_cpu() {
+    let mut buf = [0u8; 64];
+    let Some(list) = read_file(b"/sys/devices/system/cpu/online\0", &mut buf) else {
+        print(b"labyrinth-init: cannot read /sys/devices/system/cpu/online\n");
+        return;
+    };
+    print(b"labyrinth-init: cpus online: ");
+    print(list.trim_ascii());
+    print(b"\n");
+    let set = parse_cpu_list(list);
+    let mut dec = [0u8; 10];
+    let mut hx = [0u8; 16];
+    for cpu in (0..64).filter(|c| set & (1 << c) != 0) {
+        let mask: u64 = 1 << cpu;
+        let r = syscall(SYS_SCHED_SETAFFINITY, 0, 8, &mask as *const u64 as u64, 0, 0);
+        // The same computation everywhere: its result is the same on every CPU.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut sum: u64 = 0;
+        for _ in 0..1_000_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            sum = sum.wrapping_add(x);
+        }
+        let sum = core::hint::black_box(sum);
+        let mut on: u32 = u32::MAX;
+        syscall(SYS_GETCPU, &mut on as *mut u32 as u64, 0, 0, 0, 0);
+        print(b"labyrinth-init: cpu ");
+        print(decimal(cpu, &mut dec));
+        print(b": getcpu ");
+        print(decimal(on, &mut dec));
+        print(b", work 0x");
+        print(hex(sum, &mut hx));
+        print(if r == 0 && on == cpu { b" (ok)\n" } else { b" FAILED\n" });
+    }
+}
+
+/// `/chosen/labyrinth,reset-count` (a big-endian u32), if sysfs and the property are there.
+fn reset_count() -> Option<u32> {
     let path = b"/sys/firmware/devicetree/base/chosen/labyrinth,reset-count\0";
     let fd = syscall(SYS_OPENAT, AT_FDCWD, path.as_ptr() as u64, 0, 0, 0);
     if fd < 0 {
@@ -105,6 +194,7 @@ extern "C" fn init_main(sp: *const u64) -> ! {
         let argc = *sp as usize;
         has_env(sp.add(argc + 2) as *const *const u8, b"init_reset=1")
     };
+    mount_sysfs();
     let count = reset_count();
     let mut buf = [0u8; 10];
     match count {
@@ -115,6 +205,7 @@ extern "C" fn init_main(sp: *const u64) -> ! {
         }
         None => print(b"labyrinth-init: no labyrinth,reset-count in the device tree\n"),
     }
+    work_on_each_cpu();
     let cmd = if want_reset && count == Some(0) {
         print(b"labyrinth-init: asking for a reset\n");
         LINUX_REBOOT_CMD_RESTART

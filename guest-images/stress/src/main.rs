@@ -14,8 +14,13 @@
 //! 4. hvc round trip: 1000 PSCI_VERSION calls timed against the same loop with a `nop`.
 //! 5. `stress: done` and SYSTEM_OFF; with `stress.reset`, a first boot instead leaves a marker
 //!    and asks for SYSTEM_RESET (see README.md for how the next boot knows it follows a reset).
+//!
+//! With more than one CPU in the device tree, or `stress.mode=` given, passes 1-3 are replaced
+//! by the multi-CPU modes of [`smp`].
 #![no_std]
 #![no_main]
+
+mod smp;
 
 use core::arch::asm;
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
@@ -306,6 +311,41 @@ fn main(boot: &BootInfo) -> ! {
         }
     }
 
+    if boot.cpu_count > 1 || args.value("stress.mode").is_some() {
+        let mut plan = smp::Plan {
+            pages: Touched::new(),
+            modes: [smp::Mode::Partitioned, smp::Mode::Overlapped, smp::Mode::Staggered],
+            n_modes: 0,
+            cpus: boot.cpu_count,
+            timeout: guest_rt::smp::seconds(
+                args.value("stress.timeout").and_then(parse_u64).filter(|&s| s > 0).unwrap_or(60),
+            ),
+            sabotage: args.has("stress.sabotage"),
+        };
+        for r in free.as_slice() {
+            plan.pages.push(Seg { start: r.start, count: r.len() / PAGE, stride: PAGE });
+        }
+        for name in args.value("stress.mode").unwrap_or("").split(',').filter(|m| !m.is_empty()) {
+            match smp::Mode::parse(name) {
+                Some(m) if plan.n_modes < smp::MAX_MODES => {
+                    plan.modes[plan.n_modes] = m;
+                    plan.n_modes += 1;
+                }
+                _ => println!("stress: mode \"{}\" ignored", name),
+            }
+        }
+        if plan.n_modes == 0 {
+            plan.n_modes = smp::MAX_MODES;
+        }
+        if boot.cpus_dropped > 0 {
+            println!("stress: {} cpus beyond the first {} left off", boot.cpus_dropped, boot.cpu_count);
+        }
+        match smp::run(&plan) {
+            Some(stray) => finish(stray, marker_page, after_reset),
+            None => psci::system_off(),
+        }
+    }
+
     let n = small.pages();
     let (first, second, mut nonzero) = timed_passes(small.slice());
     println!(
@@ -339,6 +379,11 @@ fn main(boot: &BootInfo) -> ! {
         Some((a, want, got)) => println!("stress: verify FAILED at {:#x} want {:#x} got {:#x}", a, want, got),
     }
 
+    finish(exception::stray_faults(), marker_page, after_reset)
+}
+
+/// The hvc round trip, the stray aborts, then reset or power off.
+fn finish(stray: u64, marker_page: Option<u64>, after_reset: bool) -> ! {
     let with = call_loop(HVC_CALLS, true);
     let without = call_loop(HVC_CALLS, false);
     println!(
@@ -346,8 +391,8 @@ fn main(boot: &BootInfo) -> ! {
         ticks_to_ns_per(with as i64 - without as i64, HVC_CALLS)
     );
 
-    if exception::stray_faults() > 0 {
-        println!("stress: unexpected aborts: {}", exception::stray_faults());
+    if stray > 0 {
+        println!("stress: unexpected aborts: {}", stray);
     }
     if let (Some(m), false) = (marker_page, after_reset) {
         // SAFETY: the marker page, free guest RAM.

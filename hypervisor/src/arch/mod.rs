@@ -4,18 +4,15 @@
 mod aarch64;
 
 pub use aarch64::{
-    console::{emergency_line, init_console, install_fallback_console, raw_line},
-    cpu::{cpu_index, mpidr, read_cpu_info, MAX_CPUS},
+    console::{emergency_line, init_console, install_fallback_console},
+    cpu::{cpu_index, mpidr, mpidr_of, read_cpu_info, record_mpidr, MAX_CPUS},
     exception::TrapFrame,
     gic, image_range,
     memory::{clean_to_poc, copy_phys, frame_db_storage, heap_bytes, init_heap, Heap, Scrubber},
     mmu::{map_range, MapKind},
-    power::{cpu_off, cpu_on, park, power_off},
+    power::{cpu_off, cpu_on, park, power_off, send_event, wait_for_event},
     secondary_entry_address,
     stage2_hw::HwStage2,
     ticks_per_second, time_now_ticks,
-    vcpu::{
-        configure_el2, enter as enter_guest, inject_external_abort, inject_undefined,
-        restart as restart_guest, trap_syndrome,
-    },
+    vcpu::{configure_el2, enter as enter_guest, fast_trap, trap_syndrome, FastTrap, Hw},
 };

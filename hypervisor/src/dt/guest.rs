@@ -1,6 +1,7 @@
 //! Guest descriptions under /chosen (the dom0less-style binding Labyrinth follows).
 //!
-//! A guest is a child of /chosen compatible with `"labyrinth,guest"` (or Xen's `"xen,domain"`):
+//! A guest is a child of /chosen compatible with `"labyrinth,guest"` (or Xen's `"xen,domain"`,
+//! so a Xen dom0less node runs unchanged; Xen properties Labyrinth has no use for are ignored):
 //!
 //! ```dts
 //! chosen {
@@ -9,9 +10,11 @@
 //!         #address-cells = <2>;            // for the modules' reg; default: the root's
 //!         #size-cells = <2>;
 //!         memory = <0x0 0x40000>;          // RAM in KiB, two cells
-//!         cpus = <1>;                      // vCPU count
+//!         cpus = <2>;                      // vCPU count, 1 to MAX_VCPUS
 //!         labyrinth,no-block-mappings;     // optional: map guest RAM with 4 KiB pages only
-//!         labyrinth,virtual-gic;           // optional: a virtual GICv3 and timer interrupt
+//!         labyrinth,no-virtual-gic;        // optional: no GIC and no timer interrupt (bare
+//!                                          // test kernels); `labyrinth,virtual-gic` is the
+//!                                          // default and accepted
 //!         bootargs = "console=ttyAMA0";    // optional, overridden by the kernel module's
 //!         module@48000000 {
 //!             compatible = "multiboot,kernel", "multiboot,module";
@@ -33,6 +36,7 @@
 //! `Result`, with a [`GuestError`] naming the guest and the property at fault.
 
 use core::fmt;
+use core::ops::Range;
 
 use super::error::{DtError, Problem};
 use super::list::FixedList;
@@ -44,6 +48,10 @@ use super::tree::Node;
 pub const MAX_GUESTS: usize = 8;
 /// Module nodes kept per guest (one of each kind at most).
 pub const MAX_MODULES: usize = 4;
+/// vCPUs a guest may have. vCPU `i` reads MPIDR Aff0 = `i` with the other affinity fields zero,
+/// and one GICv3 SGI target list (`ICC_SGI1R_EL1.TargetList`) names Aff0 0-15 of a cluster:
+/// sixteen vCPUs are what SGIs reach without range selectors.
+pub const MAX_VCPUS: usize = 16;
 
 /// What a boot module holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -83,7 +91,7 @@ pub struct GuestConfig<'a> {
     pub name: &'a str,
     /// Guest RAM in KiB (`memory`).
     pub memory_kib: u64,
-    /// vCPU count (`cpus`), at least 1.
+    /// vCPU count (`cpus`), 1 to [`MAX_VCPUS`].
     pub cpus: u32,
     pub kernel: Module<'a>,
     pub ramdisk: Option<Module<'a>>,
@@ -92,8 +100,9 @@ pub struct GuestConfig<'a> {
     pub bootargs: Option<&'a str>,
     /// `labyrinth,no-block-mappings` is present.
     pub no_block_mappings: bool,
-    /// `labyrinth,virtual-gic` is present: the guest gets a virtual GICv3 and the virtual
-    /// timer's interrupt (what Linux needs); without it, no interrupt controller at all.
+    /// The guest gets a virtual GICv3 and the timer's interrupts (what Linux needs): every
+    /// guest does unless its node says `labyrinth,no-virtual-gic`, which leaves it no
+    /// interrupt controller at all.
     pub virtual_gic: bool,
 }
 
@@ -109,7 +118,8 @@ impl<'a> GuestConfig<'a> {
     }
 
     /// The checks that need the machine: the guest's RAM must fit a `ipa_bits`-bit intermediate
-    /// physical address space, and it may not have more vCPUs than there are physical CPUs.
+    /// physical address space, and it may not have more vCPUs than the machine's `phys_cpus`
+    /// physical CPUs ([`physical_cpus`](Self::physical_cpus) checks what is left of them).
     pub fn validate(&self, phys_cpus: usize, ipa_bits: u32) -> Result<(), GuestError<'a>> {
         let error = |problem| GuestError { guest: self.name, problem };
         let ipa_size = 1u64.checked_shl(ipa_bits).unwrap_or(0);
@@ -121,6 +131,21 @@ impl<'a> GuestConfig<'a> {
             return Err(error(GuestProblem::TooManyVcpus { cpus: self.cpus, phys: phys_cpus }));
         }
         Ok(())
+    }
+
+    /// The physical CPUs the guest's vCPUs are pinned to, vCPU `i` on CPU `first_free + i`:
+    /// guests take CPUs in configuration order, each the next `cpus` of the machine's
+    /// `phys_cpus`. Refused, naming how many are left, when fewer than `cpus` remain.
+    pub fn physical_cpus(&self, first_free: usize, phys_cpus: usize) -> Result<Range<usize>, GuestError<'a>> {
+        let left = phys_cpus.saturating_sub(first_free);
+        let cpus = self.cpus as usize;
+        if cpus > left {
+            return Err(GuestError {
+                guest: self.name,
+                problem: GuestProblem::NotEnoughCpus { cpus: self.cpus, left, phys: phys_cpus },
+            });
+        }
+        Ok(first_free..first_free + cpus)
     }
 }
 
@@ -141,6 +166,10 @@ pub enum GuestProblem<'a> {
     BadCpus { len: usize },
     /// `cpus` is 0.
     ZeroCpus,
+    /// `cpus` is above [`MAX_VCPUS`].
+    VcpusAboveLimit { cpus: u32 },
+    /// Both `labyrinth,virtual-gic` and `labyrinth,no-virtual-gic`.
+    ConflictingGic,
     /// No module node compatible with `"multiboot,kernel"`.
     NoKernel,
     /// Two modules of the same kind.
@@ -159,6 +188,8 @@ pub enum GuestProblem<'a> {
     MemoryExceedsIpa { memory: u64, ipa_bits: u32 },
     /// More vCPUs than physical CPUs ([`GuestConfig::validate`]).
     TooManyVcpus { cpus: u32, phys: usize },
+    /// More vCPUs than physical CPUs left by the guests before it ([`GuestConfig::physical_cpus`]).
+    NotEnoughCpus { cpus: u32, left: usize, phys: usize },
 }
 
 /// A guest that cannot be built, named, with the reason.
@@ -183,6 +214,12 @@ impl fmt::Display for GuestError<'_> {
             GuestProblem::MissingCpus => f.write_str("cpus (vCPU count) is missing"),
             GuestProblem::BadCpus { len } => write!(f, "cpus is {len} bytes, expected 4"),
             GuestProblem::ZeroCpus => f.write_str("cpus is 0"),
+            GuestProblem::VcpusAboveLimit { cpus } => {
+                write!(f, "cpus = {cpus}: a guest has at most {MAX_VCPUS} vCPUs")
+            }
+            GuestProblem::ConflictingGic => {
+                f.write_str("both labyrinth,virtual-gic and labyrinth,no-virtual-gic are present")
+            }
             GuestProblem::NoKernel => {
                 f.write_str("no kernel module (a child compatible with \"multiboot,kernel\")")
             }
@@ -204,9 +241,23 @@ impl fmt::Display for GuestError<'_> {
                 write!(f, "memory {} MiB exceeds the {ipa_bits}-bit IPA space", memory / (1024 * 1024))
             }
             GuestProblem::TooManyVcpus { cpus, phys } => {
-                write!(f, "{cpus} vCPUs but only {phys} physical CPUs")
+                write!(f, "cpus = {cpus} but the machine has {phys} physical CPU{}", plural(phys))
             }
+            GuestProblem::NotEnoughCpus { cpus, left, phys } => write!(
+                f,
+                "cpus = {cpus} but {left} of the {phys} physical CPUs {} left (each vCPU takes \
+                 one, in configuration order)",
+                if left == 1 { "is" } else { "are" }
+            ),
         }
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
     }
 }
 
@@ -249,6 +300,16 @@ pub(crate) fn parse_guest<'a>(node: &Node<'a>, root_cells: Cells) -> Result<Gues
     if cpus == 0 {
         return Err(error(GuestProblem::ZeroCpus));
     }
+    if cpus as usize > MAX_VCPUS {
+        return Err(error(GuestProblem::VcpusAboveLimit { cpus }));
+    }
+    let virtual_gic = match (
+        node.property("labyrinth,virtual-gic").is_some(),
+        node.property("labyrinth,no-virtual-gic").is_some(),
+    ) {
+        (true, true) => return Err(error(GuestProblem::ConflictingGic)),
+        (_, opt_out) => !opt_out,
+    };
 
     // Xen reads module addresses with the guest node's cell sizes; absent ones default to the
     // root's (not the specification's 2/1), which is what a bootloader writing them assumes.
@@ -309,7 +370,7 @@ pub(crate) fn parse_guest<'a>(node: &Node<'a>, root_cells: Cells) -> Result<Gues
         device_tree: find(ModuleKind::DeviceTree),
         bootargs: kernel_bootargs.or(guest_bootargs),
         no_block_mappings: node.property("labyrinth,no-block-mappings").is_some(),
-        virtual_gic: node.property("labyrinth,virtual-gic").is_some(),
+        virtual_gic,
     })
 }
 

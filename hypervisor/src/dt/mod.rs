@@ -56,7 +56,9 @@ mod testutil;
 
 pub use check::{check, total_size, Checked, HEADER_SIZE, MAGIC, MAX_DEPTH};
 pub use error::{Block, DtError, Problem};
-pub use guest::{GuestConfig, GuestError, GuestProblem, Module, ModuleKind, MAX_GUESTS, MAX_MODULES};
+pub use guest::{
+    GuestConfig, GuestError, GuestProblem, Module, ModuleKind, MAX_GUESTS, MAX_MODULES, MAX_VCPUS,
+};
 pub use list::{FixedList, Full};
 pub use platform::{
     parse, read, Conduit, Cpu, Gic, GicVersion, Platform, Psci, PsciVersion, ReservedMemory, Uart, MAX_CPUS,

@@ -122,7 +122,7 @@ fn edited_qemu_tree_has_reservations_bootargs_and_guests() {
         ]
     );
     assert_eq!(p.bootargs(), Some("labyrinth.log=debug"));
-    assert_eq!(p.guests().len(), 6);
+    assert_eq!(p.guests().len(), 8);
 
     let domu1 = p.guests()[0].unwrap();
     assert_eq!(domu1.name, "domU1");
@@ -137,6 +137,7 @@ fn edited_qemu_tree_has_reservations_bootargs_and_guests() {
     assert_eq!(domu1.device_tree.map(|m| m.region), Some(r(0x48a0_0000, 0x1_0000)));
     assert_eq!(domu1.bootargs, Some("console=ttyAMA0 rdinit=/init"));
     assert!(domu1.no_block_mappings);
+    assert!(domu1.virtual_gic, "labyrinth,virtual-gic stays accepted");
 
     // Xen's compatible, one-cell addresses from the guest node, bootargs on the guest node.
     let domu2 = p.guests()[1].unwrap();
@@ -147,9 +148,10 @@ fn edited_qemu_tree_has_reservations_bootargs_and_guests() {
     assert_eq!(domu2.ramdisk, None);
     assert_eq!(domu2.bootargs, Some("console=hvc0"));
     assert!(!domu2.no_block_mappings);
+    assert!(domu2.virtual_gic, "every guest gets a virtual GIC by default");
 
     let problems: Vec<(&str, GuestProblem<'_>)> =
-        p.guests()[2..].iter().map(|g| g.unwrap_err()).map(|e| (e.guest, e.problem)).collect();
+        p.guests()[2..6].iter().map(|g| g.unwrap_err()).map(|e| (e.guest, e.problem)).collect();
     assert_eq!(
         problems,
         vec![
@@ -163,6 +165,20 @@ fn edited_qemu_tree_has_reservations_bootargs_and_guests() {
         p.guests()[4].unwrap_err().to_string(),
         "guest overlap: modules module@4c000000 and module@4c100000 overlap"
     );
+
+    // A Xen dom0less node for Linux on two vCPUs, with no Labyrinth property at all.
+    let linux = p.guests()[6].unwrap();
+    assert_eq!((linux.name, linux.cpus, linux.memory_bytes()), ("linux", 2, 256 * MIB));
+    assert_eq!(linux.kernel.region, r(0x4e00_0000, 8 * MIB));
+    assert_eq!(linux.ramdisk.map(|m| m.region), Some(r(0x4e80_0000, 2 * MIB)));
+    assert_eq!(linux.bootargs, Some("console=ttyAMA0 rdinit=/init"));
+    assert!(linux.virtual_gic);
+    assert_eq!(linux.validate(4, 40), Ok(()));
+
+    // The bare test-kernel guest opts out of the GIC.
+    let bare = p.guests()[7].unwrap();
+    assert_eq!(bare.name, "bare");
+    assert!(!bare.virtual_gic);
 }
 
 #[test]
@@ -183,14 +199,15 @@ fn guest_validation_needs_the_machine() {
 fn edited_qemu_tree_memory_map() {
     let p = parse(GUESTS).unwrap();
     let implied = platform_reservations(&p).unwrap();
-    // 1 memreserve + 2 reserved-memory + domU1's 3 modules + domU2's kernel.
-    assert_eq!(implied.len(), 7);
+    // 1 memreserve + 2 reserved-memory + domU1's 3 modules + domU2's kernel + linux's kernel and
+    // ramdisk + bare's kernel.
+    assert_eq!(implied.len(), 10);
     assert!(implied
         .iter()
         .any(|r| r.reason == Reason::BootModule { guest: "domU2", kind: ModuleKind::Kernel }));
     let image = r(0x4020_0000, 2 * MIB);
     let all = boot_reservations(&p, image, 0x4000_0000).unwrap();
-    assert_eq!(all.len(), 9);
+    assert_eq!(all.len(), 12);
     let map = MemoryMap::build(p.memory(), &all, 64 * MIB).unwrap();
     let text = map.to_string();
     let expected = format!(
@@ -203,21 +220,27 @@ reserved 0x48000000-0x487fffff  8 MiB  guest domU1 kernel
 reserved 0x48800000-0x489fffff  2 MiB  guest domU1 ramdisk
 reserved 0x48a00000-0x48a0ffff  64 KiB  guest domU1 device tree
 reserved 0x49000000-0x493fffff  4 MiB  guest domU2 kernel
+reserved 0x4e000000-0x4e7fffff  8 MiB  guest linux kernel
+reserved 0x4e800000-0x4e9fffff  2 MiB  guest linux ramdisk
+reserved 0x4f000000-0x4f0fffff  1 MiB  guest bare kernel
 reserved 0x7e000000-0x7e0fffff  1 MiB  reserved-memory framebuffer@7e000000
 reserved 0x7f000000-0x7fffffff  16 MiB  reserved-memory secure@7f000000 (no-map)
 free     0x40003000-0x401fffff  2036 KiB
 free     0x40400000-0x47ffffff  124 MiB
 free     0x48a10000-0x48ffffff  6080 KiB
-free     0x49400000-0x7dffffff  844 MiB
+free     0x49400000-0x4dffffff  76 MiB
+free     0x4ea00000-0x4effffff  6 MiB
+free     0x4f100000-0x7dffffff  751 MiB
 free     0x7e100000-0x7effffff  15 MiB
 ",
         dtb_last = 0x4000_0000 + GUESTS.len() - 1,
         dtb_size = GUESTS.len(),
     );
     assert!(text.starts_with(&expected), "got:\n{text}\nexpected:\n{expected}");
-    // The blob (9683 bytes) ends inside the third page: free starts at the next page.
-    assert_eq!(GUESTS.len(), 9683);
-    let reserved = 2 * MIB + 8 * MIB + 2 * MIB + 64 * 1024 + 4 * MIB + MIB + 16 * MIB + GUESTS.len() as u64;
+    // The blob (10282 bytes) ends inside the third page: free starts at the next page.
+    assert_eq!(GUESTS.len(), 10282);
+    let modules = 8 * MIB + 2 * MIB + 64 * 1024 + 4 * MIB + 8 * MIB + 2 * MIB + MIB;
+    let reserved = 2 * MIB + modules + MIB + 16 * MIB + GUESTS.len() as u64;
     assert_eq!(map.reserved_bytes(), reserved);
     assert!(text.ends_with(&format!(
         "total: 1024 MiB RAM, {} B reserved, {} KiB free\n",
@@ -1461,4 +1484,133 @@ fn a_bad_guest_does_not_hide_the_good_ones() {
     // Only the good guest's modules are reserved.
     let res = platform_reservations(&p).unwrap();
     assert_eq!(res.len(), 1);
+}
+
+/// The guest node the Xen dom0less documentation shows, as a new user writes it for Linux on two
+/// vCPUs: no Labyrinth property. It gets its two vCPUs and a virtual GIC.
+#[test]
+fn a_xen_dom0less_node_with_two_vcpus_needs_no_vendor_property() {
+    let blob = platform_blob(|w| {
+        w.begin("domU1").prop_str("compatible", "xen,domain");
+        w.prop_u32("#address-cells", 1).prop_u32("#size-cells", 1);
+        w.prop_cells("memory", &[0, 0x4_0000]).prop_u32("cpus", 2);
+        w.prop_str("bootargs", "console=ttyAMA0 rdinit=/init");
+        w.begin("module@42000000").prop_strs("compatible", &["multiboot,kernel", "multiboot,module"]);
+        w.prop_cells("reg", &[0x4200_0000, 0x200_0000]).end();
+        w.begin("module@44000000").prop_strs("compatible", &["multiboot,ramdisk", "multiboot,module"]);
+        w.prop_cells("reg", &[0x4400_0000, 0x10_0000]).end();
+        w.end();
+    });
+    let p = parse(&blob).unwrap();
+    let g = p.guests()[0].unwrap();
+    assert_eq!(g.cpus, 2);
+    assert!(g.virtual_gic);
+    assert_eq!(g.bootargs, Some("console=ttyAMA0 rdinit=/init"));
+    assert_eq!(g.kernel.region, r(0x4200_0000, 32 * MIB));
+    assert_eq!(g.ramdisk.map(|m| m.region), Some(r(0x4400_0000, MIB)));
+    assert_eq!(g.validate(2, 40), Ok(()));
+    assert_eq!(g.physical_cpus(0, 4), Ok(0..2));
+    assert_eq!(exercise(&blob), Outcome::Mapped);
+}
+
+fn gic_of(body: impl FnOnce(&mut FdtWriter)) -> Result<bool, GuestProblem<'static>> {
+    let blob = guest_blob(|w| {
+        memory_and_cpus(w);
+        body(w);
+        kernel(w, 0x4800_0000);
+    });
+    let p = parse(&blob).unwrap();
+    p.guests()[0].map(|g| g.virtual_gic).map_err(|e| match e.problem {
+        GuestProblem::ConflictingGic => GuestProblem::ConflictingGic,
+        other => panic!("{other:?}"),
+    })
+}
+
+#[test]
+fn every_guest_gets_a_virtual_gic_unless_it_opts_out() {
+    assert_eq!(gic_of(|_| {}), Ok(true), "the default");
+    assert_eq!(
+        gic_of(|w| {
+            w.prop_empty("labyrinth,virtual-gic");
+        }),
+        Ok(true),
+        "still accepted"
+    );
+    assert_eq!(
+        gic_of(|w| {
+            w.prop_empty("labyrinth,no-virtual-gic");
+        }),
+        Ok(false),
+        "the opt-out"
+    );
+    assert_eq!(
+        gic_of(|w| {
+            w.prop_empty("labyrinth,virtual-gic").prop_empty("labyrinth,no-virtual-gic");
+        }),
+        Err(GuestProblem::ConflictingGic)
+    );
+    let blob = guest_blob(|w| {
+        memory_and_cpus(w);
+        w.prop_empty("labyrinth,no-virtual-gic").prop_empty("labyrinth,virtual-gic");
+        kernel(w, 0x4800_0000);
+    });
+    assert_eq!(
+        parse(&blob).unwrap().guests()[0].unwrap_err().to_string(),
+        "guest g: both labyrinth,virtual-gic and labyrinth,no-virtual-gic are present"
+    );
+}
+
+#[test]
+fn vcpu_counts_up_to_the_limit_are_accepted() {
+    let with_cpus = |n: u32| {
+        guest_blob(|w| {
+            w.prop_cells("memory", &[0, 0x1_0000]).prop_u32("cpus", n);
+            kernel(w, 0x4800_0000);
+        })
+    };
+    let blob = with_cpus(MAX_VCPUS as u32);
+    assert_eq!(parse(&blob).unwrap().guests()[0].unwrap().cpus, 16);
+    let blob = with_cpus(MAX_VCPUS as u32 + 1);
+    assert_eq!(guest_problem(&blob), GuestProblem::VcpusAboveLimit { cpus: 17 });
+    assert_eq!(
+        parse(&blob).unwrap().guests()[0].unwrap_err().to_string(),
+        "guest g: cpus = 17: a guest has at most 16 vCPUs"
+    );
+    assert_eq!(guest_problem(&with_cpus(u32::MAX)), GuestProblem::VcpusAboveLimit { cpus: u32::MAX });
+}
+
+/// Guests take physical CPUs in configuration order, each as many as it has vCPUs.
+#[test]
+fn physical_cpus_are_taken_in_order_and_a_guest_that_does_not_fit_is_named() {
+    let blob = guest_blob(|w| {
+        w.prop_cells("memory", &[0, 0x1_0000]).prop_u32("cpus", 2);
+        kernel(w, 0x4800_0000);
+    });
+    let p = parse(&blob).unwrap();
+    let g = p.guests()[0].unwrap();
+    // (first free CPU, physical CPUs) -> the range, or how many were left.
+    let cases: [(usize, usize, Result<core::ops::Range<usize>, usize>); 7] = [
+        (0, 2, Ok(0..2)),
+        (0, 4, Ok(0..2)),
+        (2, 4, Ok(2..4)),
+        (3, 4, Err(1)),
+        (4, 4, Err(0)),
+        (9, 4, Err(0)),
+        (0, 1, Err(1)),
+    ];
+    for (first, phys, want) in cases {
+        let got = g.physical_cpus(first, phys).map_err(|e| match e.problem {
+            GuestProblem::NotEnoughCpus { cpus: 2, left, phys: p } if p == phys => left,
+            other => panic!("{other:?}"),
+        });
+        assert_eq!(got, want, "first free {first} of {phys}");
+    }
+    assert_eq!(
+        g.physical_cpus(3, 4).unwrap_err().to_string(),
+        "guest g: cpus = 2 but 1 of the 4 physical CPUs is left (each vCPU takes one, in configuration order)"
+    );
+    assert_eq!(
+        g.validate(1, 40).unwrap_err().to_string(),
+        "guest g: cpus = 2 but the machine has 1 physical CPU"
+    );
 }

@@ -1,7 +1,8 @@
 //! The device tree Labyrinth writes for a guest: what the guest may assume about its machine
-//! (RAM, one CPU per vCPU, PSCI over HVC, the emulated PL011, its command line and ramdisk).
-//! Only what Labyrinth really provides appears in it: the GICv3 and the timer's interrupts
-//! only for a guest given a virtual GIC (`vm::vgic`).
+//! (RAM, one cpu node per vCPU started through PSCI over HVC, the emulated PL011, its command
+//! line and ramdisk). Only what Labyrinth really provides appears in it: the GICv3 (one
+//! redistributor per vCPU) and the timer's interrupts only for a guest given a virtual GIC
+//! (`vm::vgic`). It writes; it never decides what a guest gets.
 
 use alloc::string::{String, ToString};
 use alloc::vec;
@@ -9,14 +10,29 @@ use alloc::vec::Vec;
 
 use super::layout::{Layout, UART_BASE, UART_SIZE};
 use super::vgic::{GICD_BASE, GICD_SIZE, GICR_BASE, GICR_SIZE, UART_INTID};
+use crate::dt::MAX_VCPUS;
 
-/// Why a device tree could not be written (only on internal limits: inputs are checked).
+/// Why a device tree could not be written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FdtGenError;
+pub enum FdtGenError {
+    /// A vCPU count of 0 or above `dt::MAX_VCPUS` (the configuration refuses those first).
+    VcpuCount { vcpus: usize },
+    /// The writer refused (an internal limit: every input is checked).
+    Writer,
+}
 
 impl From<vm_fdt::Error> for FdtGenError {
     fn from(_: vm_fdt::Error) -> Self {
-        FdtGenError
+        FdtGenError::Writer
+    }
+}
+
+impl core::fmt::Display for FdtGenError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            FdtGenError::VcpuCount { vcpus } => write!(f, "{vcpus} vCPUs: a guest has 1 to {MAX_VCPUS}"),
+            FdtGenError::Writer => f.write_str("the device-tree writer failed"),
+        }
     }
 }
 
@@ -25,12 +41,28 @@ const GIC_PHANDLE: u32 = 2;
 /// Interrupt specifier cells (arm,gic-v3 binding): type, number, flags.
 const GIC_SPI: u32 = 0;
 const GIC_PPI: u32 = 1;
+/// Level-sensitive, as QEMU's own GICv3 tree says for the timer and devices. The GICv2 binding's
+/// PPI CPU mask (flag bits 15:8) has no meaning for a GICv3 and stays zero.
 const IRQ_LEVEL_HIGH: u32 = 4;
+/// The architected timer's PPIs in the order the arm,armv8-timer binding lists them: secure
+/// physical, non-secure physical, virtual, hypervisor (INTIDs 29, 30, 27, 26).
+const TIMER_PPIS: [u32; 4] = [13, 14, 11, 10];
 
-/// Writes the guest's device tree blob. `resets` (how many times the guest was reset) goes to
+/// The guest's redistributor region: one 128 KiB redistributor (RD and SGI frames) per vCPU,
+/// contiguous from `GICR_BASE`, vCPU `i`'s at `GICR_BASE + i * GICR_SIZE`.
+pub fn redistributor_region(vcpus: usize) -> (u64, u64) {
+    (GICR_BASE, vcpus as u64 * GICR_SIZE)
+}
+
+// The largest redistributor region ends below the UART, the next thing in the guest's map.
+const _: () = assert!(GICR_BASE + MAX_VCPUS as u64 * GICR_SIZE <= UART_BASE);
+
+/// Writes the guest's device tree blob for `vcpus` vCPUs (cpu node `i` has `reg = <i>`, the
+/// MPIDR Aff0 vCPU `i` reads). `resets` (how many times the guest was reset) goes to
 /// `/chosen/labyrinth,reset-count`: a guest's RAM is fresh after a reset, so this is the only
 /// way it can tell a reboot from a first boot. `gic`: the guest has a virtual GICv3, so the
-/// tree describes it, the architected timer's four PPIs and the UART's SPI.
+/// tree describes it (one redistributor per vCPU), the architected timer's four PPIs and the
+/// UART's SPI.
 pub fn generate(
     layout: &Layout,
     vcpus: usize,
@@ -38,6 +70,9 @@ pub fn generate(
     resets: u32,
     gic: bool,
 ) -> Result<Vec<u8>, FdtGenError> {
+    if !(1..=MAX_VCPUS).contains(&vcpus) {
+        return Err(FdtGenError::VcpuCount { vcpus });
+    }
     let mut w = vm_fdt::FdtWriter::new()?;
     let root = w.begin_node("")?;
     w.property_string("compatible", "linux,dummy-virt")?;
@@ -106,16 +141,15 @@ pub fn generate(
         w.property_u32("#interrupt-cells", 3)?;
         w.property_null("interrupt-controller")?;
         w.property_u32("#redistributor-regions", 1)?;
-        w.property_array_u64("reg", &[GICD_BASE, GICD_SIZE, GICR_BASE, GICR_SIZE])?;
+        let (gicr_base, gicr_size) = redistributor_region(vcpus);
+        w.property_array_u64("reg", &[GICD_BASE, GICD_SIZE, gicr_base, gicr_size])?;
         w.property_phandle(GIC_PHANDLE)?;
         w.end_node(intc)?;
 
-        // Secure physical, non-secure physical, virtual and hypervisor timer PPIs (13, 14,
-        // 11, 10 = INTIDs 29, 30, 27, 26); a guest at EL1 uses the virtual one.
         let timer = w.begin_node("timer")?;
         w.property_string("compatible", "arm,armv8-timer")?;
         let mut irqs = Vec::new();
-        for ppi in [13, 14, 11, 10] {
+        for ppi in TIMER_PPIS {
             irqs.extend_from_slice(&[GIC_PPI, ppi, IRQ_LEVEL_HIGH]);
         }
         w.property_array_u32("interrupts", &irqs)?;
@@ -200,5 +234,78 @@ mod tests {
         // Labyrinth's own checked parser accepts it and finds the GIC.
         let p = crate::dt::parse(&blob).unwrap();
         assert_eq!(p.gic().unwrap().distributor.base(), 0x0800_0000);
+    }
+
+    fn cells(prop: &[u8]) -> Vec<u32> {
+        prop.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect()
+    }
+
+    #[test]
+    fn one_cpu_node_and_one_redistributor_per_vcpu() {
+        let k = ImageHeader { text_offset: 0, effective_size: 0x100_0000 };
+        let layout = plan(128 << 20, 40, &k, None).unwrap();
+        for vcpus in [1, 2, 3, 4, MAX_VCPUS] {
+            let blob = generate(&layout, vcpus, Some("console=ttyAMA0"), 0, true).unwrap();
+            let f = fdt::Fdt::new(&blob).unwrap();
+            let cpus: Vec<_> = f.find_node("/cpus").unwrap().children().collect();
+            assert_eq!(cpus.len(), vcpus);
+            for (i, cpu) in cpus.iter().enumerate() {
+                assert_eq!(cpu.name, alloc::format!("cpu@{i:x}"));
+                assert_eq!(cpu.property("reg").unwrap().as_usize(), Some(i), "reg = MPIDR Aff0 = vCPU index");
+                assert_eq!(cpu.property("enable-method").unwrap().as_str(), Some("psci"));
+                assert_eq!(cpu.property("device_type").unwrap().as_str(), Some("cpu"));
+                assert_eq!(cpu.compatible().unwrap().first(), "arm,armv8");
+            }
+            let psci = f.find_node("/psci").unwrap();
+            assert_eq!(psci.property("method").unwrap().as_str(), Some("hvc"));
+            assert!(psci.compatible().unwrap().all().any(|c| c == "arm,psci-1.0"));
+
+            let gic = f.find_compatible(&["arm,gic-v3"]).unwrap();
+            assert_eq!(gic.property("#redistributor-regions").unwrap().as_usize(), Some(1));
+            let reg: Vec<_> =
+                gic.reg().unwrap().map(|r| (r.starting_address as u64, r.size.unwrap() as u64)).collect();
+            assert_eq!(
+                reg,
+                [(0x0800_0000, 0x1_0000), (0x080a_0000, vcpus as u64 * 128 * 1024)],
+                "{vcpus} vCPUs"
+            );
+            let timer = f.find_compatible(&["arm,armv8-timer"]).unwrap();
+            assert_eq!(
+                cells(timer.property("interrupts").unwrap().value),
+                [1, 13, 4, 1, 14, 4, 1, 11, 4, 1, 10, 4]
+            );
+
+            // Labyrinth's own checked parser reads the same CPUs and redistributor region.
+            let p = crate::dt::parse(&blob).unwrap();
+            let mpidrs: Vec<u64> = p.cpus().iter().map(|c| c.mpidr).collect();
+            assert_eq!(mpidrs, (0..vcpus as u64).collect::<Vec<_>>());
+            let gic = p.gic().unwrap();
+            assert_eq!(gic.redistributors.len(), 1);
+            assert_eq!(gic.redistributors[0].size(), vcpus as u64 * 0x2_0000);
+        }
+    }
+
+    #[test]
+    fn a_vcpu_count_the_configuration_refuses_is_refused_here_too() {
+        let k = ImageHeader { text_offset: 0, effective_size: 0x10_0000 };
+        let layout = plan(64 << 20, 40, &k, None).unwrap();
+        assert_eq!(generate(&layout, 0, None, 0, true), Err(FdtGenError::VcpuCount { vcpus: 0 }));
+        let e = generate(&layout, MAX_VCPUS + 1, None, 0, false).unwrap_err();
+        assert_eq!(e, FdtGenError::VcpuCount { vcpus: 17 });
+        assert_eq!(e.to_string(), "17 vCPUs: a guest has 1 to 16");
+        assert!(generate(&layout, MAX_VCPUS, None, 0, false).is_ok());
+    }
+
+    #[test]
+    fn a_bare_guest_with_two_vcpus_has_cpus_and_psci_but_no_gic() {
+        let k = ImageHeader { text_offset: 0, effective_size: 0x10_0000 };
+        let layout = plan(64 << 20, 40, &k, None).unwrap();
+        let blob = generate(&layout, 2, None, 0, false).unwrap();
+        let f = fdt::Fdt::new(&blob).unwrap();
+        assert_eq!(f.find_node("/cpus").unwrap().children().count(), 2);
+        assert!(f.find_compatible(&["arm,gic-v3"]).is_none());
+        assert!(f.find_compatible(&["arm,armv8-timer"]).is_none());
+        assert!(f.find_node("/").unwrap().property("interrupt-parent").is_none());
+        assert!(f.find_compatible(&["arm,pl011"]).unwrap().property("interrupts").is_none());
     }
 }

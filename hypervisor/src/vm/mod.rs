@@ -6,10 +6,25 @@ pub mod budget;
 /// Fuzz harnesses for trap decoding and the PL011 (tests and the fuzz crate only).
 #[cfg(any(test, feature = "model"))]
 pub mod exercise;
+pub mod exit;
 pub mod fdt_gen;
+pub mod guest;
 pub mod image;
 pub mod layout;
+pub mod lifecycle;
 pub mod trap;
+pub mod vcpu;
+pub mod vcpu_set;
 pub mod vgic;
 pub mod vpl011;
 pub mod vpsci;
+pub mod vtimer;
+
+mod sync;
+
+#[cfg(all(test, not(loom)))]
+mod exit_tests;
+
+pub use guest::{StopCause, Vm};
+pub use vcpu::Vcpu;
+pub use vcpu_set::VcpuSet;

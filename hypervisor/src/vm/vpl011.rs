@@ -6,7 +6,7 @@
 //! refused so the caller injects an abort.
 
 /// Bytes buffered before a line is forced out.
-pub const LINE_MAX: usize = 160;
+pub const LINE_MAX: usize = 256;
 
 const DR: u64 = 0x000;
 const FR: u64 = 0x018;

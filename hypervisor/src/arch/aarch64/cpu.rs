@@ -51,6 +51,23 @@ pub fn cpu_index() -> usize {
     TPIDR_EL2.get() as usize
 }
 
+/// The MPIDR of each CPU by Labyrinth's index (0: not started), recorded as they are started.
+static MPIDRS: [core::sync::atomic::AtomicU64; MAX_CPUS] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; MAX_CPUS];
+
+/// Records that CPU `index` has MPIDR affinity `mpidr` (boot CPU, as it starts the others).
+pub fn record_mpidr(index: usize, mpidr: u64) {
+    if let Some(slot) = MPIDRS.get(index) {
+        slot.store(mpidr | 1 << 63, core::sync::atomic::Ordering::Release);
+    }
+}
+
+/// The MPIDR affinity of CPU `index`, if it was started.
+pub fn mpidr_of(index: usize) -> Option<u64> {
+    let v = MPIDRS.get(index)?.load(core::sync::atomic::Ordering::Acquire);
+    (v != 0).then_some(v & !(1 << 63))
+}
+
 /// This CPU's MPIDR affinity fields (Aff3..Aff0), the form the device tree and PSCI use.
 pub fn mpidr() -> u64 {
     MPIDR_EL1.get() & 0xff_00ff_ffff

@@ -1,5 +1,7 @@
-//! EL2 exception vectors. Exceptions from a guest (lower EL, AArch64) go to the vCPU's trap
-//! handler (`vcpu::guest_trap`), which returns to the guest through the same frame. Every other
+//! EL2 exception vectors. Exceptions from a guest (lower EL, AArch64) go to the two handlers
+//! the VMM provides, `guest_fast` (with only the caller-saved registers in the frame) and
+//! `guest_trap` (a full frame), and return to the guest through the same frame: the arch's one
+//! contract with what runs above it, which it names and never calls otherwise. Every other
 //! exception is unexpected: it is reported in full (class by name, syndrome, addresses,
 //! registers) and the machine is powered off, so Labyrinth never hangs silently.
 

@@ -22,11 +22,16 @@ use tock_registers::interfaces::{ReadWriteable, Readable as _, Writeable as _};
 use tock_registers::registers::{ReadOnly, ReadWrite};
 use tock_registers::{register_bitfields, register_structs};
 
+use super::cpu::{cpu_index, MAX_CPUS};
 use super::mmu::{map_range, MapKind};
+use super::timer::HYP_TIMER_PPI;
 
 /// Interrupt IDs Labyrinth takes on a CPU that runs a guest with a virtual GIC.
 pub const VTIMER_PPI: u32 = 27;
 pub const MAINTENANCE_PPI: u32 = 25;
+/// The SGI one CPU sends another to take its vCPU out of the guest (a stop, a reset, new
+/// virtual interrupts): the receiver only needs to trap, so it carries no payload.
+pub const KICK_SGI: u32 = 8;
 /// INTIDs 1020-1023 are special (1023: nothing pending).
 pub const SPURIOUS: u32 = 1020;
 
@@ -79,7 +84,7 @@ register_structs! {
         (0x0084 => _reserved1),
         (0x0100 => isenabler0: ReadWrite<u32>),
         (0x0104 => _reserved2),
-        (0x0180 => _icenabler0: ReadWrite<u32>),
+        (0x0180 => icenabler0: ReadWrite<u32>),
         (0x0184 => _reserved3),
         (0x0400 => ipriorityr: [ReadWrite<u32>; 8]),
         (0x0420 => @END),
@@ -96,6 +101,8 @@ const POLL_LIMIT: u32 = 1_000_000;
 static GICD: AtomicU64 = AtomicU64::new(0);
 static GICR: AtomicU64 = AtomicU64::new(0);
 static GICR_END: AtomicU64 = AtomicU64::new(0);
+/// Each CPU's redistributor SGI frame, found by [`init_cpu`] (0: none yet).
+static SGI_FRAMES: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 /// Why the physical GIC cannot be used for guests.
 #[derive(Debug, Clone, Copy)]
@@ -181,14 +188,17 @@ pub fn init_cpu() -> Result<(), GicError> {
             return Err(GicError::WakeTimeout);
         }
     }
-    let ours = (1 << VTIMER_PPI) | (1 << MAINTENANCE_PPI);
+    let ours = (1 << VTIMER_PPI) | (1 << MAINTENANCE_PPI) | (1 << KICK_SGI) | (1 << HYP_TIMER_PPI);
     sgi.igroupr0.set(sgi.igroupr0.get() | ours);
-    for intid in [VTIMER_PPI, MAINTENANCE_PPI] {
+    for intid in [VTIMER_PPI, MAINTENANCE_PPI, KICK_SGI, HYP_TIMER_PPI] {
         let reg = &sgi.ipriorityr[(intid / 4) as usize];
         let shift = (intid % 4) * 8;
         reg.set((reg.get() & !(0xff << shift)) | (u32::from(PPI_PRIORITY) << shift));
     }
     sgi.isenabler0.set(ours);
+    if let Some(slot) = SGI_FRAMES.get(cpu_index()) {
+        slot.store(base + SGI_FRAME, Ordering::Release);
+    }
     // System registers at EL2 and (Enable) for EL1, which then reaches the virtual interface.
     ICC_SRE_EL2.write(ICC_SRE_EL2::SRE::SET + ICC_SRE_EL2::ENABLE::SET);
     aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
@@ -238,16 +248,46 @@ pub fn ack() -> u32 {
     v as u32 & 0xff_ffff
 }
 
+/// Sends [`KICK_SGI`] to the CPU whose MPIDR is `mpidr` (group 1, affinity-routed).
+pub fn kick(mpidr: u64) {
+    let aff0 = mpidr & 0xff;
+    let (aff1, aff2, aff3) = ((mpidr >> 8) & 0xff, (mpidr >> 16) & 0xff, (mpidr >> 32) & 0xff);
+    // ICC_SGI1R_EL1: Aff3 [55:48], RS [47:44] (which 16 of Aff0), Aff2 [39:32], INTID [27:24],
+    // Aff1 [23:16], TargetList [15:0].
+    let value = aff3 << 48
+        | (aff0 >> 4) << 44
+        | aff2 << 32
+        | u64::from(KICK_SGI) << 24
+        | aff1 << 16
+        | 1 << (aff0 & 0xf);
+
+    // SAFETY: ICC_SGI1R_EL1 at EL2 (physical interface): generates a group 1 SGI; the DSB makes
+    // the stores the receiver will look for visible before it can take the interrupt.
+    unsafe { core::arch::asm!("dsb ish", "msr S3_0_C12_C11_5, {}", "isb", in(reg) value, options(nostack)) };
+}
+
 /// Completes `intid` (priority drop and deactivation: EOImode 0).
 pub fn eoi(intid: u32) {
     // SAFETY: ICC_EOIR1_EL1 at EL2, for an INTID this CPU acknowledged.
     unsafe { core::arch::asm!("msr S3_0_C12_C12_1, {}", "isb", in(reg) u64::from(intid), options(nostack)) };
 }
 
-/// Masks the EL1 virtual timer's output (CNTV_CTL_EL0.IMASK): its interrupt line drops; the
-/// guest clears IMASK itself when it programs its next event.
-pub fn mask_vtimer() {
-    CNTV_CTL_EL0.modify(aarch64_cpu::registers::CNTV_CTL_EL0::IMASK::SET);
+/// Enables or disables PPI `intid` in this CPU's redistributor: how the virtual timer's line
+/// is held off while the guest has not dealt with its interrupt (its own `CNTV_CTL_EL0` stays
+/// as the guest wrote it).
+pub fn set_ppi_enabled(intid: u32, on: bool) {
+    let Some(frame) = SGI_FRAMES.get(cpu_index()).map(|f| f.load(Ordering::Acquire)).filter(|&f| f != 0)
+    else {
+        return;
+    };
+    // SAFETY: this CPU's redistributor SGI frame, mapped by `init` and found by `init_cpu`.
+    let sgi = unsafe { &*(frame as *const GicrSgiRegs) };
+    let bit = 1u32 << (intid % 32);
+    if on {
+        sgi.isenabler0.set(bit);
+    } else {
+        sgi.icenabler0.set(bit);
+    }
 }
 
 /// List registers this CPU implements (at most 16; Labyrinth uses the first 8).

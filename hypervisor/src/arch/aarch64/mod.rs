@@ -8,6 +8,7 @@ pub mod memory;
 pub mod mmu;
 pub mod power;
 pub mod stage2_hw;
+pub mod timer;
 pub mod vcpu;
 
 use aarch64_cpu::registers::{Readable, CNTFRQ_EL0, CNTPCT_EL0};

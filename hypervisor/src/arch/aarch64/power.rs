@@ -42,6 +42,18 @@ pub fn power_off() -> ! {
 
 /// Parks this CPU for good. WFI, not WFE: QEMU treats WFE as a mere yield, so a CPU parked
 /// in a WFE loop would spin a host core; WFI halts it until an interrupt, and none is enabled.
+/// Waits for an event (a `SEV` from another CPU, or any interrupt becoming pending): the
+/// caller re-checks what it waits for, since a wake-up may be spurious.
+pub fn wait_for_event() {
+    aarch64_cpu::asm::wfe();
+}
+
+/// Wakes every CPU waiting in [`wait_for_event`], after the stores before it are visible.
+pub fn send_event() {
+    aarch64_cpu::asm::barrier::dsb(aarch64_cpu::asm::barrier::ISH);
+    aarch64_cpu::asm::sev();
+}
+
 pub fn park() -> ! {
     loop {
         aarch64_cpu::asm::wfi();

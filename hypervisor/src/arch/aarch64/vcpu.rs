@@ -22,7 +22,7 @@
 //! all event counters given to it (HPMN = PMCR_EL0.N): one guest per CPU, nothing to switch.
 //! `CNTHCTL_EL2`: EL1 reads the physical counter, the physical timer traps (only the virtual
 //! timer's interrupt is delivered, see `gic`); `CNTVOFF_EL2` = 0. `VMPIDR_EL2`: the vCPU is
-//! Aff0 = 0 whatever CPU runs it, as its device tree says.
+//! Aff0 = its index in the guest whatever CPU runs it, as its device tree says.
 
 use aarch64_cpu::registers::{
     Readable, Writeable, CNTHCTL_EL2, CNTVOFF_EL2, CPTR_EL2, ELR_EL1, ESR_EL1, ESR_EL2, FAR_EL1, FAR_EL2,
@@ -32,6 +32,8 @@ use labyrinth::stage2::Geometry;
 
 use super::cpu::{cpu_index, EXCEPTION_STACK_TOP, STACKS, STACKS_STRIDE};
 use super::exception::TrapFrame;
+use super::{gic, timer};
+use labyrinth::vm::vcpu::{GuestRegs, VcpuHw};
 
 /// PSTATE a vCPU starts in: EL1h, all exceptions masked (boot protocol).
 pub const SPSR_EL1H_MASKED: u64 = 0x3c5;
@@ -39,8 +41,8 @@ pub const SPSR_EL1H_MASKED: u64 = 0x3c5;
 const SCTLR_EL1_RESET: u64 = 0x30d0_0800;
 const CPTR_EL2_RES1: u64 = 0x32ff;
 
-/// Programs the EL2 controls for running `vttbr`'s guest on this CPU.
-pub fn configure_el2(vttbr: u64, geo: Geometry) {
+/// Programs the EL2 controls for running vCPU `vcpu` of `vttbr`'s guest on this CPU.
+pub fn configure_el2(vttbr: u64, geo: Geometry, vcpu: usize) {
     HCR_EL2.write(
         HCR_EL2::VM::Enable
             + HCR_EL2::SWIO::SET
@@ -77,13 +79,13 @@ pub fn configure_el2(vttbr: u64, geo: Geometry) {
     // to a guest, so a guest must use the virtual timer, whose PPI 27 Labyrinth injects.
     CNTHCTL_EL2.write(CNTHCTL_EL2::EL1PCTEN::SET);
     CNTVOFF_EL2.set(0);
-    // The guest's only vCPU is vCPU 0 of its device tree: MPIDR_EL1 reads Aff0 = 0 (bit 31
-    // RES1), whichever physical CPU runs it; MIDR_EL1 reads the real CPU's.
+    // vCPU i is cpu@i of its device tree: MPIDR_EL1 reads Aff0 = i, Aff1-3 = 0 (bit 31 RES1),
+    // whichever physical CPU runs it; MIDR_EL1 reads the real CPU's.
     let midr: u64;
     // SAFETY: reads MIDR_EL1, writes VPIDR_EL2 and VMPIDR_EL2 (what EL1 reads as MIDR and MPIDR).
     unsafe {
         core::arch::asm!("mrs {m}, midr_el1", "msr vpidr_el2, {m}", "msr vmpidr_el2, {v}",
-            m = out(reg) midr, v = in(reg) 0x8000_0000u64, options(nomem, nostack));
+            m = out(reg) midr, v = in(reg) 0x8000_0000u64 | (vcpu as u64 & 0xff), options(nomem, nostack));
     }
     let _ = midr;
     aarch64_cpu::asm::barrier::isb(aarch64_cpu::asm::barrier::SY);
@@ -166,7 +168,7 @@ fn inject(frame: &mut TrapFrame, esr: u64, far: Option<u64>) {
 }
 
 /// A synchronous external abort on the access that trapped (data or instruction).
-pub fn inject_external_abort(frame: &mut TrapFrame, instruction: bool, trapped_esr: u64) {
+fn inject_external_abort(frame: &mut TrapFrame, instruction: bool, trapped_esr: u64) {
     let from_el0 = frame.spsr & 0xf == 0;
     let class: u64 = match (instruction, from_el0) {
         (true, true) => 0x20,
@@ -180,7 +182,7 @@ pub fn inject_external_abort(frame: &mut TrapFrame, instruction: bool, trapped_e
 }
 
 /// An UNDEFINED instruction exception for the trapped instruction.
-pub fn inject_undefined(frame: &mut TrapFrame) {
+fn inject_undefined(frame: &mut TrapFrame) {
     inject(frame, 1 << 25, None);
 }
 
@@ -205,37 +207,102 @@ extern "C" {
     fn enter_guest(frame: u64) -> !;
 }
 
-/// Sets `SCTLR_EL1` etc. back to reset and restarts the guest through `frame` (for a reset).
-pub fn restart(frame: &mut TrapFrame, pc: u64, x0: u64) {
-    reset_el1();
-    // SAFETY: runs on the exception stack (SP_EL2), so SP_EL0 is the guest's, free to reset.
-    unsafe { core::arch::asm!("msr sp_el0, xzr", options(nomem, nostack)) };
-    *frame = TrapFrame::entry(pc, x0, SPSR_EL1H_MASKED);
+/// What the fast path can serve, from the syndrome alone.
+pub enum FastTrap {
+    /// An HVC (ELR already past it).
+    Hvc,
+    /// A stage-2 translation fault (data or instruction, any level) at the page `ipa`.
+    TranslationFault {
+        ipa: u64,
+    },
+    Other,
 }
 
-/// The fast path for a guest's synchronous exception, with only x0-x18 and x30 saved in
-/// `frame`: a stage-2 translation fault (data or instruction) is offered to `vmm::fast_fault`,
-/// an HVC to `vmm::fast_hvc`; `false` sends everything else, and what they decline, to
-/// [`guest_trap`] with a full frame.
-#[no_mangle]
-extern "C" fn guest_fast(frame: &mut TrapFrame) -> bool {
+/// Classifies the trap being taken for the fast path (`guest_fast`, which the VMM provides).
+#[inline(always)]
+pub fn fast_trap() -> FastTrap {
     let esr = ESR_EL2.get();
     let class = esr >> 26;
-    // HVC (ELR already past it): PSCI calls that only return a value are answered here.
     if class == 0x16 {
-        return crate::vmm::fast_hvc(frame);
+        return FastTrap::Hvc;
     }
     // Data or instruction abort from EL1/EL0 with a translation fault at any level (FSC 0b0001xx).
     if (class != 0x24 && class != 0x20) || esr & 0x3c != 0x04 {
-        return false;
+        return FastTrap::Other;
     }
-    let ipa = ((HPFAR_EL2.get() >> 4) & ((1 << 40) - 1)) << 12;
-    crate::vmm::fast_fault(ipa)
+    FastTrap::TranslationFault { ipa: ((HPFAR_EL2.get() >> 4) & ((1 << 40) - 1)) << 12 }
 }
 
-/// Every guest exception lands here, on this CPU's exception stack, with the guest's registers
-/// in `frame`; what the frame holds on return is what the guest resumes with.
-#[no_mangle]
-extern "C" fn guest_trap(kind: u64, frame: &mut TrapFrame) {
-    crate::vmm::guest_trap(kind, frame);
+impl GuestRegs for TrapFrame {
+    #[inline(always)]
+    fn x(&self, r: u8) -> u64 {
+        self.x.get(r as usize).copied().unwrap_or(0)
+    }
+    #[inline(always)]
+    fn set_x(&mut self, r: u8, value: u64) {
+        if let Some(x) = self.x.get_mut(r as usize) {
+            *x = value;
+        }
+    }
+    fn pc(&self) -> u64 {
+        self.elr
+    }
+    fn skip_instruction(&mut self) {
+        self.elr += 4;
+    }
+}
+
+/// This CPU, as exit handling sees it (`vm::vcpu::VcpuHw`).
+pub struct Hw;
+
+impl VcpuHw for Hw {
+    type Regs = TrapFrame;
+    fn inject_external_abort(&mut self, regs: &mut TrapFrame, instruction: bool, esr: u64) {
+        inject_external_abort(regs, instruction, esr);
+    }
+    fn inject_undefined(&mut self, regs: &mut TrapFrame) {
+        inject_undefined(regs);
+    }
+    fn ack(&mut self) -> Option<u32> {
+        Some(gic::ack()).filter(|&i| i < gic::SPURIOUS)
+    }
+    fn eoi(&mut self, intid: u32) {
+        gic::eoi(intid);
+    }
+    fn lr_count(&self) -> usize {
+        gic::lr_count()
+    }
+    fn read_lrs(&mut self, lrs: &mut [u64]) {
+        gic::read_lrs(lrs);
+    }
+    fn write_lrs(&mut self, lrs: &[u64]) {
+        gic::write_lrs(lrs);
+    }
+    fn set_underflow(&mut self, on: bool) {
+        gic::set_underflow(on);
+    }
+    fn set_ppi_enabled(&mut self, intid: u32, on: bool) {
+        gic::set_ppi_enabled(intid, on);
+    }
+    fn counter(&self) -> u64 {
+        timer::counter()
+    }
+    fn vtimer_registers(&self) -> (u64, u64) {
+        timer::vtimer_registers()
+    }
+    fn set_hyp_timer(&mut self, deadline: Option<u64>) {
+        timer::set_hyp_timer(deadline);
+    }
+    fn kick(&mut self, cpu: usize) {
+        if let Some(mpidr) = super::cpu::mpidr_of(cpu) {
+            gic::kick(mpidr);
+        }
+    }
+    fn wake_waiters(&mut self) {
+        super::power::send_event();
+    }
+    fn console_line(&mut self, guest: &str, line: &[u8]) {
+        let text = core::str::from_utf8(line).unwrap_or("<non-UTF-8 output>");
+        super::console::raw_line(format_args!("[{guest}] {text}"));
+    }
 }

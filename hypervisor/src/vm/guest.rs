@@ -1,0 +1,154 @@
+//! What the vCPUs of one guest share: its configuration and layout, its stage-2 space, its
+//! memory budget, its devices (UART, virtual GIC), each vCPU's PSCI power state and its
+//! lifecycle. Reached through `&'static` from every CPU that runs one of its vCPUs, so every
+//! field is either fixed at creation, atomic, or behind a lock no fault path waits on.
+//!
+//! It decides nothing about a trap (that is `vm::exit`) and never touches hardware.
+
+use core::ops::Range;
+use core::sync::atomic::AtomicU64;
+
+use alloc::vec::Vec;
+use spin::Mutex;
+
+use super::budget::MemoryBudget;
+use super::layout::Layout;
+use super::lifecycle::Lifecycle;
+use super::vcpu::Stats;
+use super::vgic::VGic;
+use super::vpl011::VPl011;
+use super::vpsci::VcpuPowerStates;
+use crate::dt::GuestConfig;
+use crate::frame::{Owner, VmId};
+use crate::stage2::{Geometry, Stage2};
+
+/// Why a guest stopped, for its report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopCause {
+    SystemOff,
+    /// Its last running vCPU called CPU_OFF.
+    CpuOff,
+    OutOfMemory,
+    SError,
+    /// The host GIC could not be set up for its virtual GIC.
+    HostGic,
+    /// Its stage-2 space, VMID or device tree could not be made again after a reset.
+    ResetFailed,
+}
+
+/// The guest's stage-2 space and what is rebuilt with it on a reset.
+pub struct Space {
+    pub s2: Option<Stage2>,
+    pub vmid: u16,
+    /// The device tree the guest boots with (written again on a reset).
+    pub dtb: Vec<u8>,
+    pub resets: u32,
+    pub frames_returned: u64,
+}
+
+/// Why a guest cannot be made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmError {
+    /// A vCPU count PSCI or the virtual GIC cannot serve.
+    VcpuCount(usize),
+}
+
+impl core::fmt::Display for VmError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            VmError::VcpuCount(n) => write!(f, "cpus = {n}: not a vCPU count Labyrinth can run"),
+        }
+    }
+}
+
+/// One guest, shared by its vCPUs.
+pub struct Vm {
+    pub name: &'static str,
+    pub config: GuestConfig<'static>,
+    pub id: VmId,
+    pub layout: Layout,
+    pub geo: Geometry,
+    /// Its vCPUs run on physical CPUs `first_cpu..first_cpu + vcpus`.
+    pub first_cpu: usize,
+    pub vcpus: usize,
+    /// Faults take it with `try_lock` on the fast path (never waiting) and `lock` on the
+    /// general path; creation, reset and teardown hold it while every other vCPU is out.
+    pub space: Mutex<Space>,
+    /// `VTTBR_EL2` of the space (0 while it has none), read by each vCPU as it enters.
+    pub vttbr: AtomicU64,
+    pub uart: Mutex<VPl011>,
+    /// Its virtual GICv3 (unless the guest opted out).
+    pub vgic: Option<VGic>,
+    /// Frames promised to this guest at creation; every frame it draws is counted here first.
+    pub budget: MemoryBudget,
+    /// Each vCPU's PSCI power state and pending start.
+    pub power: VcpuPowerStates,
+    pub life: Lifecycle,
+    /// The counters of vCPUs that left the guest, for the report.
+    pub totals: Mutex<Stats>,
+}
+
+/// What a guest is made of, decided before it exists (see `Vm::new`).
+pub struct VmParts {
+    pub config: GuestConfig<'static>,
+    pub id: VmId,
+    pub layout: Layout,
+    pub geo: Geometry,
+    pub first_cpu: usize,
+    pub vmid: u16,
+    pub dtb: Vec<u8>,
+    pub budget: MemoryBudget,
+}
+
+impl Vm {
+    /// A guest with no stage-2 space yet, its vCPUs all off.
+    pub fn new(p: VmParts) -> Result<Vm, VmError> {
+        let vcpus = p.config.cpus as usize;
+        let power = VcpuPowerStates::new(vcpus).ok_or(VmError::VcpuCount(vcpus))?;
+        let vgic = match p.config.virtual_gic {
+            true => Some(VGic::new(vcpus).ok_or(VmError::VcpuCount(vcpus))?),
+            false => None,
+        };
+        Ok(Vm {
+            name: p.config.name,
+            config: p.config,
+            id: p.id,
+            layout: p.layout,
+            geo: p.geo,
+            first_cpu: p.first_cpu,
+            vcpus,
+            space: Mutex::new(Space { s2: None, vmid: p.vmid, dtb: p.dtb, resets: 0, frames_returned: 0 }),
+            vttbr: AtomicU64::new(0),
+            uart: Mutex::new(VPl011::new()),
+            vgic,
+            budget: p.budget,
+            power,
+            life: Lifecycle::new(),
+            totals: Mutex::new(Stats::default()),
+        })
+    }
+
+    /// The owner tag its frames carry.
+    pub fn owner(&self) -> Owner {
+        Owner::guest(self.id)
+    }
+
+    /// Its RAM's IPAs.
+    pub fn ram(&self) -> Range<u64> {
+        self.layout.ram_base..self.layout.ram_end()
+    }
+
+    /// The physical CPU that runs vCPU `vcpu`.
+    pub fn cpu_of(&self, vcpu: usize) -> usize {
+        self.first_cpu + vcpu
+    }
+
+    /// vCPU 0 starts at the kernel with x0 = the device tree, as a boot loader starts it: a
+    /// start request like any CPU_ON, which its CPU takes when it enters. Every vCPU must be
+    /// out of the guest (creation, reset).
+    pub fn boot_vcpu0(&self) -> bool {
+        self.power.reset();
+        self.power.cpu_off(0);
+        self.power.cpu_on(0, self.layout.kernel, self.layout.dtb).is_ok()
+    }
+}

@@ -1,0 +1,151 @@
+//! What one physical CPU owns of the vCPU it runs: its index in the guest, the CPU's frame
+//! pool handle, its counters, its emulated physical timer and the state of its timer lines
+//! at the host GIC. Only that CPU touches it; what the guest's vCPUs share is [`Vm`].
+//!
+//! It also says what a vCPU needs of the CPU under it ([`VcpuHw`]) and of the registers a trap
+//! saved ([`GuestRegs`]): the exit handling in `vm::exit` is written against those two traits,
+//! so it runs on the host in tests over fakes, and at EL2 over the arch's implementations.
+
+use super::guest::Vm;
+use super::vtimer::PhysTimer;
+use crate::frame::CpuFrames;
+
+/// The general-purpose registers and PC of a vCPU stopped by a trap.
+pub trait GuestRegs {
+    /// Register `r` (0-30); 31 is XZR and reads 0.
+    fn x(&self, r: u8) -> u64;
+    /// Writes register `r` (0-30); 31 (XZR) ignores it.
+    fn set_x(&mut self, r: u8, value: u64);
+    /// Where the guest resumes.
+    fn pc(&self) -> u64;
+    /// Resumes after the trapped instruction (every trapped instruction is 4 bytes).
+    fn skip_instruction(&mut self);
+}
+
+/// What exit handling needs of the CPU it runs on. Implemented by the arch over system
+/// registers and the host GIC; by tests over fakes. It never calls back into `vm`.
+pub trait VcpuHw {
+    type Regs: GuestRegs;
+    /// A synchronous external abort on the access that trapped (syndrome `esr`).
+    fn inject_external_abort(&mut self, regs: &mut Self::Regs, instruction: bool, esr: u64);
+    fn inject_undefined(&mut self, regs: &mut Self::Regs);
+    /// Acknowledges the highest-priority physical interrupt: `None` if none is pending.
+    fn ack(&mut self) -> Option<u32>;
+    fn eoi(&mut self, intid: u32);
+    /// The list registers this CPU offers (at most 16).
+    fn lr_count(&self) -> usize;
+    fn read_lrs(&mut self, lrs: &mut [u64]);
+    fn write_lrs(&mut self, lrs: &[u64]);
+    /// Asks for a maintenance interrupt when the list registers (nearly) empty.
+    fn set_underflow(&mut self, on: bool);
+    /// Enables or disables one of this CPU's PPIs at the host GIC.
+    fn set_ppi_enabled(&mut self, intid: u32, on: bool);
+    /// The system counter, as the guest reads it.
+    fn counter(&self) -> u64;
+    /// The guest's EL1 virtual timer: (`CNTV_CTL_EL0`, `CNTV_CVAL_EL0`).
+    fn vtimer_registers(&self) -> (u64, u64);
+    /// Arms this CPU's EL2 timer (PPI [`host_irq::HYP_TIMER`]) for `deadline`, or turns it off.
+    fn set_hyp_timer(&mut self, deadline: Option<u64>);
+    /// Sends the kick SGI to physical CPU `cpu`.
+    fn kick(&mut self, cpu: usize);
+    /// Wakes CPUs waiting for a vCPU to be started.
+    fn wake_waiters(&mut self);
+    /// One line of guest console output, tagged with the guest's name.
+    fn console_line(&mut self, guest: &str, line: &[u8]);
+}
+
+/// The physical interrupts a CPU running a vCPU takes at EL2.
+pub mod host_irq {
+    /// Another CPU takes this vCPU out of the guest (a stop, a reset, new virtual interrupts).
+    pub const KICK: u32 = 8;
+    /// The virtual CPU interface's maintenance interrupt.
+    pub const MAINTENANCE: u32 = 25;
+    /// The EL2 physical timer: stands for the guest's emulated EL1 physical timer.
+    pub const HYP_TIMER: u32 = 26;
+    /// The EL1 virtual timer.
+    pub const VTIMER: u32 = 27;
+    /// INTIDs from here on are special (1023: nothing pending).
+    pub const SPURIOUS: u32 = 1020;
+}
+
+/// A vCPU's counters, added into its guest's report when it leaves the guest.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stats {
+    pub page_faults: u64,
+    pub block_faults: u64,
+    pub aborts_injected: u64,
+    pub undefs_injected: u64,
+    pub mmio: u64,
+    pub hvc: u64,
+    pub smc: u64,
+    pub sysreg: u64,
+    /// Physical interrupts taken while it ran.
+    pub irqs: u64,
+    /// Virtual timer interrupts taken (each holds the line off until the guest deals with it).
+    pub vtimer: u64,
+    /// SGIs it sent.
+    pub sgis: u64,
+    pub vgic_mmio: u64,
+    /// Kicks taken: another CPU took this vCPU out of the guest.
+    pub kicks: u64,
+    /// vGIC maintenance interrupts (a level interrupt completed, list registers emptied).
+    pub maintenance: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.page_faults += o.page_faults;
+        self.block_faults += o.block_faults;
+        self.aborts_injected += o.aborts_injected;
+        self.undefs_injected += o.undefs_injected;
+        self.mmio += o.mmio;
+        self.hvc += o.hvc;
+        self.smc += o.smc;
+        self.sysreg += o.sysreg;
+        self.irqs += o.irqs;
+        self.vtimer += o.vtimer;
+        self.sgis += o.sgis;
+        self.vgic_mmio += o.vgic_mmio;
+        self.kicks += o.kicks;
+        self.maintenance += o.maintenance;
+    }
+}
+
+/// One vCPU of `vm`, on the CPU that runs it.
+pub struct Vcpu {
+    pub vm: &'static Vm,
+    pub index: usize,
+    /// The atomic path of this CPU.
+    pub pool: Option<CpuFrames<'static, 'static>>,
+    pub stats: Stats,
+    /// Aborts and undefined instructions are logged for the first few only.
+    pub logged: u32,
+    /// Its emulated EL1 physical timer.
+    pub ptimer: PhysTimer,
+    /// The virtual timer's PPI is disabled at the host GIC until the guest has dealt with its
+    /// interrupt (its line is resampled low).
+    pub vtimer_held: bool,
+}
+
+/// Warnings about one vCPU's refused accesses stop after this many.
+pub const LOG_LIMIT: u32 = 8;
+
+impl Vcpu {
+    pub fn new(vm: &'static Vm, index: usize, pool: Option<CpuFrames<'static, 'static>>) -> Vcpu {
+        Vcpu {
+            vm,
+            index,
+            pool,
+            stats: Stats::default(),
+            logged: 0,
+            ptimer: PhysTimer::new(),
+            vtimer_held: false,
+        }
+    }
+
+    /// The vCPU as a fresh start finds it (boot, CPU_ON, reset): timers idle, nothing held.
+    pub fn restart(&mut self) {
+        self.ptimer = PhysTimer::new();
+        self.vtimer_held = false;
+    }
+}
