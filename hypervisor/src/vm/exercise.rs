@@ -11,8 +11,10 @@ use std::format;
 use std::string::String;
 use std::vec::Vec;
 
+use super::exit::load_value;
 use super::trap::{decode, is_dc_set_way, is_gic_sgi_register, GuestTrap, MmioAccess};
 use super::vpl011::{VPl011, LINE_MAX};
+use super::vtimer::{self, PhysTimerReg};
 use crate::esr::Syndrome;
 
 macro_rules! ensure {
@@ -67,7 +69,8 @@ fn u64_at(data: &[u8], at: usize) -> u64 {
 }
 
 /// Trap decoding: `data` is ESR_EL2, FAR_EL2 and HPFAR_EL2 (8 bytes each, little-endian,
-/// zero-padded). Checks every field the decoder reports against the register layouts.
+/// zero-padded). Checks every field the decoder reports against the register layouts, and
+/// what an emulated MMIO load puts in the guest's register (`exit::load_value`).
 pub fn trap(data: &[u8]) -> Result<(), String> {
     let (esr, far, hpfar) = (u64_at(data, 0), u64_at(data, 8), u64_at(data, 16));
     let t = decode(esr, far, hpfar);
@@ -105,6 +108,19 @@ pub fn trap(data: &[u8]) -> Result<(), String> {
                 sixty_four: bit(esr::SF),
             });
             ensure!(access == want_access, "ESR {esr:#x}: access {access:?}, not {want_access:?}");
+            if let Some(a) = access {
+                // What a load puts in its register (FAR and HPFAR as device values): the low
+                // SAS bytes, sign- or zero-extended, a W register's upper half zero.
+                for v in [far, hpfar, !far] {
+                    let bits = 8 * u32::from(a.size);
+                    let low = if bits == 64 { v } else { v & ((1 << bits) - 1) };
+                    let ext =
+                        if a.sign_extend { ((low << (64 - bits)) as i64 >> (64 - bits)) as u64 } else { low };
+                    let want = if a.sixty_four { ext } else { ext & 0xffff_ffff };
+                    let got = load_value(a, v);
+                    ensure!(got == want, "{a:?} loading {v:#x} gives {got:#x}, not {want:#x}");
+                }
+            }
         }
         (esr::EC_HVC64, GuestTrap::Hvc { imm }) | (esr::EC_SMC64, GuestTrap::Smc { imm }) => {
             ensure!(u64::from(imm) == field(iss, 0, 16), "ESR {esr:#x}: immediate {imm:#x}");
@@ -135,7 +151,8 @@ pub fn trap(data: &[u8]) -> Result<(), String> {
 
 /// The system instructions a trapped MSR/MRS `encoding` (`GuestTrap::SysReg`) is classified
 /// as, against the encodings the Arm ARM gives them: DC ISW/CSW/CISW (op0 1, op1 0, CRn 7,
-/// op2 2, CRm 6/10/14) and ICC_SGI1R/ASGI1R/SGI0R_EL1 (op0 3, op1 0, CRn 12, CRm 11, op2 5-7).
+/// op2 2, CRm 6/10/14), ICC_SGI1R/ASGI1R/SGI0R_EL1 (op0 3, op1 0, CRn 12, CRm 11, op2 5-7)
+/// and CNTP_TVAL/CTL/CVAL_EL0 (op0 3, op1 3, CRn 14, CRm 2, op2 0/1/2).
 fn classify(encoding: u32) -> Result<(), String> {
     let e = u64::from(encoding);
     let (op0, op2, op1) = (field(e, esr::OP0, 2), field(e, esr::OP2, 3), field(e, esr::OP1, 3));
@@ -144,6 +161,11 @@ fn classify(encoding: u32) -> Result<(), String> {
     let sgi = op0 == 3 && op1 == 0 && crn == 12 && crm == 11 && matches!(op2, 5..=7);
     ensure!(is_dc_set_way(encoding) == set_way, "encoding {encoding:#x}: DC set/way {}", !set_way);
     ensure!(is_gic_sgi_register(encoding) == sgi, "encoding {encoding:#x}: SGI register {}", !sgi);
+    let timer = (op0 == 3 && op1 == 3 && crn == 14 && crm == 2).then_some(op2).and_then(|op2| {
+        [PhysTimerReg::Tval, PhysTimerReg::Ctl, PhysTimerReg::Cval].get(op2 as usize).copied()
+    });
+    let got = vtimer::classify(encoding);
+    ensure!(got == timer, "encoding {encoding:#x}: physical timer register {got:?}, not {timer:?}");
     Ok(())
 }
 
