@@ -264,6 +264,7 @@ pub fn pl011(data: &[u8]) -> Result<(), String> {
     let mut uart = VPl011::new();
     let mut reference = Pl011Reference::new();
     let mut lines: Vec<Vec<u8>> = Vec::new();
+    let mut checked = 0;
     for (n, a) in data.chunks_exact(7).enumerate() {
         let (write, size) = (a[0] & 1 != 0, 1u8 << ((a[0] >> 1) & 3));
         let offset = u64::from(u16::from_le_bytes([a[1], a[2]]) & 0x1fff);
@@ -276,7 +277,11 @@ pub fn pl011(data: &[u8]) -> Result<(), String> {
             let (got, want) = (uart.read(offset, size), reference.read(offset, size));
             ensure!(got == want, "access {n}: read of {size} at {offset:#x} gave {got:x?}, not {want:x?}");
         }
-        ensure!(lines == reference.lines, "access {n}: lines {lines:?}, not {:?}", reference.lines);
+        // Lines are compared as they come (the ones before were equal already).
+        if lines.len() != checked || reference.lines.len() != checked {
+            ensure!(lines == reference.lines, "access {n}: lines {lines:?}, not {:?}", reference.lines);
+            checked = lines.len();
+        }
     }
     uart.flush(&mut |l| lines.push(l.to_vec()));
     if !reference.line.is_empty() {
