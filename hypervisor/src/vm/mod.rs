@@ -3,6 +3,9 @@
 //! vCPU code runs guests and calls in here to decide what a trap means.
 
 pub mod budget;
+/// Fuzz harnesses for trap decoding and the PL011 (tests and the fuzz crate only).
+#[cfg(any(test, feature = "model"))]
+pub mod exercise;
 pub mod exit;
 pub mod fdt_gen;
 pub mod guest;
