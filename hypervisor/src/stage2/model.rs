@@ -906,7 +906,8 @@ impl Stage2Env for ModelEnv {
     fn write(&mut self, table: Pfn, index: usize, value: u64) {
         let info = self.info.get(&table.0).copied();
         let old = self.read(table, index);
-        if self.sabotage == Sabotage::DropBreak && info.is_some() && old & 1 != 0 && value == 0 {
+        // A break is any write that makes a valid entry invalid (zero, or locked for a change).
+        if self.sabotage == Sabotage::DropBreak && info.is_some() && old & 1 != 0 && value & 1 == 0 {
             return;
         }
         // A table a stale subtree holds keeps what the walk caches may have read from it: take
@@ -956,7 +957,7 @@ impl Stage2Env for ModelEnv {
 
     /// A table page never linked must come back as it was taken: zero, reachable from nowhere.
     fn return_unused_table(&mut self, vm: VmId, table: Pfn) {
-        if self.tables.get(&table.0).is_some_and(|t| t.iter().any(|&e| e != 0)) {
+        if self.mem.get(table.0).is_some_and(|t| t.iter().any(|&e| e != 0)) {
             self.violation(format!("{table} returned unused but written"));
         }
         self.free_table(vm, table);
