@@ -49,12 +49,12 @@ step "formatting and lints (rustfmt, clippy)" timeout 1200 scripts/lint.sh
 step "host tests" timeout 1200 cargo test --workspace
 # Criterion runs each benchmark once in test mode: a benchmark that no longer builds or runs fails.
 step "benchmarks, once each" timeout 600 cargo test -q -p labyrinth --benches
-step "loom model checks (frame pools, vCPU lifecycle, PSCI, vGIC mailboxes)" env RUSTFLAGS="--cfg loom" \
+step "loom model checks (frame pools, stage-2 installs, vCPU lifecycle, PSCI, vGIC mailboxes)" env RUSTFLAGS="--cfg loom" \
     timeout 1200 cargo test --release -p labyrinth --lib loom --target-dir target/loom
 step "build (aarch64)" no_warnings scripts/build.sh
 step "build guest kernels" scripts/build-guests.sh
 step "fetch the Linux guest kernel" scripts/fetch-linux.sh
-step "QEMU boot tests" timeout 900 python3 scripts/boot_tests.py
+step "QEMU boot tests" timeout 1500 python3 scripts/boot_tests.py
 step "fuzz targets build" timeout 900 scripts/fuzz.sh --build-all
 step "device-tree fuzz smoke" timeout 600 scripts/fuzz.sh dt_parse "${FUZZ_SECONDS:-30}"
 step "stage-2 fuzz smoke" timeout 600 scripts/fuzz.sh stage2_ops "${FUZZ_SECONDS:-30}"
