@@ -61,6 +61,7 @@ step "stage-2 fuzz smoke" timeout 600 scripts/fuzz.sh stage2_ops "${FUZZ_SECONDS
 step "trap decoding fuzz smoke" timeout 600 scripts/fuzz.sh trap_decode "${FUZZ_GUEST_SECONDS:-20}"
 step "system register fuzz smoke" timeout 600 scripts/fuzz.sh sysreg "${FUZZ_GUEST_SECONDS:-20}"
 step "PL011 fuzz smoke" timeout 600 scripts/fuzz.sh vpl011 "${FUZZ_GUEST_SECONDS:-20}"
+step "exit path fuzz smoke" timeout 600 scripts/fuzz.sh exit_path "${FUZZ_GUEST_SECONDS:-20}"
 
 echo "steps: $passed passed, $failed failed"
 exit $status

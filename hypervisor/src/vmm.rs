@@ -36,7 +36,7 @@ const BLOCK: u64 = level_size(2);
 
 /// One slot per CPU; a slot is written by the boot CPU before its CPU starts, and afterwards
 /// only by that CPU.
-struct PerCpu(UnsafeCell<[Option<Vcpu>; MAX_CPUS]>);
+struct PerCpu(UnsafeCell<[Option<Vcpu<'static>>; MAX_CPUS]>);
 
 // SAFETY: see `vcpu_slot`: each slot has a single user at any time.
 unsafe impl Sync for PerCpu {}
@@ -56,12 +56,12 @@ static FRAMES: core::sync::atomic::AtomicPtr<FrameManager<'static>> =
 /// # Safety
 /// Only CPU `cpu` may call this once it runs, and only the boot CPU before that (the CPU is not
 /// started yet); interrupts are masked at EL2, so no call overlaps another on a CPU.
-unsafe fn vcpu_slot(cpu: usize) -> Option<&'static mut Option<Vcpu>> {
+unsafe fn vcpu_slot(cpu: usize) -> Option<&'static mut Option<Vcpu<'static>>> {
     // SAFETY: per the contract, nobody else holds a reference into this slot.
     unsafe { (*VCPUS.0.get()).get_mut(cpu) }
 }
 
-fn this_vcpu() -> Option<&'static mut Vcpu> {
+fn this_vcpu() -> Option<&'static mut Vcpu<'static>> {
     // SAFETY: called only from this CPU's trap handler or guest entry, on its own slot.
     unsafe { vcpu_slot(arch::cpu_index()) }?.as_mut()
 }

@@ -11,11 +11,20 @@ use std::format;
 use std::string::String;
 use std::vec::Vec;
 
+use super::budget::MemoryBudget;
 use super::exit::load_value;
+use super::guest::{Vm, VmParts};
+use super::layout::Layout;
 use super::trap::{decode, is_dc_set_way, is_gic_sgi_register, GuestTrap, MmioAccess};
+use super::vcpu::{GuestRegs, VcpuHw};
+use super::vgic;
 use super::vpl011::{VPl011, LINE_MAX};
 use super::vtimer::{self, PhysTimerReg};
+use crate::dt::{GuestConfig, Module, ModuleKind, Region};
 use crate::esr::Syndrome;
+use crate::frame::VmId;
+use crate::stage2::model::ModelEnv;
+use crate::stage2::{Geometry, Stage2};
 
 macro_rules! ensure {
     ($cond:expr, $($msg:tt)+) => {
@@ -330,6 +339,31 @@ mod tests {
         replay("vpl011", pl011);
     }
 
+    #[test]
+    fn exit_path_corpus_and_regressions_replay() {
+        replay("exit_path", exit_path);
+    }
+
+    /// Pseudo-random byte strings (a fixed LCG: the same inputs every run) through the exit
+    /// path harness: what the fuzzer does, a little, in every `cargo test`.
+    #[test]
+    fn exit_path_survives_random_inputs() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2_000 {
+            let len = (state >> 33) as usize % 400;
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    state =
+                        state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                    (state >> 56) as u8
+                })
+                .collect();
+            if let Err(e) = exit_path(&data) {
+                panic!("{e} on {data:02x?}");
+            }
+        }
+    }
+
     /// Every MSR/MRS encoding (16 bits of fields) with Rt 0 and 31, both directions.
     #[test]
     fn every_system_register_encoding_is_classified_as_the_arm_arm_says() {
@@ -353,4 +387,347 @@ mod tests {
         }
         assert!(pl011(&data).is_ok());
     }
+}
+
+// A fake CPU and a test guest, for the exit handling's host tests and its fuzz harness.
+
+/// Guest RAM of the test guest, and where its kernel starts.
+pub const RAM: u64 = 0x4000_0000;
+pub const KERNEL: u64 = RAM + 0x8_0000;
+
+/// The registers a trap saved.
+#[derive(Default)]
+pub struct Regs {
+    pub x: [u64; 31],
+    pub pc: u64,
+}
+
+impl GuestRegs for Regs {
+    fn x(&self, r: u8) -> u64 {
+        self.x.get(r as usize).copied().unwrap_or(0)
+    }
+    fn set_x(&mut self, r: u8, value: u64) {
+        if let Some(x) = self.x.get_mut(r as usize) {
+            *x = value;
+        }
+    }
+    fn pc(&self) -> u64 {
+        self.pc
+    }
+    fn skip_instruction(&mut self) {
+        self.pc += 4;
+    }
+}
+
+/// What the handler did to the CPU, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Abort { instruction: bool },
+    Undefined,
+    Eoi(u32),
+    WriteLrs(Vec<u64>),
+    Ppi(u32, bool),
+    HypTimer(Option<u64>),
+    Kick(usize),
+    Wake,
+}
+
+#[derive(Default)]
+pub struct FakeCpu {
+    pub events: Vec<Event>,
+    pub pending: Vec<u32>,
+    pub lrs: [u64; 4],
+    pub now: u64,
+    pub vtimer: (u64, u64),
+    pub console: Vec<String>,
+}
+
+impl FakeCpu {
+    pub fn saw(&self, e: &Event) -> bool {
+        self.events.contains(e)
+    }
+    pub fn lr_intids(&self) -> Vec<u32> {
+        self.lrs
+            .iter()
+            .filter(|&&lr| lr & (vgic::LR_PENDING | vgic::LR_ACTIVE) != 0)
+            .map(|&lr| lr as u32)
+            .collect()
+    }
+}
+
+impl VcpuHw for FakeCpu {
+    type Regs = Regs;
+    fn inject_external_abort(&mut self, _: &mut Regs, instruction: bool, _: u64) {
+        self.events.push(Event::Abort { instruction });
+    }
+    fn inject_undefined(&mut self, _: &mut Regs) {
+        self.events.push(Event::Undefined);
+    }
+    fn ack(&mut self) -> Option<u32> {
+        (!self.pending.is_empty()).then(|| self.pending.remove(0))
+    }
+    fn eoi(&mut self, intid: u32) {
+        self.events.push(Event::Eoi(intid));
+    }
+    fn lr_count(&self) -> usize {
+        self.lrs.len()
+    }
+    fn read_lrs(&mut self, lrs: &mut [u64]) {
+        lrs.copy_from_slice(&self.lrs[..lrs.len()]);
+    }
+    fn write_lrs(&mut self, lrs: &[u64]) {
+        self.lrs[..lrs.len()].copy_from_slice(lrs);
+        self.events.push(Event::WriteLrs(lrs.to_vec()));
+    }
+    fn set_underflow(&mut self, _: bool) {}
+    fn set_ppi_enabled(&mut self, intid: u32, on: bool) {
+        self.events.push(Event::Ppi(intid, on));
+    }
+    fn counter(&self) -> u64 {
+        self.now
+    }
+    fn vtimer_registers(&self) -> (u64, u64) {
+        self.vtimer
+    }
+    fn set_hyp_timer(&mut self, deadline: Option<u64>) {
+        self.events.push(Event::HypTimer(deadline));
+    }
+    fn kick(&mut self, cpu: usize) {
+        self.events.push(Event::Kick(cpu));
+    }
+    fn wake_waiters(&mut self) {
+        self.events.push(Event::Wake);
+    }
+    fn console_line(&mut self, guest: &str, line: &[u8]) {
+        self.console.push(format!("[{guest}] {}", String::from_utf8_lossy(line)));
+    }
+}
+
+/// A guest of `vcpus` vCPUs on CPUs 4.., 64 MiB of RAM, with a virtual GIC or not; vCPU 0
+/// has its start request.
+pub fn test_guest(vcpus: u32, gic: bool) -> Vm {
+    let kernel =
+        Module { kind: ModuleKind::Kernel, region: Region::new(0x5000_0000, 0x1000).unwrap(), node: "k" };
+    let config = GuestConfig {
+        name: "g",
+        memory_kib: 64 * 1024,
+        cpus: vcpus,
+        kernel,
+        ramdisk: None,
+        device_tree: None,
+        bootargs: None,
+        no_block_mappings: false,
+        virtual_gic: gic,
+    };
+    let layout = Layout {
+        ram_base: RAM,
+        ram_size: 64 << 20,
+        kernel: KERNEL,
+        kernel_size: 0x1000,
+        ramdisk: None,
+        dtb: RAM + (62 << 20),
+    };
+    let (id, geo) = (VmId::new(1).unwrap(), Geometry::for_pa_bits(40));
+    let mut env = ModelEnv::new(RAM, 64);
+    let s2 = Stage2::new(&mut env, id, 1, geo).unwrap();
+    let parts = VmParts {
+        config,
+        id,
+        layout,
+        geo,
+        first_cpu: 4,
+        s2,
+        dtb: Vec::new(),
+        budget: MemoryBudget::new(100, 10).unwrap(),
+    };
+    let vm = Vm::new(parts).expect("a well-formed test guest");
+    assert!(vm.boot_vcpu0());
+    vm
+}
+
+/// The whole exit path of a 2-vCPU guest with a virtual GIC, driven by arbitrary bytes: MMIO
+/// to every device frame and beyond, PSCI calls, trapped system registers, physical
+/// interrupts, the counter and the virtual timer moving, the guest acknowledging and
+/// completing what its list registers hold, vCPUs starting. After every step: nothing
+/// panicked, an interrupt's state lives in one place (no SPI in both vCPUs' list registers,
+/// no interrupt twice in one vCPU's, nothing waiting in a list register and pending in the
+/// model at once), only the registers the architecture says changed, and the PC moved by 0
+/// or 4. A stop ends the input; a reset brings the guest back as firmware would.
+pub fn exit_path(data: &[u8]) -> Result<(), String> {
+    use super::exit::{handle_irq, handle_sync, Outcome};
+    use super::vcpu::{host_irq, Vcpu};
+    use crate::psci;
+
+    const OPS: usize = 256;
+    let vm = test_guest(2, true);
+    let g = vm.vgic.as_ref().ok_or("the test guest has a virtual GIC")?;
+    let mut cpus = [FakeCpu::default(), FakeCpu::default()];
+    let mut vcpus = [Vcpu::new(&vm, 0, None), Vcpu::new(&vm, 1, None)];
+    // Every register holds a value of its own, so that a write to the wrong one shows.
+    let mut regs = [Regs::default(), Regs::default()];
+    for (c, r) in regs.iter_mut().enumerate() {
+        for (i, x) in r.x.iter_mut().enumerate() {
+            *x = 0x5a00_0000_0000_0000 | (c as u64) << 8 | i as u64;
+        }
+    }
+    let mut input = data.iter().copied();
+    let mut byte = move || input.next();
+    for _ in 0..OPS {
+        let Some(op) = byte() else { break };
+        let mut arg = || byte().unwrap_or(0);
+        let v = usize::from(op >> 7);
+        let (vcpu, cpu, r) = (&mut vcpus[v], &mut cpus[v], &mut regs[v]);
+        let mut before = (r.x, r.pc);
+        let mut may_change = [false; 31];
+        let word = |b: &mut dyn FnMut() -> u8| (0..8).fold(0u64, |w, i| w | u64::from(b()) << (8 * i));
+        let outcome = match op & 7 {
+            0 => {
+                let base = match arg() % 8 {
+                    0 => super::layout::UART_BASE,
+                    1 => vgic::GICD_BASE,
+                    n @ 2..=5 => vgic::GICR_BASE + u64::from(n - 2) * 0x1_0000,
+                    6 => vgic::GICR_BASE + 2 * vgic::GICR_SIZE,
+                    _ => RAM + (64 << 20),
+                };
+                let offset = u64::from(u16::from_le_bytes([arg(), arg()]));
+                let shape = arg();
+                let (write, reg) = (shape & 4 != 0, arg() % 32);
+                let (sign, sixty_four) = (shape & 8 != 0, shape & 16 != 0);
+                r.set_x(reg, word(&mut arg));
+                before = (r.x, r.pc);
+                let ipa = base + offset;
+                let esr = (0x24 << 26)
+                    | (1 << 25)
+                    | (1 << 24)
+                    | (u64::from(shape & 3) << 22)
+                    | (u64::from(sign) << 21)
+                    | (u64::from(reg) << 16)
+                    | (u64::from(sixty_four) << 15)
+                    | (u64::from(write) << 6)
+                    | 0x07;
+                // A load writes its register; a store writes none.
+                if let Some(x) = may_change.get_mut(usize::from(reg)) {
+                    *x = !write;
+                }
+                handle_sync(vcpu, r, cpu, esr, ipa, (ipa >> 12) << 4)
+            }
+            1 => {
+                let fids = [
+                    psci::PSCI_VERSION,
+                    psci::PSCI_FEATURES,
+                    psci::CPU_ON_64,
+                    psci::CPU_ON_32,
+                    psci::AFFINITY_INFO_64,
+                    psci::AFFINITY_INFO_32,
+                    psci::CPU_OFF,
+                    psci::SYSTEM_OFF,
+                    psci::SYSTEM_RESET,
+                    psci::CPU_SUSPEND_64,
+                    psci::MIGRATE_INFO_TYPE,
+                ];
+                let pick = arg();
+                let fid = fids.get(usize::from(pick) % 16).copied().map_or_else(|| word(&mut arg), u64::from);
+                let target = u64::from(arg() % 4);
+                let entry = if arg() & 1 == 0 { KERNEL } else { word(&mut arg) };
+                r.x[..4].copy_from_slice(&[fid, target, entry, u64::from(arg())]);
+                before = (r.x, r.pc);
+                may_change[0] = true;
+                handle_sync(vcpu, r, cpu, (0x16 << 26) | (1 << 25), 0, 0)
+            }
+            2 => {
+                let encodings = [
+                    vtimer::sysreg_encoding(3, 0, 12, 11, 5),
+                    vtimer::sysreg_encoding(3, 0, 12, 11, 6),
+                    vtimer::sysreg_encoding(3, 0, 12, 11, 7),
+                    vtimer::CNTP_CTL_EL0,
+                    vtimer::CNTP_CVAL_EL0,
+                    vtimer::CNTP_TVAL_EL0,
+                ];
+                let pick = arg();
+                let encoding = encodings
+                    .get(usize::from(pick) % 8)
+                    .copied()
+                    .unwrap_or_else(|| u32::from_le_bytes([arg(), arg(), arg(), 0]) & 0x3f_fc1e);
+                let (read, reg) = (arg() & 1 != 0, arg() % 32);
+                r.set_x(reg, word(&mut arg));
+                before = (r.x, r.pc);
+                // A read (MRS) writes its register; a write (MSR) writes none.
+                if let Some(x) = may_change.get_mut(usize::from(reg)) {
+                    *x = read;
+                }
+                let esr =
+                    (0x18 << 26) | (1 << 25) | u64::from(encoding) | (u64::from(reg) << 5) | u64::from(read);
+                handle_sync(vcpu, r, cpu, esr, 0, 0)
+            }
+            3 | 7 => {
+                let irqs = [host_irq::KICK, host_irq::MAINTENANCE, host_irq::VTIMER, host_irq::HYP_TIMER];
+                if op & 7 == 3 {
+                    let pick = arg();
+                    cpu.pending.push(irqs.get(usize::from(pick) % 5).copied().unwrap_or(u32::from(pick)));
+                }
+                handle_irq(vcpu, cpu)
+            }
+            4 => {
+                cpu.now += u64::from(arg()) * 1000;
+                let ctl = u64::from(arg() & 7);
+                cpu.vtimer = (ctl, cpu.now.wrapping_add_signed(i64::from(arg() as i8) * 100));
+                Outcome::Resume
+            }
+            5 => {
+                // The guest acknowledges (pending to active) or completes (active to invalid).
+                let lr = &mut cpu.lrs[usize::from(arg() % 4)];
+                if *lr & vgic::LR_ACTIVE != 0 && *lr & vgic::LR_PENDING == 0 {
+                    *lr &= !vgic::LR_ACTIVE;
+                } else if *lr & vgic::LR_PENDING != 0 {
+                    *lr = (*lr & !vgic::LR_PENDING) | vgic::LR_ACTIVE;
+                }
+                Outcome::Resume
+            }
+            _ => {
+                let _ = vm.power.enter(v);
+                Outcome::Resume
+            }
+        };
+        // Registers: only those the trap may write changed; the PC by 0 or 4.
+        let pc_moved = r.pc.wrapping_sub(before.1);
+        ensure!(pc_moved == 0 || pc_moved == 4, "op {op:#x}: PC moved by {pc_moved:#x}");
+        for (i, (&now, &was)) in r.x.iter().zip(before.0.iter()).enumerate() {
+            ensure!(now == was || may_change[i], "op {op:#x}: x{i} changed from {was:#x} to {now:#x}");
+        }
+        // One place for every interrupt.
+        for (c, cpu) in cpus.iter().enumerate() {
+            let held: Vec<(u32, u64)> =
+                cpu.lrs.iter().filter(|&&lr| lr & vgic::LR_STATE != 0).map(|&lr| (lr as u32, lr)).collect();
+            for (i, &(intid, lr)) in held.iter().enumerate() {
+                ensure!((intid as usize) < vgic::NR_IRQS, "cpu {c}: INTID {intid} in a list register");
+                ensure!(
+                    !held[i + 1..].iter().any(|&(other, _)| other == intid),
+                    "cpu {c}: INTID {intid} in two list registers"
+                );
+                if lr & vgic::LR_STATE == vgic::LR_PENDING {
+                    ensure!(
+                        !g.is_pending(c, intid),
+                        "vCPU {c}: INTID {intid} pending in a list register and the model"
+                    );
+                }
+                if intid >= 32 {
+                    let other = &cpus[1 - c].lrs;
+                    ensure!(
+                        !other.iter().any(|&l| l & vgic::LR_STATE != 0 && l as u32 == intid),
+                        "SPI {intid} in both vCPUs' list registers"
+                    );
+                }
+            }
+        }
+        match outcome {
+            Outcome::Stop(_) => break,
+            Outcome::Reset => {
+                g.reset();
+                cpus = [FakeCpu::default(), FakeCpu::default()];
+                ensure!(vm.boot_vcpu0(), "vCPU 0 restarts after a reset");
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }

@@ -2,172 +2,20 @@
 //! fake CPU that records what the handler asked of it.
 
 use std::boxed::Box;
-use std::string::String;
-use std::vec::Vec;
 
-use super::budget::MemoryBudget;
+use super::exercise::{test_guest, Event, FakeCpu, Regs, KERNEL, RAM};
 use super::exit::{self, handle_irq, handle_sync, Outcome};
-use super::guest::{StopCause, Vm, VmParts};
-use super::layout::{Layout, UART_BASE};
+use super::guest::{StopCause, Vm};
+use super::layout::UART_BASE;
 use super::trap::MmioAccess;
-use super::vcpu::{host_irq, GuestRegs, Vcpu, VcpuHw};
+use super::vcpu::{host_irq, Vcpu};
 use super::vgic::{self, GICD_BASE, GICR_BASE};
 use super::vpsci::PowerState;
 use super::vtimer;
-use crate::dt::{GuestConfig, Module, ModuleKind, Region};
-use crate::frame::VmId;
-use crate::stage2::model::ModelEnv;
-use crate::stage2::{Geometry, Stage2};
 
-const RAM: u64 = 0x4000_0000;
-const KERNEL: u64 = RAM + 0x8_0000;
-
-#[derive(Default)]
-struct Regs {
-    x: [u64; 31],
-    pc: u64,
-}
-
-impl GuestRegs for Regs {
-    fn x(&self, r: u8) -> u64 {
-        self.x.get(r as usize).copied().unwrap_or(0)
-    }
-    fn set_x(&mut self, r: u8, value: u64) {
-        if let Some(x) = self.x.get_mut(r as usize) {
-            *x = value;
-        }
-    }
-    fn pc(&self) -> u64 {
-        self.pc
-    }
-    fn skip_instruction(&mut self) {
-        self.pc += 4;
-    }
-}
-
-/// What the handler did to the CPU, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Event {
-    Abort { instruction: bool },
-    Undefined,
-    Eoi(u32),
-    WriteLrs(Vec<u64>),
-    Ppi(u32, bool),
-    HypTimer(Option<u64>),
-    Kick(usize),
-    Wake,
-}
-
-#[derive(Default)]
-struct FakeCpu {
-    events: Vec<Event>,
-    pending: Vec<u32>,
-    lrs: [u64; 4],
-    now: u64,
-    vtimer: (u64, u64),
-    console: Vec<String>,
-}
-
-impl FakeCpu {
-    fn saw(&self, e: &Event) -> bool {
-        self.events.contains(e)
-    }
-    fn lr_intids(&self) -> Vec<u32> {
-        self.lrs
-            .iter()
-            .filter(|&&lr| lr & (vgic::LR_PENDING | vgic::LR_ACTIVE) != 0)
-            .map(|&lr| lr as u32)
-            .collect()
-    }
-}
-
-impl VcpuHw for FakeCpu {
-    type Regs = Regs;
-    fn inject_external_abort(&mut self, _: &mut Regs, instruction: bool, _: u64) {
-        self.events.push(Event::Abort { instruction });
-    }
-    fn inject_undefined(&mut self, _: &mut Regs) {
-        self.events.push(Event::Undefined);
-    }
-    fn ack(&mut self) -> Option<u32> {
-        (!self.pending.is_empty()).then(|| self.pending.remove(0))
-    }
-    fn eoi(&mut self, intid: u32) {
-        self.events.push(Event::Eoi(intid));
-    }
-    fn lr_count(&self) -> usize {
-        self.lrs.len()
-    }
-    fn read_lrs(&mut self, lrs: &mut [u64]) {
-        lrs.copy_from_slice(&self.lrs[..lrs.len()]);
-    }
-    fn write_lrs(&mut self, lrs: &[u64]) {
-        self.lrs[..lrs.len()].copy_from_slice(lrs);
-        self.events.push(Event::WriteLrs(lrs.to_vec()));
-    }
-    fn set_underflow(&mut self, _: bool) {}
-    fn set_ppi_enabled(&mut self, intid: u32, on: bool) {
-        self.events.push(Event::Ppi(intid, on));
-    }
-    fn counter(&self) -> u64 {
-        self.now
-    }
-    fn vtimer_registers(&self) -> (u64, u64) {
-        self.vtimer
-    }
-    fn set_hyp_timer(&mut self, deadline: Option<u64>) {
-        self.events.push(Event::HypTimer(deadline));
-    }
-    fn kick(&mut self, cpu: usize) {
-        self.events.push(Event::Kick(cpu));
-    }
-    fn wake_waiters(&mut self) {
-        self.events.push(Event::Wake);
-    }
-    fn console_line(&mut self, guest: &str, line: &[u8]) {
-        self.console.push(format!("[{guest}] {}", String::from_utf8_lossy(line)));
-    }
-}
-
-/// A guest of `vcpus` vCPUs on CPUs 4.., 64 MiB of RAM, with a virtual GIC or not.
+/// A guest of `vcpus` vCPUs, with a virtual GIC or not, for the rest of the test run.
 fn guest(vcpus: u32, gic: bool) -> &'static Vm {
-    let kernel =
-        Module { kind: ModuleKind::Kernel, region: Region::new(0x5000_0000, 0x1000).unwrap(), node: "k" };
-    let config = GuestConfig {
-        name: "g",
-        memory_kib: 64 * 1024,
-        cpus: vcpus,
-        kernel,
-        ramdisk: None,
-        device_tree: None,
-        bootargs: None,
-        no_block_mappings: false,
-        virtual_gic: gic,
-    };
-    let layout = Layout {
-        ram_base: RAM,
-        ram_size: 64 << 20,
-        kernel: KERNEL,
-        kernel_size: 0x1000,
-        ramdisk: None,
-        dtb: RAM + (62 << 20),
-    };
-    let (id, geo) = (VmId::new(1).unwrap(), Geometry::for_pa_bits(40));
-    let mut env = ModelEnv::new(RAM, 64);
-    let s2 = Stage2::new(&mut env, id, 1, geo).unwrap();
-    let parts = VmParts {
-        config,
-        id,
-        layout,
-        geo,
-        first_cpu: 4,
-        s2,
-        dtb: Vec::new(),
-        budget: MemoryBudget::new(100, 10).unwrap(),
-    };
-    let vm: &'static Vm = Box::leak(Box::new(Vm::new(parts).unwrap()));
-    assert!(vm.boot_vcpu0());
-    vm
+    Box::leak(Box::new(test_guest(vcpus, gic)))
 }
 
 // Syndromes (ESR_EL2) of the traps the tests take.

@@ -115,9 +115,9 @@ impl Stats {
     }
 }
 
-/// One vCPU of `vm`, on the CPU that runs it.
-pub struct Vcpu {
-    pub vm: &'static Vm,
+/// One vCPU of `vm`, on the CPU that runs it (`'static` at EL2: guests live for the run).
+pub struct Vcpu<'a> {
+    pub vm: &'a Vm,
     pub index: usize,
     /// The atomic path of this CPU.
     pub pool: Option<CpuFrames<'static, 'static>>,
@@ -136,8 +136,8 @@ pub struct Vcpu {
 /// Warnings about one vCPU's refused accesses stop after this many.
 pub const LOG_LIMIT: u32 = 8;
 
-impl Vcpu {
-    pub fn new(vm: &'static Vm, index: usize, pool: Option<CpuFrames<'static, 'static>>) -> Vcpu {
+impl<'a> Vcpu<'a> {
+    pub fn new(vm: &'a Vm, index: usize, pool: Option<CpuFrames<'static, 'static>>) -> Vcpu<'a> {
         Vcpu {
             vm,
             index,

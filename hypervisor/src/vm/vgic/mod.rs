@@ -43,7 +43,7 @@ use spin::Mutex;
 pub use super::vcpu_set::VcpuSet;
 use bank::bit;
 use dist::{Distributor, Touched};
-pub use lr::{LR_ACTIVE, LR_EOI, LR_GROUP1, LR_INTID, LR_PENDING, LR_PRIORITY_SHIFT};
+pub use lr::{LR_ACTIVE, LR_EOI, LR_GROUP1, LR_INTID, LR_PENDING, LR_PRIORITY_SHIFT, LR_STATE};
 use mailbox::Mailbox;
 use redist::Redistributor;
 pub use sgi::sgi_targets;
