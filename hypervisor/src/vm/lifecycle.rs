@@ -4,15 +4,17 @@
 //! It owns one rule: a guest's memory is taken apart (stop, reset) only once every other vCPU
 //! is out of the guest and cannot go back in. Each vCPU announces itself before it enters and
 //! then re-checks the life word; the vCPU stopping the guest changes the life word first and
-//! then reads the announcements. Both sides are sequentially consistent, so at least one of
-//! them sees the other: either the entering vCPU sees the stop and stays out, or the stopping
-//! vCPU sees it inside and kicks it out (its caller sends a physical SGI and asks again).
+//! then reads the announcements. A sequentially consistent fence stands between each side's
+//! write and its read (`DMB ISH`), so at least one of them sees the other: either the entering
+//! vCPU sees the stop and stays out, or the stopping vCPU sees it inside and kicks it out (its
+//! caller sends a physical SGI and asks again). Fences, not SeqCst accesses: the pattern is
+//! store-then-load on both sides, which is what the fences order (and what loom can check).
 //! It never waits itself, kicks or touches a CPU: the caller does, with what [`inside`]
 //! tells it.
 //!
 //! [`inside`]: Lifecycle::inside
 
-use super::sync::{AtomicBool, AtomicU8, Ordering};
+use super::sync::{fence, AtomicBool, AtomicU8, Ordering};
 use super::VcpuSet;
 use crate::dt::MAX_VCPUS;
 
@@ -47,7 +49,7 @@ impl Lifecycle {
     }
 
     pub fn life(&self) -> Life {
-        match self.life.load(Ordering::SeqCst) {
+        match self.life.load(Ordering::Acquire) {
             0 => Life::Running,
             1 => Life::Stopping,
             _ => Life::Stopped,
@@ -58,25 +60,27 @@ impl Lifecycle {
     /// until [`Lifecycle::leave`]), `false` if the guest is not running (it stays out).
     pub fn try_enter(&self, vcpu: usize) -> bool {
         let Some(flag) = self.in_guest.get(vcpu) else { return false };
-        flag.store(true, Ordering::SeqCst);
+        flag.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
         if self.life() == Life::Running {
             return true;
         }
-        flag.store(false, Ordering::SeqCst);
+        flag.store(false, Ordering::Release);
         false
     }
 
     /// vCPU `vcpu` is out of the guest.
     pub fn leave(&self, vcpu: usize) {
+        // Release: what the vCPU did inside happens before a stopper that sees it out.
         if let Some(flag) = self.in_guest.get(vcpu) {
-            flag.store(false, Ordering::SeqCst);
+            flag.store(false, Ordering::Release);
         }
     }
 
     /// vCPU `vcpu` asks to stop or reset a running guest: `true` for exactly one caller, which
     /// then counts as out of the guest; the others (and any later caller) get `false`.
     pub fn begin_stop(&self, vcpu: usize) -> bool {
-        let won = self.life.compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+        let won = self.life.compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire).is_ok();
         if won {
             self.leave(vcpu);
         }
@@ -85,9 +89,11 @@ impl Lifecycle {
 
     /// The vCPUs among the first `vcpus` that are still inside the guest.
     pub fn inside(&self, vcpus: usize) -> VcpuSet {
+        // Between the stopper's change of the life word and these reads (see the module doc).
+        fence(Ordering::SeqCst);
         let mut set = VcpuSet::EMPTY;
         for (i, flag) in self.in_guest.iter().enumerate().take(vcpus) {
-            if flag.load(Ordering::SeqCst) {
+            if flag.load(Ordering::Acquire) {
                 set = set.with(i);
             }
         }
@@ -96,7 +102,7 @@ impl Lifecycle {
 
     /// The stopping vCPU is done: the guest runs again (after a reset) or is stopped for good.
     pub fn finish(&self, running_again: bool) {
-        self.life.store(if running_again { 0 } else { 2 }, Ordering::SeqCst);
+        self.life.store(if running_again { 0 } else { 2 }, Ordering::Release);
     }
 }
 

@@ -3,7 +3,7 @@
 //! Everything in `vm` that is shared between CPUs goes through these names.
 
 #[cfg(all(loom, test))]
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+pub(crate) use loom::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
 
 #[cfg(not(all(loom, test)))]
-pub(crate) use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+pub(crate) use core::sync::atomic::{fence, AtomicBool, AtomicU8, Ordering};
