@@ -213,7 +213,7 @@ fn build_inner(
     let dtb = fdt_gen::generate(&layout, vcpus, cfg.bootargs, 0, cfg.virtual_gic)
         .map_err(|_| format!("cannot write its device tree"))?;
     let id = VmId::new(first_cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
-    let budget = promise_memory(cfg.name, &layout, geo)?;
+    let budget = promise_memory(cfg, &layout, geo)?;
     let Some(vmid) = VMIDS.lock().alloc() else {
         frames().uncommit(budget.promised());
         return Err(format!("no VMID left"));
@@ -240,10 +240,19 @@ fn build_inner(
 /// Promises the guest the frames its RAM and their stage-2 tables can take, or what is left if
 /// that is less (an overcommitted guest: it is stopped when it touches more). Promises are
 /// made in configuration order, so the guests named first are the ones served in full.
-fn promise_memory(name: &str, layout: &Layout, geo: Geometry) -> Result<MemoryBudget, BuildError> {
+fn promise_memory(
+    cfg: &GuestConfig<'static>,
+    layout: &Layout,
+    geo: Geometry,
+) -> Result<MemoryBudget, BuildError> {
+    let name = cfg.name;
     let pages = (layout.ram_size / FRAME_SIZE) as usize;
     let tables = geo.max_table_pages(layout.ram_base, layout.ram_size);
-    let promised = frames().commit(pages + tables);
+    // Each other vCPU may hold one unit it then gives back (it lost the entry to a vCPU that
+    // mapped its own): room for that, so a race never runs a covered guest out of memory.
+    let unit = if cfg.no_block_mappings { 1 } else { BLOCK_FRAMES };
+    let in_flight = (cfg.cpus as usize).saturating_sub(1) * unit;
+    let promised = frames().commit(pages + in_flight + tables);
     let Some(budget) = MemoryBudget::new(promised, tables) else {
         frames().uncommit(promised);
         return Err(alloc::format!(
@@ -662,10 +671,13 @@ fn demand_fault(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64) {
         }
     }
     if !vm.budget.take(1) {
+        let audit = frames.audit(None);
+        let held = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory);
         error!(
-            "guest {}: out of memory at IPA {ipa:#x}: the {} KiB promised to it are used up",
+            "guest {}: out of memory at IPA {ipa:#x}: the {} KiB promised to it are used up ({} frames counted, {held} held)",
             vm.name,
-            vm.budget.pages() * 4
+            vm.budget.pages() * 4,
+            vm.budget.used()
         );
         stop(vcpu, StopCause::OutOfMemory);
     }

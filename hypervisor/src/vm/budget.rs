@@ -8,7 +8,10 @@
 //!
 //! The vCPUs of one guest draw from it at once, each on its own CPU and with no lock: the
 //! count is one atomic, taken by compare-and-swap, so it never goes below zero and two vCPUs
-//! can never both take the last frames.
+//! can never both take the last frames. A vCPU counts its frames before it knows whether it
+//! wins the entry, and gives them back if another vCPU mapped the same IPA first; the promise
+//! a guest with several vCPUs is given (`vmm::promise_memory`) includes room for one such
+//! unit (a page, or a block) per other vCPU, so a transient count never runs it out.
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
