@@ -442,7 +442,8 @@ extern "C" fn guest_trap(kind: u64, frame: &mut TrapFrame) {
 }
 
 /// The fast path for a guest's synchronous exception, from the arch's vectors with only
-/// x0-x18 and x30 saved in `frame`: a stage-2 translation fault goes to [`fast_fault`], an HVC
+/// x0-x18 and x30 saved in `frame`: a stage-2 translation fault goes to
+/// [`fast_translation_fault`], an HVC
 /// to the PSCI query; `false` sends everything else, and what they decline, to [`guest_trap`]
 /// with a full frame.
 #[no_mangle]
