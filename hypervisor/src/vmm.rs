@@ -443,9 +443,8 @@ extern "C" fn guest_trap(kind: u64, frame: &mut TrapFrame) {
 
 /// The fast path for a guest's synchronous exception, from the arch's vectors with only
 /// x0-x18 and x30 saved in `frame`: a stage-2 translation fault goes to
-/// [`fast_translation_fault`], an HVC
-/// to the PSCI query; `false` sends everything else, and what they decline, to [`guest_trap`]
-/// with a full frame.
+/// [`fast_translation_fault`], an HVC to the PSCI query; `false` sends everything else, and
+/// what they decline, to [`guest_trap`] with a full frame.
 #[no_mangle]
 extern "C" fn guest_fast(frame: &mut TrapFrame) -> bool {
     match arch::fast_trap() {
