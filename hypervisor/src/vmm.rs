@@ -24,6 +24,7 @@ use labyrinth::vm::exit::{self, Outcome};
 use labyrinth::vm::guest::{Boot, VmParts};
 use labyrinth::vm::layout::{self, Layout};
 use labyrinth::vm::lifecycle::Life;
+use labyrinth::vm::vcpu::VcpuHw;
 use labyrinth::vm::vpsci::{PowerState, StartRequest};
 use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
 use labyrinth::vm::{StopCause, Vcpu, VcpuSet, Vm};
@@ -737,9 +738,7 @@ fn take_guest_down(vcpu: &mut Vcpu) -> bool {
             // re-entered sees the stop on entry, so this is only a guard against a lost SGI.
             if !kicked.contains(i) || rounds % 100_000 == 0 {
                 kicked = kicked.with(i);
-                if let Some(mpidr) = arch::mpidr_of(vm.cpu_of(i)) {
-                    arch::gic::kick(mpidr);
-                }
+                VcpuHw::kick(&mut arch::Hw, vm.cpu_of(i));
             }
         }
         rounds += 1;
@@ -758,7 +757,7 @@ fn take_guest_down(vcpu: &mut Vcpu) -> bool {
 /// of the guest out of it.
 fn reclaim(vm: &Vm, destroy_space: bool) -> u64 {
     let name = vm.name;
-    vm.uart.lock().flush(&mut |line| labyrinth::vm::vcpu::VcpuHw::console_line(&mut arch::Hw, name, line));
+    vm.uart.lock().flush(&mut |line| VcpuHw::console_line(&mut arch::Hw, name, line));
     let mut env = env(vm);
     let frames = frames();
     let owner = vm.owner();

@@ -259,9 +259,12 @@ fn physical_timer<H: VcpuHw>(
 pub fn handle_irq<H: VcpuHw>(vcpu: &mut Vcpu, hw: &mut H) -> Outcome {
     // Bounded: each INTID is completed before the next acknowledge and none of them comes
     // back once handled, so more than a few rounds means a misbehaving GIC.
+    // Whether the list registers are up to date with everything handled so far.
+    let mut synced = false;
     for _ in 0..16 {
         let Some(intid) = hw.ack() else { break };
         vcpu.stats.irqs += 1;
+        synced = false;
         match intid {
             host_irq::KICK => vcpu.stats.kicks += 1,
             // Its condition (a completed level interrupt, empty list registers) holds until
@@ -269,6 +272,7 @@ pub fn handle_irq<H: VcpuHw>(vcpu: &mut Vcpu, hw: &mut H) -> Outcome {
             host_irq::MAINTENANCE => {
                 vcpu.stats.maintenance += 1;
                 sync_vgic(vcpu, hw);
+                synced = true;
             }
             host_irq::VTIMER => {
                 hw.set_ppi_enabled(host_irq::VTIMER, false);
@@ -281,7 +285,9 @@ pub fn handle_irq<H: VcpuHw>(vcpu: &mut Vcpu, hw: &mut H) -> Outcome {
         }
         hw.eoi(intid);
     }
-    sync_vgic(vcpu, hw);
+    if !synced {
+        sync_vgic(vcpu, hw);
+    }
     Outcome::Resume
 }
 

@@ -206,6 +206,8 @@ fn a_maintenance_interrupt_rewrites_the_list_registers_before_it_is_completed() 
     let write = cpu.events.iter().position(|e| matches!(e, Event::WriteLrs(_))).unwrap();
     assert!(write < eoi, "{:?}", cpu.events);
     assert_eq!(v.stats.maintenance, 1);
+    let writes = cpu.events.iter().filter(|e| matches!(e, Event::WriteLrs(_))).count();
+    assert_eq!(writes, 1, "one sync for a lone maintenance interrupt: {:?}", cpu.events);
 }
 
 /// The scenario: the guest masks the virtual timer's PPI, lets it fire, disables the
