@@ -341,10 +341,10 @@ def text_is_not_writable(wd):
 
 # ---------------------------------------------------------------- guests
 
-def boot_guests(wd, name, guests, mem="1G", smp=2, edit=None, timeout=TIMEOUT):
+def boot_guests(wd, name, guests, mem="1G", smp=2, edit=None, timeout=TIMEOUT, append=None):
     """Boots Labyrinth with `guests` described in its device tree; returns (rc, out)."""
     args = guestcfg.make_dtb(os.path.join(wd, name + ".dtb"), guests, smp=smp, mem=mem, edit=edit)
-    return boot(smp=smp, mem=mem, extra_args=args, timeout=timeout)
+    return boot(smp=smp, mem=mem, extra_args=args, timeout=timeout, append=append)
 
 
 def expect_audit_clean(out):
@@ -380,7 +380,7 @@ def two_guests_run_side_by_side(wd):
 
 @test
 def overcommitted_guest_runs_out_while_the_other_finishes(wd):
-    # 256 MiB of host RAM; the second guest is promised 512 MiB and touches all of it.
+    # 256 MiB of host RAM; the second guest is promised what is left and touches 512 MiB.
     rc, out = boot_guests(wd, "over", [
         guestcfg.Guest("small", STRESS, 0x4c00_0000, 32 * 1024, bootargs="stress.seed=3"),
         guestcfg.Guest("greedy", STRESS, 0x4d00_0000, 512 * 1024, no_blocks=True, bootargs="stress.seed=5"),
@@ -388,13 +388,95 @@ def overcommitted_guest_runs_out_while_the_other_finishes(wd):
     expect_clean_exit(rc, out)
     # Promises are made in configuration order: the small guest is served in full, whatever the
     # greedy one does, so this outcome does not depend on which CPU runs faster.
-    check(re.search(r"guest greedy: 512 MiB of RAM but \d+ KiB left to promise it: overcommitted", out),
+    check(re.search(r"guest greedy: 512 MiB of RAM, \d+ KiB promised: overcommitted", out),
           "the greedy guest was not named overcommitted at creation", out)
     check(not re.search(r"guest small: .*overcommitted", out), "the small guest was overcommitted", out)
     check("stress: done" in guest_lines(out, "small"), "the small guest did not finish", out)
-    check(re.search(r"guest greedy: out of memory at IPA 0x[0-9a-f]+: the \d+ KiB promised to it are used up", out),
+    check(re.search(r"guest greedy: out of memory at IPA 0x[0-9a-f]+: the \d+ KiB promised to it are used up "
+                    r"and nothing unpromised is left", out),
           "no out-of-memory message for the greedy guest", out)
     check(re.search(r"guest greedy: stopped by OutOfMemory", out), "greedy guest not stopped cleanly", out)
+    expect_audit_clean(out)
+
+
+def memory_report(out, name):
+    """(promised, drawn within, beyond, given back) KiB from guest `name`'s report."""
+    m = re.search(r"guest %s: stopped by .*memory: promised (\d+) KiB, drawn within it (\d+) KiB, "
+                  r"beyond it (\d+) KiB, given back (\d+) KiB" % name, out)
+    check(m, "no memory figures in %s's report" % name, out)
+    return tuple(int(x) for x in m.groups())
+
+
+def mapped_pas(out, name):
+    """The host physical ranges guest `name`'s stage-2 mapped when it stopped (debug log)."""
+    runs = re.findall(r"guest %s: IPA 0x[0-9a-f]+-0x[0-9a-f]+ -> PA (0x[0-9a-f]+) \((\d+) KiB" % name, out)
+    return [(int(pa, 16), int(pa, 16) + int(kib) * 1024) for pa, kib in runs]
+
+
+@test
+def overcommitted_guest_draws_what_a_stopped_guest_freed(wd):
+    # 256 MiB of host RAM: "first" is promised 64 MiB, "over" what is left, less than its
+    # 160 MiB. It waits (asking Labyrinth's memory figures) until the memory it needs can be
+    # drawn, which is once "first" has stopped, so the verdict does not depend on which CPU
+    # runs faster; then it draws past its promise, finishes and reads only zeros.
+    rc, out = boot_guests(wd, "overdraw", [
+        guestcfg.Guest("first", STRESS, 0x4c00_0000, 64 * 1024, bootargs="stress.seed=3"),
+        guestcfg.Guest("over", STRESS, 0x4d00_0000, 160 * 1024, bootargs="stress.seed=5 stress.wait-memory"),
+    ], mem="256M")
+    expect_clean_exit(rc, out)
+    check(re.search(r"guest over: 160 MiB of RAM, \d+ KiB promised: overcommitted", out),
+          "the second guest was not overcommitted: the scenario tests nothing", out)
+    lines = guest_lines(out, "over")
+    check(any(re.match(r"stress: wait-memory: \d+ pages available", l) for l in lines),
+          "the overcommitted guest never saw its memory come", out)
+    check("stress: fresh pages not zero: 0" in lines, "the overcommitted guest read non-zero memory", out)
+    check("stress: done" in lines, "the overcommitted guest did not finish", out)
+    need = re.search(r"\[over\] stress: wait-memory: need (\d+) pages; promised (\d+), held (\d+), drawable beyond (\d+)", out)
+    check(need, "no memory figures from the overcommitted guest", out)
+    n, p, h, d = (int(x) for x in need.groups())
+    check(p - h + d < n, "the guest's memory was there from the start: it had nothing to wait for", out)
+    promised, within, beyond, _ = memory_report(out, "over")
+    check(beyond > 0 and within == promised, "the guest did not draw past its promise: %s" % ((promised, within, beyond),), out)
+    expect_audit_clean(out)
+
+
+@test
+def recycled_frames_are_scrubbed(wd):
+    # "keeper" fills its RAM with a secret and stops; "reader" (overcommitted: it needs the
+    # keeper's frames) waits for them, faults them in and must read only zeros. The debug log's
+    # mappings show the same host frames behind both.
+    rc, out = boot_guests(wd, "scrub", [
+        guestcfg.Guest("keeper", STRESS, 0x4c00_0000, 64 * 1024, bootargs="stress.secret=0x5ec2e75ec2e7"),
+        guestcfg.Guest("reader", STRESS, 0x4d00_0000, 160 * 1024, bootargs="stress.seed=7 stress.wait-memory"),
+    ], mem="256M", append="loglevel=debug")
+    expect_clean_exit(rc, out)
+    check(re.search(r"stress: secret 0x5ec2e75ec2e7 written to \d+ pages", "\n".join(guest_lines(out, "keeper"))),
+          "the keeper wrote no secret", out)
+    kept, read = mapped_pas(out, "keeper"), mapped_pas(out, "reader")
+    check(kept and read, "no mappings in the debug log", out)
+    reused = sum(max(0, min(a1, b1) - max(a0, b0)) for a0, a1 in kept for b0, b1 in read)
+    check(reused >= 16 * MIB, "the reader got only %d KiB of the keeper's frames" % (reused >> 10), out)
+    lines = guest_lines(out, "reader")
+    check("stress: fresh pages not zero: 0" in lines, "the reader saw a recycled frame not scrubbed", out)
+    check("stress: done" in lines, "the reader did not finish", out)
+    expect_audit_clean(out)
+
+
+@test
+def pages_given_back_are_freed_and_come_back_zero(wd):
+    rc, out = boot_guests(wd, "giveback", [
+        guestcfg.Guest("giver", STRESS, 0x4c00_0000, 64 * 1024, bootargs="stress.giveback"),
+    ], smp=1)
+    expect_clean_exit(rc, out)
+    lines = guest_lines(out, "giver")
+    check("stress: give-back bad arguments refused=7 of 7" in lines, "a bad give-back was not refused", out)
+    check("stress: give-back pages=Ok(1),Ok(1) partial-block=Ok(3) block=Ok(512)" in lines,
+          "the frames freed are not what was mapped", out)
+    check(any(l.startswith("stress: give-back verify=ok") for l in lines), "give-back verification failed", out)
+    check("stress: done" in lines, "the guest did not finish", out)
+    check(re.search(r"guest giver: stopped by .*2 MiB blocks [1-9]", out), "no block mapped: the partial give-back split nothing", out)
+    _, _, _, given = memory_report(out, "giver")
+    check(given == 517 * 4, "report: %d KiB given back, not 2068" % given, out)
     expect_audit_clean(out)
 
 

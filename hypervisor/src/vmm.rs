@@ -22,9 +22,10 @@ use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, B
 use labyrinth::stage2::{level_size, Attrs, Declined, Geometry, Stage2, Stage2Error, VmidAllocator};
 use labyrinth::vm::exit::{self, Outcome};
 use labyrinth::vm::guest::{Boot, VmParts};
+use labyrinth::vm::hypercall;
 use labyrinth::vm::layout::{self, Layout};
 use labyrinth::vm::lifecycle::Life;
-use labyrinth::vm::vcpu::VcpuHw;
+use labyrinth::vm::vcpu::{GuestRegs, VcpuHw};
 use labyrinth::vm::vpsci::{PowerState, StartRequest};
 use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
 use labyrinth::vm::{StopCause, Vcpu, VcpuSet, Vm};
@@ -150,6 +151,10 @@ pub fn create_all(
         }
     }
     retire_cpus(frames_mgr, next_cpu..wanted);
+    // Every promise is made: what no promise covers is open to every guest past its own.
+    let reserved = vms.iter().map(|vm| vm.budget.promised().saturating_sub(held_frames(vm))).sum();
+    let open = frames_mgr.open_unpromised(reserved);
+    info!("memory: {} KiB promised to guests, {} KiB free and unpromised", reserved * 4, open * 4);
     LIVE.store(vms.len(), Ordering::Release);
     let vms: &'static [Vm] = Vec::leak(vms);
     for vm in vms {
@@ -165,6 +170,11 @@ pub fn create_all(
         }
     }
     next_cpu
+}
+
+/// Frames guest `vm` holds now: its pages and its stage-2 table pages.
+fn held_frames(vm: &Vm) -> usize {
+    vm.budget.used() + vm.budget.beyond() + vm.s2.table_pages()
 }
 
 /// Retires the frame pools of CPUs that run no guest (see `FrameManager::retire`).
@@ -238,33 +248,37 @@ fn build_inner(
     Ok(vm)
 }
 
-/// Promises the guest the frames its RAM and their stage-2 tables can take, or what is left if
-/// that is less (an overcommitted guest: it is stopped when it touches more). Promises are
-/// made in configuration order, so the guests named first are the ones served in full.
+/// Promises the guest the frames its RAM (or its `labyrinth,guaranteed-memory` floor) and their
+/// stage-2 tables can take, or what is left if that is less. Promises are made in
+/// configuration order, so the guests named first are the ones served in full. Past its
+/// promise a guest draws, best effort, from the frames nobody is promised.
 fn promise_memory(
     cfg: &GuestConfig<'static>,
     layout: &Layout,
     geo: Geometry,
 ) -> Result<MemoryBudget, BuildError> {
     let name = cfg.name;
-    let pages = (layout.ram_size / FRAME_SIZE) as usize;
+    let ram_pages = (layout.ram_size / FRAME_SIZE) as usize;
+    let floor = cfg.guaranteed_kib.map_or(ram_pages, |kib| ((kib * 1024) / FRAME_SIZE) as usize);
+    let pages = floor.min(ram_pages);
     let tables = geo.max_table_pages(layout.ram_base, layout.ram_size);
     // Each other vCPU may hold one unit it then gives back (it lost the entry to a vCPU that
     // mapped its own): room for that, so a race never runs a covered guest out of memory.
     let unit = if cfg.no_block_mappings { 1 } else { BLOCK_FRAMES };
     let in_flight = (cfg.cpus as usize).saturating_sub(1) * unit;
     let promised = frames().commit(pages + in_flight + tables);
-    let Some(budget) = MemoryBudget::new(promised, tables) else {
+    let Some(budget) = MemoryBudget::new(promised, tables, frames().unpromised()) else {
         frames().uncommit(promised);
         return Err(alloc::format!(
             "no host memory left to promise it ({promised} frames, {tables} needed for its tables alone)"
         ));
     };
-    if budget.pages() < pages {
+    if budget.pages() < ram_pages {
         warn!(
-            "guest {name}: {} MiB of RAM but {} KiB left to promise it: overcommitted, it is stopped if it touches more",
+            "guest {name}: {} MiB of RAM, {} KiB promised{}: overcommitted, it draws the rest from memory nobody is promised and is stopped if none is left",
             layout.ram_size >> 20,
-            budget.pages() * 4
+            budget.pages() * 4,
+            if pages < ram_pages && budget.pages() >= pages { " (its guaranteed minimum)" } else { "" }
         );
     }
     Ok(budget)
@@ -347,6 +361,7 @@ pub fn run_this_cpu() -> ! {
 fn wait_to_run(vcpu: &mut Vcpu) -> ! {
     let vm = vcpu.vm;
     vm.life.leave(vcpu.index);
+    vm.quiescence.offline(vcpu.index);
     loop {
         match vm.life.life() {
             Life::Stopped => {
@@ -378,6 +393,7 @@ fn wait_to_run(vcpu: &mut Vcpu) -> ! {
                     arch::gic::vcpu_reset();
                 }
                 vcpu.restart();
+                vm.quiescence.online(vcpu.index, &vm.s2);
                 // Interrupts posted while it was off (SGIs in its mailbox) go in now.
                 exit::sync_vgic(vcpu, &mut arch::Hw);
                 arch::enter_guest(entry, context)
@@ -435,10 +451,60 @@ extern "C" fn guest_trap(kind: u64, frame: &mut TrapFrame) {
         Outcome::CpuOff => leave_guest(vcpu),
         Outcome::Stop(cause) => stop(vcpu, cause),
         Outcome::Reset => reset(vcpu),
+        Outcome::GiveBack { ipa, len } => give_back(vcpu, frame, ipa, len),
     }
+    let vm = vcpu.vm;
     // Another vCPU is stopping or resetting the guest: this one leaves it now.
-    if vcpu.vm.life.life() != Life::Running {
+    if vm.life.life() != Life::Running {
         leave_guest(vcpu);
+    }
+    // Back to the guest holding no table pointer: a quiescent point.
+    vm.quiescence.pass(vcpu.index, &vm.s2);
+    if vm.s2.retired_pages() > 0 {
+        vm.s2.drain_retired(&mut env(vm), vm.quiescence.oldest());
+    }
+}
+
+/// The guest gives back `[ipa, ipa + len)` (checked: page-aligned, in its RAM) while its other
+/// vCPUs may run and fault: unmapped by break-before-make with the entries held locked (a
+/// block only partly returned is split first), every TLB invalidated, then the frames scrubbed
+/// and freed and the guest's count credited (what it drew beyond its promise first). A later
+/// touch faults in a fresh zeroed page. x0 = 0 and x1 = frames freed, or an error and nothing
+/// changed.
+fn give_back(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64, len: u64) {
+    let vm = vcpu.vm;
+    let mut env = env(vm);
+    let mut freed = 0usize;
+    let unmapped = vm.s2.unmap_live(&mut env, ipa, len, &mut release_to(vm, &mut freed));
+    vm.budget.untake(freed);
+    vcpu.stats.given_back += freed as u64;
+    let (x0, x1) = match unmapped {
+        Ok(()) => (hypercall::SUCCESS, freed as u64),
+        Err(e) => {
+            warn!("guest {}: giving back IPA {ipa:#x}+{len:#x} refused: {e}", vm.name);
+            (
+                if e == Stage2Error::OutOfMemory {
+                    hypercall::NO_MEMORY
+                } else {
+                    hypercall::INVALID_PARAMETER
+                },
+                0,
+            )
+        }
+    };
+    frame.set_x(0, x0 as u64);
+    frame.set_x(1, x1);
+}
+
+/// Frees what a stage-2 change hands back (`released(pa, size)`: a page or a block, no
+/// longer reachable through any TLB), scrubbed, counting the frames in `freed`.
+fn release_to<'a>(vm: &'a Vm, freed: &'a mut usize) -> impl FnMut(u64, u64) + 'a {
+    move |pa, size| {
+        let n = (size / FRAME_SIZE) as usize;
+        match frames().release(Pfn(pa / FRAME_SIZE), n, vm.owner(), &arch::Scrubber) {
+            Ok(()) => *freed += n,
+            Err(e) => error!("guest {}: frames at {pa:#x} not returned: {e}", vm.name),
+        }
     }
 }
 
@@ -675,10 +741,11 @@ fn demand_fault(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64) {
         let audit = frames.audit(None);
         let held = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory);
         error!(
-            "guest {}: out of memory at IPA {ipa:#x}: the {} KiB promised to it are used up ({} frames counted, {held} held)",
+            "guest {}: out of memory at IPA {ipa:#x}: the {} KiB promised to it are used up and nothing unpromised is left ({} KiB beyond its promise; {} frames counted, {held} held)",
             vm.name,
             vm.budget.pages() * 4,
-            vm.budget.used()
+            vm.budget.beyond() * 4,
+            vm.budget.used() + vm.budget.beyond()
         );
         stop(vcpu, StopCause::OutOfMemory);
     }
@@ -759,24 +826,17 @@ fn reclaim(vm: &Vm, destroy_space: bool) -> u64 {
     let name = vm.name;
     vm.uart.lock().flush(&mut |line| VcpuHw::console_line(&mut arch::Hw, name, line));
     let mut env = env(vm);
-    let frames = frames();
-    let owner = vm.owner();
-    let mut returned = 0u64;
-    let mut released = |pa: u64, size: u64| {
-        let n = (size / FRAME_SIZE) as usize;
-        match frames.release(Pfn(pa / FRAME_SIZE), n, owner, &arch::Scrubber) {
-            Ok(()) => returned += n as u64,
-            Err(e) => error!("guest {name}: frames at {pa:#x} not returned: {e}"),
-        }
-    };
+    let mut returned = 0usize;
+    let mut released = release_to(vm, &mut returned);
     if destroy_space {
         let proof = vm.s2.destroy(&mut env, &mut released);
         VMIDS.lock().release(proof);
     } else {
         vm.s2.empty(&mut env, &mut released);
     }
+    drop(released);
     vm.budget.reclaimed();
-    returned
+    returned as u64
 }
 
 /// A guest that could not be loaded, or stopped: its space destroyed.
@@ -830,9 +890,12 @@ fn dump_mappings(vm: &Vm) {
     }
     let s2 = &vm.s2;
     let env = env(vm);
-    let mut n = 0u32;
+    let (mut n, mut small) = (0u32, 0u32);
+    // Every run of a block or more (their count is bounded by the RAM), the first 4 KiB ones.
     s2.for_each_run(&env, &mut |m| {
-        if n < 64 {
+        let block_run = m.size >= BLOCK;
+        small += u32::from(!block_run);
+        if block_run || small <= 64 {
             log::debug!(
                 "guest {}: IPA {:#x}-{:#x} -> PA {:#x} ({} KiB, {}{}{})",
                 vm.name,
@@ -865,12 +928,14 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
         arch::gic::vcpu_off();
     }
     dump_mappings(vm);
+    let (within, beyond) = (vm.budget.used(), vm.budget.beyond());
     destroy(vm);
     let (resets, returned) = {
         let boot = vm.boot.lock();
         (boot.resets, boot.frames_returned)
     };
     frames().uncommit(vm.budget.promised());
+    vm.budget.withdrawn();
     let audit = frames().audit(None);
     let left = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory + g.page_tables);
     let mut s = *vm.totals.lock();
@@ -878,7 +943,7 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     let mut line = alloc::string::String::new();
     let _ = write!(
         line,
-        "guest {}: stopped by {cause:?}; vCPUs {}; faults {} (4 KiB pages {}, 2 MiB blocks {}), lost races {}; aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {resets}; frames returned {returned}, still owned {left}; interrupts {} (virtual timer {}, kicks {}, maintenance {}), own SGIs {}, vgic mmio {}",
+        "guest {}: stopped by {cause:?}; vCPUs {}; faults {} (4 KiB pages {}, 2 MiB blocks {}), lost races {}; aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {resets}; memory: promised {} KiB, drawn within it {} KiB, beyond it {} KiB, given back {} KiB; frames returned {returned}, still owned {left}; interrupts {} (virtual timer {}, kicks {}, maintenance {}), own SGIs {}, vgic mmio {}",
         vm.name,
         vm.vcpus,
         s.page_faults + s.block_faults,
@@ -891,6 +956,10 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
         s.hvc,
         s.smc,
         s.sysreg,
+        vm.budget.pages() * 4,
+        within * 4,
+        beyond * 4,
+        s.given_back * 4,
         s.irqs,
         s.vtimer,
         s.kicks,

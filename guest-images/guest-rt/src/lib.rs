@@ -8,6 +8,7 @@
 //! - [`console`]: the PL011 at 0x0900_0000, aligned 32-bit accesses only; [`print!`], [`println!`]
 //!   (one CPU at a time, per call).
 //! - [`psci`]: PSCI over the device tree's conduit (SMCCC).
+//! - [`labyrinth`]: Labyrinth's own calls (memory figures, giving pages back).
 //! - [`exception`]: VBAR_EL1 vectors that record ESR/FAR and recover from aborts, and the probes
 //!   (read, write, execute, hvc, smc) built on them; IRQs go to [`gic`].
 //! - [`gic`]: the GICv3 CPU interface (ICC_* system registers), redistributor and distributor
@@ -33,6 +34,8 @@ pub mod console;
 pub mod exception;
 #[cfg(target_os = "none")]
 pub mod gic;
+#[cfg(target_os = "none")]
+pub mod labyrinth;
 #[cfg(target_os = "none")]
 pub mod psci;
 #[cfg(target_os = "none")]

@@ -22,6 +22,7 @@
 #![no_std]
 #![no_main]
 
+mod memory;
 mod smp;
 
 use core::arch::asm;
@@ -344,6 +345,21 @@ fn main(boot: &BootInfo) -> ! {
             }
             None => println!("stress: no free page for the reset marker"),
         }
+    }
+
+    if let Some(secret) = args.value("stress.secret").and_then(parse_u64) {
+        let pages = memory::fill_secret(&free, secret);
+        println!("stress: secret {:#x} written to {} pages", secret, pages);
+        psci::system_off();
+    }
+    if args.has("stress.giveback") {
+        memory::give_back(&free, span);
+        finish(exception::stray_faults(), None, false, None);
+    }
+    if args.has("stress.wait-memory") {
+        let pages = free.as_slice().iter().map(|r| r.len() / PAGE).sum();
+        let secs = args.value("stress.timeout").and_then(parse_u64).filter(|&s| s > 0).unwrap_or(60);
+        memory::wait_for(pages, guest_rt::smp::seconds(secs));
     }
 
     // The passes' pages: with stress.blocks, 4 KiB pages below the middle of RAM and 2 MiB

@@ -12,6 +12,9 @@
 //!         memory = <0x0 0x40000>;          // RAM in KiB, two cells
 //!         cpus = <2>;                      // vCPU count, 1 to MAX_VCPUS
 //!         labyrinth,no-block-mappings;     // optional: map guest RAM with 4 KiB pages only
+//!         labyrinth,guaranteed-memory = <0x0 0x10000>; // optional: the floor promised, in
+//!                                          // KiB (default: all of `memory`); the rest is
+//!                                          // drawn, best effort, from unpromised memory
 //!         labyrinth,no-virtual-gic;        // optional: no GIC and no timer interrupt (bare
 //!                                          // test kernels); `labyrinth,virtual-gic` is the
 //!                                          // default and accepted
@@ -100,6 +103,9 @@ pub struct GuestConfig<'a> {
     pub bootargs: Option<&'a str>,
     /// `labyrinth,no-block-mappings` is present.
     pub no_block_mappings: bool,
+    /// `labyrinth,guaranteed-memory` in KiB, at most `memory_kib`: the RAM promised to the
+    /// guest at creation; `None` promises all of it.
+    pub guaranteed_kib: Option<u64>,
     /// The guest gets a virtual GICv3 and the timer's interrupts (what Linux needs): every
     /// guest does unless its node says `labyrinth,no-virtual-gic`, which leaves it no
     /// interrupt controller at all.
@@ -160,6 +166,10 @@ pub enum GuestProblem<'a> {
     ZeroMemory,
     /// `memory` in bytes does not fit 64 bits.
     MemoryTooLarge { kib: u64 },
+    /// `labyrinth,guaranteed-memory` is not two cells.
+    BadGuaranteed { len: usize },
+    /// `labyrinth,guaranteed-memory` is more than `memory`.
+    GuaranteedAboveMemory { guaranteed: u64, memory: u64 },
     /// No `cpus` property.
     MissingCpus,
     /// `cpus` is not one cell.
@@ -211,6 +221,14 @@ impl fmt::Display for GuestError<'_> {
             GuestProblem::MemoryTooLarge { kib } => {
                 write!(f, "memory {kib} KiB does not fit 64 bits in bytes")
             }
+            GuestProblem::BadGuaranteed { len } => write!(
+                f,
+                "labyrinth,guaranteed-memory is {len} bytes, expected 8 (guaranteed RAM in KiB, 2 cells)"
+            ),
+            GuestProblem::GuaranteedAboveMemory { guaranteed, memory } => write!(
+                f,
+                "labyrinth,guaranteed-memory {guaranteed} KiB is more than its memory, {memory} KiB"
+            ),
             GuestProblem::MissingCpus => f.write_str("cpus (vCPU count) is missing"),
             GuestProblem::BadCpus { len } => write!(f, "cpus is {len} bytes, expected 4"),
             GuestProblem::ZeroCpus => f.write_str("cpus is 0"),
@@ -294,6 +312,19 @@ pub(crate) fn parse_guest<'a>(node: &Node<'a>, root_cells: Cells) -> Result<Gues
     if memory_kib.checked_mul(1024).is_none() {
         return Err(error(GuestProblem::MemoryTooLarge { kib: memory_kib }));
     }
+    let guaranteed_kib = match node.property("labyrinth,guaranteed-memory") {
+        None => None,
+        Some(p) => match p.as_u64() {
+            None => return Err(error(GuestProblem::BadGuaranteed { len: p.value.len() })),
+            Some(kib) if kib > memory_kib => {
+                return Err(error(GuestProblem::GuaranteedAboveMemory {
+                    guaranteed: kib,
+                    memory: memory_kib,
+                }))
+            }
+            Some(kib) => Some(kib),
+        },
+    };
 
     let cpus = node.property("cpus").ok_or(error(GuestProblem::MissingCpus))?;
     let cpus = cpus.as_u32().ok_or(error(GuestProblem::BadCpus { len: cpus.value.len() }))?;
@@ -370,6 +401,7 @@ pub(crate) fn parse_guest<'a>(node: &Node<'a>, root_cells: Cells) -> Result<Gues
         device_tree: find(ModuleKind::DeviceTree),
         bootargs: kernel_bootargs.or(guest_bootargs),
         no_block_mappings: node.property("labyrinth,no-block-mappings").is_some(),
+        guaranteed_kib,
         virtual_gic,
     })
 }

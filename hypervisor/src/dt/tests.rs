@@ -1614,3 +1614,32 @@ fn physical_cpus_are_taken_in_order_and_a_guest_that_does_not_fit_is_named() {
         "guest g: cpus = 2 but the machine has 1 physical CPU"
     );
 }
+
+#[test]
+fn a_guaranteed_floor_is_at_most_the_guests_memory() {
+    let floor_of = |cells: &[u32]| {
+        let blob = guest_blob(|w| {
+            memory_and_cpus(w);
+            w.prop_cells("labyrinth,guaranteed-memory", cells);
+            kernel(w, 0x4800_0000);
+        });
+        parse(&blob).unwrap().guests()[0].map(|g| g.guaranteed_kib).map_err(|e| e.to_string())
+    };
+    assert_eq!(floor_of(&[0, 0x4000]), Ok(Some(0x4000)));
+    assert_eq!(floor_of(&[0, 0x1_0000]), Ok(Some(0x1_0000)), "all of memory");
+    assert_eq!(floor_of(&[0, 0]), Ok(Some(0)), "nothing guaranteed: every page best effort");
+    assert_eq!(
+        floor_of(&[0, 0x1_0001]),
+        Err("guest g: labyrinth,guaranteed-memory 65537 KiB is more than its memory, 65536 KiB".into())
+    );
+    assert_eq!(
+        floor_of(&[0x4000]),
+        Err("guest g: labyrinth,guaranteed-memory is 4 bytes, expected 8 (guaranteed RAM in KiB, 2 cells)"
+            .into())
+    );
+    let blob = guest_blob(|w| {
+        memory_and_cpus(w);
+        kernel(w, 0x4800_0000);
+    });
+    assert_eq!(parse(&blob).unwrap().guests()[0].unwrap().guaranteed_kib, None, "the default: all of memory");
+}

@@ -32,6 +32,7 @@ use super::pool::FramePool;
 use super::scrub::FrameScrubber;
 use super::sync::{AtomicBool, Ordering};
 use super::tag::{Owner, VmId, TAG_FREE, TAG_HYPERVISOR, TAG_SCRUBBING};
+use super::unpromised::Unpromised;
 use super::{frames_of, Pfn, BLOCK_FRAMES};
 
 /// Slots in each CPU's page pool: the most 4 KiB frames it can hold (2 MiB worth).
@@ -119,6 +120,9 @@ pub struct FrameManager<'a, const ORDER: usize = 32> {
     /// Frames promised to guests by [`FrameManager::commit`]. Locked after `buddy`, never alone
     /// around a buddy operation.
     committed: spin::Mutex<usize>,
+    /// Free frames no promise covers, once the promises are made: what guests draw beyond
+    /// their own (lock-free).
+    unpromised: Unpromised,
 }
 
 impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
@@ -183,7 +187,14 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
                 retired: AtomicBool::new(false),
             })
             .collect();
-        Ok(FrameManager { db, pools, config, buddy: spin::Mutex::new(buddy), committed: spin::Mutex::new(0) })
+        Ok(FrameManager {
+            db,
+            pools,
+            config,
+            buddy: spin::Mutex::new(buddy),
+            committed: spin::Mutex::new(0),
+            unpromised: Unpromised::new(),
+        })
     }
 
     /// The database, read-only: [`FrameDb::state`] tells who owns a frame.
@@ -456,6 +467,24 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         let _buddy = self.buddy.lock();
         let mut committed = self.committed.lock();
         *committed = committed.saturating_sub(frames);
+    }
+
+    /// Opens the free frames no promise covers to every holder, once every promise is made:
+    /// the frames free now, less what the pools could ever hold, less `reserved`, the part of
+    /// each promise its holder has not drawn yet. From here on holders count frames beyond
+    /// their promise with [`Unpromised::draw`] and give them back with [`Unpromised::give`],
+    /// as they give back a withdrawn promise. Slow path.
+    pub fn open_unpromised(&self, reserved: usize) -> usize {
+        let buddy = self.buddy.lock();
+        let free = buddy.free_frames() + self.pooled_frames();
+        let frames = free.saturating_sub(reserved + self.pool_capacity_frames());
+        self.unpromised.set(frames);
+        frames
+    }
+
+    /// The free frames no promise covers (zero until [`FrameManager::open_unpromised`]).
+    pub fn unpromised(&self) -> &Unpromised {
+        &self.unpromised
     }
 
     /// Frames promised and not withdrawn.

@@ -27,6 +27,7 @@ mod pool;
 mod scrub;
 mod sync;
 mod tag;
+mod unpromised;
 
 #[cfg(test)]
 mod testing;
@@ -48,6 +49,7 @@ pub use heap::HeapSink;
 pub use manager::{CpuFrames, FrameManager, PoolConfig, RefillReport, BLOCK_POOL_SLOTS, PAGE_POOL_SLOTS};
 pub use scrub::FrameScrubber;
 pub use tag::{FrameState, Owner, VmId};
+pub use unpromised::Unpromised;
 
 /// log2 of the frame size.
 pub const FRAME_SHIFT: u32 = 12;

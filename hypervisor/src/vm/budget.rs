@@ -1,37 +1,48 @@
 //! A guest's share of host memory: the frames promised to it when it was created
-//! (`FrameManager::commit`) and how many of them it has drawn.
+//! (`FrameManager::commit`), how many of them it has drawn, and what it drew beyond them.
 //!
-//! It owns one rule: a guest never draws past its promise, so no guest's appetite can take
-//! frames promised to another. Stage-2 table pages are set aside whole, at their bound for the
-//! guest's RAM (`Geometry::max_table_pages`), so only guest pages are counted as they are
-//! drawn. It never allocates, maps or frees anything itself.
+//! It owns two rules. A promise is a floor: the guest can always draw what it was promised,
+//! whatever other guests do, because no other guest draws from it. It is not a ceiling: past
+//! its promise a guest draws, best effort, from the free frames nobody is promised
+//! ([`Unpromised`]), which grow when guests stop, reset or give pages back; only when both
+//! are used up is the guest out of memory. Stage-2 table pages are set aside whole, at their
+//! bound for the guest's RAM (`Geometry::max_table_pages`), so only guest pages are counted as
+//! they are drawn. It never allocates, maps or frees anything itself.
 //!
-//! The vCPUs of one guest draw from it at once, each on its own CPU and with no lock: the
-//! count is one atomic, taken by compare-and-swap, so it never goes below zero and two vCPUs
-//! can never both take the last frames. A vCPU counts its frames before it knows whether it
-//! wins the entry, and gives them back if another vCPU mapped the same IPA first; the promise
-//! a guest with several vCPUs is given (`vmm::promise_memory`) includes room for one such
-//! unit (a page, or a block) per other vCPU, so a transient count never runs it out.
+//! The vCPUs of one guest draw from it at once, each on its own CPU and with no lock: each
+//! count is one atomic taken by compare-and-swap, so none goes below zero and two vCPUs can
+//! never both take the last frames. A vCPU counts its frames before it knows whether it wins
+//! the entry, and gives them back if another vCPU mapped the same IPA first; the promise a
+//! guest with several vCPUs is given (`vmm::promise_memory`) includes room for one such unit
+//! (a page, or a block) per other vCPU, so a transient count never runs it out. Pages given
+//! back pay off what was drawn beyond the promise first, so freed frames reach other guests.
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-/// Frames promised to one guest, and drawn so far.
+use crate::frame::Unpromised;
+
+/// Frames promised to one guest, drawn so far, and drawn beyond the promise.
 #[derive(Debug)]
 pub struct MemoryBudget {
     promised: usize,
     tables: usize,
     /// Guest pages the promise still covers: what the fault path tests and decrements.
     left: AtomicUsize,
+    /// Guest pages held beyond the promise, counted in `unpromised` when drawn.
+    beyond: AtomicUsize,
+    unpromised: &'static Unpromised,
 }
 
 impl MemoryBudget {
-    /// `promised` frames, of which `tables` are kept for stage-2 tables. `None` when nothing
-    /// would be left for the guest's own pages.
-    pub fn new(promised: usize, tables: usize) -> Option<Self> {
+    /// `promised` frames, of which `tables` are kept for stage-2 tables; pages beyond them are
+    /// drawn from `unpromised`. `None` when nothing would be left for the guest's own pages.
+    pub fn new(promised: usize, tables: usize, unpromised: &'static Unpromised) -> Option<Self> {
         (promised > tables).then(|| MemoryBudget {
             promised,
             tables,
             left: AtomicUsize::new(promised - tables),
+            beyond: AtomicUsize::new(0),
+            unpromised,
         })
     }
 
@@ -45,19 +56,30 @@ impl MemoryBudget {
         self.promised - self.tables
     }
 
-    /// Guest pages drawn and not given back.
+    /// Guest pages drawn within the promise and not given back.
     pub fn used(&self) -> usize {
         self.pages() - self.left.load(Ordering::Relaxed)
     }
 
-    /// Counts `frames` more guest pages if the promise covers them; `false` changes nothing.
+    /// Guest pages drawn beyond the promise and not given back.
+    pub fn beyond(&self) -> usize {
+        self.beyond.load(Ordering::Relaxed)
+    }
+
+    /// Frames this guest (or any other) could draw beyond its promise now.
+    pub fn drawable_beyond(&self) -> usize {
+        self.unpromised.available()
+    }
+
+    /// Counts `frames` more guest pages, from the promise if it covers them, else from the
+    /// unpromised frames; `false` changes nothing (the guest is out of memory).
     #[inline(always)]
     pub fn take(&self, frames: usize) -> bool {
         // Relaxed: the count orders nothing else; the frame's claim CAS publishes the frame.
         let mut left = self.left.load(Ordering::Relaxed);
         loop {
             if frames > left {
-                return false;
+                return self.take_beyond(frames);
             }
             match self.left.compare_exchange_weak(left, left - frames, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return true,
@@ -66,16 +88,51 @@ impl MemoryBudget {
         }
     }
 
-    /// Uncounts `frames` pages taken but never used (handed straight back).
-    pub fn untake(&self, frames: usize) {
-        let pages = self.pages();
-        let _ =
-            self.left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some((l + frames).min(pages)));
+    #[cold]
+    #[inline(never)]
+    fn take_beyond(&self, frames: usize) -> bool {
+        if !self.unpromised.draw(frames) {
+            return false;
+        }
+        self.beyond.fetch_add(frames, Ordering::Relaxed);
+        true
     }
 
-    /// Every page is back (the guest's memory was reclaimed).
+    /// Uncounts `frames` pages: taken but never used (handed straight back), or given back by
+    /// the guest. What was drawn beyond the promise is paid off first.
+    pub fn untake(&self, frames: usize) {
+        let mut rest = frames;
+        let mut beyond = self.beyond.load(Ordering::Relaxed);
+        while beyond > 0 && rest > 0 {
+            let k = rest.min(beyond);
+            match self.beyond.compare_exchange_weak(beyond, beyond - k, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => {
+                    self.unpromised.give(k);
+                    rest -= k;
+                    break;
+                }
+                Err(now) => beyond = now,
+            }
+        }
+        if rest > 0 {
+            let pages = self.pages();
+            let _ =
+                self.left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| Some((l + rest).min(pages)));
+        }
+    }
+
+    /// Every page is back (the guest's memory was reclaimed): the promise is whole again and
+    /// what was drawn beyond it is unpromised again. Call it once the frames are free.
     pub fn reclaimed(&self) {
+        self.unpromised.give(self.beyond.swap(0, Ordering::Relaxed));
         self.left.store(self.pages(), Ordering::Relaxed);
+    }
+
+    /// The guest is gone and its memory reclaimed ([`MemoryBudget::reclaimed`]): its whole
+    /// promise becomes unpromised, for other guests to draw.
+    pub fn withdrawn(&self) {
+        self.unpromised.give(self.promised);
     }
 }
 
@@ -83,16 +140,23 @@ impl MemoryBudget {
 mod tests {
     use super::*;
 
-    #[test]
-    fn nothing_left_for_pages_is_refused() {
-        assert!(MemoryBudget::new(4, 4).is_none());
-        assert!(MemoryBudget::new(3, 4).is_none());
-        assert_eq!(MemoryBudget::new(5, 4).map(|b| b.pages()), Some(1));
+    fn unpromised(frames: usize) -> &'static Unpromised {
+        let u = Box::leak(Box::new(Unpromised::new()));
+        u.give(frames);
+        u
     }
 
     #[test]
-    fn takes_up_to_the_promise_and_no_further() {
-        let b = MemoryBudget::new(520 + 3, 3).unwrap();
+    fn nothing_left_for_pages_is_refused() {
+        let u = unpromised(0);
+        assert!(MemoryBudget::new(4, 4, u).is_none());
+        assert!(MemoryBudget::new(3, 4, u).is_none());
+        assert_eq!(MemoryBudget::new(5, 4, u).map(|b| b.pages()), Some(1));
+    }
+
+    #[test]
+    fn takes_up_to_the_promise_and_no_further_when_nothing_is_unpromised() {
+        let b = MemoryBudget::new(520 + 3, 3, unpromised(0)).unwrap();
         assert!(b.take(512));
         assert!(!b.take(9), "a block past the promise is refused whole");
         assert_eq!(b.used(), 512);
@@ -110,24 +174,64 @@ mod tests {
     }
 
     #[test]
-    fn vcpus_drawing_at_once_never_take_more_than_promised() {
-        let b = MemoryBudget::new(10_000 + 1, 1).unwrap();
-        // Four vCPUs ask for about 25,000 frames in pages and 3-frame runs: the promise runs out.
+    fn past_the_promise_it_draws_unpromised_frames_and_pays_them_back_first() {
+        let u = unpromised(100);
+        let b = MemoryBudget::new(10 + 1, 1, u).unwrap();
+        assert!(b.take(10));
+        assert!(b.take(60), "beyond the promise, from the unpromised frames");
+        assert_eq!((b.used(), b.beyond(), u.available()), (10, 60, 40));
+        assert!(!b.take(41), "more than is unpromised is refused");
+        assert_eq!(u.available(), 40, "a refused take changes nothing");
+        b.untake(65);
+        assert_eq!((b.used(), b.beyond(), u.available()), (5, 0, 100), "the 60 beyond went back first");
+        assert!(b.take(50));
+        b.reclaimed();
+        assert_eq!((b.used(), b.beyond(), u.available()), (0, 0, 100));
+        b.withdrawn();
+        assert_eq!(u.available(), 111, "a stopped guest's promise is unpromised");
+    }
+
+    #[test]
+    fn a_guest_never_takes_another_guests_promise() {
+        // Both guests promised 10 pages; 5 unpromised. The greedy one can have 15, the other
+        // still has its 10.
+        let u = unpromised(5);
+        let greedy = MemoryBudget::new(11, 1, u).unwrap();
+        let modest = MemoryBudget::new(11, 1, u).unwrap();
+        assert_eq!((0..100).filter(|_| greedy.take(1)).count(), 15);
+        assert_eq!((0..100).filter(|_| modest.take(1)).count(), 10);
+    }
+
+    #[test]
+    fn vcpus_drawing_at_once_never_take_more_than_promised_and_unpromised() {
+        let u = unpromised(3_000);
+        let b = MemoryBudget::new(10_000 + 1, 1, u).unwrap();
+        // Four vCPUs ask for about 25,000 frames in pages and 3-frame runs, and give some back.
         let drawn: usize = std::thread::scope(|s| {
             let workers: Vec<_> = (0..4)
                 .map(|_| {
                     s.spawn(|| {
-                        (0..5_000)
-                            .map(|i| if i % 7 == 0 { 3 } else { 1 })
-                            .filter(|&n| b.take(n))
-                            .sum::<usize>()
+                        let mut held = 0;
+                        for i in 0..5_000 {
+                            let n = if i % 7 == 0 { 3 } else { 1 };
+                            if b.take(n) {
+                                held += n;
+                            }
+                            if i % 11 == 0 && held > 0 {
+                                b.untake(1);
+                                held -= 1;
+                            }
+                        }
+                        held
                     })
                 })
                 .collect();
             workers.into_iter().map(|w| w.join().unwrap()).sum()
         });
-        assert_eq!(b.used(), drawn, "every frame drawn is counted once");
-        assert!((10_000 - 2..=10_000).contains(&drawn), "drew {drawn} of 10000");
-        assert!(!b.take(b.pages() - b.used() + 1), "one more than is left is refused");
+        assert_eq!(b.used() + b.beyond(), drawn, "every frame held is counted once");
+        assert_eq!(u.available() + b.beyond(), 3_000, "what is beyond came from the unpromised frames");
+        // A 3-frame run finds 1 or 2 left in each source: up to 4 frames stay undrawn.
+        assert!((13_000 - 4..=13_000).contains(&drawn), "drew {drawn} of 13000");
+        assert!(!b.take(b.pages() - b.used() + u.available() + 1), "more than both sources hold");
     }
 }

@@ -22,9 +22,12 @@ use super::vpl011::{VPl011, LINE_MAX};
 use super::vtimer::{self, PhysTimerReg};
 use crate::dt::{GuestConfig, Module, ModuleKind, Region};
 use crate::esr::Syndrome;
-use crate::frame::VmId;
+use crate::frame::{Unpromised, VmId};
 use crate::stage2::model::ModelEnv;
 use crate::stage2::{Geometry, Stage2};
+
+/// Test guests draw nothing beyond their promise.
+static NOTHING_UNPROMISED: Unpromised = Unpromised::new();
 
 macro_rules! ensure {
     ($cond:expr, $($msg:tt)+) => {
@@ -517,6 +520,7 @@ pub fn test_guest(vcpus: u32, gic: bool) -> Vm {
         device_tree: None,
         bootargs: None,
         no_block_mappings: false,
+        guaranteed_kib: None,
         virtual_gic: gic,
     };
     let layout = Layout {
@@ -538,7 +542,7 @@ pub fn test_guest(vcpus: u32, gic: bool) -> Vm {
         first_cpu: 4,
         s2,
         dtb: Vec::new(),
-        budget: MemoryBudget::new(100, 10).unwrap(),
+        budget: MemoryBudget::new(100, 10, &NOTHING_UNPROMISED).unwrap(),
     };
     let vm = Vm::new(parts).expect("a well-formed test guest");
     assert!(vm.boot_vcpu0());

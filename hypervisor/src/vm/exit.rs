@@ -12,6 +12,7 @@
 use log::warn;
 
 use super::guest::StopCause;
+use super::hypercall;
 use super::layout::{UART_BASE, UART_SIZE};
 use super::trap::{self, GuestTrap, MmioAccess};
 use super::vcpu::{host_irq, GuestRegs, Vcpu, VcpuHw, LOG_LIMIT};
@@ -33,6 +34,12 @@ pub enum Outcome {
     CpuOff,
     Stop(StopCause),
     Reset,
+    /// The guest gives back `[ipa, ipa + len)` (checked: page-aligned, inside its RAM): the
+    /// caller unmaps and frees it and writes the call's results to x0 and x1.
+    GiveBack {
+        ipa: u64,
+        len: u64,
+    },
 }
 
 /// A synchronous exception from the guest, decoded from its syndrome (`esr`, `far`,
@@ -70,13 +77,13 @@ pub fn handle_sync<H: VcpuHw>(
         ),
         GuestTrap::Hvc { .. } => {
             vcpu.stats.hvc += 1;
-            psci(vcpu, regs, hw)
+            firmware_call(vcpu, regs, hw)
         }
         GuestTrap::Smc { .. } => {
             vcpu.stats.smc += 1;
             // A trapped SMC leaves ELR at the SMC itself.
             regs.skip_instruction();
-            psci(vcpu, regs, hw)
+            firmware_call(vcpu, regs, hw)
         }
         GuestTrap::SysReg { encoding, read, reg } if vtimer::classify(encoding).is_some() => {
             vcpu.stats.sysreg += 1;
@@ -120,6 +127,8 @@ pub fn psci_query(vcpu: &mut Vcpu, regs: &mut impl GuestRegs) -> bool {
     let vm = vcpu.vm;
     let ram = vm.layout.ram_base..vm.layout.ram_end();
     match vpsci::query(regs.x(0), regs.x(1), regs.x(2), regs.x(3), &vm.power, ram) {
+        // Not PSCI's but Labyrinth's own: the general path's.
+        Some(v) if v == hypercall::NOT_SUPPORTED as u64 && hypercall::is_ours(regs.x(0)) => false,
         Some(v) => {
             vcpu.stats.hvc += 1;
             regs.set_x(0, v);
@@ -127,6 +136,28 @@ pub fn psci_query(vcpu: &mut Vcpu, regs: &mut impl GuestRegs) -> bool {
         }
         None => false,
     }
+}
+
+/// An HVC or SMC: Labyrinth's own calls, else PSCI (which answers anything else with
+/// NOT_SUPPORTED).
+fn firmware_call<H: VcpuHw>(vcpu: &mut Vcpu, regs: &mut H::Regs, hw: &mut H) -> Outcome {
+    let fid = regs.x(0);
+    if !hypercall::is_ours(fid) {
+        return psci(vcpu, regs, hw);
+    }
+    let vm = vcpu.vm;
+    let values = match hypercall::decode(fid, regs.x(1), regs.x(2), vm.ram()) {
+        hypercall::Call::Return(v) => v,
+        hypercall::Call::MemoryInfo => {
+            let b = &vm.budget;
+            [0, b.pages() as u64, (b.used() + b.beyond()) as u64, b.drawable_beyond() as u64]
+        }
+        hypercall::Call::GiveBack { ipa, len } => return Outcome::GiveBack { ipa, len },
+    };
+    for (r, v) in (0u8..).zip(values) {
+        regs.set_x(r, v);
+    }
+    Outcome::Resume
 }
 
 fn psci<H: VcpuHw>(vcpu: &mut Vcpu, regs: &mut H::Regs, hw: &mut H) -> Outcome {

@@ -260,3 +260,42 @@ fn the_physical_timer_is_emulated_and_its_interrupt_follows_its_line() {
         Some(&Event::HypTimer(None))
     );
 }
+
+#[test]
+fn labyrinths_calls_answer_memory_figures_and_hand_give_backs_to_the_caller() {
+    use super::hypercall;
+    let (vm, mut cpu, mut regs) = (guest(1, false), FakeCpu::default(), Regs::default());
+    let mut v = Vcpu::new(vm, 0, None);
+    assert!(vm.budget.take(5));
+    regs.x[..3].copy_from_slice(&[u64::from(hypercall::MEMORY_INFO), 0, 0]);
+    assert_eq!(run(&mut v, &mut regs, &mut cpu, hvc()), Outcome::Resume);
+    assert_eq!(
+        regs.x[..4],
+        [0, 90, 5, 0],
+        "promised 90 pages (100 less 10 for tables), 5 held, none unpromised"
+    );
+    regs.x[..3].copy_from_slice(&[u64::from(hypercall::GIVE_BACK), RAM + 0x2000, 0x3000]);
+    assert_eq!(run(&mut v, &mut regs, &mut cpu, hvc()), Outcome::GiveBack { ipa: RAM + 0x2000, len: 0x3000 });
+    regs.x[..3].copy_from_slice(&[u64::from(hypercall::GIVE_BACK), UART_BASE, 0x1000]);
+    assert_eq!(run(&mut v, &mut regs, &mut cpu, hvc()), Outcome::Resume, "MMIO is not RAM");
+    assert_eq!(regs.x[0] as i64, hypercall::INVALID_PARAMETER);
+    regs.x[..3].copy_from_slice(&[0x8600_ff01, 0, 0]);
+    run(&mut v, &mut regs, &mut cpu, hvc());
+    assert_eq!(regs.x[..4], hypercall::UID.map(u64::from), "the UID query names Labyrinth");
+    regs.x[0] = 0x8400_0000;
+    run(&mut v, &mut regs, &mut cpu, hvc());
+    assert_eq!(regs.x[0], 0x1_0000, "PSCI (1.0) still answers its own range");
+    assert!(cpu.events.is_empty(), "nothing injected: {:?}", cpu.events);
+}
+
+#[test]
+fn the_fast_path_leaves_labyrinths_calls_to_the_general_one() {
+    let (vm, mut regs) = (guest(1, false), Regs::default());
+    let mut v = Vcpu::new(vm, 0, None);
+    regs.x[..3].copy_from_slice(&[u64::from(super::hypercall::GIVE_BACK), RAM, 0x1000]);
+    assert!(!exit::psci_query(&mut v, &mut regs));
+    assert_eq!(regs.x[0], u64::from(super::hypercall::GIVE_BACK), "untouched");
+    regs.x[0] = 0xc400_0077;
+    assert!(exit::psci_query(&mut v, &mut regs), "an unknown PSCI call is answered here");
+    assert_eq!(regs.x[0] as i64, -1);
+}

@@ -17,9 +17,9 @@ use super::vcpu::Stats;
 use super::vgic::VGic;
 use super::vpl011::VPl011;
 use super::vpsci::VcpuPowerStates;
-use crate::dt::GuestConfig;
+use crate::dt::{GuestConfig, MAX_VCPUS};
 use crate::frame::{Owner, VmId};
-use crate::stage2::{Geometry, Stage2};
+use crate::stage2::{Geometry, Quiescence, Stage2};
 
 /// Why a guest stopped, for its report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +82,9 @@ pub struct Vm {
     /// Each vCPU's PSCI power state and pending start.
     pub power: VcpuPowerStates,
     pub life: Lifecycle,
+    /// Each vCPU's last quiescent point: when table pages that left its stage-2 tree while it
+    /// ran may be freed.
+    pub quiescence: Quiescence<MAX_VCPUS>,
     /// The counters of vCPUs that left the guest, for the report.
     pub totals: Mutex<Stats>,
 }
@@ -122,6 +125,7 @@ impl Vm {
             budget: p.budget,
             power,
             life: Lifecycle::new(),
+            quiescence: Quiescence::new(),
             totals: Mutex::new(Stats::default()),
         })
     }

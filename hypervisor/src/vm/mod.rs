@@ -9,6 +9,7 @@ pub mod exercise;
 pub mod exit;
 pub mod fdt_gen;
 pub mod guest;
+pub mod hypercall;
 pub mod image;
 pub mod layout;
 pub mod lifecycle;

@@ -76,6 +76,8 @@ pub struct Stats {
     pub block_faults: u64,
     /// Faults that found another vCPU's mapping already installed (the access just retried).
     pub lost_races: u64,
+    /// Frames the guest gave back through the give-back call.
+    pub given_back: u64,
     pub aborts_injected: u64,
     pub undefs_injected: u64,
     pub mmio: u64,
@@ -100,6 +102,7 @@ impl Stats {
         self.page_faults += o.page_faults;
         self.block_faults += o.block_faults;
         self.lost_races += o.lost_races;
+        self.given_back += o.given_back;
         self.aborts_injected += o.aborts_injected;
         self.undefs_injected += o.undefs_injected;
         self.mmio += o.mmio;
