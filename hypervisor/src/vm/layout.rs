@@ -101,6 +101,37 @@ impl Layout {
     }
 }
 
+/// The units of guest RAM that receive the images `pieces` (IPA ranges, ascending by start, in
+/// RAM): a 2 MiB block wherever `blocks` allows one and the whole aligned 2 MiB lies in `ram`,
+/// else a 4 KiB page; ascending, each unit once even when two images share it. Each is
+/// `(ipa, size)`.
+pub fn image_units(
+    pieces: &[core::ops::Range<u64>],
+    ram: core::ops::Range<u64>,
+    blocks: bool,
+) -> alloc::vec::Vec<(u64, u64)> {
+    let mut units: alloc::vec::Vec<(u64, u64)> = alloc::vec::Vec::new();
+    for piece in pieces.iter().filter(|p| !p.is_empty()) {
+        let mut at = piece.start & !(PAGE - 1);
+        while at < piece.end {
+            let block = at & !(MIB2 - 1);
+            let unit = if blocks && block >= ram.start && block + MIB2 <= ram.end {
+                (block, MIB2)
+            } else {
+                (at, PAGE)
+            };
+            match units.last() {
+                Some(&(ipa, size)) if unit.0 < ipa + size => {}
+                _ => units.push(unit),
+            }
+            at = unit.0 + unit.1;
+        }
+    }
+    units
+}
+
+const PAGE: u64 = 4096;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +164,34 @@ mod tests {
     #[test]
     fn unaligned_text_offset_is_refused() {
         assert!(matches!(plan(64 * MIB, 40, &k(0x123, 4096), None), Err(LayoutError::BadTextOffset { .. })));
+    }
+
+    #[test]
+    fn images_go_into_blocks_where_allowed_and_pages_elsewhere() {
+        const M2: u64 = 2 << 20;
+        let ram = RAM_BASE..RAM_BASE + 64 * M2;
+        let kernel = RAM_BASE + 0x8_0000..RAM_BASE + 0x8_0000 + 5 * M2 / 2;
+        let ramdisk = RAM_BASE + 60 * M2..RAM_BASE + 62 * M2 + 0x1000;
+        let dtb = RAM_BASE + 63 * M2..RAM_BASE + 63 * M2 + 0x2345;
+        let units = image_units(&[kernel.clone(), ramdisk.clone(), dtb.clone()], ram.clone(), true);
+        let blocks = |i: &[u64]| i.iter().map(|&b| (RAM_BASE + b * M2, M2)).collect::<Vec<_>>();
+        assert_eq!(
+            units,
+            blocks(&[0, 1, 2, 60, 61, 62, 63]),
+            "the ramdisk's last page and the dtb share no block"
+        );
+        let pages = image_units(&[dtb.clone()], ram.clone(), false);
+        assert_eq!(pages, [(dtb.start, 0x1000), (dtb.start + 0x1000, 0x1000), (dtb.start + 0x2000, 0x1000)]);
+        let both = image_units(
+            &[ramdisk.start..ramdisk.start + 0x1800, ramdisk.start + 0x1800..ramdisk.start + 0x3000],
+            ram.clone(),
+            false,
+        );
+        assert_eq!(both.len(), 3, "a page two images share is one unit: {both:x?}");
+        // RAM ending inside a block: pages there.
+        let short = RAM_BASE..RAM_BASE + M2 + 0x3000;
+        let tail = image_units(&[RAM_BASE + M2..RAM_BASE + M2 + 0x2000], short, true);
+        assert_eq!(tail, [(RAM_BASE + M2, 0x1000), (RAM_BASE + M2 + 0x1000, 0x1000)]);
+        assert!(image_units(&[dtb.start..dtb.start], ram, true).is_empty(), "an empty image needs nothing");
     }
 }
