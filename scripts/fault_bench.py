@@ -99,6 +99,9 @@ def main():
         # Counter ticks to instructions: under -icount shift=0 one instruction takes 1 ns.
         ns_per_tick = 1e9 / grab(r"cntfrq=(\d+) Hz", whole, "counter frequency")
         results["2 MiB of RAM, whole"] = round((int(m.group(1)) - int(m.group(2))) * ns_per_tick / 32)
+        gb = run(wd, "giveback", [guestcfg.Guest("stress", STRESS, 0x5000_0000, 64 * 1024, bootargs="stress.giveback")])
+        results["give back 4 KiB"] = grab(r"give-back cost page=(\d+) block", gb, "give-back page figure")
+        results["give back 2 MiB"] = grab(r"give-back cost page=\d+ block=(\d+) instructions", gb, "give-back block figure")
         results["MMIO read (UART FR)"] = grab(r"stress: mmio uart-fr read=(-?\d+) instructions", pages, "UART FR figure")
         results["MMIO read (GICD_IIDR)"] = grab(r"stress: mmio gicd-iidr read=(-?\d+) instructions", pages,
                                                 "GICD_IIDR figure")

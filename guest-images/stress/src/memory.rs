@@ -10,7 +10,7 @@ use core::ptr::{read_volatile, write_volatile};
 
 use guest_rt::labyrinth::{self, INVALID_PARAMETER};
 use guest_rt::ranges::{Range, RangeSet};
-use guest_rt::timer::{delay_us, now};
+use guest_rt::timer::{delay_us, now, ticks_to_ns_per};
 use guest_rt::{println, PAGE};
 
 use crate::{pattern, BLOCK, WORDS};
@@ -143,9 +143,20 @@ pub fn give_back(free: &RangeSet<16>, ram: Range) -> bool {
     let refused = bad.iter().filter(|&&(a, l)| labyrinth::give_back(a, l) == Err(INVALID_PARAMETER)).count();
     println!("stress: give-back bad arguments refused={} of {}", refused, bad.len());
 
-    let single = [labyrinth::give_back(pages[1], PAGE), labyrinth::give_back(pages[2], PAGE)];
+    // Timed: under -icount shift=0 the counter gives instructions (the scrub included).
+    let t0 = now();
+    let first = labyrinth::give_back(pages[1], PAGE);
+    let t1 = now();
+    let single = [first, labyrinth::give_back(pages[2], PAGE)];
     let partial = labyrinth::give_back(b1 + 10 * PAGE, 3 * PAGE);
+    let t2 = now();
     let whole = labyrinth::give_back(b2, BLOCK);
+    let t3 = now();
+    println!(
+        "stress: give-back cost page={} block={} instructions",
+        ticks_to_ns_per((t1 - t0) as i64, 1),
+        ticks_to_ns_per((t3 - t2) as i64, 1)
+    );
     let after = labyrinth::memory_info();
     println!(
         "stress: give-back pages={:?},{:?} partial-block={:?} block={:?}",
