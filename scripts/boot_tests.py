@@ -824,6 +824,10 @@ def main():
     for img in (IMAGE, STRESS, ISOLATION, SMP_TEST):
         if not os.path.exists(img):
             sys.exit("%s missing: run scripts/build.sh and scripts/build-guests.sh" % img)
+    source = os.path.join(os.path.dirname(LINUX), "SOURCE")
+    if os.path.exists(source):
+        # Debian replaces its kernel package with each security update: say which one ran.
+        print("linux guest kernel: %s" % open(source).read().strip(), flush=True)
     passed = failed = 0
     with tempfile.TemporaryDirectory() as wd:
         for t in TESTS:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing Labyrinth needs, if it is missing (Debian bookworm):
 # Debian's Rust 1.96 with its library source (rustup cannot add the aarch64 target here),
-# ld.lld, QEMU, dtc, and what fetching the Linux guest kernel needs (curl, xz, ar). Idempotent and quiet when everything is present.
+# ld.lld, QEMU, dtc, and what fetching the Linux guest kernel needs (curl, xz, ar, gpgv and Debian's archive keyring). Idempotent and quiet when everything is present.
 set -euo pipefail
 
 need=()
@@ -17,6 +17,9 @@ command -v python3 >/dev/null || need+=(python3)
 command -v curl >/dev/null || need+=(curl)
 command -v xz >/dev/null || need+=(xz-utils)
 command -v ar >/dev/null || need+=(binutils)
+# scripts/debian-fetch.sh: the suite's signature checked against Debian's archive keys.
+command -v gpgv >/dev/null || need+=(gpgv)
+[ -r /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 if [ "${WITH_GDB:-0}" = 1 ]; then command -v gdb-multiarch >/dev/null || need+=(gdb-multiarch); fi
 
 if [ ${#need[@]} -gt 0 ]; then
