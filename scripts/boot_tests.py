@@ -14,6 +14,7 @@ import os
 import re
 import struct
 import subprocess
+import threading
 import sys
 import tempfile
 import time
@@ -437,6 +438,62 @@ def overcommitted_guest_draws_what_a_stopped_guest_freed(wd):
     check(p - h + d < n, "the guest's memory was there from the start: it had nothing to wait for", out)
     promised, within, beyond, _ = memory_report(out, "over")
     check(beyond > 0 and within == promised, "the guest did not draw past its promise: %s" % ((promised, within, beyond),), out)
+    expect_audit_clean(out)
+
+
+def boot_interactive(wd, name, guests, steps, mem="1G", smp=2, timeout=TIMEOUT):
+    """Boots Labyrinth with `guests`, typing into its console: `steps` is a list of (regex,
+    bytes): once the console shows a match for the regex, the bytes are typed. Returns (rc,
+    out). QEMU's own escape is moved to Ctrl-T (-echr 0x14) so Ctrl-A reaches Labyrinth."""
+    args = guestcfg.make_dtb(os.path.join(wd, name + ".dtb"), guests, smp=smp, mem=mem)
+    cmd = qemu_cmd("cortex-a72", smp, mem, ["-echr", "0x14", "-kernel", IMAGE, *args])
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = []
+    reader = threading.Thread(target=lambda: out.extend(iter(lambda: p.stdout.read1(4096), b"")), daemon=True)
+    reader.start()
+    text = lambda: b"".join(out).decode(errors="replace").replace("\r", "")
+    deadline = time.time() + timeout
+    for pattern, data in steps:
+        while not re.search(pattern, text()):
+            if time.time() > deadline or p.poll() is not None:
+                p.kill()
+                reader.join(5)
+                raise Failure("never saw %r before typing %r\n--- console ---\n%s" % (pattern, data, text()))
+            time.sleep(0.05)
+        p.stdin.write(data)
+        p.stdin.flush()
+    try:
+        rc = p.wait(max(1, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        p.kill()
+        rc = None
+    reader.join(5)
+    return rc, text()
+
+
+@test
+def typed_input_reaches_the_focused_guest_and_ctrl_a_moves_the_focus(wd):
+    guests = [
+        guestcfg.Guest("left", STRESS, 0x4c00_0000, 32 * 1024, bootargs="stress.echo"),
+        guestcfg.Guest("right", STRESS, 0x4d00_0000, 32 * 1024, bootargs="stress.echo"),
+    ]
+    rc, out = boot_interactive(wd, "echo", guests, [
+        (r"\[left\] stress: echo: ready[\s\S]*\[right\] stress: echo: ready|"
+         r"\[right\] stress: echo: ready[\s\S]*\[left\] stress: echo: ready", b"hello\r"),
+        (r"\[left\] stress: echo: hello", b"\x01\x01\x01"),
+        (r"console: input now goes to guest right", b"w\x01\x01orld\r"),
+        (r"\[right\] stress: echo: ", b"off\r"),
+        (r"guest right: stopped by SystemOff", b"off\r"),
+    ])
+    expect_clean_exit(rc, out)
+    check("console: input goes to guest left; Ctrl-A three times moves it to the next guest" in out,
+          "the boot log does not say where input goes", out)
+    left, right = guest_lines(out, "left"), guest_lines(out, "right")
+    check("stress: echo: hello" in left and not any("hello" in l for l in right), "hello went astray", out)
+    check("stress: echo: w\x01\x01orld" in right, "two Ctrl-As are not the guest's own characters", out)
+    check(not any("orld" in l for l in left), "input after the switch reached the old focus", out)
+    check(re.search(r"console: input now goes to guest left", out), "the focus did not come back when right stopped", out)
+    check("stress: echo: off" in left and "stress: done" in left, "the left guest never got its last line", out)
     expect_audit_clean(out)
 
 

@@ -20,4 +20,4 @@ args=$(python3 scripts/guestcfg.py build/run.dtb --mem "$mem" --smp "${SMP:-4}" 
     --guest "linux=build/linux/Image,0x52000000,262144,cpus=2,xen,initrd=build/linux/initramfs.cpio@0x51000000,args=${LINUX_ARGS:-console=ttyAMA0 earlycon loglevel=6 rdinit=/init}")
 # shellcheck disable=SC2086
 exec qemu-system-aarch64 -M virt,virtualization=on,gic-version=3 -cpu "${CPU:-cortex-a72}" \
-    -smp "${SMP:-4}" -m "$mem" -nographic -net none -kernel build/labyrinth.bin $args "$@"
+    -smp "${SMP:-4}" -m "$mem" -nographic -echr 0x14 -net none -kernel build/labyrinth.bin $args "$@"

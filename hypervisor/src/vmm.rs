@@ -23,6 +23,7 @@ use labyrinth::stage2::{level_size, Attrs, Declined, Geometry, Stage2, Stage2Err
 use labyrinth::vm::exit::{self, Outcome};
 use labyrinth::vm::guest::{Boot, VmParts};
 use labyrinth::vm::hypercall;
+use labyrinth::vm::input_focus::{InputFocus, Typed};
 use labyrinth::vm::layout::{self, Layout};
 use labyrinth::vm::lifecycle::Life;
 use labyrinth::vm::vcpu::{GuestRegs, VcpuHw};
@@ -157,6 +158,18 @@ pub fn create_all(
     info!("memory: {} KiB promised to guests, {} KiB free and unpromised", reserved * 4, open * 4);
     LIVE.store(vms.len(), Ordering::Release);
     let vms: &'static [Vm] = Vec::leak(vms);
+    GUESTS.call_once(|| vms);
+    if let (Some(first), true, Some(intid)) =
+        (vms.first(), HOST_GIC.load(Ordering::Relaxed), platform.uart().and_then(|u| u.intid))
+    {
+        if arch::enable_input(intid) {
+            route_input(first.cpu_of(0));
+            info!(
+                "console: input goes to guest {}; Ctrl-A three times moves it to the next guest",
+                first.name
+            );
+        }
+    }
     for vm in vms {
         if !vm.boot_vcpu0() {
             error!("guest {}: vCPU 0 cannot be started", vm.name);
@@ -170,6 +183,72 @@ pub fn create_all(
         }
     }
     next_cpu
+}
+
+/// Every guest built, in configuration order (the input focus indexes it).
+static GUESTS: spin::Once<&'static [Vm]> = spin::Once::new();
+/// Which guest the console's input goes to. Taken by the CPU the input interrupt is routed
+/// to, and by a guest's stop; never on a fault path.
+static INPUT: spin::Mutex<InputFocus> = spin::Mutex::new(InputFocus::new());
+/// The CPU the console's input interrupt is routed to.
+static INPUT_CPU: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Routes the console's input interrupt to CPU `cpu` (one that runs a guest).
+fn route_input(cpu: usize) {
+    let (Some(intid), Some(mpidr)) = (arch::input_intid(), arch::mpidr_of(cpu)) else {
+        return;
+    };
+    INPUT_CPU.store(cpu, Ordering::Release);
+    arch::gic::route_spi(intid, mpidr);
+}
+
+/// The console's receiver has characters: each goes through the input focus (Ctrl-A three
+/// times moves it) to the guest that has it, into its UART's FIFO. Bounded: the rest of a
+/// long burst raises the interrupt again.
+fn console_input(vcpu: &mut Vcpu) {
+    let Some(guests) = GUESTS.get() else { return };
+    let mut focus = INPUT.lock();
+    for _ in 0..64 {
+        let Some(b) = arch::read_input() else { break };
+        match focus.typed(b) {
+            Typed::Held => {}
+            Typed::Deliver { bytes, len } => {
+                let vm = &guests[focus.focus()];
+                if vm.life.life() != Life::Stopped {
+                    let dropped = exit::uart_input(vcpu, &mut arch::Hw, vm, &bytes[..len]);
+                    if dropped > 0 && vm.uart.lock().rx_dropped == dropped as u64 {
+                        warn!("guest {}: its UART's receive FIFO is full: typed characters dropped", vm.name);
+                    }
+                }
+            }
+            Typed::Switch => match focus.next(guests.len(), |g| guests[g].life.life() != Life::Stopped) {
+                Some(g) => info!("console: input now goes to guest {}", guests[g].name),
+                None => info!(
+                    "console: input stays with guest {}: no other guest runs",
+                    guests[focus.focus()].name
+                ),
+            },
+        }
+    }
+}
+
+/// Guest `vm` stopped: the input focus moves on if it had it, and the input interrupt goes to
+/// another guest's CPU if it was routed to one of `vm`'s (that CPU parks).
+fn input_after_stop(vm: &Vm) {
+    let Some(guests) = GUESTS.get() else { return };
+    let live = |g: usize| guests[g].life.life() != Life::Stopped && !core::ptr::eq(&guests[g], vm);
+    let mut focus = INPUT.lock();
+    if core::ptr::eq(&guests[focus.focus()], vm) {
+        if let Some(g) = focus.next(guests.len(), live) {
+            info!("console: input now goes to guest {}", guests[g].name);
+        }
+    }
+    let cpu = INPUT_CPU.load(Ordering::Acquire);
+    if (vm.first_cpu..vm.first_cpu + vm.vcpus).contains(&cpu) {
+        if let Some(g) = (0..guests.len()).find(|&g| live(g)) {
+            route_input(guests[g].cpu_of(0));
+        }
+    }
 }
 
 /// Frames guest `vm` holds now: its pages and its stage-2 table pages.
@@ -509,6 +588,7 @@ extern "C" fn guest_trap(kind: u64, frame: &mut TrapFrame) {
         Outcome::Stop(cause) => stop(vcpu, cause),
         Outcome::Reset => reset(vcpu),
         Outcome::GiveBack { ipa, len } => give_back(vcpu, frame, ipa, len),
+        Outcome::ConsoleInput => console_input(vcpu),
     }
     let vm = vcpu.vm;
     // Another vCPU is stopping or resetting the guest: this one leaves it now.
@@ -1027,6 +1107,7 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     info!("{line}");
     REPORTS.lock().push(line);
     vm.life.finish(false);
+    input_after_stop(vm);
     arch::send_event();
     if LIVE.fetch_sub(1, Ordering::AcqRel) == 1 {
         info!("all guests stopped");

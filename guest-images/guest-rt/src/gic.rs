@@ -157,6 +157,19 @@ pub fn enable(intid: u32) {
     dsb();
 }
 
+/// Enables SPI `intid` (32 and above) in the distributor: group 1, priority 0x80, routed as
+/// the distributor has it (vCPU 0 after reset).
+pub fn enable_spi(intid: u32) {
+    let d = DISTRIBUTOR.get();
+    let (word, bit) = (u64::from(intid / 32) * 4, 1u32 << (intid % 32));
+    mmio_write(d + 0x80 + word, mmio_read(d + 0x80 + word) | bit);
+    let prio = d + 0x400 + u64::from(intid & !3);
+    let shift = (intid % 4) * 8;
+    mmio_write(prio, (mmio_read(prio) & !(0xff << shift)) | (0x80 << shift));
+    mmio_write(d + 0x100 + word, bit);
+    dsb();
+}
+
 /// Disables (masks) SGI/PPI `intid` (< 32) in this CPU's redistributor.
 pub fn disable(intid: u32) {
     mmio_write(rd_base() + GICR_ICENABLER0, 1 << (intid & 31));

@@ -22,6 +22,7 @@
 #![no_std]
 #![no_main]
 
+mod echo;
 mod memory;
 mod smp;
 
@@ -347,6 +348,9 @@ fn main(boot: &BootInfo) -> ! {
         }
     }
 
+    if args.has("stress.echo") {
+        echo::run(boot);
+    }
     if let Some(secret) = args.value("stress.secret").and_then(parse_u64) {
         let pages = memory::fill_secret(&free, secret);
         println!("stress: secret {:#x} written to {} pages", secret, pages);

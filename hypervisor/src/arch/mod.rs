@@ -4,7 +4,9 @@
 mod aarch64;
 
 pub use aarch64::{
-    console::{emergency_line, init_console, install_fallback_console},
+    console::{
+        emergency_line, enable_input, init_console, input_intid, install_fallback_console, read_input,
+    },
     cpu::{cpu_index, mpidr, mpidr_of, read_cpu_info, record_mpidr, MAX_CPUS},
     exception::TrapFrame,
     gic, image_range,

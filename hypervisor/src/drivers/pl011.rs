@@ -1,4 +1,5 @@
-//! The Arm PrimeCell UART (PL011) as Labyrinth's console: transmit only, polled.
+//! The Arm PrimeCell UART (PL011) as Labyrinth's console: transmit polled, receive read from
+//! its interrupt handler (what the console's user types, for the guest that has the input).
 //!
 //! It owns nothing but the register block it is given, and it never waits without bound: a
 //! UART whose FIFO never drains drops characters instead of hanging the hypervisor.
@@ -33,6 +34,10 @@ register_bitfields! {u32,
         UARTEN OFFSET(0) NUMBITS(1) []
     ],
     pub IMSC [
+        /// Receive timeout: characters wait in the FIFO below its trigger level.
+        RTIM OFFSET(6) NUMBITS(1) [],
+        /// Receive: the FIFO reached its trigger level.
+        RXIM OFFSET(4) NUMBITS(1) [],
         ALL OFFSET(0) NUMBITS(11) []
     ]
 }
@@ -71,6 +76,22 @@ impl<'a> Pl011<'a> {
         self.regs.imsc.set(0);
         self.regs.lcr_h.write(LCR_H::WLEN::Bits8 + LCR_H::FEN::SET);
         self.regs.cr.modify(CR::UARTEN::SET + CR::TXE::SET);
+    }
+
+    /// Turns the receiver on and its interrupts (receive and receive timeout) on, so a
+    /// character typed raises the UART's interrupt line.
+    pub fn enable_receive(&self) {
+        self.regs.icr.set(0x7ff);
+        self.regs.cr.modify(CR::RXE::SET);
+        self.regs.imsc.write(IMSC::RXIM::SET + IMSC::RTIM::SET);
+    }
+
+    /// The next received byte, if one waits (the interrupt clears once the FIFO is empty).
+    pub fn read_byte(&self) -> Option<u8> {
+        if self.regs.fr.is_set(FR::RXFE) {
+            return None;
+        }
+        Some(self.regs.dr.read(DR::DATA) as u8)
     }
 
     /// Sends one byte, waiting a bounded time for FIFO space. Returns false if it was dropped.
@@ -126,6 +147,24 @@ mod tests {
         writeln!(u, "a").unwrap();
         // Last byte written wins in the fake DR.
         assert_eq!(regs(&fake).dr.read(DR::DATA), b'\n' as u32);
+    }
+
+    #[test]
+    fn receives_only_when_the_fifo_holds_a_byte() {
+        let mut raw = [0u32; 0x48 / 4];
+        raw[0x18 / 4] = 1 << 4; // RXFE
+        raw[0] = u32::from(b'q');
+        let fake = FakeUart(raw);
+        let u = Pl011::new(regs(&fake));
+        assert_eq!(u.read_byte(), None, "an empty FIFO gives nothing, whatever DR holds");
+        regs(&fake).imsc.set(0);
+        u.enable_receive();
+        assert_eq!(regs(&fake).imsc.get(), (1 << 4) | (1 << 6), "receive and receive-timeout interrupts");
+        assert_eq!(regs(&fake).cr.read(CR::RXE), 1);
+        let raw = [0u32; 0x48 / 4];
+        let fake = FakeUart(raw);
+        regs(&fake).dr.set(u32::from(b'q') | 0x100);
+        assert_eq!(Pl011::new(regs(&fake)).read_byte(), Some(b'q'), "the data byte, error bits dropped");
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub struct Uart<'a> {
     pub node: &'a str,
     /// True when /chosen's `stdout-path` names it.
     pub is_stdout: bool,
+    /// Its interrupt's GIC INTID, when `interrupts` names a GIC SPI (three cells: 0 for SPI,
+    /// the SPI number, flags); `None` leaves the console without input.
+    pub intid: Option<u32>,
 }
 
 /// GIC architecture version.
@@ -477,7 +480,17 @@ fn read_uart<'a>(node: &Node<'a>, is_stdout: bool) -> Result<Uart<'a>, DtError<'
         prop: "reg",
         problem: Problem::Empty,
     })??;
-    Ok(Uart { region, node: node.name(), is_stdout })
+    Ok(Uart { region, node: node.name(), is_stdout, intid: spi_intid(node) })
+}
+
+/// The INTID of a node's first interrupt if it is a GIC SPI (`<0 n flags>`: INTID 32 + n).
+fn spi_intid(node: &Node<'_>) -> Option<u32> {
+    let v = node.property("interrupts")?.value;
+    let cell = |i: usize| v.get(i * 4..i * 4 + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    match (cell(0)?, cell(1)?, cell(2)?) {
+        (0, n, _) if n < 988 => Some(32 + n),
+        _ => None,
+    }
 }
 
 /// The GIC version a node's `compatible` claims: `"arm,gic-v3"`, or GICv2

@@ -40,6 +40,9 @@ pub enum Outcome {
         ipa: u64,
         len: u64,
     },
+    /// The host console received characters: the caller reads them and routes them to the
+    /// guest with the input focus ([`uart_input`]).
+    ConsoleInput,
 }
 
 /// A synchronous exception from the guest, decoded from its syndrome (`esr`, `far`,
@@ -213,13 +216,20 @@ pub fn mmio<H: VcpuHw>(
         Device::Uart { offset } => {
             vcpu.stats.mmio += 1;
             let name = vcpu.vm.name;
-            let mut uart = vcpu.vm.uart.lock();
-            emulate_mmio(regs, a, |write| match write {
-                Some(v) => {
-                    uart.write(offset, a.size, v as u32, &mut |line| hw.console_line(name, line)).then_some(0)
-                }
-                None => uart.read(offset, a.size).map(u64::from),
-            })
+            let (done, change) = {
+                let mut uart = vcpu.vm.uart.lock();
+                let done = emulate_mmio(regs, a, |write| match write {
+                    Some(v) => uart
+                        .write(offset, a.size, v as u32, &mut |line| hw.console_line(name, line))
+                        .then_some(0),
+                    None => uart.read(offset, a.size).map(u64::from),
+                });
+                (done, uart.line_change())
+            };
+            if let Some(level) = change {
+                uart_line(vcpu, hw, level);
+            }
+            done
         }
         Device::Gic { frame, offset } => {
             vcpu.stats.vgic_mmio += 1;
@@ -238,6 +248,37 @@ pub fn mmio<H: VcpuHw>(
             done
         }
     }
+}
+
+/// The emulated UART's interrupt line moved to `level` (a read emptied its FIFO, the guest
+/// changed its mask): the virtual GIC follows, and the vCPU its SPI is routed to is told.
+fn uart_line<H: VcpuHw>(vcpu: &mut Vcpu, hw: &mut H, level: bool) {
+    let Some(g) = vcpu.vm.vgic.as_ref() else { return };
+    if let Some(target) = g.set_line_level(vcpu.index, vgic::UART_INTID, level) {
+        deliver(vcpu, hw, VcpuSet::only(target));
+    }
+}
+
+/// Characters typed for guest `vm` (which has the input focus), from the CPU whose vCPU
+/// `here` (of any guest) took the console's interrupt: into its UART's FIFO, its interrupt
+/// line raised if that changed it; the vCPU the line is routed to syncs now if it is `here`,
+/// else is kicked. Returns how many characters its full FIFO dropped.
+pub fn uart_input<H: VcpuHw>(here: &mut Vcpu, hw: &mut H, vm: &super::Vm, bytes: &[u8]) -> usize {
+    let (dropped, change) = {
+        let mut uart = vm.uart.lock();
+        let dropped = bytes.iter().filter(|&&b| !uart.push_input(b)).count();
+        (dropped, uart.line_change())
+    };
+    if let (Some(level), Some(g)) = (change, vm.vgic.as_ref()) {
+        if let Some(target) = g.set_line_level(0, vgic::UART_INTID, level) {
+            if core::ptr::eq(here.vm, vm) && here.index == target {
+                sync_vgic(here, hw);
+            } else {
+                hw.kick(vm.cpu_of(target));
+            }
+        }
+    }
+    dropped
 }
 
 /// The vCPUs in `set` have new interrupt state: this one syncs its list registers now, the
@@ -292,6 +333,7 @@ pub fn handle_irq<H: VcpuHw>(vcpu: &mut Vcpu, hw: &mut H) -> Outcome {
     // back once handled, so more than a few rounds means a misbehaving GIC.
     // Whether the list registers are up to date with everything handled so far.
     let mut synced = false;
+    let mut console = false;
     for _ in 0..16 {
         let Some(intid) = hw.ack() else { break };
         vcpu.stats.irqs += 1;
@@ -312,12 +354,17 @@ pub fn handle_irq<H: VcpuHw>(vcpu: &mut Vcpu, hw: &mut H) -> Outcome {
                 vcpu.stats.vtimer += 1;
             }
             host_irq::HYP_TIMER => hw.set_hyp_timer(None),
+            // Level: it stays high until the caller has read what waits, which it does next.
+            i if Some(i) == hw.console_intid() => console = true,
             _ => {}
         }
         hw.eoi(intid);
     }
     if !synced {
         sync_vgic(vcpu, hw);
+    }
+    if console {
+        return Outcome::ConsoleInput;
     }
     Outcome::Resume
 }

@@ -11,6 +11,7 @@ pub mod fdt_gen;
 pub mod guest;
 pub mod hypercall;
 pub mod image;
+pub mod input_focus;
 pub mod layout;
 pub mod lifecycle;
 pub mod trap;

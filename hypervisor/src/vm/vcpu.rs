@@ -53,6 +53,10 @@ pub trait VcpuHw {
     fn wake_waiters(&mut self);
     /// One line of guest console output, tagged with the guest's name.
     fn console_line(&mut self, guest: &str, line: &[u8]);
+    /// The physical interrupt of the host console's receiver, if this CPU takes it.
+    fn console_intid(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// The physical interrupts a CPU running a vCPU takes at EL2.

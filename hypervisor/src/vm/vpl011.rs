@@ -1,9 +1,15 @@
-//! The PL011 UART each guest sees at 0x0900_0000: transmit only, always ready, its output
-//! collected into lines that the hypervisor prints with the guest's name in front.
+//! The PL011 UART each guest sees at 0x0900_0000. Transmit is always ready, its output collected
+//! into lines that the hypervisor prints with the guest's name in front. Receive is a FIFO the
+//! hypervisor fills with what the console's user types while the guest has the input focus,
+//! with the flags, the interrupt mask, raw and masked status and clear registers as Linux's
+//! `amba-pl011` driver uses them: the receive and receive-timeout interrupts are raised while
+//! characters wait, the transmit interrupt whenever it is unmasked (the FIFO is always empty).
 //!
-//! It owns only this device's register state and line buffer. It never blocks and never
-//! trusts the access: unknown offsets read as zero and ignore writes; misaligned accesses are
-//! refused so the caller injects an abort.
+//! It owns only this device's register state, its line buffer and its receive FIFO, and the
+//! level its interrupt line was last reported at. It never blocks and never trusts the access:
+//! unknown offsets read as zero and ignore writes; misaligned accesses are refused so the
+//! caller injects an abort. A guest that never reads its input loses only its own characters
+//! (a full FIFO drops them, counted).
 
 /// Bytes buffered before a line is forced out.
 pub const LINE_MAX: usize = 256;
@@ -22,8 +28,16 @@ const ICR: u64 = 0x044;
 const PERIPH_ID: u64 = 0xfe0;
 /// PL011 r1p5 and PrimeCell identification, as Linux's AMBA bus probes them.
 const IDS: [u32; 8] = [0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
-/// FR: receive FIFO empty, transmit FIFO empty.
-const FR_READY: u32 = (1 << 4) | (1 << 7);
+/// FR: receive FIFO empty, receive FIFO full, transmit FIFO empty.
+const FR_RXFE: u32 = 1 << 4;
+const FR_RXFF: u32 = 1 << 6;
+const FR_TXFE: u32 = 1 << 7;
+/// Interrupt bits (IMSC, RIS, MIS, ICR): receive, transmit, receive timeout.
+const INT_RX: u32 = 1 << 4;
+const INT_TX: u32 = 1 << 5;
+const INT_RT: u32 = 1 << 6;
+/// The receive FIFO's depth, a PL011's.
+pub const RX_FIFO: usize = 32;
 
 pub struct VPl011 {
     line: [u8; LINE_MAX],
@@ -34,6 +48,13 @@ pub struct VPl011 {
     cr: u32,
     ifls: u32,
     imsc: u32,
+    rx: [u8; RX_FIFO],
+    rx_head: usize,
+    rx_len: usize,
+    /// Characters dropped because the FIFO was full.
+    pub rx_dropped: u64,
+    /// The interrupt line's level as last reported ([`VPl011::line_change`]).
+    line_level: bool,
 }
 
 impl Default for VPl011 {
@@ -44,24 +65,82 @@ impl Default for VPl011 {
 
 impl VPl011 {
     pub const fn new() -> Self {
-        VPl011 { line: [0; LINE_MAX], len: 0, ibrd: 0, fbrd: 0, lcr_h: 0, cr: 0x300, ifls: 0x12, imsc: 0 }
+        VPl011 {
+            line: [0; LINE_MAX],
+            len: 0,
+            ibrd: 0,
+            fbrd: 0,
+            lcr_h: 0,
+            cr: 0x300,
+            ifls: 0x12,
+            imsc: 0,
+            rx: [0; RX_FIFO],
+            rx_head: 0,
+            rx_len: 0,
+            rx_dropped: 0,
+            line_level: false,
+        }
+    }
+
+    /// A character typed for this guest; `false` if its FIFO was full (dropped, counted).
+    pub fn push_input(&mut self, b: u8) -> bool {
+        if self.rx_len == RX_FIFO {
+            self.rx_dropped += 1;
+            return false;
+        }
+        self.rx[(self.rx_head + self.rx_len) % RX_FIFO] = b;
+        self.rx_len += 1;
+        true
+    }
+
+    /// Raw interrupt status: receive and receive timeout while characters wait, transmit
+    /// always (nothing ever waits to be sent).
+    fn ris(&self) -> u32 {
+        INT_TX | if self.rx_len > 0 { INT_RX | INT_RT } else { 0 }
+    }
+
+    /// The interrupt line's level now.
+    pub fn irq_level(&self) -> bool {
+        self.ris() & self.imsc != 0
+    }
+
+    /// The new level of the interrupt line if it changed since last asked (the caller tells
+    /// the virtual GIC).
+    pub fn line_change(&mut self) -> Option<bool> {
+        let now = self.irq_level();
+        (now != self.line_level).then(|| {
+            self.line_level = now;
+            now
+        })
     }
 
     /// A read of `size` bytes at `offset`; `None` if the access is not one a PL011 accepts.
-    pub fn read(&self, offset: u64, size: u8) -> Option<u32> {
+    /// Reading DR takes the oldest received character.
+    pub fn read(&mut self, offset: u64, size: u8) -> Option<u32> {
         if !Self::valid(offset, size) {
             return None;
         }
         Some(match offset & !3 {
+            DR if self.rx_len > 0 => {
+                let b = self.rx[self.rx_head];
+                self.rx_head = (self.rx_head + 1) % RX_FIFO;
+                self.rx_len -= 1;
+                u32::from(b)
+            }
             DR => 0,
-            FR => FR_READY,
+            FR => {
+                FR_TXFE
+                    | if self.rx_len == 0 { FR_RXFE } else { 0 }
+                    | if self.rx_len == RX_FIFO { FR_RXFF } else { 0 }
+            }
             IBRD => self.ibrd,
             FBRD => self.fbrd,
             LCR_H => self.lcr_h,
             CR => self.cr,
             IFLS => self.ifls,
             IMSC => self.imsc,
-            RIS | MIS => 0,
+            RIS => self.ris(),
+            MIS => self.ris() & self.imsc,
             o if (PERIPH_ID..PERIPH_ID + 32).contains(&o) => IDS[((o - PERIPH_ID) / 4) as usize],
             _ => 0,
         })
@@ -80,6 +159,8 @@ impl VPl011 {
             CR => self.cr = value & 0xffff,
             IFLS => self.ifls = value & 0x3f,
             IMSC => self.imsc = value & 0x7ff,
+            // Every status bit here follows its condition (characters waiting, the FIFO
+            // empty): clearing one that still holds changes nothing.
             ICR => {}
             _ => {}
         }
@@ -148,7 +229,7 @@ mod tests {
 
     #[test]
     fn always_ready_and_identifies_as_a_pl011() {
-        let u = VPl011::new();
+        let mut u = VPl011::new();
         assert_eq!(u.read(FR, 4).unwrap() & (1 << 5), 0, "TXFF never set");
         assert_eq!(u.read(0xfe0, 4), Some(0x11));
         assert_eq!(u.read(0xffc, 4), Some(0xb1));
@@ -168,5 +249,39 @@ mod tests {
         assert_eq!(u.read(0x0, 8), None);
         assert!(!u.write(0x2, 4, 0, &mut |_| {}));
         assert!(u.write(0x0, 1, b'a' as u32, &mut |_| {}));
+    }
+
+    #[test]
+    fn typed_characters_are_read_in_order_and_raise_the_line_while_they_wait() {
+        let mut u = VPl011::new();
+        assert_eq!(u.read(FR, 4).unwrap() & FR_RXFE, FR_RXFE, "nothing received yet");
+        assert!(u.push_input(b'h') && u.push_input(b'i'));
+        assert_eq!(u.line_change(), None, "masked: the line stays low");
+        assert!(u.write(IMSC, 4, INT_RX | INT_RT, &mut |_| {}));
+        assert_eq!(u.line_change(), Some(true));
+        assert_eq!(u.line_change(), None, "reported once");
+        assert_eq!(u.read(MIS, 4), Some(INT_RX | INT_RT));
+        assert!(u.write(ICR, 4, 0x7ff, &mut |_| {}));
+        assert_eq!(u.read(MIS, 4), Some(INT_RX | INT_RT), "still waiting: still raised");
+        assert_eq!(u.read(FR, 4).unwrap() & FR_RXFE, 0);
+        assert_eq!(u.read(DR, 4), Some(u32::from(b'h')));
+        assert_eq!(u.read(DR, 1), Some(u32::from(b'i')));
+        assert_eq!(u.read(FR, 4).unwrap() & FR_RXFE, FR_RXFE);
+        assert_eq!(u.read(DR, 4), Some(0), "an empty FIFO reads 0");
+        assert_eq!(u.line_change(), Some(false), "drained: the line drops");
+        assert_eq!(u.read(RIS, 4), Some(INT_TX), "transmit is always ready");
+    }
+
+    #[test]
+    fn a_guest_that_never_reads_loses_only_what_does_not_fit() {
+        let mut u = VPl011::new();
+        let kept = (0..100u8).filter(|&b| u.push_input(b)).count();
+        assert_eq!((kept, u.rx_dropped), (RX_FIFO, 100 - RX_FIFO as u64));
+        assert_eq!(u.read(FR, 4).unwrap() & FR_RXFF, FR_RXFF);
+        assert_eq!(u.read(DR, 4), Some(0), "the oldest character is first");
+        assert!(u.push_input(200));
+        for want in (1..RX_FIFO as u32).chain([200]) {
+            assert_eq!(u.read(DR, 4), Some(want));
+        }
     }
 }

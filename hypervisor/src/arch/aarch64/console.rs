@@ -2,9 +2,11 @@
 //! sink. Before the device tree is trusted, a fallback at QEMU virt's PL011 address lets a
 //! refusal be printed at all.
 
+use core::sync::atomic::{AtomicU32, Ordering};
 use labyrinth::drivers::pl011::{Pl011, Pl011Registers};
 use labyrinth::logger::{Console, Logger};
 use log::LevelFilter;
+
 use spin::Once;
 
 use super::cpu::cpu_index;
@@ -61,6 +63,27 @@ pub fn init_console(base: u64, level: LevelFilter) -> Result<(), labyrinth::hyp_
 /// Installs QEMU virt's UART so that a refused device tree can still be reported.
 pub fn install_fallback_console() {
     let _ = install(FALLBACK_UART, LevelFilter::Info);
+}
+
+/// The console receiver's interrupt (0: input off).
+static INPUT_INTID: AtomicU32 = AtomicU32::new(0);
+
+/// Turns the console's receiver and its interrupt `intid` on (routed by the caller).
+pub fn enable_input(intid: u32) -> bool {
+    let Some(c) = UART.get() else { return false };
+    c.0.enable_receive();
+    INPUT_INTID.store(intid, Ordering::Release);
+    true
+}
+
+/// The console receiver's interrupt, once input is on.
+pub fn input_intid() -> Option<u32> {
+    Some(INPUT_INTID.load(Ordering::Acquire)).filter(|&i| i != 0)
+}
+
+/// A byte the console's user typed, if one waits.
+pub fn read_input() -> Option<u8> {
+    UART.get()?.0.read_byte()
 }
 
 /// A line printed as it is (a guest's console output).

@@ -60,7 +60,14 @@ register_structs! {
     /// The distributor registers Labyrinth itself touches.
     GicdRegs {
         (0x0000 => ctlr: ReadWrite<u32, GICD_CTLR::Register>),
-        (0x0004 => @END),
+        (0x0004 => _reserved0),
+        (0x0080 => igroupr: [ReadWrite<u32>; 32]),
+        (0x0100 => isenabler: [ReadWrite<u32>; 32]),
+        (0x0180 => _reserved1),
+        (0x0400 => ipriorityr: [ReadWrite<u8>; 1024]),
+        (0x0800 => _reserved2),
+        (0x6000 => irouter: [ReadWrite<u64>; 1020]),
+        (0x7fe0 => @END),
     }
 }
 
@@ -246,6 +253,23 @@ pub fn ack() -> u32 {
     // SAFETY: ICC_IAR1_EL1 at EL2 (physical interface), in the IRQ handler.
     unsafe { core::arch::asm!("mrs {}, S3_0_C12_C12_0", out(reg) v, options(nostack)) };
     v as u32 & 0xff_ffff
+}
+
+/// Routes SPI `intid` to the CPU whose MPIDR is `mpidr` as a group 1 interrupt Labyrinth
+/// takes at EL2, and enables it: the host console's receiver. Called again to move it.
+pub fn route_spi(intid: u32, mpidr: u64) {
+    let d = GICD.load(Ordering::Acquire);
+    let i = intid as usize;
+    if d == 0 || !(32..1020).contains(&i) {
+        return;
+    }
+    // SAFETY: the distributor, mapped as Device memory by `init` (EL2 maps 1:1).
+    let gicd = unsafe { &*(d as *const GicdRegs) };
+    gicd.igroupr[i / 32].set(gicd.igroupr[i / 32].get() | 1 << (i % 32));
+    gicd.ipriorityr[i].set(PPI_PRIORITY);
+    // Aff3 at [39:32], Aff2-Aff0 at [23:0]; Interrupt_Routing_Mode 0: this one CPU.
+    gicd.irouter[i].set((mpidr & 0xff_ffff) | (mpidr & 0xff_0000_0000));
+    gicd.isenabler[i / 32].set(1 << (i % 32));
 }
 
 /// Sends [`KICK_SGI`] to the CPU whose MPIDR is `mpidr` (group 1, affinity-routed).

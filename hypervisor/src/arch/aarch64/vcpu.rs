@@ -350,4 +350,7 @@ impl VcpuHw for Hw {
         let text = core::str::from_utf8(line).unwrap_or("<non-UTF-8 output>");
         super::console::raw_line(format_args!("[{guest}] {text}"));
     }
+    fn console_intid(&self) -> Option<u32> {
+        super::console::input_intid()
+    }
 }
