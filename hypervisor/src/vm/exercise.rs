@@ -240,6 +240,9 @@ impl Pl011Reference {
         Some(match word {
             // FR: transmit and receive FIFOs empty, never busy, never full.
             0x18 => 0x90,
+            // RIS, MIS: nothing received, so only transmit (always ready) is raised.
+            0x3c => 0x20,
+            0x40 => 0x20 & self.regs[5].2,
             0xfe0..=0xffc => IDS[((word - 0xfe0) / 4) as usize],
             _ => self.regs.iter().find(|r| r.0 == word).map_or(0, |r| r.2),
         })
