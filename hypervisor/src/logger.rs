@@ -31,6 +31,9 @@ const EMERGENCY_SPINS: u32 = 1 << 22;
 
 pub struct Logger {
     sink: Mutex<Option<&'static dyn Console>>,
+    /// Who has a line open on the console (streamed output not yet ended by a newline): a tag
+    /// of [`Logger::raw_part`]'s caller, 0 for nobody. Changed only under `sink`'s lock.
+    open: AtomicUsize,
     /// The CPU that holds `sink`'s lock, so a CPU that faults while printing is not deadlocked.
     owner: AtomicUsize,
     cpu_id: fn() -> usize,
@@ -38,7 +41,12 @@ pub struct Logger {
 
 impl Logger {
     pub const fn new(cpu_id: fn() -> usize) -> Self {
-        Logger { sink: Mutex::new(None), owner: AtomicUsize::new(NO_OWNER), cpu_id }
+        Logger {
+            sink: Mutex::new(None),
+            open: AtomicUsize::new(0),
+            owner: AtomicUsize::new(NO_OWNER),
+            cpu_id,
+        }
     }
 
     /// Installs (or replaces) the console.
@@ -51,6 +59,7 @@ impl Logger {
         let guard = self.sink.lock();
         self.owner.store(cpu, Ordering::Relaxed);
         if let Some(out) = *guard {
+            self.close_open(out);
             let _ = writeln!(Out(out), "[cpu{cpu} {level:<5}] {args}");
         }
         self.owner.store(NO_OWNER, Ordering::Relaxed);
@@ -62,7 +71,50 @@ impl Logger {
         let guard = self.sink.lock();
         self.owner.store(cpu, Ordering::Relaxed);
         if let Some(out) = *guard {
+            self.close_open(out);
             let _ = writeln!(Out(out), "{args}");
+        }
+        self.owner.store(NO_OWNER, Ordering::Relaxed);
+    }
+
+    /// Ends a streamed line someone left open, so the next line starts on its own.
+    fn close_open(&self, out: &'static dyn Console) {
+        if self.open.swap(0, Ordering::Relaxed) != 0 {
+            out.write_str("\n");
+        }
+    }
+
+    /// Streams `bytes` of output from the writer tagged `tag` (not 0) as they come, each line
+    /// starting with `[prefix] `: a line stays open until its newline, and anything else
+    /// printed meanwhile first ends it (the writer's next byte starts a new prefixed line).
+    /// For the guest whose console has the input focus: a shell's prompt shows before its
+    /// newline. Carriage returns are dropped and bytes outside printable ASCII become `?`.
+    pub fn raw_part(&self, tag: usize, prefix: &str, bytes: &[u8]) {
+        let cpu = (self.cpu_id)();
+        let guard = self.sink.lock();
+        self.owner.store(cpu, Ordering::Relaxed);
+        if let Some(out) = *guard {
+            for &b in bytes {
+                match b {
+                    b'\r' => {}
+                    b'\n' => {
+                        if self.open.swap(0, Ordering::Relaxed) != tag {
+                            let _ = write!(Out(out), "[{prefix}] ");
+                        }
+                        out.write_str("\n");
+                    }
+                    _ => {
+                        if self.open.load(Ordering::Relaxed) != tag {
+                            self.close_open(out);
+                            let _ = write!(Out(out), "[{prefix}] ");
+                            self.open.store(tag, Ordering::Relaxed);
+                        }
+                        let c = if b == b'\t' || (0x20..0x7f).contains(&b) { b } else { b'?' };
+                        let mut one = [0u8; 4];
+                        out.write_str(char::from(c).encode_utf8(&mut one));
+                    }
+                }
+            }
         }
         self.owner.store(NO_OWNER, Ordering::Relaxed);
     }
@@ -87,6 +139,7 @@ impl Logger {
         };
         self.owner.store(cpu, Ordering::Relaxed);
         if let Some(out) = *guard {
+            self.close_open(out);
             let _ = writeln!(Out(out), "[cpu{cpu} FATAL] {args}");
         }
         self.owner.store(NO_OWNER, Ordering::Relaxed);
@@ -157,6 +210,21 @@ mod tests {
         logger.emergency(format_args!("boom"));
         core::mem::forget(held);
         assert!(buf.0.lock().unwrap().ends_with("[cpu3 FATAL] boom\n"));
+    }
+
+    #[test]
+    fn streamed_output_keeps_its_prefix_and_other_lines_end_it_first() {
+        let (logger, buf) = logger_with_buf();
+        logger.raw_part(7, "linux", b"/ # ");
+        logger.raw_part(7, "linux", b"ls\r\n");
+        logger.raw_part(7, "linux", b"/ # ");
+        logger.raw_line(format_args!("[stress] a whole line"));
+        logger.raw_part(7, "linux", b"x");
+        logger.raw_part(9, "other", b"y\n\n");
+        assert_eq!(
+            buf.0.lock().unwrap().as_str(),
+            "[linux] / # ls\n[linux] / # \n[stress] a whole line\n[linux] x\n[other] y\n[other] \n"
+        );
     }
 
     #[test]

@@ -164,6 +164,7 @@ pub fn create_all(
     {
         if arch::enable_input(intid) {
             route_input(first.cpu_of(0));
+            first.uart.lock().set_streaming(true, &mut |_| {});
             info!(
                 "console: input goes to guest {}; Ctrl-A three times moves it to the next guest",
                 first.name
@@ -193,6 +194,15 @@ static INPUT: spin::Mutex<InputFocus> = spin::Mutex::new(InputFocus::new());
 /// The CPU the console's input interrupt is routed to.
 static INPUT_CPU: AtomicUsize = AtomicUsize::new(usize::MAX);
 
+/// Guest `to` gets the input focus from `from`: its output streams (a prompt shows before its
+/// newline), the other's goes back to lines.
+fn move_focus(from: &Vm, to: &Vm) {
+    let mut hw = arch::Hw;
+    from.uart.lock().set_streaming(false, &mut |_| {});
+    to.uart.lock().set_streaming(true, &mut |b| VcpuHw::console_part(&mut hw, to.name, b));
+    info!("console: input now goes to guest {}", to.name);
+}
+
 /// Routes the console's input interrupt to CPU `cpu` (one that runs a guest).
 fn route_input(cpu: usize) {
     let (Some(intid), Some(mpidr)) = (arch::input_intid(), arch::mpidr_of(cpu)) else {
@@ -221,13 +231,15 @@ fn console_input(vcpu: &mut Vcpu) {
                     }
                 }
             }
-            Typed::Switch => match focus.next(guests.len(), |g| guests[g].life.life() != Life::Stopped) {
-                Some(g) => info!("console: input now goes to guest {}", guests[g].name),
-                None => info!(
-                    "console: input stays with guest {}: no other guest runs",
-                    guests[focus.focus()].name
-                ),
-            },
+            Typed::Switch => {
+                let old = focus.focus();
+                match focus.next(guests.len(), |g| guests[g].life.life() != Life::Stopped) {
+                    Some(g) => move_focus(&guests[old], &guests[g]),
+                    None => {
+                        info!("console: input stays with guest {}: no other guest runs", guests[old].name)
+                    }
+                }
+            }
         }
     }
 }
@@ -240,7 +252,7 @@ fn input_after_stop(vm: &Vm) {
     let mut focus = INPUT.lock();
     if core::ptr::eq(&guests[focus.focus()], vm) {
         if let Some(g) = focus.next(guests.len(), live) {
-            info!("console: input now goes to guest {}", guests[g].name);
+            move_focus(vm, &guests[g]);
         }
     }
     let cpu = INPUT_CPU.load(Ordering::Acquire);

@@ -218,9 +218,13 @@ pub fn mmio<H: VcpuHw>(
             let name = vcpu.vm.name;
             let (done, change) = {
                 let mut uart = vcpu.vm.uart.lock();
+                let streaming = uart.streaming();
                 let done = emulate_mmio(regs, a, |write| match write {
                     Some(v) => uart
-                        .write(offset, a.size, v as u32, &mut |line| hw.console_line(name, line))
+                        .write(offset, a.size, v as u32, &mut |out| match streaming {
+                            true => hw.console_part(name, out),
+                            false => hw.console_line(name, out),
+                        })
                         .then_some(0),
                     None => uart.read(offset, a.size).map(u64::from),
                 });

@@ -55,6 +55,9 @@ pub struct VPl011 {
     pub rx_dropped: u64,
     /// The interrupt line's level as last reported ([`VPl011::line_change`]).
     line_level: bool,
+    /// Output goes out byte by byte rather than in lines (the guest has the input focus, so
+    /// a prompt must show before its newline).
+    streaming: bool,
 }
 
 impl Default for VPl011 {
@@ -79,6 +82,7 @@ impl VPl011 {
             rx_len: 0,
             rx_dropped: 0,
             line_level: false,
+            streaming: false,
         }
     }
 
@@ -167,6 +171,20 @@ impl VPl011 {
         true
     }
 
+    /// Streams output (`emit` then gets raw bytes as written, newlines included) or collects
+    /// it into lines again. Turning it on hands out the unfinished line first, as bytes.
+    pub fn set_streaming(&mut self, on: bool, emit: &mut dyn FnMut(&[u8])) {
+        if on && !self.streaming && self.len > 0 {
+            emit(&self.line[..self.len]);
+            self.len = 0;
+        }
+        self.streaming = on;
+    }
+
+    pub fn streaming(&self) -> bool {
+        self.streaming
+    }
+
     /// Whatever is left of an unfinished line (at guest exit).
     pub fn flush(&mut self, emit: &mut dyn FnMut(&[u8])) {
         if self.len > 0 {
@@ -176,6 +194,10 @@ impl VPl011 {
     }
 
     fn put(&mut self, b: u8, emit: &mut dyn FnMut(&[u8])) {
+        if self.streaming {
+            emit(&[b]);
+            return;
+        }
         match b {
             b'\n' => {
                 emit(&self.line[..self.len]);
@@ -283,5 +305,17 @@ mod tests {
         for want in (1..RX_FIFO as u32).chain([200]) {
             assert_eq!(u.read(DR, 4), Some(want));
         }
+    }
+
+    #[test]
+    fn streaming_hands_out_bytes_as_written() {
+        let mut u = VPl011::new();
+        lines(&mut u, b"/ # ");
+        let mut out = Vec::new();
+        u.set_streaming(true, &mut |b| out.extend_from_slice(b));
+        assert_eq!(out, b"/ # ", "the unfinished line first");
+        assert_eq!(lines(&mut u, b"ls\n"), vec![b"l".to_vec(), b"s".to_vec(), b"\n".to_vec()]);
+        u.set_streaming(false, &mut |_| panic!("nothing to hand out"));
+        assert_eq!(lines(&mut u, b"ab\n"), vec![b"ab".to_vec()], "lines again");
     }
 }
