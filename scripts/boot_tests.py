@@ -499,6 +499,30 @@ def typed_input_reaches_the_focused_guest_and_ctrl_a_moves_the_focus(wd):
 
 
 @test
+def linux_shell_takes_typed_commands_beside_an_echo_guest(wd):
+    for f in (LINUX, INITRAMFS, os.path.join(os.path.dirname(LINUX), "busybox")):
+        check(os.path.exists(f), "%s missing: run scripts/fetch-linux.sh and scripts/build-guests.sh" % f)
+    guests = [
+        guestcfg.Guest("linux", LINUX, 0x5200_0000, 256 * 1024, bootargs=LINUX_ARGS + " init_shell=1",
+                       ramdisk=INITRAMFS, ramdisk_addr=0x5100_0000),
+        guestcfg.Guest("echo", STRESS, 0x5000_0000, 32 * 1024, bootargs="stress.echo"),
+    ]
+    rc, out = boot_interactive(wd, "shell", guests, [
+        (r"\[linux\] labyrinth-linux# ", b"echo shell-$((6*7)) on $(uname -m)\r"),
+        (r"shell-42 on aarch64\n[\s\S]*labyrinth-linux# ", b"\x01\x01\x01"),
+        (r"console: input now goes to guest echo", b"off\r"),
+        (r"guest echo: stopped by SystemOff[\s\S]*console: input now goes to guest linux", b"poweroff -f\r"),
+    ], timeout=180)
+    expect_clean_exit(rc, out)
+    lx, ec = guest_lines(out, "linux"), guest_lines(out, "echo")
+    check(any(l.startswith("shell-42 on aarch64") for l in lx), "the shell's output is missing", out)
+    check("stress: echo: off" in ec, "the echo guest did not get its line", out)
+    check(not any("shell-42" in l for l in ec) and not any("echo: off" in l for l in lx), "input went astray", out)
+    check(re.search(r"guest linux: stopped by SystemOff", out), "poweroff -f did not stop Linux", out)
+    expect_audit_clean(out)
+
+
+@test
 def recycled_frames_are_scrubbed(wd):
     # "keeper" fills its RAM with a secret and stops; "reader" (overcommitted: it needs the
     # keeper's frames) waits for them, faults them in and must read only zeros. The debug log's

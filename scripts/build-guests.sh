@@ -45,4 +45,7 @@ done
 # is about 1 KiB.
 mkdir -p "$root/build/linux"
 llvm-objcopy --strip-all target/aarch64-unknown-none/release/linux-init "$root/build/linux/init"
-python3 "$root/scripts/mkinitramfs.py" "$root/build/linux/init" "$root/build/linux/initramfs.cpio"
+# With busybox fetched (scripts/fetch-linux.sh), the initramfs also carries the shell.
+busybox=()
+[ -s "$root/build/linux/busybox" ] && busybox=("$root/build/linux/busybox")
+python3 "$root/scripts/mkinitramfs.py" "$root/build/linux/init" "$root/build/linux/initramfs.cpio" "${busybox[@]}"

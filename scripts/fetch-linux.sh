@@ -4,11 +4,24 @@
 # the suite's signed InRelease down to the .deb (scripts/debian-fetch.sh), then the arm64 Image
 # is unpacked to build/linux/Image and the package, version and SHA256 written to
 # build/linux/SOURCE. Nothing is downloaded when it is already there. MIRROR overrides the
-# mirror; PACKAGE_RE the package pattern.
+# mirror; PACKAGE_RE the package pattern. Also fetches busybox (busybox-static) into
+# build/linux/busybox the same way, for the interactive shell.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=build/linux
 image=$out/Image
+mkdir -p "$out"
+# busybox (Debian's busybox-static, verified the same way) for the Linux guest's interactive
+# shell (scripts/run.sh --shell).
+if [ ! -s "$out/busybox" ]; then
+    btmp=$(mktemp -d)
+    info=$(scripts/debian-fetch.sh '^busybox-static$' "$btmp/busybox.deb" | tail -1)
+    (cd "$btmp" && ar x busybox.deb data.tar.xz && tar -xJf data.tar.xz ./bin/busybox)
+    mv "$btmp/bin/busybox" "$out/busybox"
+    echo "$info" >"$out/BUSYBOX_SOURCE"
+    rm -rf "$btmp"
+    echo "fetch-linux: $out/busybox from $info"
+fi
 [ -s "$image" ] && exit 0
 pattern=${PACKAGE_RE:-'^linux-image-[0-9.]+-[0-9]+-cloud-arm64-unsigned$'}
 mkdir -p "$out"

@@ -52,8 +52,8 @@ step "benchmarks, once each" timeout 600 cargo test -q -p labyrinth --benches
 step "loom model checks (frame pools, stage-2 installs, vCPU lifecycle, PSCI, vGIC mailboxes)" env RUSTFLAGS="--cfg loom" \
     timeout 1200 cargo test --release -p labyrinth --lib loom --target-dir target/loom
 step "build (aarch64)" no_warnings scripts/build.sh
+step "fetch the Linux guest kernel and busybox" scripts/fetch-linux.sh
 step "build guest kernels" scripts/build-guests.sh
-step "fetch the Linux guest kernel" scripts/fetch-linux.sh
 step "downloads authenticated (tampering refused)" timeout 300 python3 scripts/fetch_tests.py
 step "QEMU boot tests" timeout 1500 python3 scripts/boot_tests.py
 step "fuzz targets build" timeout 900 scripts/fuzz.sh --build-all

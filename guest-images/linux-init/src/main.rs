@@ -8,6 +8,10 @@
 //! environment) and a reset count of 0, it asks for a restart instead (PSCI SYSTEM_RESET), so
 //! the test suite sees Labyrinth reset a guest with a virtual GIC and Linux boot again.
 //!
+//! With `init_shell=1` it starts an interactive shell instead of powering off: busybox's `sh`
+//! from the initramfs (`/bin/sh`), on the console, with /proc mounted; `poweroff -f` in the
+//! shell ends the guest.
+//!
 //! Raw aarch64 Linux system calls only (`svc #0`, number in x8); no libc, no allocation. It must
 //! never return: init exiting makes the kernel panic.
 #![no_std]
@@ -24,6 +28,7 @@ const SYS_READ: u64 = 63;
 const SYS_WRITE: u64 = 64;
 const SYS_PPOLL: u64 = 73;
 const SYS_REBOOT: u64 = 142;
+const SYS_EXECVE: u64 = 221;
 const AT_FDCWD: u64 = -100i64 as u64;
 const LINUX_REBOOT_MAGIC1: u64 = 0xfee1_dead;
 const LINUX_REBOOT_MAGIC2: u64 = 0x2812_1969;
@@ -162,6 +167,26 @@ fn reset_count() -> Option<u32> {
     (syscall(SYS_READ, fd as u64, cell.as_mut_ptr() as u64, 4, 0, 0) == 4).then(|| u32::from_be_bytes(cell))
 }
 
+/// Replaces init with busybox's shell on the console (returns only if that fails).
+fn shell() {
+    let proc_ = b"proc\0";
+    syscall(SYS_MOUNT, proc_.as_ptr() as u64, b"/proc\0".as_ptr() as u64, proc_.as_ptr() as u64, 0, 0);
+    print(b"labyrinth-init: starting a shell (busybox sh); poweroff -f ends the guest\n");
+    let path = b"/bin/sh\0";
+    let argv: [*const u8; 2] = [b"sh\0".as_ptr(), core::ptr::null()];
+    let envp: [*const u8; 4] = [
+        b"PATH=/bin\0".as_ptr(),
+        b"HOME=/\0".as_ptr(),
+        b"PS1=labyrinth-linux# \0".as_ptr(),
+        core::ptr::null(),
+    ];
+    let r = syscall(SYS_EXECVE, path.as_ptr() as u64, argv.as_ptr() as u64, envp.as_ptr() as u64, 0, 0);
+    let mut buf = [0u8; 10];
+    print(b"labyrinth-init: no shell (execve error ");
+    print(decimal((-r) as u32, &mut buf));
+    print(b"): is busybox in the initramfs? powering off\n");
+}
+
 /// Whether the environment Linux gave init holds exactly `wanted` (`name=value`).
 ///
 /// # Safety
@@ -190,9 +215,10 @@ global_asm!(".globl _start", "_start:", "mov x0, sp", "b init_main");
 #[no_mangle]
 extern "C" fn init_main(sp: *const u64) -> ! {
     // SAFETY: the initial stack layout of the Linux ELF ABI (see `_start`).
-    let want_reset = unsafe {
+    let (want_reset, want_shell) = unsafe {
         let argc = *sp as usize;
-        has_env(sp.add(argc + 2) as *const *const u8, b"init_reset=1")
+        let envp = sp.add(argc + 2) as *const *const u8;
+        (has_env(envp, b"init_reset=1"), has_env(envp, b"init_shell=1"))
     };
     mount_sysfs();
     let count = reset_count();
@@ -206,6 +232,9 @@ extern "C" fn init_main(sp: *const u64) -> ! {
         None => print(b"labyrinth-init: no labyrinth,reset-count in the device tree\n"),
     }
     work_on_each_cpu();
+    if want_shell {
+        shell();
+    }
     let cmd = if want_reset && count == Some(0) {
         print(b"labyrinth-init: asking for a reset\n");
         LINUX_REBOOT_CMD_RESTART
