@@ -88,7 +88,7 @@ impl Logger {
     /// starting with `[prefix] `: a line stays open until its newline, and anything else
     /// printed meanwhile first ends it (the writer's next byte starts a new prefixed line).
     /// For the guest whose console has the input focus: a shell's prompt shows before its
-    /// newline. Carriage returns are dropped and bytes outside printable ASCII become `?`.
+    /// newline. Carriage returns are dropped and bytes outside ASCII become `?`.
     pub fn raw_part(&self, tag: usize, prefix: &str, bytes: &[u8]) {
         let cpu = (self.cpu_id)();
         let guard = self.sink.lock();
@@ -109,7 +109,9 @@ impl Logger {
                             let _ = write!(Out(out), "[{prefix}] ");
                             self.open.store(tag, Ordering::Relaxed);
                         }
-                        let c = if b == b'\t' || (0x20..0x7f).contains(&b) { b } else { b'?' };
+                        // ASCII passes as it is, control characters too: the user's terminal
+                        // runs the guest's line editing (backspace, escape sequences).
+                        let c = if b.is_ascii() && b != 0 { b } else { b'?' };
                         let mut one = [0u8; 4];
                         out.write_str(char::from(c).encode_utf8(&mut one));
                     }
