@@ -923,11 +923,11 @@ impl Stage2 {
         end: u64,
     ) -> bool {
         let size = level_size(level);
-        for idx in 0..ENTRIES {
+        // Only the entries the range touches: a give-back of one page visits one per level.
+        let first = (start.saturating_sub(base) / size) as usize;
+        let last = (end.saturating_sub(base).div_ceil(size) as usize).min(ENTRIES);
+        for idx in first..last {
             let eb = base + idx as u64 * size;
-            if eb >= end || eb + size <= start {
-                continue;
-            }
             let raw = env.read(table, idx);
             if let Entry::Table(child) = Entry::decode(raw, level) {
                 if self.reclaim_in(env, m, child, level + 1, eb, start, end) && self.hold_empty(env, m, child)
