@@ -24,6 +24,7 @@ use labyrinth::vm::exit::{self, Outcome};
 use labyrinth::vm::guest::{Boot, VmParts};
 use labyrinth::vm::layout::{self, Layout};
 use labyrinth::vm::lifecycle::Life;
+use labyrinth::vm::trap::MmioAccess;
 use labyrinth::vm::vcpu::{VcpuHw, PAGE_CREDIT_BATCH};
 use labyrinth::vm::vpsci::{PowerState, StartRequest};
 use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
@@ -468,12 +469,24 @@ extern "C" fn guest_fast(frame: &mut TrapFrame) -> bool {
 /// An access to an emulated device on the fast path: served when the hardware decoded it and
 /// its register is one the fast frame holds, and the device takes it; anything else (a
 /// refusal to explain, x19-x29) goes to the general path, which does it again in full.
+/// A read of a constant register (the UART's flags a guest polls before every byte) is
+/// served here with no call; the rest is a tail call. Out of line: inlined, its stack use
+/// costs the fault paths in `guest_fast` a bigger frame (measured: +2 and +5).
 #[inline(never)]
 fn fast_mmio(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa_page: u64, esr: u64) -> bool {
     let Some(a) = labyrinth::vm::trap::mmio_access(esr).filter(|a| arch::FastRegs::holds(a.reg)) else {
         return false;
     };
     let Some(device) = exit::device_at(vcpu.vm, ipa_page | arch::fault_page_offset()) else { return false };
+    if exit::mmio_constant(vcpu, &mut arch::FastRegs(frame), device, a) {
+        return true;
+    }
+    fast_mmio_device(vcpu, frame, device, a)
+}
+
+/// The device's own emulation (its state, under its lock), out of line.
+#[inline(never)]
+fn fast_mmio_device(vcpu: &mut Vcpu, frame: &mut TrapFrame, device: exit::Device, a: MmioAccess) -> bool {
     exit::mmio(vcpu, &mut arch::FastRegs(frame), &mut arch::Hw, device, a)
 }
 
@@ -579,7 +592,9 @@ fn fast_block_fault(vcpu: &mut Vcpu, ipa: u64) -> bool {
     let block = ipa & !(BLOCK - 1);
     // Where no block can go (RAM ends inside this 2 MiB, or part of it is mapped already: a
     // level-3 table is there), a page can, through the cached level-3 table.
-    if block < vm.layout.ram_base || block + BLOCK > vm.layout.ram_end() {
+    // The offset in RAM wraps below it: two compares for "the whole 2 MiB lies in RAM".
+    let off = block.wrapping_sub(vm.layout.ram_base);
+    if off >= vm.layout.ram_size || vm.layout.ram_size - off < BLOCK {
         return fast_page_fault(vcpu, ipa);
     }
     let Some(pool) = vcpu.pool else { return false };
