@@ -877,7 +877,9 @@ fn main(boot: &BootInfo) -> ! {
             "race" => case_race(args.value("smptest.rounds").and_then(parse_u64).unwrap_or(DEFAULT_ROUNDS)),
             "cpu-on" => case_cpu_on(boot),
             "sysoff-secondary" => case_sysoff_secondary(),
-            "trap-scaling" => case_trap_scaling(args.value("smptest.storm").and_then(parse_u64).unwrap_or(20_000)),
+            "trap-scaling" => {
+                case_trap_scaling(args.value("smptest.storm").and_then(parse_u64).unwrap_or(20_000))
+            }
             "timer" | "sgi" | "sgi-rtt" => {}
             other => println!("smp-test: unknown case \"{}\" ignored", other),
         }

@@ -16,9 +16,9 @@ use super::layout::{UART_BASE, UART_SIZE};
 use super::trap::{self, GuestTrap, MmioAccess};
 use super::vcpu::{host_irq, GuestRegs, Vcpu, VcpuHw, LOG_LIMIT};
 use super::vgic::{self, VcpuSet};
+use super::vpl011::VPl011;
 use super::vpsci::{self, PsciAction};
 use super::vtimer;
-use super::vpl011::VPl011;
 
 /// What the caller does once a trap is handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,7 +179,9 @@ pub fn mmio_constant(vcpu: &mut Vcpu, regs: &mut impl GuestRegs, device: Device,
     }
     let value = match device {
         Device::Uart { offset } => VPl011::read_constant(offset, a.size).map(u64::from),
-        Device::Gic { frame, offset } if vcpu.vm.vgic.is_some() => vgic::VGic::read_constant(frame, offset, a.size),
+        Device::Gic { frame, offset } if vcpu.vm.vgic.is_some() => {
+            vgic::VGic::read_constant(frame, offset, a.size)
+        }
         Device::Gic { .. } => None,
     };
     let Some(value) = value else { return false };

@@ -110,7 +110,14 @@ mod tests {
     // The RAM check is one subtraction: below the base wraps to a huge offset.
     #[test]
     fn in_ram_is_the_half_open_range() {
-        let l = Layout { ram_base: 0x4000_0000, ram_size: 0x10_0000, kernel: 0, kernel_size: 0, ramdisk: None, dtb: 0 };
+        let l = Layout {
+            ram_base: 0x4000_0000,
+            ram_size: 0x10_0000,
+            kernel: 0,
+            kernel_size: 0,
+            ramdisk: None,
+            dtb: 0,
+        };
         assert!(!l.in_ram(0));
         assert!(!l.in_ram(0x3fff_f000));
         assert!(l.in_ram(0x4000_0000));

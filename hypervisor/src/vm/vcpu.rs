@@ -236,7 +236,11 @@ mod tests {
         assert_eq!(v.credit(), 0);
         v.untake_pages(1);
         assert!(v.take_pages(1));
-        assert_eq!(vm.budget.used(), 1 + PAGE_CREDIT_BATCH, "a page given back is taken again from the credit");
+        assert_eq!(
+            vm.budget.used(),
+            1 + PAGE_CREDIT_BATCH,
+            "a page given back is taken again from the credit"
+        );
     }
 
     #[test]
