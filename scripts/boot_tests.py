@@ -437,7 +437,8 @@ def overcommitted_guest_draws_what_a_stopped_guest_freed(wd):
     n, p, h, d = (int(x) for x in need.groups())
     check(p - h + d < n, "the guest's memory was there from the start: it had nothing to wait for", out)
     promised, within, beyond, _ = memory_report(out, "over")
-    check(beyond > 0 and within == promised, "the guest did not draw past its promise: %s" % ((promised, within, beyond),), out)
+    # A 2 MiB block is drawn whole from one source: up to 2 MiB of the promise may stay unused.
+    check(beyond > 0 and within > promised - 2048, "the guest did not draw past its promise: %s" % ((promised, within, beyond),), out)
     expect_audit_clean(out)
 
 

@@ -5,7 +5,12 @@ fault and per PSCI_VERSION round trip through HVC, measured by Labyrinth's stres
 touch minus second touch of the same pages; a timed loop minus the same loop with a `nop`);
 per emulated MMIO read (the PL011's FR, the virtual GIC distributor's GICD_IIDR; stress with
 stress.bench=mmio, same boot as the 4 KiB figure); per SGI to self and per SGI round trip
-between two vCPUs on two physical CPUs (the smp-test guest's sgi-rtt case, on -smp 2).
+between two vCPUs on two physical CPUs (the smp-test guest's sgi-rtt case, on -smp 2);
+instructions per 4 KiB fault of the whole machine with 1, 2 and 4 vCPUs faulting at once
+(stress.mode=partitioned and overlapped, one vCPU per physical CPU: under -icount QEMU runs
+the CPUs round-robin on one thread and the clock counts every CPU's instructions, so the
+figure is the machine's extra time for the first touch per page mapped; stress.interleave makes
+QEMU switch CPUs after every page, so the vCPUs' passes do overlap).
 
 Writes docs/fault-cost.svg (a bar chart against Linux KVM's figures on the same QEMU, from
 shared/docs/prior-art.md, where it has one) and prints a table. Run it through
@@ -79,6 +84,23 @@ def svg(results):
     return "\n".join(out)
 
 
+# (vCPUs, mode) of the concurrent-fault runs; the ratios are to the 1-vCPU run of the same code.
+CONCURRENT = [(1, "partitioned"), (2, "partitioned"), (2, "overlapped"), (4, "partitioned"), (4, "overlapped")]
+CONCURRENT_GOALS = {(2, "partitioned"): 1.05, (2, "overlapped"): 1.1}
+
+
+def concurrent(wd):
+    """Instructions per 4 KiB fault, machine-wide, per (vCPUs, mode)."""
+    out = {}
+    for cpus, mode in CONCURRENT:
+        text = run(wd, "smp%d%s" % (cpus, mode),
+                   [guestcfg.Guest("stress", STRESS, 0x5000_0000, 64 * 1024, no_blocks=True, cpus=cpus,
+                                   bootargs="stress.seed=1 stress.interleave stress.mode=" + mode)], smp=cpus)
+        out[(cpus, mode)] = grab(r"stress: %s cpus=%d machine first=\d+ second=\d+ ticks, fault=(-?\d+) "
+                                 r"instructions/page" % (mode, cpus), text, "%d-vCPU %s figure" % (cpus, mode))
+    return out
+
+
 def main():
     results = {}
     with tempfile.TemporaryDirectory() as wd:
@@ -112,12 +134,19 @@ def main():
         results["SGI round trip (2 vCPUs)"] = grab(r"smp-test: sgi round trip=(-?\d+) instructions", sgi,
                                                    "SGI round-trip figure")
         results["SGI to self"] = grab(r"smp-test: sgi to self=(-?\d+) instructions", sgi, "SGI-to-self figure")
+        faults = concurrent(wd)
     print("%-16s %12s %12s %8s" % ("path", "Labyrinth", "Linux KVM", "goal"))
     for k, v in results.items():
         if k in KVM:
             print("%-16s %12d %12d %8d" % (k, v, KVM[k], GOALS[k]))
         else:
             print("%-16s %12d %12s %8s" % (k, v, "-", GOALS.get(k, "-")))
+    base = faults[(1, "partitioned")]
+    print("\n4 KiB faults at once (machine-wide instructions per page)")
+    print("%-6s %-12s %8s %7s %6s" % ("vCPUs", "mode", "fault", "ratio", "goal"))
+    for (cpus, mode), v in faults.items():
+        goal = CONCURRENT_GOALS.get((cpus, mode))
+        print("%-6d %-12s %8d %6.2fx %6s" % (cpus, mode, v, v / base, "%.2fx" % goal if goal else "-"))
     with open(os.path.join(ROOT, "docs", "fault-cost.svg"), "w") as f:
         f.write(svg(results))
     print("wrote docs/fault-cost.svg")

@@ -52,8 +52,15 @@ const OP_CPU_OFF: u64 = 3;
 /// Wait in WFI (answering SGI_FLOOD with SGI_PING to CPU 0 while ECHO is set) until this CPU's
 /// ECHO_STOP reaches this command.
 const OP_ECHO: u64 = 4;
+/// Run the `trap-scaling` loop (`STORM_KIND`, `STORM_N` iterations) and record its ticks.
+const OP_STORM: u64 = 5;
 
 static CMD: PerCpu<u64> = PerCpu::new(0);
+/// `trap-scaling`: what the loop does (0: HVCs, 1: no trap) and how many times (CPU 0 writes).
+static STORM_KIND: Global<u64> = Global::new(0);
+static STORM_N: Global<u64> = Global::new(0);
+/// Each CPU's ticks for its last loop.
+static STORM_TICKS: PerCpu<u64> = PerCpu::new(0);
 /// The last sequence number each CPU finished (written by that CPU).
 static ACK: PerCpu<u64> = PerCpu::new(0);
 /// Race round a racer is ready for (written by the racer).
@@ -157,6 +164,7 @@ fn secondary_main(me: usize) -> ! {
                 println!("smp-test: sysoff-secondary FAILED: SYSTEM_OFF returned on cpu {}", me);
             }
             OP_ECHO => echo(me, seen),
+            OP_STORM => STORM_TICKS.set(me, storm(STORM_KIND.get(), STORM_N.get())),
             OP_CPU_OFF => {
                 gic::irqs_off();
                 ACK.set(me, seen);
@@ -748,6 +756,65 @@ fn case_cpu_on(boot: &BootInfo) {
 
 // ------------------------------------------------------------------ sysoff-secondary
 
+/// `n` PSCI_VERSION calls through HVC (`kind` 0: a trap each), `n` loads of the UART's flag
+/// register (`kind` 2: a stage-2 data abort each, emulated on the fast path), or `n` rounds
+/// of a loop that traps never (`kind` 1); its ticks.
+#[inline(never)]
+fn storm(kind: u64, n: u64) -> u64 {
+    let t0 = now();
+    for i in 0..n {
+        if kind == 0 {
+            psci::version();
+        } else if kind == 2 {
+            // SAFETY: the emulated PL011's flag register, a read without side effects.
+            core::hint::black_box(unsafe {
+                core::ptr::read_volatile((guest_rt::console::UART_BASE + 0x18) as *const u32)
+            });
+        } else {
+            let mut x = i;
+            for _ in 0..40 {
+                x = core::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            core::hint::black_box(x);
+        }
+    }
+    now() - t0
+}
+
+/// Wall-clock scaling of traps (multi-threaded TCG, no -icount): each loop alone on CPU 0, then
+/// on CPUs 0 and 1 at once. A loop that traps and scales worse than one that does not points at
+/// what a trap costs the host (QEMU), not at the guest's work.
+fn case_trap_scaling(n: u64) {
+    if smp::cpu_count() < 2 || !ensure_on(1) {
+        println!("smp-test: trap-scaling FAILED: needs cpu 1 running");
+        return;
+    }
+    for (kind, name) in [(0, "hvc"), (2, "mmio-abort"), (1, "no-trap")] {
+        STORM_KIND.set(kind);
+        STORM_N.set(n);
+        let solo = storm(kind, n);
+        let seq = post(1, OP_STORM);
+        let together = storm(kind, n);
+        if !wait_ack(1, seq) {
+            println!("smp-test: trap-scaling FAILED: cpu 1 did not finish its loop");
+            return;
+        }
+        let other = STORM_TICKS.get(1);
+        // Aggregate throughput of two CPUs against one: 2 * solo / the longer of the two.
+        let scaling = 200 * solo / together.max(other).max(1);
+        println!(
+            "smp-test: trap-scaling {} n={} solo={} together={} and {} ticks, two cpus do {}.{:02}x the work of one",
+            name,
+            n,
+            solo,
+            together,
+            other,
+            scaling / 100,
+            scaling % 100
+        );
+    }
+}
+
 fn case_sysoff_secondary() -> ! {
     if smp::cpu_count() < 2 || !ensure_on(1) {
         println!("smp-test: sysoff-secondary FAILED: needs cpu 1 running");
@@ -810,6 +877,9 @@ fn main(boot: &BootInfo) -> ! {
             "race" => case_race(args.value("smptest.rounds").and_then(parse_u64).unwrap_or(DEFAULT_ROUNDS)),
             "cpu-on" => case_cpu_on(boot),
             "sysoff-secondary" => case_sysoff_secondary(),
+            "trap-scaling" => {
+                case_trap_scaling(args.value("smptest.storm").and_then(parse_u64).unwrap_or(20_000))
+            }
             "timer" | "sgi" | "sgi-rtt" => {}
             other => println!("smp-test: unknown case \"{}\" ignored", other),
         }

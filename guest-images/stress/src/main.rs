@@ -392,6 +392,7 @@ fn main(boot: &BootInfo) -> ! {
                 args.value("stress.timeout").and_then(parse_u64).filter(|&s| s > 0).unwrap_or(60),
             ),
             sabotage: args.has("stress.sabotage"),
+            interleave: args.has("stress.interleave"),
         };
         for r in free.as_slice() {
             plan.pages.push(Seg { start: r.start, count: r.len() / PAGE, stride: PAGE });

@@ -59,6 +59,10 @@ pub struct Plan {
     /// `stress.sabotage`: the last CPU clears its own stamp on its first page after the touch
     /// passes, as a lost write would, so that the verdict's failure line can be seen.
     pub sabotage: bool,
+    /// `stress.interleave`: a `YIELD` after every page touched. Under -icount QEMU runs one
+    /// CPU until it waits (or for 100 ms of virtual time), so without it the CPUs' passes do
+    /// not overlap at all; with it QEMU moves to the next CPU after every page.
+    pub interleave: bool,
 }
 
 impl Plan {
@@ -80,6 +84,14 @@ static BARRIER: Barrier = Barrier::new();
 static TOUCHED: PerCpu<u64> = PerCpu::new(0);
 static FIRST: PerCpu<u64> = PerCpu::new(0);
 static SECOND: PerCpu<u64> = PerCpu::new(0);
+/// CPU 0's view of the whole machine: from leaving the start barrier to leaving the barrier
+/// after everyone's first pass, and from there to leaving the one after the second pass.
+static MACHINE_FIRST: Global<u64> = Global::new(0);
+static MACHINE_SECOND: Global<u64> = Global::new(0);
+/// Moved on by CPU 0 once it has read the clock at a timed barrier: the others wait for it, so
+/// no CPU's work can fall on the wrong side of CPU 0's reading (under -icount QEMU may run one
+/// CPU until it waits, and the first one out of a barrier would otherwise run on alone).
+static GO: Global<u64> = Global::new(0);
 /// Words found not zero on first touch: this CPU's own word, or a word no CPU stamps.
 static NONZERO: PerCpu<u64> = PerCpu::new(0);
 static BAD_WORDS: PerCpu<u64> = PerCpu::new(0);
@@ -128,6 +140,10 @@ fn pass(plan: &Plan, region: (u64, u64), start: u64, count: u64, me: usize, seco
         let (a, b) = unsafe { touch(page, me, plan.cpus, stamp(me, page) & keep) };
         nonzero += a;
         wrong += b;
+        if plan.interleave {
+            // SAFETY: a hint; it touches nothing.
+            unsafe { core::arch::asm!("yield", options(nomem, nostack, preserves_flags)) };
+        }
         j += 1;
         if j == p {
             j = 0;
@@ -185,6 +201,31 @@ fn meet(what: &str, mode: &str) {
     }
 }
 
+/// A barrier at which CPU 0 reads the clock before anyone goes on: its reading (CPU 0), 0
+/// for the others.
+fn meet_timed(what: &str, mode: &str, me: usize) -> u64 {
+    meet(what, mode);
+    // SAFETY: as in meet.
+    let plan = unsafe { &*PLAN.get() };
+    if me == 0 {
+        let t = now();
+        GO.set(GO.get() + 1);
+        smp::dsb();
+        smp::sev();
+        return t;
+    }
+    let next = TIMED.get(me) + 1;
+    TIMED.set(me, next);
+    if !smp::wait_until(plan.timeout, || GO.get() >= next) {
+        println!("stress: {} FAILED: cpu {} was not let go after the {} barrier", mode, me, what);
+        psci::cpu_off();
+    }
+    0
+}
+
+/// Timed barriers each CPU but 0 has passed.
+static TIMED: PerCpu<u64> = PerCpu::new(0);
+
 /// Every CPU's part of mode number `k`.
 fn run_mode(plan: &Plan, k: usize, me: usize) {
     let mode = plan.modes[k];
@@ -195,15 +236,24 @@ fn run_mode(plan: &Plan, k: usize, me: usize) {
         Mode::Overlapped => (0, p),
         Mode::Staggered => (first(me, n, p), p),
     };
-    meet("start", mode.name());
+    // Between timed barriers CPU 0's clock times the whole machine (under -icount, every CPU's
+    // instructions): everyone's first pass, then everyone's second.
+    let m0 = meet_timed("start", mode.name(), me);
     let t0 = now();
     let (nonzero, wrong) = pass(plan, region, start, count, me, false);
     let t1 = now();
+    let m1 = meet_timed("first pass", mode.name(), me);
+    let t1b = now();
     let (_, lost) = pass(plan, region, start, count, me, true);
     let t2 = now();
+    let m2 = meet_timed("second pass", mode.name(), me);
     TOUCHED.set(me, count);
     FIRST.set(me, t1 - t0);
-    SECOND.set(me, t2 - t1);
+    SECOND.set(me, t2 - t1b);
+    if me == 0 {
+        MACHINE_FIRST.set(m1 - m0);
+        MACHINE_SECOND.set(m2 - m1);
+    }
     NONZERO.set(me, nonzero + wrong);
     if plan.sabotage && me == n - 1 && count > 0 {
         let page = plan.pages.page(region.0 + start);
@@ -242,6 +292,18 @@ fn report(plan: &Plan, mode: Mode, p: u64) {
         nonzero += NONZERO.get(i);
         checked += CHECKED.get(i);
     }
+    // The machine's extra time for the first pass, per page of the region (each mapped once):
+    // under -icount every CPU's instructions count, so this is what a fault costs the whole
+    // machine, races and retries included.
+    let (mf, ms) = (MACHINE_FIRST.get(), MACHINE_SECOND.get());
+    println!(
+        "stress: {} cpus={} machine first={} second={} ticks, fault={} instructions/page",
+        mode.name(),
+        n,
+        mf,
+        ms,
+        ticks_to_ns_per(mf as i64 - ms as i64, p)
+    );
     println!("stress: {} fresh words not zero: {}", mode.name(), nonzero);
     let mut failed = false;
     for i in 0..n {

@@ -7,7 +7,7 @@ pub use aarch64::{
     console::{
         emergency_line, enable_input, init_console, input_intid, install_fallback_console, read_input,
     },
-    cpu::{cpu_index, mpidr, mpidr_of, read_cpu_info, record_mpidr, MAX_CPUS},
+    cpu::{cpu_index, cpu_local, mpidr, mpidr_of, read_cpu_info, record_mpidr, set_cpu_local, MAX_CPUS},
     exception::TrapFrame,
     gic, image_range,
     memory::{clean_to_poc, copy_phys, frame_db_storage, heap_bytes, init_heap, Heap, Scrubber},

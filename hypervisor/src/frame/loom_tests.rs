@@ -83,7 +83,7 @@ fn bulk_push_and_pops_never_duplicate_or_lose() {
         pool.filler().unwrap().push(1).unwrap();
         let pushing = {
             let pool = pool.clone();
-            thread::spawn(move || assert_eq!(pool.filler().unwrap().push_many(2..5), 3))
+            thread::spawn(move || assert_eq!(pool.filler().unwrap().push_run(2, 1, 3), 3))
         };
         let popping = {
             let pool = pool.clone();
@@ -103,7 +103,7 @@ fn bulk_push_and_pops_never_duplicate_or_lose() {
 // The audit's snapshot against a pop followed by a bulk push that reuses the popped slot: a
 // snapshot the head still validates afterwards is exactly the pool at that head (never the
 // new value under the old head). (Loom did not produce the stale slot read that dropping the
-// Release fence would allow, so that ordering is argued in `push_many`, not model-checked.)
+// Release fence would allow, so that ordering is argued in `push_run`, not model-checked.)
 #[test]
 fn snapshot_never_mixes_a_bulk_push_into_an_old_head() {
     check(|| {
@@ -114,7 +114,7 @@ fn snapshot_never_mixes_a_bulk_push_into_an_old_head() {
             let pool = pool.clone();
             thread::spawn(move || {
                 assert_eq!(pool.pop(1), Some(1));
-                assert_eq!(pool.filler().unwrap().push_many(7..8), 1);
+                assert_eq!(pool.filler().unwrap().push_run(7, 1, 1), 1);
             })
         };
         let mut out = Vec::new();

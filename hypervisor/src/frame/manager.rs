@@ -35,8 +35,8 @@ use super::tag::{Owner, VmId, TAG_FREE, TAG_HYPERVISOR, TAG_SCRUBBING};
 use super::unpromised::Unpromised;
 use super::{frames_of, Pfn, BLOCK_FRAMES};
 
-/// Slots in each CPU's page pool: the most 4 KiB frames it can hold (2 MiB worth).
-pub const PAGE_POOL_SLOTS: usize = 512;
+/// Slots in each CPU's page pool: the most 4 KiB frames it can hold (8 MiB worth).
+pub const PAGE_POOL_SLOTS: usize = 2048;
 /// Slots in each CPU's block pool: the most 2 MiB blocks it can hold.
 pub const BLOCK_POOL_SLOTS: usize = 16;
 /// Compare-and-swap attempts on the own pool before the atomic path looks at other CPUs'.
@@ -295,7 +295,7 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
                     return Err(e);
                 }
                 // One publication for the whole chunk (one head CAS, not one per frame).
-                let pushed = pages.push_many(first.0..first.0 + chunk as u64);
+                let pushed = pages.push_run(first.0, 1, chunk);
                 report.pages_added += pushed;
                 if pushed < chunk {
                     // Cannot happen (we are the only pusher, below capacity); keep the rest.
@@ -331,7 +331,7 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
                         return Err(e);
                     }
                 }
-                let pushed = blocks.push_many((0..chunk as u64).map(|b| first.0 + b * BLOCK_FRAMES as u64));
+                let pushed = blocks.push_run(first.0, BLOCK_FRAMES as u64, chunk);
                 report.blocks_added += pushed;
                 if pushed < chunk {
                     let rest = first.add((pushed * BLOCK_FRAMES) as u64);

@@ -157,11 +157,13 @@ impl<const N: usize> Filler<'_, N> {
 }
 
 impl<const N: usize> Filler<'_, N> {
-    /// Pushes as many of `values` as there is room for with one publication (one head
-    /// compare-and-swap for all of them) and returns how many it pushed; they pop in reverse
-    /// order, as if pushed one by one. Bounded like [`Filler::push`]: a retry happens only
-    /// after a pop moved the head, and then the slots are written again at the new top.
-    pub(crate) fn push_many<I: Iterator<Item = u64> + Clone>(&self, values: I) -> usize {
+    /// Pushes as many of the `count` values `first`, `first + step`, ... as there is room for
+    /// with one publication (one head compare-and-swap for all of them) and returns how many it
+    /// pushed; they pop in reverse order, as if pushed one by one. A run, not any iterator: the
+    /// store loop then has one bound and one counter, about a third of the instructions per
+    /// frame on the refill path. Bounded like [`Filler::push`]: a retry happens only after a
+    /// pop moved the head, and then the slots are written again at the new top.
+    pub(crate) fn push_run(&self, first: u64, step: u64, count: usize) -> usize {
         let pool = self.pool;
         // Acquire: pairs with the pops' Release, so a pop that read a slot we reuse is done.
         let mut head = pool.head.load(Ordering::Acquire);
@@ -169,16 +171,25 @@ impl<const N: usize> Filler<'_, N> {
             let len = (head & LEN_MASK) as usize;
             let room = pool.capacity.saturating_sub(len);
             let Some(slots) = pool.slots.get(len..) else { return 0 };
+            let n = count.min(room).min(slots.len());
+            if n == 0 {
+                return 0;
+            }
             // Release fence, then plain stores: for the audit (see `snapshot`), one fence orders
             // everything we saw before every slot store after it, as a Release per store would.
             fence(Ordering::Release);
-            let mut n = 0;
-            for (slot, value) in slots.iter().zip(values.clone().take(room)) {
-                slot.store(value, Ordering::Relaxed);
-                n += 1;
+            // Eight per step (unrolled), then the rest: the loop's own cost once per eight.
+            let (body, rest) = slots[..n].split_at(n - n % 8);
+            let mut value = first;
+            for eight in body.chunks_exact(8) {
+                for slot in eight {
+                    slot.store(value, Ordering::Relaxed);
+                    value = value.wrapping_add(step);
+                }
             }
-            if n == 0 {
-                return 0;
+            for slot in rest {
+                slot.store(value, Ordering::Relaxed);
+                value = value.wrapping_add(step);
             }
             // Release: publishes every slot and scrubbed frame to poppers at once.
             match pool.head.compare_exchange(
@@ -289,24 +300,24 @@ mod tests {
 
     // A bulk push fills up to capacity in one publication and pops in reverse order.
     #[test]
-    fn push_many_stops_at_capacity_and_pops_in_reverse() {
+    fn push_run_stops_at_capacity_and_pops_in_reverse() {
         let pool = FramePool::<8>::new(5);
         let filler = pool.filler().unwrap();
         filler.push(1).unwrap();
         let before = pool.head();
-        assert_eq!(filler.push_many(10..20), 4);
+        assert_eq!(filler.push_run(10, 1, 10), 4);
         assert_eq!(pool.head() >> LEN_BITS, (before >> LEN_BITS) + 1, "one generation step");
-        assert_eq!(filler.push_many(30..31), 0, "full");
+        assert_eq!(filler.push_run(30, 1, 1), 0, "full");
         let popped: Vec<u64> = core::iter::from_fn(|| pool.pop(1)).collect();
         assert_eq!(popped, [13, 12, 11, 10, 1]);
     }
 
     // A bulk push of nothing changes nothing.
     #[test]
-    fn push_many_of_nothing_leaves_the_head() {
+    fn push_run_of_nothing_leaves_the_head() {
         let pool = FramePool::<8>::new(4);
         let before = pool.head();
-        assert_eq!(pool.filler().unwrap().push_many(core::iter::empty()), 0);
+        assert_eq!(pool.filler().unwrap().push_run(5, 1, 0), 0);
         assert_eq!(pool.head(), before);
     }
 

@@ -133,6 +133,13 @@ pub struct PageSlot<'s> {
 }
 
 impl PageSlot<'_> {
+    /// The guest whose space this is: claim the page for it, and the install's owner check is
+    /// known to pass.
+    #[inline(always)]
+    pub fn vm(&self) -> VmId {
+        self.vm
+    }
+
     /// Maps `page` here as guest RAM with one compare-and-swap from 0. The claim stands for
     /// the owner check (see [`ClaimedPage`]). A lost race or a held entry hands it back as
     /// [`Declined::Retry`]; a claim for another guest as `Refused`; nothing written either way.
@@ -170,6 +177,12 @@ pub struct VacantBlock<'a> {
 }
 
 impl VacantBlock<'_> {
+    /// The guest whose space this is (as [`PageSlot::vm`]).
+    #[inline(always)]
+    pub fn vm(&self) -> VmId {
+        self.vm
+    }
+
     /// The first IPA of the 2 MiB it would map.
     pub fn ipa(&self) -> u64 {
         self.ipa
@@ -228,8 +241,9 @@ impl VacantBlock<'_> {
 }
 
 /// Why a block's CAS at level 2 failed on `cur`: a table there (pages) refuses it, anything
-/// else (another block, a held entry) is a race to retry.
-#[cold]
+/// else (another block, a held entry) is a race to retry. Inlined (on the failure branch): a
+/// call would cost the fast path a stack frame.
+#[inline(always)]
 fn declined_block(block: ClaimedBlock, cur: u64, ipa: u64) -> Declined<ClaimedBlock> {
     match Entry::decode(cur, 2) {
         Entry::Table(_) => Declined::Refused(block, Stage2Error::AlreadyMapped { ipa }),

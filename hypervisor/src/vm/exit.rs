@@ -17,6 +17,7 @@ use super::layout::{UART_BASE, UART_SIZE};
 use super::trap::{self, GuestTrap, MmioAccess};
 use super::vcpu::{host_irq, GuestRegs, Vcpu, VcpuHw, LOG_LIMIT};
 use super::vgic::{self, VcpuSet};
+use super::vpl011::VPl011;
 use super::vpsci::{self, PsciAction};
 use super::vtimer;
 
@@ -201,6 +202,30 @@ pub fn device_at(vm: &super::Vm, ipa: u64) -> Option<Device> {
     Some(Device::Gic { frame, offset })
 }
 
+/// A load from a device register whose value never changes (the UART's flags, the GIC's
+/// identification), served from no state and under no lock: `true` when it was (the register
+/// filled, the PC moved on), `false` for anything else, left to [`mmio`]. The fast path's
+/// first try: it makes no call.
+#[inline(always)]
+pub fn mmio_constant(vcpu: &mut Vcpu, regs: &mut impl GuestRegs, device: Device, a: MmioAccess) -> bool {
+    if a.write {
+        return false;
+    }
+    let value = match device {
+        Device::Uart { offset } => VPl011::read_constant(offset, a.size).map(u64::from),
+        Device::Gic { frame, offset } if vcpu.vm.vgic.is_some() => {
+            vgic::VGic::read_constant(frame, offset, a.size)
+        }
+        Device::Gic { .. } => None,
+    };
+    let Some(value) = value else { return false };
+    match device {
+        Device::Uart { .. } => vcpu.stats.mmio += 1,
+        Device::Gic { .. } => vcpu.stats.vgic_mmio += 1,
+    }
+    emulate_mmio(regs, a, |_| Some(value))
+}
+
 /// A trapped MMIO access `a` to `device`, carried out: `true` when the device took it (the
 /// load's register filled, the PC moved on), `false` when it refused it (nothing changed:
 /// the caller injects an abort). The same for the fast path and the general one.
@@ -248,7 +273,10 @@ pub fn mmio<H: VcpuHw>(
                 }),
                 None => g.read(frame, offset, a.size),
             });
-            deliver(vcpu, hw, to_sync);
+            // Reads (and writes that changed nothing) have no one to tell.
+            if !to_sync.is_empty() {
+                deliver(vcpu, hw, to_sync);
+            }
             done
         }
     }
@@ -418,6 +446,7 @@ pub fn emulate_mmio(
 
 /// A load's value as the register receives it: zero- or sign-extended from `a.size` bytes,
 /// truncated to 32 bits for a W register.
+#[inline(always)]
 pub fn load_value(a: MmioAccess, v: u64) -> u64 {
     let bits = u32::from(a.size.clamp(1, 8)) * 8;
     let mask = if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 };

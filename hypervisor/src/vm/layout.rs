@@ -96,8 +96,10 @@ impl Layout {
         self.ram_base + self.ram_size
     }
 
+    /// One subtraction and one compare: below the base wraps past any size.
+    #[inline(always)]
     pub fn in_ram(&self, ipa: u64) -> bool {
-        ipa >= self.ram_base && ipa < self.ram_end()
+        ipa.wrapping_sub(self.ram_base) < self.ram_size
     }
 }
 
@@ -135,6 +137,25 @@ const PAGE: u64 = 4096;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // The RAM check is one subtraction: below the base wraps to a huge offset.
+    #[test]
+    fn in_ram_is_the_half_open_range() {
+        let l = Layout {
+            ram_base: 0x4000_0000,
+            ram_size: 0x10_0000,
+            kernel: 0,
+            kernel_size: 0,
+            ramdisk: None,
+            dtb: 0,
+        };
+        assert!(!l.in_ram(0));
+        assert!(!l.in_ram(0x3fff_f000));
+        assert!(l.in_ram(0x4000_0000));
+        assert!(l.in_ram(0x400f_f000));
+        assert!(!l.in_ram(0x4010_0000));
+        assert!(!l.in_ram(u64::MAX));
+    }
 
     const MIB: u64 = 1 << 20;
     fn k(off: u64, size: u64) -> ImageHeader {

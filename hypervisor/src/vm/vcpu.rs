@@ -143,7 +143,16 @@ pub struct Vcpu<'a> {
     pub vtimer_held: bool,
     /// The stage-2 tables its last faults went through: the fast paths' shortcut.
     pub cache: FaultCache,
+    /// Guest pages counted against the guest's promise and not yet used: drawn from the
+    /// shared budget [`PAGE_CREDIT_BATCH`] at a time, so most page faults count theirs with a
+    /// plain decrement (see [`Vcpu::take_pages`]).
+    credit: usize,
 }
+
+/// Pages a vCPU draws from its guest's budget at once when its credit runs out. Another
+/// vCPU's credit counts as drawn: the promise of a guest with several vCPUs has room for it
+/// (`vmm::promise_memory`), so a credit never runs a covered guest out of memory.
+pub const PAGE_CREDIT_BATCH: usize = 16;
 
 /// Warnings about one vCPU's refused accesses stop after this many.
 pub const LOG_LIMIT: u32 = 8;
@@ -159,7 +168,49 @@ impl<'a> Vcpu<'a> {
             ptimer: PhysTimer::new(),
             vtimer_held: false,
             cache: FaultCache::new(),
+            credit: 0,
         }
+    }
+
+    /// Counts `n` guest pages against the guest's promise: from this vCPU's credit (no shared
+    /// write) when it holds them, else from the budget with [`PAGE_CREDIT_BATCH`] more for the
+    /// next faults, or just what is missing when the promise has no batch left. `false`
+    /// changes nothing: the promise is used up.
+    #[inline(always)]
+    pub fn take_pages(&mut self, n: usize) -> bool {
+        if let Some(left) = self.credit.checked_sub(n) {
+            self.credit = left;
+            return true;
+        }
+        let missing = n - self.credit;
+        let budget = &self.vm.budget;
+        if budget.take(missing + PAGE_CREDIT_BATCH) {
+            self.credit = PAGE_CREDIT_BATCH;
+            true
+        } else if budget.take(missing) {
+            self.credit = 0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Gives back `n` pages taken with [`Vcpu::take_pages`] and not used (a lost race, no
+    /// frame): they stay this vCPU's credit.
+    #[inline(always)]
+    pub fn untake_pages(&mut self, n: usize) {
+        self.credit += n;
+    }
+
+    /// Pages counted and not used, now given up (they go back to the budget, or the budget is
+    /// reset after a reclaim): the vCPU leaves the guest.
+    pub fn drop_credit(&mut self) -> usize {
+        core::mem::take(&mut self.credit)
+    }
+
+    /// Pages this vCPU holds counted and unused.
+    pub fn credit(&self) -> usize {
+        self.credit
     }
 
     /// The vCPU as a fresh start finds it (boot, CPU_ON, reset): timers idle, nothing held.
@@ -167,5 +218,65 @@ impl<'a> Vcpu<'a> {
         self.ptimer = PhysTimer::new();
         self.vtimer_held = false;
         self.cache = FaultCache::new();
+        // Whatever it held was given back when it left, or reset with the guest's budget.
+        self.credit = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::boxed::Box;
+
+    use super::*;
+    use crate::vm::exercise::test_guest;
+
+    fn guest() -> &'static Vm {
+        Box::leak(Box::new(test_guest(2, false)))
+    }
+
+    #[test]
+    fn pages_come_from_the_credit_after_one_batch() {
+        let vm = guest();
+        let mut v = Vcpu::new(vm, 0, None);
+        assert!(v.take_pages(1));
+        assert_eq!(vm.budget.used(), 1 + PAGE_CREDIT_BATCH, "one draw: the page and a batch");
+        assert_eq!(v.credit(), PAGE_CREDIT_BATCH);
+        for _ in 0..PAGE_CREDIT_BATCH {
+            assert!(v.take_pages(1));
+        }
+        assert_eq!(vm.budget.used(), 1 + PAGE_CREDIT_BATCH, "the batch served them: no shared draw");
+        assert_eq!(v.credit(), 0);
+        v.untake_pages(1);
+        assert!(v.take_pages(1));
+        assert_eq!(
+            vm.budget.used(),
+            1 + PAGE_CREDIT_BATCH,
+            "a page given back is taken again from the credit"
+        );
+    }
+
+    #[test]
+    fn the_last_pages_of_a_promise_are_drawn_without_a_batch() {
+        let vm = guest();
+        let pages = vm.budget.pages();
+        assert!(vm.budget.take(pages - 3), "all but 3 pages drawn elsewhere");
+        let mut v = Vcpu::new(vm, 0, None);
+        assert!(v.take_pages(2), "no batch left: exactly what is asked");
+        assert_eq!(v.credit(), 0);
+        assert!(v.take_pages(1));
+        assert!(!v.take_pages(1), "the promise is used up");
+        assert_eq!(vm.budget.used(), pages);
+        assert_eq!(v.credit(), 0, "a refusal changes nothing");
+    }
+
+    #[test]
+    fn dropped_credit_is_what_was_held() {
+        let vm = guest();
+        let mut v = Vcpu::new(vm, 0, None);
+        assert!(v.take_pages(3));
+        assert_eq!(v.drop_credit(), PAGE_CREDIT_BATCH);
+        assert_eq!(v.credit(), 0);
+        assert!(v.take_pages(1));
+        assert_eq!(vm.budget.used(), 3 + 2 * PAGE_CREDIT_BATCH + 1, "a fresh batch after the drop");
     }
 }

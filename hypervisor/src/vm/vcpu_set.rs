@@ -69,6 +69,28 @@ impl VcpuSet {
 
     /// The vCPUs in the set, lowest first.
     pub fn iter(self) -> impl Iterator<Item = usize> {
-        (0..32).filter(move |&i| self.contains(i))
+        // One step per member (lowest set bit), not one per possible vCPU.
+        let mut bits = self.0;
+        core::iter::from_fn(move || {
+            if bits == 0 {
+                return None;
+            }
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            Some(i)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iter_yields_exactly_the_members_lowest_first() {
+        assert_eq!(VcpuSet::EMPTY.iter().count(), 0);
+        let s = VcpuSet::only(31).with(0).with(5);
+        assert_eq!(s.iter().collect::<std::vec::Vec<_>>(), [0, 5, 31]);
+        assert_eq!(VcpuSet::first(32).iter().count(), 32);
     }
 }

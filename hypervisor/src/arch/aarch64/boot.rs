@@ -7,7 +7,7 @@
 
 use core::arch::global_asm;
 
-use super::cpu::{EXCEPTION_STACK_TOP, MAIN_STACK_TOP, MAX_CPUS, STACKS_STRIDE};
+use super::cpu::{CPU_LOCAL_SIZE, EXCEPTION_STACK_TOP, MAIN_STACK_TOP, MAX_CPUS, STACKS_STRIDE};
 
 /// Image header flags: little-endian, 4 KiB pages, may be placed anywhere in RAM.
 const IMAGE_FLAGS: u64 = (1 << 1) | (1 << 3);
@@ -83,7 +83,7 @@ secondary_entry:                    // x0 = CPU index (PSCI context id)
     wfe
     b       .Lhalt
 
-// x0 = CPU index: its stacks, TPIDR_EL2, vectors. Clobbers x1-x3.
+// x0 = CPU index: its stacks, TPIDR_EL2 (its CPU_LOCAL record), vectors. Clobbers x1-x3.
 cpu_setup:
     adrp    x1, STACKS
     add     x1, x1, :lo12:STACKS
@@ -97,7 +97,11 @@ cpu_setup:
     add     x3, x1, x2
     msr     spsel, #0
     mov     sp, x3                  // SP_EL0: thread code
-    msr     tpidr_el2, x0
+    adrp    x1, CPU_LOCAL
+    add     x1, x1, :lo12:CPU_LOCAL
+    mov     x2, #{local_size}
+    madd    x1, x0, x2, x1
+    msr     tpidr_el2, x1
     adrp    x1, el2_vectors
     add     x1, x1, :lo12:el2_vectors
     msr     vbar_el2, x1
@@ -131,6 +135,7 @@ invalidate_image:
     stride = const STACKS_STRIDE,
     exc_top = const EXCEPTION_STACK_TOP,
     main_top = const MAIN_STACK_TOP,
+    local_size = const CPU_LOCAL_SIZE,
 );
 
 extern "C" {

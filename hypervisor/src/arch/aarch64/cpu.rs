@@ -1,5 +1,7 @@
 //! Per-CPU identity and stacks.
 
+use core::sync::atomic::{AtomicPtr, Ordering};
+
 use aarch64_cpu::registers::{CurrentEL, Readable, ID_AA64MMFR0_EL1, MIDR_EL1, MPIDR_EL1, TPIDR_EL2};
 
 /// CPUs Labyrinth will bring up; further CPUs in the device tree are left off.
@@ -46,9 +48,59 @@ pub fn stack_ranges(cpu: usize) -> [(u64, u64); 2] {
     ]
 }
 
-/// This CPU's index (0 = the boot CPU), set from `TPIDR_EL2` at entry.
+/// One CPU's own record, which `TPIDR_EL2` points at from its first instruction on (set by
+/// `cpu_setup` in `boot`): the one word the fast trap path loads to find its vCPU, and the
+/// CPU's index.
+#[repr(C, align(16))]
+pub struct CpuLocal {
+    /// What the layer above keeps for this CPU (its vCPU), null until it is set.
+    local: AtomicPtr<()>,
+    index: usize,
+}
+
+/// The records, by CPU index; `boot`'s `cpu_setup` computes a CPU's from its index and this
+/// size.
+#[no_mangle]
+pub static CPU_LOCAL: [CpuLocal; MAX_CPUS] = {
+    let mut all = [const { CpuLocal { local: AtomicPtr::new(core::ptr::null_mut()), index: 0 } }; MAX_CPUS];
+    let mut i = 0;
+    while i < MAX_CPUS {
+        all[i].index = i;
+        i += 1;
+    }
+    all
+};
+
+pub const CPU_LOCAL_SIZE: usize = core::mem::size_of::<CpuLocal>();
+
+#[inline(always)]
+fn this_cpu() -> &'static CpuLocal {
+    // SAFETY: `cpu_setup` pointed TPIDR_EL2 at this CPU's entry of `CPU_LOCAL` (a static)
+    // before any Rust ran on it, and nothing writes TPIDR_EL2 afterwards.
+    unsafe { &*(TPIDR_EL2.get() as *const CpuLocal) }
+}
+
+/// This CPU's index (0 = the boot CPU).
+#[inline(always)]
 pub fn cpu_index() -> usize {
-    TPIDR_EL2.get() as usize
+    this_cpu().index
+}
+
+/// Records `p` as CPU `cpu`'s own pointer (the boot CPU, before `cpu` runs anything that
+/// reads it; Release: what `p` points at is written first).
+pub fn set_cpu_local(cpu: usize, p: *mut ()) {
+    if let Some(c) = CPU_LOCAL.get(cpu) {
+        c.local.store(p, Ordering::Release);
+    }
+}
+
+/// This CPU's own pointer ([`set_cpu_local`]), null if none: one system-register read and
+/// one load, for the fast trap path.
+#[inline(always)]
+pub fn cpu_local() -> *mut () {
+    // Relaxed: the pointer was stored before this CPU was started (or before this CPU
+    // itself ran a guest), which orders it and what it points at.
+    this_cpu().local.load(Ordering::Relaxed)
 }
 
 /// The MPIDR of each CPU by Labyrinth's index (0: not started), recorded as they are started.

@@ -77,12 +77,25 @@ impl Distributor {
         owned
     }
 
+    /// The identification registers, the same for every distributor at every moment: read
+    /// without the distributor (and its lock). `None` for every other offset.
+    #[inline(always)]
+    pub fn read_constant(offset: u64) -> Option<u64> {
+        match offset {
+            // ITLinesNumber, 16 INTID bits, no 1-of-N; no LPIs, no MBIs, no security extension.
+            GICD_TYPER => Some(u64::from((NR_IRQS as u32 / 32 - 1) | TYPER_IDBITS_16 | TYPER_NO1N)),
+            GICD_IIDR => Some(u64::from(IIDR)),
+            PIDR2 => Some(u64::from(PIDR2_GICV3)),
+            _ => None,
+        }
+    }
+
     pub fn read(&self, offset: u64, size: u8) -> u64 {
+        if let Some(v) = Self::read_constant(offset) {
+            return v;
+        }
         match offset {
             GICD_CTLR => u64::from(self.ctlr | CTLR_ARE | CTLR_DS),
-            // ITLinesNumber, 16 INTID bits, no 1-of-N; no LPIs, no MBIs, no security extension.
-            GICD_TYPER => u64::from((NR_IRQS as u32 / 32 - 1) | TYPER_IDBITS_16 | TYPER_NO1N),
-            GICD_IIDR => u64::from(IIDR),
             IGROUPR..BITMAP_END => match Self::bitmap_word(offset) {
                 Some(w) => u64::from(self.spis.read_bitmap(offset & !0x7f, w)),
                 None => 0,
@@ -100,7 +113,6 @@ impl Distributor {
                 Some(spi) => (self.route[spi] >> (8 * (offset & 4))) & 0xffff_ffff,
                 None => 0,
             },
-            PIDR2 => u64::from(PIDR2_GICV3),
             _ => 0,
         }
     }

@@ -150,13 +150,28 @@ impl VGic {
         self.redists.get(vcpu).filter(|_| vcpu < self.vcpus)
     }
 
+    /// A read of a register whose value never changes (`GICD_TYPER`, `GICD_IIDR`,
+    /// `GICD_PIDR2`) with the size a GIC accepts: its value, from no state and under no lock.
+    /// `None` for anything else (then [`VGic::read`]).
+    #[inline(always)]
+    pub fn read_constant(frame: Frame, offset: u64, size: u8) -> Option<u64> {
+        match frame {
+            Frame::Distributor if size == 4 => Distributor::read_constant(offset),
+            _ => None,
+        }
+    }
+
     /// A guest read; `None` refuses it (bad size or alignment, or no such redistributor).
     pub fn read(&self, frame: Frame, offset: u64, size: u8) -> Option<u64> {
         if !size_ok(frame, offset, size) {
             return None;
         }
         Some(match frame {
-            Frame::Distributor => self.dist.lock().read(offset, size),
+            // Registers no write changes: no lock (Linux reads them at boot, on every CPU).
+            Frame::Distributor => match Distributor::read_constant(offset) {
+                Some(v) => v,
+                None => self.dist.lock().read(offset, size),
+            },
             Frame::Redistributor { vcpu } => {
                 self.redist(vcpu)?.lock().read_rd(vcpu, self.vcpus, offset, size)
             }
