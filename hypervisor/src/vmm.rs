@@ -1053,7 +1053,14 @@ fn reset(vcpu: &mut Vcpu) -> ! {
         error!("guest {}: cannot restart after reset: {why}", vm.name);
         stop_taken_down(vcpu, StopCause::ResetFailed);
     }
-    *vm.uart.lock() = VPl011::new();
+    {
+        // A fresh UART; the input focus (and so streamed output) stays with the guest.
+        let mut uart = vm.uart.lock();
+        let streaming = uart.streaming();
+        *uart = VPl011::new();
+        uart.set_streaming(streaming, &mut |_| {});
+        vm.uart_rx.store(0, Ordering::Relaxed);
+    }
     if let Some(g) = vm.vgic.as_ref() {
         g.reset();
     }

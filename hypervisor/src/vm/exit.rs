@@ -9,6 +9,8 @@
 //! when the PC moves, what is injected. It never panics on anything a guest controls, and
 //! never touches hardware except through `VcpuHw`.
 
+use core::sync::atomic::Ordering;
+
 use log::warn;
 
 use super::guest::StopCause;
@@ -131,8 +133,6 @@ pub fn psci_query(vcpu: &mut Vcpu, regs: &mut impl GuestRegs) -> bool {
     let vm = vcpu.vm;
     let ram = vm.layout.ram_base..vm.layout.ram_end();
     match vpsci::query(regs.x(0), regs.x(1), regs.x(2), regs.x(3), &vm.power, ram) {
-        // Not PSCI's but Labyrinth's own: the general path's.
-        Some(v) if v == hypercall::NOT_SUPPORTED as u64 && hypercall::is_ours(regs.x(0)) => false,
         Some(v) => {
             vcpu.stats.hvc += 1;
             regs.set_x(0, v);
@@ -212,7 +212,9 @@ pub fn mmio_constant(vcpu: &mut Vcpu, regs: &mut impl GuestRegs, device: Device,
         return false;
     }
     let value = match device {
-        Device::Uart { offset } => VPl011::read_constant(offset, a.size).map(u64::from),
+        Device::Uart { offset } => {
+            VPl011::read_constant(offset, a.size, vcpu.vm.uart_rx.load(Ordering::Relaxed)).map(u64::from)
+        }
         Device::Gic { frame, offset } if vcpu.vm.vgic.is_some() => {
             vgic::VGic::read_constant(frame, offset, a.size)
         }
@@ -253,6 +255,7 @@ pub fn mmio<H: VcpuHw>(
                         .then_some(0),
                     None => uart.read(offset, a.size).map(u64::from),
                 });
+                vcpu.vm.uart_rx.store(uart.rx_waiting(), Ordering::Relaxed);
                 (done, uart.line_change())
             };
             if let Some(level) = change {
@@ -299,6 +302,7 @@ pub fn uart_input<H: VcpuHw>(here: &mut Vcpu, hw: &mut H, vm: &super::Vm, bytes:
     let (dropped, change) = {
         let mut uart = vm.uart.lock();
         let dropped = bytes.iter().filter(|&&b| !uart.push_input(b)).count();
+        vm.uart_rx.store(uart.rx_waiting(), Ordering::Relaxed);
         (dropped, uart.line_change())
     };
     if let (Some(level), Some(g)) = (change, vm.vgic.as_ref()) {

@@ -6,6 +6,7 @@
 //! It decides nothing about a trap (that is `vm::exit`) and never touches hardware.
 
 use core::ops::Range;
+use core::sync::atomic::AtomicUsize;
 
 use alloc::vec::Vec;
 use spin::Mutex;
@@ -75,6 +76,9 @@ pub struct Vm {
     /// Taken only with every other vCPU out (creation, reset, stop).
     pub boot: Mutex<Boot>,
     pub uart: Mutex<VPl011>,
+    /// Characters waiting in the UART's receive FIFO, mirrored under its lock so that a flag
+    /// register read needs no lock (`VPl011::read_constant`).
+    pub uart_rx: AtomicUsize,
     /// Its virtual GICv3 (unless the guest opted out).
     pub vgic: Option<VGic>,
     /// Frames promised to this guest at creation; every frame it draws is counted here first.
@@ -121,6 +125,7 @@ impl Vm {
             s2: p.s2,
             boot: Mutex::new(Boot { dtb: p.dtb, resets: 0, frames_returned: 0 }),
             uart: Mutex::new(VPl011::new()),
+            uart_rx: AtomicUsize::new(0),
             vgic,
             budget: p.budget,
             power,

@@ -125,7 +125,7 @@ impl VPl011 {
         if !Self::valid(offset, size) {
             return None;
         }
-        if let Some(v) = Self::read_constant(offset, size) {
+        if let Some(v) = Self::read_constant(offset, size, self.rx_len) {
             return Some(v);
         }
         Some(match offset & !3 {
@@ -136,11 +136,7 @@ impl VPl011 {
                 u32::from(b)
             }
             DR => 0,
-            FR => {
-                FR_TXFE
-                    | if self.rx_len == 0 { FR_RXFE } else { 0 }
-                    | if self.rx_len == RX_FIFO { FR_RXFF } else { 0 }
-            }
+            FR => Self::flags(self.rx_len),
             IBRD => self.ibrd,
             FBRD => self.fbrd,
             LCR_H => self.lcr_h,
@@ -154,18 +150,32 @@ impl VPl011 {
         })
     }
 
-    /// A read whose value nothing changes (the identification registers), answered without
-    /// the device's state (and its lock). `None`: anything else (the data, flag and status
-    /// registers follow the receive FIFO), or an access [`VPl011::read`] refuses.
+    /// A read served without the device's lock: the identification registers, and the flags
+    /// from `rx_waiting`, the count of received characters the caller mirrors from
+    /// [`VPl011::rx_waiting`] (a guest polling FR while it prints never takes the lock).
+    /// `None`: anything else (the data and status registers take the FIFO's state), or an
+    /// access [`VPl011::read`] refuses.
     #[inline(always)]
-    pub fn read_constant(offset: u64, size: u8) -> Option<u32> {
+    pub fn read_constant(offset: u64, size: u8, rx_waiting: usize) -> Option<u32> {
         if !Self::valid(offset, size) {
             return None;
         }
         match offset & !3 {
+            FR => Some(Self::flags(rx_waiting)),
             o if (PERIPH_ID..PERIPH_ID + 32).contains(&o) => Some(IDS[((o - PERIPH_ID) / 4) as usize]),
             _ => None,
         }
+    }
+
+    /// FR with `rx_waiting` characters received: transmit always empty.
+    #[inline(always)]
+    fn flags(rx_waiting: usize) -> u32 {
+        FR_TXFE | if rx_waiting == 0 { FR_RXFE } else { 0 } | if rx_waiting >= RX_FIFO { FR_RXFF } else { 0 }
+    }
+
+    /// Received characters waiting to be read.
+    pub fn rx_waiting(&self) -> usize {
+        self.rx_len
     }
 
     /// A write; `emit` gets each complete line (without its newline). `false` if refused.
@@ -280,7 +290,7 @@ mod tests {
         let mut constant = 0;
         for offset in 0..0x1004u64 {
             for size in [1u8, 2, 4, 8] {
-                if let Some(v) = VPl011::read_constant(offset, size) {
+                if let Some(v) = VPl011::read_constant(offset, size, u.rx_waiting()) {
                     constant += 1;
                     assert_eq!(Some(v), u.read(offset, size), "offset {offset:#x} size {size}");
                 }
@@ -288,12 +298,18 @@ mod tests {
         }
         assert!(constant > 0);
         for o in [IBRD, FBRD, LCR_H, CR, IFLS, IMSC] {
-            assert_eq!(VPl011::read_constant(o, 4), None, "{o:#x} changes with writes");
+            assert_eq!(VPl011::read_constant(o, 4, 0), None, "{o:#x} changes with writes");
         }
-        for o in [DR, FR, RIS, MIS] {
-            assert_eq!(VPl011::read_constant(o, 4), None, "{o:#x} follows the receive FIFO");
+        for o in [DR, RIS, MIS] {
+            assert_eq!(VPl011::read_constant(o, 4, 0), None, "{o:#x} takes the receive FIFO's state");
         }
-        assert_eq!(VPl011::read_constant(PERIPH_ID + 1, 4), None, "misaligned: the device refuses it");
+        assert_eq!(VPl011::read_constant(PERIPH_ID + 1, 4, 0), None, "misaligned: the device refuses it");
+        assert!(u.push_input(b'x'));
+        assert_eq!(
+            VPl011::read_constant(FR, 4, u.rx_waiting()),
+            u.read(FR, 4),
+            "the flags follow the mirror"
+        );
     }
 
     #[test]

@@ -210,10 +210,14 @@ fn answer(call: &PsciCall, power: &(impl PowerView + ?Sized), ram: &Range<u64>) 
 
 /// The fast path: answers call `fid` (x0) with arguments x1-x3 when its whole effect is the
 /// return value (VERSION, FEATURES, AFFINITY_INFO, CPU_SUSPEND, MIGRATE_INFO_TYPE, every
-/// error, unknown calls); `None` sends it to [`call`]. Reads only; `ram` is guest RAM's IPAs.
+/// error, unknown calls but Labyrinth's own); `None` sends it to [`call`]. Reads only; `ram` is guest RAM's IPAs.
 #[inline]
 pub fn query(fid: u64, x1: u64, x2: u64, x3: u64, power: &VcpuPowerStates, ram: Range<u64>) -> Option<u64> {
-    answer(&PsciCall::decode(fid, x1, x2, x3), power, &ram)
+    match PsciCall::decode(fid, x1, x2, x3) {
+        // Labyrinth's own calls are not PSCI's to refuse.
+        PsciCall::NotSupported if super::hypercall::is_ours(fid) => None,
+        call => answer(&call, power, &ram),
+    }
 }
 
 /// Carries out call `fid` (x0) with arguments x1-x3 from vCPU `caller`: the state changes happen
