@@ -130,6 +130,8 @@ fn the_fast_path_agrees_with_the_general_one() {
         let before: Vec<_> = (0..4).map(|v| p.state(v)).collect();
         let fast = query(x0, x1, x2, x3, &p, RAM);
         match want {
+            // Labyrinth's own range is left to the general path, which answers it.
+            PsciAction::Return(_) if crate::vm::hypercall::is_ours(x0) => assert_eq!(fast, None, "{what}"),
             PsciAction::Return(v) => assert_eq!(fast, Some(v), "{what}"),
             _ => assert_eq!(fast, None, "{what}"),
         }
