@@ -70,7 +70,7 @@ pub fn decode(fid: u64, x1: u64, x2: u64, ram: Range<u64>) -> Call {
 
 /// `[ipa, ipa + len)` if it is a non-empty, page-aligned range inside `ram`.
 fn give_back_range(ipa: u64, len: u64, ram: Range<u64>) -> Option<Range<u64>> {
-    if len == 0 || ipa % PAGE != 0 || len % PAGE != 0 {
+    if len == 0 || !ipa.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
         return None;
     }
     let end = ipa.checked_add(len)?;
@@ -114,6 +114,6 @@ mod tests {
         assert_eq!(gb(0x47ff_f000, 0x2000), bad, "ends past RAM");
         assert_eq!(gb(0x0900_0000, 0x1000), bad, "MMIO (the UART)");
         assert_eq!(gb(0xffff_ffff_ffff_f000, 0x2000), bad, "wraps");
-        assert_eq!(gb(0x4000_0000, u64::MAX & !0xfff), bad, "larger than the address space");
+        assert_eq!(gb(0x4000_0000, !0xfff), bad, "larger than the address space");
     }
 }

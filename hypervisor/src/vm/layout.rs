@@ -201,7 +201,7 @@ mod tests {
             blocks(&[0, 1, 2, 60, 61, 62, 63]),
             "the ramdisk's last page and the dtb share no block"
         );
-        let pages = image_units(&[dtb.clone()], ram.clone(), false);
+        let pages = image_units(std::slice::from_ref(&dtb), ram.clone(), false);
         assert_eq!(pages, [(dtb.start, 0x1000), (dtb.start + 0x1000, 0x1000), (dtb.start + 0x2000, 0x1000)]);
         let both = image_units(
             &[ramdisk.start..ramdisk.start + 0x1800, ramdisk.start + 0x1800..ramdisk.start + 0x3000],
@@ -211,8 +211,13 @@ mod tests {
         assert_eq!(both.len(), 3, "a page two images share is one unit: {both:x?}");
         // RAM ending inside a block: pages there.
         let short = RAM_BASE..RAM_BASE + M2 + 0x3000;
-        let tail = image_units(&[RAM_BASE + M2..RAM_BASE + M2 + 0x2000], short, true);
+        let piece = RAM_BASE + M2..RAM_BASE + M2 + 0x2000;
+        let tail = image_units(std::slice::from_ref(&piece), short, true);
         assert_eq!(tail, [(RAM_BASE + M2, 0x1000), (RAM_BASE + M2 + 0x1000, 0x1000)]);
-        assert!(image_units(&[dtb.start..dtb.start], ram, true).is_empty(), "an empty image needs nothing");
+        let empty = dtb.start..dtb.start;
+        assert!(
+            image_units(std::slice::from_ref(&empty), ram, true).is_empty(),
+            "an empty image needs nothing"
+        );
     }
 }
