@@ -524,6 +524,22 @@ def linux_shell_takes_typed_commands_beside_an_echo_guest(wd):
 
 
 @test
+def pages_given_back_while_another_vcpu_reads_them(wd):
+    # vCPU 1 reads both blocks over and over while vCPU 0 gives back three pages of one (the
+    # block is split under its feet) and the whole other: a kept page never reads wrong.
+    rc, out = boot_guests(wd, "giveback-smp", [
+        guestcfg.Guest("giver", STRESS, 0x4c00_0000, 64 * 1024, cpus=2, bootargs="stress.giveback"),
+    ], smp=2)
+    expect_clean_exit(rc, out)
+    lines = guest_lines(out, "giver")
+    check(any(re.match(r"stress: give-back churn rounds=[1-9]\d* wrong=0$", l) for l in lines),
+          "vCPU 1 did not read through the give-back, or saw a kept page wrong", out)
+    check(any(l.startswith("stress: give-back verify=ok") for l in lines), "give-back verification failed", out)
+    check("stress: done" in lines, "the guest did not finish", out)
+    expect_audit_clean(out)
+
+
+@test
 def recycled_frames_are_scrubbed(wd):
     # "keeper" fills its RAM with a secret and stops; "reader" (overcommitted: it needs the
     # keeper's frames) waits for them, faults them in and must read only zeros. The debug log's

@@ -357,7 +357,7 @@ fn main(boot: &BootInfo) -> ! {
         psci::system_off();
     }
     if args.has("stress.giveback") {
-        memory::give_back(&free, span);
+        memory::give_back(&free, span, boot.cpu_count);
         finish(exception::stray_faults(), None, false, None);
     }
     if args.has("stress.wait-memory") {
