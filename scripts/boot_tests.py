@@ -496,6 +496,7 @@ def typed_input_reaches_the_focused_guest_and_ctrl_a_moves_the_focus(wd):
     check(not any("orld" in l for l in left), "input after the switch reached the old focus", out)
     check(re.search(r"console: input now goes to guest left", out), "the focus did not come back when right stopped", out)
     check("stress: echo: off" in left and "stress: done" in left, "the left guest never got its last line", out)
+    check(len(re.findall(r"typed input dropped 0\b", out)) >= 2, "typed input was dropped", out)
     expect_audit_clean(out)
 
 

@@ -1056,9 +1056,10 @@ fn reset(vcpu: &mut Vcpu) -> ! {
     {
         // A fresh UART; the input focus (and so streamed output) stays with the guest.
         let mut uart = vm.uart.lock();
-        let streaming = uart.streaming();
+        let (streaming, dropped) = (uart.streaming(), uart.rx_dropped);
         *uart = VPl011::new();
         uart.set_streaming(streaming, &mut |_| {});
+        uart.rx_dropped = dropped;
         vm.uart_rx.store(0, Ordering::Relaxed);
     }
     if let Some(g) = vm.vgic.as_ref() {
@@ -1139,7 +1140,7 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     let mut line = alloc::string::String::new();
     let _ = write!(
         line,
-        "guest {}: stopped by {cause:?}; vCPUs {}; faults {} (4 KiB pages {}, 2 MiB blocks {}), lost races {}; aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {resets}; memory: promised {} KiB, drawn within it {} KiB, beyond it {} KiB, given back {} KiB; frames returned {returned}, still owned {left}; interrupts {} (virtual timer {}, kicks {}, maintenance {}), own SGIs {}, vgic mmio {}",
+        "guest {}: stopped by {cause:?}; vCPUs {}; faults {} (4 KiB pages {}, 2 MiB blocks {}), lost races {}; aborts injected {}, undefined {}; exits: mmio {}, hvc {}, smc {}, sysreg {}; resets {resets}; memory: promised {} KiB, drawn within it {} KiB, beyond it {} KiB, given back {} KiB; frames returned {returned}, still owned {left}; interrupts {} (virtual timer {}, kicks {}, maintenance {}), own SGIs {}, vgic mmio {}; typed input dropped {}",
         vm.name,
         vm.vcpus,
         s.page_faults + s.block_faults,
@@ -1162,6 +1163,7 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
         s.maintenance,
         s.sgis,
         s.vgic_mmio,
+        vm.uart.lock().rx_dropped,
     );
     info!("{line}");
     REPORTS.lock().push(line);
