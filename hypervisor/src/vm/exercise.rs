@@ -517,6 +517,7 @@ pub fn test_guest(vcpus: u32, gic: bool) -> Vm {
         device_tree: None,
         bootargs: None,
         no_block_mappings: false,
+        shared: crate::dt::FixedList::filled(crate::dt::SharedMem::NONE),
         virtual_gic: gic,
     };
     let layout = Layout {
