@@ -330,11 +330,12 @@ fn tree_navigation() {
     assert_eq!(names, vec!["cpu-map", "cpu@0", "cpu@1"]);
 }
 
-/// The boot path keeps these on its stack: keep them bounded.
+/// The boot path keeps these on its stack (64 KiB): keep them bounded. Each guest's shared
+/// memory nodes (4 x 56 bytes) took the platform past 4 KiB.
 #[test]
 fn tables_stay_small() {
     use core::mem::size_of;
-    assert!(size_of::<Platform<'_>>() <= 4096, "Platform is {} bytes", size_of::<Platform<'_>>());
+    assert!(size_of::<Platform<'_>>() <= 6144, "Platform is {} bytes", size_of::<Platform<'_>>());
     assert!(size_of::<crate::memmap::MemoryMap<'_>>() <= 6144);
     assert!(size_of::<crate::memmap::ReservationList<'_>>() <= 3072);
     assert!(size_of::<DtError<'_>>() <= 96, "DtError is {} bytes", size_of::<DtError<'_>>());
