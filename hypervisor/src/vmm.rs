@@ -211,7 +211,7 @@ fn build_inner(
     let ramdisk_size = cfg.ramdisk.map(|r| r.region.size());
     let layout = layout::plan(cfg.memory_bytes(), geo.ipa_bits, &header, ramdisk_size)
         .map_err(|e| format!("memory: {e}"))?;
-    let dtb = fdt_gen::generate(&layout, vcpus, cfg.bootargs, 0, cfg.virtual_gic)
+    let dtb = fdt_gen::generate(&layout, vcpus, cfg.bootargs, 0, cfg.virtual_gic, &cfg.shared)
         .map_err(|_| format!("cannot write its device tree"))?;
     let id = VmId::new(first_cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
     let budget = promise_memory(cfg, &layout, geo)?;
@@ -818,7 +818,14 @@ fn reset(vcpu: &mut Vcpu) -> ! {
 
 /// A fresh device tree (its reset count moved on) and the images loaded again after a reset.
 fn reload(vm: &Vm, boot: &mut Boot) -> Result<(), &'static str> {
-    boot.dtb = fdt_gen::generate(&vm.layout, vm.vcpus, vm.config.bootargs, boot.resets, vm.vgic.is_some())
+    boot.dtb = fdt_gen::generate(
+        &vm.layout,
+        vm.vcpus,
+        vm.config.bootargs,
+        boot.resets,
+        vm.vgic.is_some(),
+        &vm.config.shared,
+    )
         .map_err(|_| "cannot rewrite its device tree")?;
     load(vm, boot, arch::cpu_index()).map_err(|_| "out of memory loading its images")
 }

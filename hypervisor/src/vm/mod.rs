@@ -12,6 +12,7 @@ pub mod guest;
 pub mod image;
 pub mod layout;
 pub mod lifecycle;
+pub mod shm;
 pub mod trap;
 pub mod vcpu;
 pub mod vcpu_set;
