@@ -26,6 +26,7 @@ use labyrinth::vm::layout::{self, Layout};
 use labyrinth::vm::lifecycle::Life;
 use labyrinth::vm::vcpu::VcpuHw;
 use labyrinth::vm::vpsci::{PowerState, StartRequest};
+use labyrinth::vm::shm::{self, RegionPlan, ShmProblem, ShmRefusal};
 use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
 use labyrinth::vm::{StopCause, Vcpu, VcpuSet, Vm};
 use log::{error, info, warn};
@@ -46,6 +47,8 @@ static VCPUS: PerCpu = PerCpu(UnsafeCell::new([const { None }; MAX_CPUS]));
 static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator::new());
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static REPORTS: Mutex<Vec<alloc::string::String>> = Mutex::new(Vec::new());
+/// The shared memory regions that exist (`vm::shm`), each until its last user stops.
+static SHARED: Mutex<Vec<LiveRegion>> = Mutex::new(Vec::new());
 /// Whether the host GIC is set up: CPUs can kick each other and guests can have a vGIC.
 static HOST_GIC: AtomicBool = AtomicBool::new(false);
 /// Set once before any guest runs; read on every fault, so a plain pointer, not a `Once`.
@@ -103,8 +106,13 @@ pub fn create_all(
         platform.guests().iter().filter_map(|g| g.as_ref().ok()).map(|c| c.cpus as usize).sum();
     let wanted = wanted.min(cpus);
     retire_cpus(frames_mgr, wanted..cpus);
+    // Shared memory is checked across the well-formed guests before any is built.
+    let configs: Vec<GuestConfig<'static>> = platform.guests().iter().filter_map(|g| g.as_ref().ok().copied()).collect();
+    let (regions, verdicts) = shm::plan(&configs, geo.ipa_bits);
+    let mut built: Vec<Option<usize>> = alloc::vec![None; configs.len()];
     let mut next_cpu = 0;
     let mut vms = Vec::new();
+    let mut k = 0;
     for g in platform.guests() {
         let cfg = match g {
             Ok(cfg) => *cfg,
@@ -113,6 +121,11 @@ pub fn create_all(
                 continue;
             }
         };
+        k += 1;
+        if let Some(Some(refusal)) = verdicts.get(k - 1) {
+            error!("{refusal}: not started");
+            continue;
+        }
         let n = cfg.cpus as usize;
         if next_cpu + n > cpus {
             error!(
@@ -143,12 +156,28 @@ pub fn create_all(
                     if n > 1 { alloc::format!("-{}", next_cpu + n - 1) } else { alloc::string::String::new() },
                     vm.s2.vmid(),
                 );
+                built[k - 1] = Some(vms.len());
                 vms.push(vm);
                 next_cpu += n;
             }
             Err(msg) => error!("{msg}: not started"),
         }
     }
+    let refused = share_regions(&configs, &regions, &built, &vms);
+    let vms: Vec<Vm> = vms
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, vm)| match refused.contains(&i) {
+            true => {
+                // Unmapped (and invalidated) before a region it was the last user of is freed.
+                destroy(&vm);
+                shm_leave(&vm);
+                frames().uncommit(vm.budget.promised());
+                None
+            }
+            false => Some(vm),
+        })
+        .collect();
     retire_cpus(frames_mgr, next_cpu..wanted);
     LIVE.store(vms.len(), Ordering::Release);
     let vms: &'static [Vm] = Vec::leak(vms);
@@ -165,6 +194,173 @@ pub fn create_all(
         }
     }
     next_cpu
+}
+
+/// A shared memory region that exists: its frames (tagged shared-owned by `owner`) and the
+/// guests still using it, with where it appears in each and whether that guest owns it.
+struct LiveRegion {
+    id: &'static str,
+    owner: VmId,
+    frames: Vec<Pfn>,
+    promised: usize,
+    users: Vec<(VmId, u64, bool)>,
+}
+
+/// Creates every shared region some built guest uses (`built[k]`: config `k`'s index in
+/// `vms`) and maps it into each: frames promised, allocated for the owner (Labyrinth's VM 0 if
+/// no guest owns it), moved to shared-owned by the share transition, mapped shared-owned into
+/// the owner and shared-borrowed into the borrowers. Returns the guests (indices in `vms`) to
+/// refuse, each named with its reason: borrowers whose owner did not start, and the users of a
+/// region that could not be made.
+fn share_regions(
+    configs: &[GuestConfig<'static>],
+    regions: &[RegionPlan<'static>],
+    built: &[Option<usize>],
+    vms: &[Vm],
+) -> Vec<usize> {
+    let names: Vec<&'static str> = configs.iter().map(|c| c.name).collect();
+    let mut started: Vec<bool> = built.iter().map(Option::is_some).collect();
+    let mut refused = Vec::new();
+    let refuse = |r: ShmRefusal<'_>, k: usize, refused: &mut Vec<usize>| {
+        error!("{r}: not started");
+        refused.extend(built[k]);
+    };
+    for r in shm::refuse_orphans(regions, &names, &mut started) {
+        let k = names.iter().position(|n| *n == r.guest).unwrap_or(0);
+        refuse(r, k, &mut refused);
+    }
+    let cpu = arch::cpu_index();
+    for region in regions {
+        let users: Vec<_> = region.users.iter().filter(|(k, _)| started[*k]).collect();
+        if users.is_empty() {
+            continue;
+        }
+        let vm_of = |k: usize| built[k].map_or(shm::LABYRINTH, |i| vms[i].id);
+        let owner = region.owner_vm(vm_of);
+        let pages = region.pages();
+        // The region's frames, and the table pages mapping it in each user, are promised apart
+        // from any guest's RAM: no guest's promise pays for another's view of it.
+        let tables: usize = users
+            .iter()
+            .filter_map(|(k, s)| built[*k].map(|i| vms[i].geo.max_table_pages(s.guest_addr, s.size)))
+            .sum();
+        let Some((list, promised)) = share_frames(pages + tables, pages, owner, cpu) else {
+            for &&(k, s) in &users {
+                let problem = ShmProblem::OutOfMemory;
+                let r = ShmRefusal { guest: names[k], id: region.id, guest_addr: s.guest_addr, size: s.size, problem };
+                refuse(r, k, &mut refused);
+            }
+            continue;
+        };
+        let mut live = LiveRegion { id: region.id, owner, frames: list, promised, users: Vec::new() };
+        for &&(k, s) in &users {
+            let Some(i) = built[k] else { continue };
+            let vm = &vms[i];
+            let _ = frames().refill(cpu);
+            match shm::map_region(&vm.s2, &mut env(vm), &live.frames, s.guest_addr, vm.id == owner) {
+                Ok(()) => live.users.push((vm.id, s.guest_addr, vm.id == owner)),
+                Err(e) => {
+                    let problem = ShmProblem::Map(e);
+                    let r = ShmRefusal { guest: names[k], id: region.id, guest_addr: s.guest_addr, size: s.size, problem };
+                    refuse(r, k, &mut refused);
+                }
+            }
+        }
+        let mut line = alloc::string::String::new();
+        for &(vm, at, _) in &live.users {
+            let name = vms.iter().find(|v| v.id == vm).map_or("?", |v| v.name);
+            let _ = write!(line, "{}{name} at {at:#x}", if line.is_empty() { "" } else { ", " });
+        }
+        let by = match region.owner.filter(|&k| started[k]) {
+            Some(k) => alloc::format!("guest {}", names[k]),
+            None => alloc::format!("Labyrinth (no guest owns it)"),
+        };
+        info!("shared memory \"{}\": {} KiB owned by {by}, mapped in {line}", region.id, pages * 4);
+        SHARED.lock().push(live);
+    }
+    refused
+}
+
+/// `pages` frames tagged shared-owned by `owner`, allocated one by one on CPU `cpu`, after a
+/// promise of `promise` frames; `None` (nothing kept, nothing promised) if either fails.
+fn share_frames(promise: usize, pages: usize, owner: VmId, cpu: usize) -> Option<(Vec<Pfn>, usize)> {
+    let promised = frames().commit(promise);
+    let mut list = Vec::with_capacity(pages);
+    let ok = promised == promise
+        && (0..pages).all(|_| match alloc_page(cpu, Owner::guest(owner)) {
+            Some(pfn) => match frames().share(pfn, 1, owner) {
+                Ok(()) => {
+                    list.push(pfn);
+                    true
+                }
+                Err(e) => {
+                    error!("shared memory: {pfn} not shared ({e})");
+                    let _ = frames().release(pfn, 1, Owner::guest(owner), &arch::Scrubber);
+                    false
+                }
+            },
+            None => false,
+        });
+    if ok {
+        return Some((list, promised));
+    }
+    release_shared(&list, owner);
+    frames().uncommit(promised);
+    None
+}
+
+/// Releases shared frames (scrubbed), contiguous runs at once.
+fn release_shared(list: &[Pfn], owner: VmId) -> u64 {
+    let mut sorted = list.to_vec();
+    sorted.sort_unstable();
+    let mut released = 0;
+    let mut i = 0;
+    while i < sorted.len() {
+        let mut n = 1;
+        while i + n < sorted.len() && sorted[i + n] == sorted[i].add(n as u64) {
+            n += 1;
+        }
+        match frames().release(sorted[i], n, Owner::shared(owner), &arch::Scrubber) {
+            Ok(()) => released += n as u64,
+            Err(e) => error!("shared memory: frames at {} not returned: {e}", sorted[i]),
+        }
+        i += n;
+    }
+    released
+}
+
+/// Maps the guest's shared regions again (after a reset emptied its space): same frames,
+/// same contents. Every vCPU of the guest out of it.
+fn shm_remap(vm: &Vm) -> Result<(), Stage2Error> {
+    let shared = SHARED.lock();
+    for region in shared.iter() {
+        for &(_, at, owner) in region.users.iter().filter(|u| u.0 == vm.id) {
+            let _ = frames().refill(arch::cpu_index());
+            shm::map_region(&vm.s2, &mut env(vm), &region.frames, at, owner)?;
+        }
+    }
+    Ok(())
+}
+
+/// The guest is gone (its space destroyed, or about to be): it stops using its regions; the
+/// last user of a region releases its frames and withdraws its promise. An owner that stops
+/// before its borrowers leaves the frames to them (tagged shared, owner gone).
+fn shm_leave(vm: &Vm) {
+    let mut shared = SHARED.lock();
+    shared.retain_mut(|region| {
+        let before = region.users.len();
+        region.users.retain(|u| u.0 != vm.id);
+        if before == region.users.len() || !region.users.is_empty() {
+            return true;
+        }
+        let n = release_shared(&region.frames, region.owner);
+        frames().uncommit(region.promised);
+        info!(
+            "shared memory \"{}\": released ({n} frames) after its last user, guest {}, stopped",
+            region.id, vm.name
+        );
+        false
+    });
 }
 
 /// Retires the frame pools of CPUs that run no guest (see `FrameManager::retire`).
@@ -827,7 +1023,8 @@ fn reload(vm: &Vm, boot: &mut Boot) -> Result<(), &'static str> {
         &vm.config.shared,
     )
         .map_err(|_| "cannot rewrite its device tree")?;
-    load(vm, boot, arch::cpu_index()).map_err(|_| "out of memory loading its images")
+    load(vm, boot, arch::cpu_index()).map_err(|_| "out of memory loading its images")?;
+    shm_remap(vm).map_err(|_| "cannot map its shared memory again")
 }
 
 /// The guest's stage-2 mappings, merged into runs, at debug level (`loglevel=debug`).
@@ -873,6 +1070,7 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     }
     dump_mappings(vm);
     destroy(vm);
+    shm_leave(vm);
     let (resets, returned) = {
         let boot = vm.boot.lock();
         (boot.resets, boot.frames_returned)
@@ -916,7 +1114,10 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
         }
         let audit = frames().audit(None);
         info!("ownership audit: {audit}");
-        if audit.is_consistent() && audit.guests.iter().all(|g| g.memory + g.page_tables == 0) {
+        if audit.is_consistent()
+            && audit.shared == 0
+            && audit.guests.iter().all(|g| g.memory + g.page_tables + g.shared == 0)
+        {
             info!("ownership audit: consistent, no frame owned by any guest");
         } else {
             error!("ownership audit: FAILED");
