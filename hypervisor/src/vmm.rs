@@ -278,6 +278,11 @@ fn share_regions(
         info!("shared memory \"{}\": {} KiB owned by {by}, mapped in {line}", region.id, pages * 4);
         SHARED.lock().push(live);
     }
+    if !regions.is_empty() {
+        let audit = frames().audit(None);
+        let verdict = if audit.is_consistent() { "consistent" } else { "FAILED" };
+        info!("shared memory: ownership audit {verdict}, {} frames shared, each with one owner", audit.shared);
+    }
     refused
 }
 
@@ -1078,6 +1083,10 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     frames().uncommit(vm.budget.promised());
     let audit = frames().audit(None);
     let left = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory + g.page_tables);
+    if audit.shared > 0 {
+        let verdict = if audit.is_consistent() { "consistent" } else { "FAILED" };
+        info!("ownership audit after guest {} stopped: {verdict}, {} frames shared", vm.name, audit.shared);
+    }
     let mut s = *vm.totals.lock();
     s.add(&vcpu.stats);
     let mut line = alloc::string::String::new();
