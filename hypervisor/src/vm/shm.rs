@@ -374,6 +374,22 @@ mod tests {
         assert!(refuse_orphans(&regions, &names, &mut all).is_empty());
     }
 
+    // From a host device tree as a bootloader writes it (scripts/guestcfg.py: QEMU's tree with
+    // four guests): the parser and the plan together.
+    #[test]
+    fn a_host_tree_with_shared_memory_plans_its_regions() {
+        let blob = include_bytes!("../../fuzz/corpus/dt_parse/qemu-virt-shared-memory.dtb");
+        let p = crate::dt::parse(blob).unwrap();
+        assert_eq!(p.guests().len(), 4);
+        let host = p.guests()[2].unwrap_err();
+        assert!(matches!(host.problem, crate::dt::GuestProblem::BadShm { .. }), "{host}");
+        let configs: Vec<_> = p.guests().iter().filter_map(|g| g.as_ref().ok().copied()).collect();
+        let (regions, verdicts) = plan(&configs, 40);
+        assert!(verdicts.iter().all(Option::is_none));
+        let got: Vec<_> = regions.iter().map(|r| (r.id, r.size, r.owner, r.users.len())).collect();
+        assert_eq!(got, [("ring", 0x20_0000, Some(0), 2), ("nobody", 0x1000, None, 2)]);
+    }
+
     // The owner maps the region shared-owned, the borrower shared-borrowed, the same frames.
     #[test]
     fn map_region_maps_both_sides() {
