@@ -24,9 +24,9 @@ use labyrinth::vm::exit::{self, Outcome};
 use labyrinth::vm::guest::{Boot, VmParts};
 use labyrinth::vm::layout::{self, Layout};
 use labyrinth::vm::lifecycle::Life;
+use labyrinth::vm::shm::{self, RegionPlan, ShmProblem, ShmRefusal};
 use labyrinth::vm::vcpu::VcpuHw;
 use labyrinth::vm::vpsci::{PowerState, StartRequest};
-use labyrinth::vm::shm::{self, RegionPlan, ShmProblem, ShmRefusal};
 use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
 use labyrinth::vm::{StopCause, Vcpu, VcpuSet, Vm};
 use log::{error, info, warn};
@@ -107,7 +107,8 @@ pub fn create_all(
     let wanted = wanted.min(cpus);
     retire_cpus(frames_mgr, wanted..cpus);
     // Shared memory is checked across the well-formed guests before any is built.
-    let configs: Vec<GuestConfig<'static>> = platform.guests().iter().filter_map(|g| g.as_ref().ok().copied()).collect();
+    let configs: Vec<GuestConfig<'static>> =
+        platform.guests().iter().filter_map(|g| g.as_ref().ok().copied()).collect();
     let (regions, verdicts) = shm::plan(&configs, geo.ipa_bits);
     let mut built: Vec<Option<usize>> = alloc::vec![None; configs.len()];
     let mut next_cpu = 0;
@@ -247,7 +248,13 @@ fn share_regions(
         let Some((list, promised)) = share_frames(pages + tables, pages, owner, cpu) else {
             for &&(k, s) in &users {
                 let problem = ShmProblem::OutOfMemory;
-                let r = ShmRefusal { guest: names[k], id: region.id, guest_addr: s.guest_addr, size: s.size, problem };
+                let r = ShmRefusal {
+                    guest: names[k],
+                    id: region.id,
+                    guest_addr: s.guest_addr,
+                    size: s.size,
+                    problem,
+                };
                 refuse(r, k, &mut refused);
             }
             continue;
@@ -261,7 +268,13 @@ fn share_regions(
                 Ok(()) => live.users.push((vm.id, s.guest_addr, vm.id == owner)),
                 Err(e) => {
                     let problem = ShmProblem::Map(e);
-                    let r = ShmRefusal { guest: names[k], id: region.id, guest_addr: s.guest_addr, size: s.size, problem };
+                    let r = ShmRefusal {
+                        guest: names[k],
+                        id: region.id,
+                        guest_addr: s.guest_addr,
+                        size: s.size,
+                        problem,
+                    };
                     refuse(r, k, &mut refused);
                 }
             }
@@ -281,7 +294,10 @@ fn share_regions(
     if !regions.is_empty() {
         let audit = frames().audit(None);
         let verdict = if audit.is_consistent() { "consistent" } else { "FAILED" };
-        info!("shared memory: ownership audit {verdict}, {} frames shared, each with one owner", audit.shared);
+        info!(
+            "shared memory: ownership audit {verdict}, {} frames shared, each with one owner",
+            audit.shared
+        );
     }
     refused
 }
@@ -1027,7 +1043,7 @@ fn reload(vm: &Vm, boot: &mut Boot) -> Result<(), &'static str> {
         vm.vgic.is_some(),
         &vm.config.shared,
     )
-        .map_err(|_| "cannot rewrite its device tree")?;
+    .map_err(|_| "cannot rewrite its device tree")?;
     load(vm, boot, arch::cpu_index()).map_err(|_| "out of memory loading its images")?;
     shm_remap(vm).map_err(|_| "cannot map its shared memory again")
 }

@@ -158,7 +158,13 @@ pub fn run_from_bootargs(boot: &crate::dt::BootInfo, who: &str) {
         crate::println!("{}: shm {}: {} of its words were already there", who, side.name(), out.kept);
     }
     if !out.other_ready {
-        crate::println!("{}: shm {}: wrote {} words, the {} never came", who, side.name(), out.written, side.other().name());
+        crate::println!(
+            "{}: shm {}: wrote {} words, the {} never came",
+            who,
+            side.name(),
+            out.written,
+            side.other().name()
+        );
         return;
     }
     match out.first_bad {

@@ -199,7 +199,8 @@ fn shared_memory() {
         let id_len = file(b"xen,id\0", &mut id);
         let id = &id[..id_len.saturating_sub(1)];
         let be = |b: &[u8]| u64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8]));
-        let (addr, size) = if file(b"reg\0", &mut reg) == 16 { (be(&reg[..8]), be(&reg[8..])) } else { (0, 0) };
+        let (addr, size) =
+            if file(b"reg\0", &mut reg) == 16 { (be(&reg[..8]), be(&reg[8..])) } else { (0, 0) };
         let offset = if file(b"xen,offset\0", &mut off) == 8 { be(&off[..8]) } else { u64::MAX };
         let mut h = [0u8; 16];
         print(b"labyrinth-init: shared memory \"");

@@ -438,7 +438,10 @@ fn main(boot: &BootInfo) -> ! {
         match verify(&all) {
             None => println!("stress: private memory after the exchange verify=ok"),
             Some((a, want, got)) => {
-                println!("stress: private memory after the exchange FAILED at {:#x} want {:#x} got {:#x}", a, want, got)
+                println!(
+                    "stress: private memory after the exchange FAILED at {:#x} want {:#x} got {:#x}",
+                    a, want, got
+                )
             }
         }
     }

@@ -106,7 +106,8 @@ pub fn parse_and_map(blob: &[u8]) -> Outcome {
     }
     // Shared memory across the well-formed guests: every user of a region gives its size, a
     // refused guest joins no region, a region has at most one owner.
-    let configs: alloc::vec::Vec<_> = platform.guests().iter().filter_map(|g| g.as_ref().ok().copied()).collect();
+    let configs: alloc::vec::Vec<_> =
+        platform.guests().iter().filter_map(|g| g.as_ref().ok().copied()).collect();
     for bits in [32, 40, 48, 64] {
         let (regions, verdicts) = crate::vm::shm::plan(&configs, bits);
         assert!(regions.len() <= crate::vm::shm::MAX_REGIONS);

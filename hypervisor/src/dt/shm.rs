@@ -111,26 +111,23 @@ impl fmt::Display for ShmProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
             ShmProblem::MissingId => f.write_str("xen,shm-id is missing"),
-            ShmProblem::BadId { len } => write!(
-                f,
-                "xen,shm-id ({len} bytes) is not a string of 1 to {SHM_ID_MAX} characters"
-            ),
+            ShmProblem::BadId { len } => {
+                write!(f, "xen,shm-id ({len} bytes) is not a string of 1 to {SHM_ID_MAX} characters")
+            }
             ShmProblem::BadRole => f.write_str("role is neither \"owner\" nor \"borrower\""),
             ShmProblem::MissingSharedMem => f.write_str("xen,shared-mem is missing"),
-            ShmProblem::BadSharedMemLength { len, expected } => write!(
-                f,
-                "xen,shared-mem is {len} bytes, expected {expected} (guest address, size)"
-            ),
+            ShmProblem::BadSharedMemLength { len, expected } => {
+                write!(f, "xen,shared-mem is {len} bytes, expected {expected} (guest address, size)")
+            }
             ShmProblem::HostAddress { host } => write!(
                 f,
                 "xen,shared-mem names host address {host:#x}: Labyrinth owns every host frame and \
                  places shared memory itself; give <guest-address size> (Xen 4.19's form without \
                  a host address)"
             ),
-            ShmProblem::Unaligned { guest_addr, size } => write!(
-                f,
-                "xen,shared-mem at {guest_addr:#x} of {size:#x} bytes is not 4 KiB-aligned"
-            ),
+            ShmProblem::Unaligned { guest_addr, size } => {
+                write!(f, "xen,shared-mem at {guest_addr:#x} of {size:#x} bytes is not 4 KiB-aligned")
+            }
             ShmProblem::ZeroSize => f.write_str("xen,shared-mem has size 0"),
             ShmProblem::Overflow { guest_addr, size } => {
                 write!(f, "xen,shared-mem at {guest_addr:#x} of {size:#x} bytes wraps around")

@@ -1679,7 +1679,10 @@ fn shared_memory_nodes_are_read() {
     });
     let p = parse(&blob).unwrap();
     let s = p.guests()[0].unwrap().shared[0];
-    assert_eq!((s.id, s.role, s.guest_addr, s.size), ("my-shared-mem-2", ShmRole::Owner, 0x8000_0000, 0x2000_0000));
+    assert_eq!(
+        (s.id, s.role, s.guest_addr, s.size),
+        ("my-shared-mem-2", ShmRole::Owner, 0x8000_0000, 0x2000_0000)
+    );
 }
 
 // Every malformed node refuses its guest, naming the node and the fault.
@@ -1688,7 +1691,12 @@ fn shared_memory_node_errors() {
     // Leaked: the problem borrows names from the blob.
     let bad = |body: &dyn Fn(&mut FdtWriter)| guest_problem(shm_guest(|w| shm_node(w, "s", body)).leak());
     let shm = |problem| GuestProblem::BadShm { node: "s", problem };
-    assert_eq!(bad(&|w| { w.reg64("xen,shared-mem", &[(0x1000_0000, 0x1000)]); }), shm(ShmProblem::MissingId));
+    assert_eq!(
+        bad(&|w| {
+            w.reg64("xen,shared-mem", &[(0x1000_0000, 0x1000)]);
+        }),
+        shm(ShmProblem::MissingId)
+    );
     assert_eq!(
         bad(&|w| {
             w.prop_str("xen,shm-id", "").reg64("xen,shared-mem", &[(0x1000_0000, 0x1000)]);
@@ -1715,7 +1723,12 @@ fn shared_memory_node_errors() {
         }),
         shm(ShmProblem::BadRole)
     );
-    assert_eq!(bad(&|w| { w.prop_str("xen,shm-id", "a"); }), shm(ShmProblem::MissingSharedMem));
+    assert_eq!(
+        bad(&|w| {
+            w.prop_str("xen,shm-id", "a");
+        }),
+        shm(ShmProblem::MissingSharedMem)
+    );
     assert_eq!(
         bad(&|w| {
             w.prop_str("xen,shm-id", "a").prop_cells("xen,shared-mem", &[0, 0x1000_0000, 0]);
@@ -1725,7 +1738,8 @@ fn shared_memory_node_errors() {
     // The form with a host address: refused, saying why.
     assert_eq!(
         bad(&|w| {
-            w.prop_str("xen,shm-id", "a").prop_cells("xen,shared-mem", &[0, 0x5000_0000, 0, 0x1000_0000, 0, 0x1000]);
+            w.prop_str("xen,shm-id", "a")
+                .prop_cells("xen,shared-mem", &[0, 0x5000_0000, 0, 0x1000_0000, 0, 0x1000]);
         }),
         shm(ShmProblem::HostAddress { host: 0x5000_0000 })
     );
@@ -1777,7 +1791,8 @@ fn shared_memory_node_errors() {
     assert_eq!(guest_problem(&blob), GuestProblem::TooManyShared);
     let blob = shm_guest(|w| {
         shm_node(w, "s", |w| {
-            w.prop_str("xen,shm-id", "a").prop_cells("xen,shared-mem", &[0, 0x5000_0000, 0, 0x1000_0000, 0, 0x1000]);
+            w.prop_str("xen,shm-id", "a")
+                .prop_cells("xen,shared-mem", &[0, 0x5000_0000, 0, 0x1000_0000, 0, 0x1000]);
         })
     });
     let p = parse(&blob).unwrap();

@@ -928,7 +928,11 @@ fn shared_frames_have_one_owner_and_release_as_shared() {
     let err = rig.frames.release(first, 4, Owner::guest(g), &rig.ram).unwrap_err();
     assert_eq!(
         err,
-        FrameError::WrongState { pfn: first, expected: FrameState::Guest(g), found: FrameState::SharedOwned(g) }
+        FrameError::WrongState {
+            pfn: first,
+            expected: FrameState::Guest(g),
+            found: FrameState::SharedOwned(g)
+        }
     );
     // Nor another guest's shared memory.
     assert!(rig.frames.release(first, 4, Owner::shared(vm(4)), &rig.ram).is_err());

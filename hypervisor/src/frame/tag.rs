@@ -281,9 +281,7 @@ mod tests {
     // Values no transition writes decode as corrupt, as single frames and in any shape.
     #[test]
     fn unused_encodings_are_corrupt() {
-        for tag in
-            [0x0001, 0x1001, 0x3fff, 0x4001, 0x7001, 0x8000, 0x9001, 0xb000, 0xe000, 0xf000, 0xffff]
-        {
+        for tag in [0x0001, 0x1001, 0x3fff, 0x4001, 0x7001, 0x8000, 0x9001, 0xb000, 0xe000, 0xf000, 0xffff] {
             assert_eq!(FrameState::from_tag(tag & !HEAD).filter(|_| tag & HEAD == 0), None, "{tag:#x}");
             assert_eq!(Shape::of(tag), None, "{tag:#x}");
         }
@@ -319,7 +317,8 @@ mod tests {
     // An owner's tag is the tag of the state it owns in, and back.
     #[test]
     fn owner_matches_its_state() {
-        for owner in [Owner::HYPERVISOR, Owner::guest(vm(3)), Owner::page_table(vm(3)), Owner::shared(vm(3))] {
+        for owner in [Owner::HYPERVISOR, Owner::guest(vm(3)), Owner::page_table(vm(3)), Owner::shared(vm(3))]
+        {
             assert_eq!(owner.state().tag(), owner.tag());
             assert_eq!(owner.state().owner(), Some(owner));
         }

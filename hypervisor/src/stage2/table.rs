@@ -31,7 +31,9 @@ use core::sync::atomic::{AtomicU64 as SpaceIds, Ordering as IdOrdering};
 
 use crate::frame::{FrameState, Pfn, VmId};
 
-use super::desc::{is_locked, is_shared_leaf, locked_payload, locked_with, Attrs, Entry, MemType, PageState, LOCKED};
+use super::desc::{
+    is_locked, is_shared_leaf, locked_payload, locked_with, Attrs, Entry, MemType, PageState, LOCKED,
+};
 use super::env::Stage2Env;
 use super::fault::FaultCache;
 use super::sync::{AtomicU64, AtomicUsize, Ordering};

@@ -9,8 +9,8 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use super::layout::{Layout, UART_BASE, UART_SIZE};
-use crate::dt::SharedMem;
 use super::vgic::{GICD_BASE, GICD_SIZE, GICR_BASE, GICR_SIZE, UART_INTID};
+use crate::dt::SharedMem;
 use crate::dt::MAX_VCPUS;
 
 /// Why a device tree could not be written.
@@ -331,15 +331,34 @@ mod tests {
         let k = ImageHeader { text_offset: 0, effective_size: 0x10_0000 };
         let layout = plan(64 << 20, 40, &k, None).unwrap();
         let shared = [
-            SharedMem { id: "ring", role: ShmRole::Owner, guest_addr: 0x1000_0000, size: 0x20_0000, node: "n" },
+            SharedMem {
+                id: "ring",
+                role: ShmRole::Owner,
+                guest_addr: 0x1000_0000,
+                size: 0x20_0000,
+                node: "n",
+            },
             SharedMem { id: "b", role: ShmRole::Borrower, guest_addr: 0x8000_0000, size: 0x1000, node: "m" },
         ];
         let blob = generate(&layout, 1, None, 0, false, &shared).unwrap();
         let p = crate::dt::parse(&blob).unwrap();
         let banks: Vec<_> = p.memory().iter().map(|r| (r.base(), r.size())).collect();
-        assert!(banks.contains(&(0x4000_0000, 64 << 20)) && banks.contains(&(0x1000_0000, 0x20_0000)), "{banks:x?}");
-        let resv: Vec<_> = p.reserved_memory().iter().map(|r| (r.name, r.region.base(), r.region.size(), r.no_map)).collect();
-        assert_eq!(resv, [("xen-shmem@10000000", 0x1000_0000, 0x20_0000, false), ("xen-shmem@80000000", 0x8000_0000, 0x1000, false)]);
+        assert!(
+            banks.contains(&(0x4000_0000, 64 << 20)) && banks.contains(&(0x1000_0000, 0x20_0000)),
+            "{banks:x?}"
+        );
+        let resv: Vec<_> = p
+            .reserved_memory()
+            .iter()
+            .map(|r| (r.name, r.region.base(), r.region.size(), r.no_map))
+            .collect();
+        assert_eq!(
+            resv,
+            [
+                ("xen-shmem@10000000", 0x1000_0000, 0x20_0000, false),
+                ("xen-shmem@80000000", 0x8000_0000, 0x1000, false)
+            ]
+        );
         let f = fdt::Fdt::new(&blob).unwrap();
         let node = f.find_node("/reserved-memory/xen-shmem@10000000").unwrap();
         assert_eq!(node.compatible().unwrap().first(), "xen,shared-memory-v1");

@@ -69,7 +69,11 @@ pub struct ShmRefusal<'a> {
 impl fmt::Display for ShmRefusal<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (end, size) = (self.guest_addr.saturating_add(self.size), self.size);
-        write!(f, "guest {}: shared memory \"{}\" at {:#x}-{:#x}: ", self.guest, self.id, self.guest_addr, end)?;
+        write!(
+            f,
+            "guest {}: shared memory \"{}\" at {:#x}-{:#x}: ",
+            self.guest, self.id, self.guest_addr, end
+        )?;
         match self.problem {
             ShmProblem::OverlapsRam { ram_end } => {
                 write!(f, "overlaps its RAM {RAM_BASE:#x}-{ram_end:#x}")
@@ -123,7 +127,10 @@ impl RegionPlan<'_> {
 /// guests' (`guests` in configuration order, the well-formed ones), and returns the regions
 /// with their users and, per guest, `None` or why it is refused. A guest is checked whole
 /// before any of its nodes joins a region, so a refused guest uses no region.
-pub fn plan<'a>(guests: &[GuestConfig<'a>], ipa_bits: u32) -> (Vec<RegionPlan<'a>>, Vec<Option<ShmRefusal<'a>>>) {
+pub fn plan<'a>(
+    guests: &[GuestConfig<'a>],
+    ipa_bits: u32,
+) -> (Vec<RegionPlan<'a>>, Vec<Option<ShmRefusal<'a>>>) {
     let mut regions: Vec<RegionPlan<'a>> = Vec::new();
     // Owners first: a borrower named before its owner still knows who owns the region.
     for (g, cfg) in guests.iter().enumerate() {
@@ -136,7 +143,15 @@ pub fn plan<'a>(guests: &[GuestConfig<'a>], ipa_bits: u32) -> (Vec<RegionPlan<'a
     let mut verdicts = Vec::with_capacity(guests.len());
     for (g, cfg) in guests.iter().enumerate() {
         let verdict = cfg.shared.iter().find_map(|s| {
-            let refuse = |problem| Some(ShmRefusal { guest: cfg.name, id: s.id, guest_addr: s.guest_addr, size: s.size, problem });
+            let refuse = |problem| {
+                Some(ShmRefusal {
+                    guest: cfg.name,
+                    id: s.id,
+                    guest_addr: s.guest_addr,
+                    size: s.size,
+                    problem,
+                })
+            };
             let ram_end = RAM_BASE.saturating_add(cfg.memory_bytes());
             if s.guest_addr < ram_end && RAM_BASE < s.guest_end() {
                 return refuse(ShmProblem::OverlapsRam { ram_end });
@@ -172,7 +187,12 @@ pub fn plan<'a>(guests: &[GuestConfig<'a>], ipa_bits: u32) -> (Vec<RegionPlan<'a
             for s in cfg.shared.iter() {
                 match regions.iter_mut().find(|r| r.id == s.id) {
                     Some(r) => r.users.push((g, *s)),
-                    None => regions.push(RegionPlan { id: s.id, size: s.size, owner: None, users: alloc::vec![(g, *s)] }),
+                    None => regions.push(RegionPlan {
+                        id: s.id,
+                        size: s.size,
+                        owner: None,
+                        users: alloc::vec![(g, *s)],
+                    }),
                 }
             }
         }
@@ -249,7 +269,8 @@ mod tests {
     }
 
     fn guest(name: &'static str, mib: u64, shared: &[SharedMem<'static>]) -> GuestConfig<'static> {
-        let kernel = Module { kind: ModuleKind::Kernel, region: Region::new(0x5000_0000, 0x1000).unwrap(), node: "k" };
+        let kernel =
+            Module { kind: ModuleKind::Kernel, region: Region::new(0x5000_0000, 0x1000).unwrap(), node: "k" };
         let mut list = FixedList::filled(SharedMem::NONE);
         for s in shared {
             list.push(*s).unwrap();
@@ -286,7 +307,10 @@ mod tests {
         assert_eq!(regions.len(), 2);
         let ring = &regions[0];
         assert_eq!((ring.id, ring.size, ring.owner, ring.pages()), ("ring", MIB2, Some(1), 512));
-        assert_eq!(ring.users.iter().map(|u| (u.0, u.1.guest_addr)).collect::<Vec<_>>(), vec![(0, AT), (1, 0x3000_0000)]);
+        assert_eq!(
+            ring.users.iter().map(|u| (u.0, u.1.guest_addr)).collect::<Vec<_>>(),
+            vec![(0, AT), (1, 0x3000_0000)]
+        );
         let vm = |g: usize| VmId::new(g as u16 + 1).unwrap();
         assert_eq!(ring.owner_vm(vm), vm(1));
         assert_eq!(regions[1].owner, None);
@@ -338,7 +362,11 @@ mod tests {
     fn too_many_regions_refuse_the_guest_that_adds_them() {
         const IDS: [&str; 10] = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"];
         let g = |n: &'static str, ids: &[&'static str]| {
-            let list: Vec<_> = ids.iter().enumerate().map(|(i, id)| shm(id, Borrower, AT + i as u64 * MIB2, 0x1000)).collect();
+            let list: Vec<_> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| shm(id, Borrower, AT + i as u64 * MIB2, 0x1000))
+                .collect();
             guest(n, 64, &list)
         };
         let guests = [g("g1", &IDS[0..4]), g("g2", &IDS[4..8]), g("g3", &IDS[8..10]), g("g4", &IDS[0..2])];
@@ -363,7 +391,10 @@ mod tests {
         let names: Vec<_> = guests.iter().map(|g| g.name).collect();
         let mut started = [false, true, true, true];
         let refused = refuse_orphans(&regions, &names, &mut started);
-        assert_eq!(refused.iter().map(|r| (r.guest, r.id)).collect::<Vec<_>>(), vec![("b1", "r1"), ("b2", "r2")]);
+        assert_eq!(
+            refused.iter().map(|r| (r.guest, r.id)).collect::<Vec<_>>(),
+            vec![("b1", "r1"), ("b2", "r2")]
+        );
         assert_eq!(started, [false, false, false, true]);
         assert_eq!(
             refused[0].to_string(),
