@@ -888,6 +888,32 @@ def shared_memory_survives_a_reset_of_its_owner(wd):
     expect_audit_clean(out)
 
 
+@test
+def shared_memory_outlives_an_owner_that_stops_first(wd):
+    # isolation owns the region and stops as soon as it has read the borrower's half; stress
+    # (shm.late) reads the owner's half only after that, 2 s later: the owner is gone, its frames
+    # are not (tagged shared, owner gone), and hold what it wrote; stress's stop releases them.
+    rc, out = boot_guests(wd, "shm-late", [
+        guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 32 * 1024, no_vgic=True, bootargs="shm.side=owner",
+                       extra=guestcfg.shm_node("shm@10000000", "ring", SHM_AT, SHM_SIZE, "owner")),
+        guestcfg.Guest("stress", STRESS, 0x5000_0000, 32 * 1024, bootargs="stress.seed=29 shm.side=borrower shm.late",
+                       extra=guestcfg.shm_node("shm@20000000", "ring", 0x2000_0000, SHM_SIZE)),
+    ])
+    expect_clean_exit(rc, out)
+    lines = out.splitlines()
+    owner_stop = next((i for i, l in enumerate(lines) if "guest isolation: stopped by SystemOff" in l), None)
+    late_read = next((i for i, l in enumerate(lines) if re.search(
+        r"\[stress\] stress: shm borrower: wrote \d+ words, read \d+ words of the owner: ok$", l)), None)
+    check(owner_stop is not None and late_read is not None and owner_stop < late_read,
+          "the borrower did not read the owner's data after the owner stopped", out)
+    check(re.search(r"ownership audit after guest isolation stopped: consistent, 512 frames shared", out),
+          "the region's frames were not kept (or not audited) after their owner stopped", out)
+    check(re.search(r'shared memory "ring": released \(512 frames\) after its last user, guest stress, stopped', out),
+          "the borrower's stop did not release the region", out)
+    check("stress: private memory after the exchange verify=ok" in guest_lines(out, "stress"), "stress's RAM changed", out)
+    expect_audit_clean(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("-k", default="")

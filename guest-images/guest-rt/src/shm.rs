@@ -2,7 +2,8 @@
 //! two guests, each running one side: both write a pattern into their own half, raise a flag,
 //! wait (bounded) for the other's flag, and check every word of the other's half.
 //!
-//! Layout: word 0 is the owner's flag, word 1 the borrower's; the first page is flags only;
+//! Layout: word 0 is the owner's flag, word 1 the borrower's, words 2 and 3 their "done" flags
+//! (raised once a side has read the other's half); the first page is flags only;
 //! the owner's words fill the rest of the lower half, the borrower's the upper half. With the
 //! MMU off every access is to Device memory, uncached on both sides, so plain stores and loads
 //! with a `DSB` between the data and its flag order them.
@@ -50,6 +51,10 @@ impl Side {
         }
     }
 
+    fn done_word(self) -> u64 {
+        self.flag_word() + 2
+    }
+
     /// The side's words: `[first, end)` word indices.
     fn words(self, size: u64) -> (u64, u64) {
         let half = size / 2 / 8;
@@ -59,9 +64,10 @@ impl Side {
         }
     }
 
-    /// What the side writes into word `i` at address `addr`.
-    fn pattern(self, i: u64, addr: u64) -> u64 {
-        self.magic().rotate_left(13) ^ addr ^ (i << 3)
+    /// What the side writes into word `i` of the region: from the offset, never the guest
+    /// address (each guest may map the region at its own).
+    fn pattern(self, i: u64) -> u64 {
+        self.magic().rotate_left(13) ^ (i << 3).wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 }
 
@@ -82,15 +88,16 @@ pub struct Outcome {
 }
 
 /// Runs `side` of the exchange in `region` (at least 2 pages), waiting at most `timeout_s`
-/// seconds of the counter for the other side.
-pub fn exchange(region: &SharedRegion, side: Side, timeout_s: u64) -> Outcome {
+/// seconds of the counter for the other side. `late`: read the other's half only after it
+/// said it is done, and 2 s more (long enough for it to have stopped).
+pub fn exchange(region: &SharedRegion, side: Side, timeout_s: u64, late: bool) -> Outcome {
     let base = region.range.start;
     let size = region.range.len() & !(2 * PAGE - 1);
     let word = |i: u64| (base + i * 8) as *mut u64;
     let mut out = Outcome::default();
     let (first, end) = side.words(size);
     for i in first..end {
-        let want = side.pattern(i, base + i * 8);
+        let want = side.pattern(i);
         // SAFETY: inside the shared region the device tree gave, 8-byte aligned.
         if unsafe { read_volatile(word(i)) } == want {
             out.kept += 1;
@@ -113,6 +120,16 @@ pub fn exchange(region: &SharedRegion, side: Side, timeout_s: u64) -> Outcome {
         core::hint::spin_loop();
     }
     out.other_ready = true;
+    if late {
+        // SAFETY: the other side's done flag.
+        while unsafe { read_volatile(word(other.done_word())) } != other.magic() {
+            if now() > deadline {
+                return out;
+            }
+            core::hint::spin_loop();
+        }
+        crate::timer::delay_us(2_000_000);
+    }
     // SAFETY: as above: its data was written before its flag.
     unsafe { core::arch::asm!("dsb sy", options(nostack, preserves_flags)) };
     let (first, end) = other.words(size);
@@ -121,16 +138,19 @@ pub fn exchange(region: &SharedRegion, side: Side, timeout_s: u64) -> Outcome {
         // SAFETY: inside the region.
         let v = unsafe { read_volatile(word(i)) };
         out.read += 1;
-        if v != other.pattern(i, addr) {
+        if v != other.pattern(i) {
             out.mismatches += 1;
             out.first_bad.get_or_insert((addr, v));
         }
     }
+    // SAFETY: the side's done flag.
+    unsafe { write_volatile(word(side.done_word()), side.magic()) };
     out
 }
 
-/// Runs the exchange named by the command line (`shm.side=owner|borrower`) on the tree's first
-/// shared region, printing one line per step for the boot tests; nothing without `shm.side`.
+/// Runs the exchange named by the command line (`shm.side=owner|borrower`, and `shm.late` to
+/// read only once the other side is done) on the tree's first shared region, printing one line
+/// per step for the boot tests; nothing without `shm.side`.
 pub fn run_from_bootargs(boot: &crate::dt::BootInfo, who: &str) {
     let side = match boot.bootargs().value("shm.side") {
         Some("owner") => Side::Owner,
@@ -153,7 +173,7 @@ pub fn run_from_bootargs(boot: &crate::dt::BootInfo, who: &str) {
         region.offset,
         side.name()
     );
-    let out = exchange(region, side, 60);
+    let out = exchange(region, side, 60, boot.bootargs().has("shm.late"));
     if out.kept > 0 {
         crate::println!("{}: shm {}: {} of its words were already there", who, side.name(), out.kept);
     }
