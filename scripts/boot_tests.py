@@ -764,7 +764,7 @@ def shared_memory_between_stress_and_isolation(wd):
     expect_clean_exit(rc, out)
     st, iso = guest_lines(out, "stress"), guest_lines(out, "isolation")
     check(re.search(r'shared memory "ring": 2048 KiB owned by guest stress, mapped in stress at 0x10000000, '
-                    r'isolation at 0x10000000', out), "the region was not made and mapped in both", out)
+                    r'isolation at 0x10000000 \(\d+ us\)', out), "the region was not made and mapped in both", out)
     expect_shm_exchange(st, "stress", "owner", "borrower", out)
     expect_shm_exchange(iso, "isolation", "borrower", "owner", out)
     check("stress: private memory after the exchange verify=ok" in st, "the owner's private memory changed", out)
@@ -807,7 +807,7 @@ def linux_boots_with_a_shared_region_xen_style(wd):
     expect_clean_exit(rc, out)
     lx, st = guest_lines(out, "domu1"), guest_lines(out, "domu2")
     check(re.search(r'shared memory "my-shared-mem-1": 2048 KiB owned by Labyrinth \(no guest owns it\), mapped in '
-                    r'domu1 at 0x10000000, domu2 at 0x20000000', out), "the ownerless region was not made", out)
+                    r'domu1 at 0x10000000, domu2 at 0x20000000 \(\d+ us\)', out), "the ownerless region was not made", out)
     check(any("Linux version" in l for l in lx), "no Linux banner", out)
     check('labyrinth-init: shared memory "my-shared-mem-1" at 0x0000000010000000 size 0x0000000000200000 '
           'offset 0x0000000000000000 (xen,shared-memory-v1)' in lx,
@@ -857,7 +857,7 @@ def bad_shared_memory_beside_a_good_one(wd):
     for e in expected:
         check(re.search(e, out), "no refusal line matching %r" % e, out)
     check(not guest_lines(out, "orphan"), "the orphan ran", out)
-    check(re.search(r'shared memory "ok": 2048 KiB owned by guest good, mapped in good at 0x10000000$', out, re.M),
+    check(re.search(r'shared memory "ok": 2048 KiB owned by guest good, mapped in good at 0x10000000 \(\d+ us\)$', out, re.M),
           "the good region was not made", out)
     check("stress: done" in guest_lines(out, "good"), "the good guest did not run", out)
     check(re.search(r'shared memory "ok": released \(512 frames\) after its last user, guest good, stopped', out),

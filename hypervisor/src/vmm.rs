@@ -236,6 +236,7 @@ fn share_regions(
         if users.is_empty() {
             continue;
         }
+        let t0 = arch::time_now_ticks();
         let vm_of = |k: usize| built[k].map_or(shm::LABYRINTH, |i| vms[i].id);
         let owner = region.owner_vm(vm_of);
         let pages = region.pages();
@@ -288,7 +289,8 @@ fn share_regions(
             Some(k) => alloc::format!("guest {}", names[k]),
             None => alloc::format!("Labyrinth (no guest owns it)"),
         };
-        info!("shared memory \"{}\": {} KiB owned by {by}, mapped in {line}", region.id, pages * 4);
+        let us = (arch::time_now_ticks() - t0) * 1_000_000 / arch::ticks_per_second().max(1);
+        info!("shared memory \"{}\": {} KiB owned by {by}, mapped in {line} ({us} us)", region.id, pages * 4);
         SHARED.lock().push(live);
     }
     if !regions.is_empty() {
