@@ -24,7 +24,7 @@ use labyrinth::vm::exit::{self, Outcome};
 use labyrinth::vm::guest::{Boot, VmParts};
 use labyrinth::vm::layout::{self, Layout};
 use labyrinth::vm::lifecycle::Life;
-use labyrinth::vm::shm::{self, RegionPlan, ShmProblem, ShmRefusal};
+use labyrinth::vm::shm::{self, LiveRegion, RegionPlan, Registry, ShmProblem, ShmRefusal, View};
 use labyrinth::vm::vcpu::VcpuHw;
 use labyrinth::vm::vpsci::{PowerState, StartRequest};
 use labyrinth::vm::{budget::MemoryBudget, fdt_gen, image, vpl011::VPl011};
@@ -48,7 +48,7 @@ static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator::new());
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static REPORTS: Mutex<Vec<alloc::string::String>> = Mutex::new(Vec::new());
 /// The shared memory regions that exist (`vm::shm`), each until its last user stops.
-static SHARED: Mutex<Vec<LiveRegion>> = Mutex::new(Vec::new());
+static SHARED: Mutex<Registry<'static>> = Mutex::new(Registry::new());
 /// Whether the host GIC is set up: CPUs can kick each other and guests can have a vGIC.
 static HOST_GIC: AtomicBool = AtomicBool::new(false);
 /// Set once before any guest runs; read on every fault, so a plain pointer, not a `Once`.
@@ -197,16 +197,6 @@ pub fn create_all(
     next_cpu
 }
 
-/// A shared memory region that exists: its frames (tagged shared-owned by `owner`) and the
-/// guests still using it, with where it appears in each and whether that guest owns it.
-struct LiveRegion {
-    id: &'static str,
-    owner: VmId,
-    frames: Vec<Pfn>,
-    promised: usize,
-    users: Vec<(VmId, u64, bool)>,
-}
-
 /// Creates every shared region some built guest uses (`built[k]`: config `k`'s index in
 /// `vms`) and maps it into each: frames promised, allocated for the owner (Labyrinth's VM 0 if
 /// no guest owns it), moved to shared-owned by the share transition, mapped shared-owned into
@@ -260,13 +250,15 @@ fn share_regions(
             }
             continue;
         };
-        let mut live = LiveRegion { id: region.id, owner, frames: list, promised, users: Vec::new() };
+        let mut live = LiveRegion { id: region.id, owner, frames: list, promised, views: Vec::new() };
         for &&(k, s) in &users {
             let Some(i) = built[k] else { continue };
             let vm = &vms[i];
             let _ = frames().refill(cpu);
             match shm::map_region(&vm.s2, &mut env(vm), &live.frames, s.guest_addr, vm.id == owner) {
-                Ok(()) => live.users.push((vm.id, s.guest_addr, vm.id == owner)),
+                Ok(()) => {
+                    live.views.push(View { vm: vm.id, guest_addr: s.guest_addr, owner: vm.id == owner })
+                }
                 Err(e) => {
                     let problem = ShmProblem::Map(e);
                     let r = ShmRefusal {
@@ -281,9 +273,9 @@ fn share_regions(
             }
         }
         let mut line = alloc::string::String::new();
-        for &(vm, at, _) in &live.users {
-            let name = vms.iter().find(|v| v.id == vm).map_or("?", |v| v.name);
-            let _ = write!(line, "{}{name} at {at:#x}", if line.is_empty() { "" } else { ", " });
+        for v in &live.views {
+            let name = vms.iter().find(|g| g.id == v.vm).map_or("?", |g| g.name);
+            let _ = write!(line, "{}{name} at {:#x}", if line.is_empty() { "" } else { ", " }, v.guest_addr);
         }
         let by = match region.owner.filter(|&k| started[k]) {
             Some(k) => alloc::format!("guest {}", names[k]),
@@ -291,7 +283,7 @@ fn share_regions(
         };
         let us = (arch::time_now_ticks() - t0) * 1_000_000 / arch::ticks_per_second().max(1);
         info!("shared memory \"{}\": {} KiB owned by {by}, mapped in {line} ({us} us)", region.id, pages * 4);
-        SHARED.lock().push(live);
+        SHARED.lock().add(live);
     }
     if !regions.is_empty() {
         let audit = frames().audit(None);
@@ -327,27 +319,19 @@ fn share_frames(promise: usize, pages: usize, owner: VmId, cpu: usize) -> Option
     if ok {
         return Some((list, promised));
     }
-    release_shared(&list, owner);
+    release_shared(&LiveRegion { id: "", owner, frames: list, promised, views: Vec::new() });
     frames().uncommit(promised);
     None
 }
 
-/// Releases shared frames (scrubbed), contiguous runs at once.
-fn release_shared(list: &[Pfn], owner: VmId) -> u64 {
-    let mut sorted = list.to_vec();
-    sorted.sort_unstable();
+/// Releases a region's shared frames (scrubbed), contiguous runs at once; how many went back.
+fn release_shared(region: &LiveRegion<'_>) -> u64 {
     let mut released = 0;
-    let mut i = 0;
-    while i < sorted.len() {
-        let mut n = 1;
-        while i + n < sorted.len() && sorted[i + n] == sorted[i].add(n as u64) {
-            n += 1;
-        }
-        match frames().release(sorted[i], n, Owner::shared(owner), &arch::Scrubber) {
+    for (first, n) in region.runs() {
+        match frames().release(first, n, Owner::shared(region.owner), &arch::Scrubber) {
             Ok(()) => released += n as u64,
-            Err(e) => error!("shared memory: frames at {} not returned: {e}", sorted[i]),
+            Err(e) => error!("shared memory \"{}\": frames at {first} not returned: {e}", region.id),
         }
-        i += n;
     }
     released
 }
@@ -355,35 +339,26 @@ fn release_shared(list: &[Pfn], owner: VmId) -> u64 {
 /// Maps the guest's shared regions again (after a reset emptied its space): same frames,
 /// same contents. Every vCPU of the guest out of it.
 fn shm_remap(vm: &Vm) -> Result<(), Stage2Error> {
-    let shared = SHARED.lock();
-    for region in shared.iter() {
-        for &(_, at, owner) in region.users.iter().filter(|u| u.0 == vm.id) {
-            let _ = frames().refill(arch::cpu_index());
-            shm::map_region(&vm.s2, &mut env(vm), &region.frames, at, owner)?;
-        }
+    for (frames_of, view) in SHARED.lock().views_of(vm.id) {
+        let _ = frames().refill(arch::cpu_index());
+        shm::map_region(&vm.s2, &mut env(vm), frames_of, view.guest_addr, view.owner)?;
     }
     Ok(())
 }
 
-/// The guest is gone (its space destroyed, or about to be): it stops using its regions; the
-/// last user of a region releases its frames and withdraws its promise. An owner that stops
-/// before its borrowers leaves the frames to them (tagged shared, owner gone).
+/// The guest's space is gone: it stops using its regions, and the last user of a region
+/// releases its frames and withdraws its promise (an owner that stops first leaves them to
+/// its borrowers).
 fn shm_leave(vm: &Vm) {
-    let mut shared = SHARED.lock();
-    shared.retain_mut(|region| {
-        let before = region.users.len();
-        region.users.retain(|u| u.0 != vm.id);
-        if before == region.users.len() || !region.users.is_empty() {
-            return true;
-        }
-        let n = release_shared(&region.frames, region.owner);
+    let gone = SHARED.lock().leave(vm.id);
+    for region in gone {
+        let n = release_shared(&region);
         frames().uncommit(region.promised);
         info!(
             "shared memory \"{}\": released ({n} frames) after its last user, guest {}, stopped",
             region.id, vm.name
         );
-        false
-    });
+    }
 }
 
 /// Retires the frame pools of CPUs that run no guest (see `FrameManager::retire`).

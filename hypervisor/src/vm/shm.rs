@@ -239,6 +239,93 @@ pub fn refuse_orphans<'a>(
     }
 }
 
+/// One guest's view of a live region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct View {
+    pub vm: VmId,
+    pub guest_addr: u64,
+    /// The guest owns the region (its leaves are shared-owned, else shared-borrowed).
+    pub owner: bool,
+}
+
+/// A region that exists: its frames (tagged shared-owned by `owner`), the frames promised for
+/// it, and the guests still using it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveRegion<'a> {
+    pub id: &'a str,
+    pub owner: VmId,
+    pub frames: Vec<Pfn>,
+    pub promised: usize,
+    pub views: Vec<View>,
+}
+
+impl LiveRegion<'_> {
+    /// The region's frames as runs of contiguous frames (first, count), ascending: what the
+    /// release takes at once.
+    pub fn runs(&self) -> Vec<(Pfn, usize)> {
+        let mut sorted = self.frames.clone();
+        sorted.sort_unstable();
+        let mut runs: Vec<(Pfn, usize)> = Vec::new();
+        for pfn in sorted {
+            match runs.last_mut() {
+                Some((first, n)) if first.add(*n as u64) == pfn => *n += 1,
+                _ => runs.push((pfn, 1)),
+            }
+        }
+        runs
+    }
+}
+
+/// The regions that exist, each until its last user leaves.
+#[derive(Debug, Default)]
+pub struct Registry<'a> {
+    regions: Vec<LiveRegion<'a>>,
+}
+
+impl<'a> Registry<'a> {
+    pub const fn new() -> Self {
+        Registry { regions: Vec::new() }
+    }
+
+    pub fn add(&mut self, region: LiveRegion<'a>) {
+        self.regions.push(region);
+    }
+
+    /// Every view guest `vm` has, with the region's frames: what a reset maps again.
+    pub fn views_of(&self, vm: VmId) -> impl Iterator<Item = (&[Pfn], View)> + '_ {
+        self.regions.iter().flat_map(move |r| {
+            r.views.iter().filter(move |v| v.vm == vm).map(move |v| (r.frames.as_slice(), *v))
+        })
+    }
+
+    /// Guest `vm` stops using its regions (its space is gone): the regions it was the last user
+    /// of leave the registry and are returned, for the caller to release their frames and
+    /// withdraw their promise. An owner leaving before its borrowers leaves its regions here.
+    pub fn leave(&mut self, vm: VmId) -> Vec<LiveRegion<'a>> {
+        let mut gone = Vec::new();
+        let mut i = 0;
+        while i < self.regions.len() {
+            let r = &mut self.regions[i];
+            let before = r.views.len();
+            r.views.retain(|v| v.vm != vm);
+            if before != r.views.len() && r.views.is_empty() {
+                gone.push(self.regions.swap_remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        gone
+    }
+
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+}
+
 /// Maps the region's `frames` (in order, one 4 KiB page each) at `guest_addr` in `s2`, as its
 /// owner (`owner`: shared-owned) or a borrower (shared-borrowed). On an error the pages mapped
 /// so far stay (the caller tears the guest down). Every vCPU of the guest out of it.
@@ -419,6 +506,50 @@ mod tests {
         assert!(verdicts.iter().all(Option::is_none));
         let got: Vec<_> = regions.iter().map(|r| (r.id, r.size, r.owner, r.users.len())).collect();
         assert_eq!(got, [("ring", 0x20_0000, Some(0), 2), ("nobody", 0x1000, None, 2)]);
+    }
+
+    fn vm(n: u16) -> VmId {
+        VmId::new(n).unwrap()
+    }
+
+    fn live(id: &'static str, owner: u16, frames: &[u64], users: &[u16]) -> LiveRegion<'static> {
+        LiveRegion {
+            id,
+            owner: vm(owner),
+            frames: frames.iter().map(|&f| Pfn(f)).collect(),
+            promised: frames.len(),
+            views: users.iter().map(|&u| View { vm: vm(u), guest_addr: AT, owner: u == owner }).collect(),
+        }
+    }
+
+    // A region leaves the registry with its last user, whoever stops first (the owner
+    // included); a guest that uses nothing changes nothing.
+    #[test]
+    fn the_last_user_takes_the_region_with_it() {
+        let mut reg = Registry::new();
+        reg.add(live("a", 1, &[10, 11], &[1, 2]));
+        reg.add(live("b", 0, &[20], &[2, 3]));
+        assert!(reg.leave(vm(7)).is_empty());
+        // The owner of "a" stops first: the region stays for its borrower.
+        assert!(reg.leave(vm(1)).is_empty());
+        assert_eq!(reg.views_of(vm(2)).count(), 2);
+        assert_eq!(reg.views_of(vm(1)).count(), 0);
+        let gone = reg.leave(vm(2));
+        assert_eq!(gone.iter().map(|r| r.id).collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(reg.len(), 1);
+        let gone = reg.leave(vm(3));
+        assert_eq!((gone[0].id, gone[0].owner), ("b", LABYRINTH));
+        assert!(reg.is_empty());
+    }
+
+    // Frames go back in contiguous runs, whatever order they were allocated in.
+    #[test]
+    fn runs_merge_contiguous_frames() {
+        let r = live("a", 1, &[7, 3, 4, 5, 9, 8, 12], &[1]);
+        assert_eq!(r.runs(), vec![(Pfn(3), 3), (Pfn(7), 3), (Pfn(12), 1)]);
+        let views: Vec<_> =
+            Registry { regions: vec![r] }.views_of(vm(1)).map(|(f, v)| (f.len(), v.owner)).collect();
+        assert_eq!(views, vec![(7, true)]);
     }
 
     // The owner maps the region shared-owned, the borrower shared-borrowed, the same frames.
