@@ -889,6 +889,28 @@ def shared_memory_survives_a_reset_of_its_owner(wd):
 
 
 @test
+def shared_memory_survives_a_reset_of_a_borrower(wd):
+    # The borrower (stress, stress.reset) exchanges, resets, finds its own words still in the
+    # region on its second boot and reads the owner's again; the owner is never reset.
+    rc, out = boot_guests(wd, "shm-reset-b", [
+        guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 32 * 1024, no_vgic=True, bootargs="shm.side=owner",
+                       extra=guestcfg.shm_node("shm@10000000", "ring", SHM_AT, SHM_SIZE, "owner")),
+        guestcfg.Guest("stress", STRESS, 0x5000_0000, 32 * 1024,
+                       bootargs="stress.reset stress.seed=31 shm.side=borrower",
+                       extra=guestcfg.shm_node("shm@20000000", "ring", 0x2000_0000, SHM_SIZE)),
+    ])
+    expect_clean_exit(rc, out)
+    st = guest_lines(out, "stress")
+    ok = [l for l in st if re.match(r"stress: shm borrower: wrote \d+ words, read \d+ words of the owner: ok$", l)]
+    check(len(ok) == 2, "the borrower did not exchange on both boots", out)
+    check("stress: after reset fresh=yes" in st, "the borrower's RAM was not fresh after the reset", out)
+    check(any(re.match(r"stress: shm borrower: 131072 of its words were already there$", l) for l in st),
+          "the region's contents were not kept across the borrower's reset", out)
+    check(re.search(r"guest stress: stopped by SystemOff; .*resets 1", out), "no reset counted", out)
+    expect_audit_clean(out)
+
+
+@test
 def shared_memory_outlives_an_owner_that_stops_first(wd):
     # isolation owns the region and stops as soon as it has read the borrower's half; stress
     # (shm.late) reads the owner's half only after that, 2 s later: the owner is gone, its frames

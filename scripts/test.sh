@@ -54,7 +54,7 @@ step "loom model checks (frame pools, stage-2 installs, vCPU lifecycle, PSCI, vG
 step "build (aarch64)" no_warnings scripts/build.sh
 step "build guest kernels" scripts/build-guests.sh
 step "fetch the Linux guest kernel" scripts/fetch-linux.sh
-step "QEMU boot tests" timeout 1750 python3 scripts/boot_tests.py
+step "QEMU boot tests" timeout 1800 python3 scripts/boot_tests.py
 step "fuzz targets build" timeout 900 scripts/fuzz.sh --build-all
 step "device-tree fuzz smoke" timeout 600 scripts/fuzz.sh dt_parse "${FUZZ_SECONDS:-30}"
 step "stage-2 fuzz smoke" timeout 600 scripts/fuzz.sh stage2_ops "${FUZZ_SECONDS:-30}"
