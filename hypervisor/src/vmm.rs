@@ -216,8 +216,7 @@ fn share_regions(
         error!("{r}: not started");
         refused.extend(built[k]);
     };
-    for r in shm::refuse_orphans(regions, &names, &mut started) {
-        let k = names.iter().position(|n| *n == r.guest).unwrap_or(0);
+    for (k, r) in shm::refuse_orphans(regions, &names, &mut started) {
         refuse(r, k, &mut refused);
     }
     let cpu = arch::cpu_index();

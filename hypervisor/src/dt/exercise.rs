@@ -121,7 +121,7 @@ pub fn parse_and_map(blob: &[u8]) -> Outcome {
         }
         let names: alloc::vec::Vec<&str> = configs.iter().map(|c| c.name).collect();
         let mut started: alloc::vec::Vec<bool> = verdicts.iter().map(Option::is_none).collect();
-        for r in crate::vm::shm::refuse_orphans(&regions, &names, &mut started) {
+        for (_, r) in crate::vm::shm::refuse_orphans(&regions, &names, &mut started) {
             let _ = write!(sink, "{r}");
         }
     }

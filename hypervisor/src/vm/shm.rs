@@ -205,12 +205,12 @@ pub fn plan<'a>(
 
 /// After the guests were built (`started(g)`): every user of a region whose owner did not
 /// start is refused; refusing one may orphan the regions it owns, so this runs to a fixed
-/// point. Returns the refusals, each guest once.
+/// point. Returns the refusals with the guests' indices, each guest once.
 pub fn refuse_orphans<'a>(
     regions: &[RegionPlan<'a>],
     names: &[&'a str],
     started: &mut [bool],
-) -> Vec<ShmRefusal<'a>> {
+) -> Vec<(usize, ShmRefusal<'a>)> {
     let mut refused = Vec::new();
     loop {
         let mut changed = false;
@@ -223,13 +223,15 @@ pub fn refuse_orphans<'a>(
                 if g != owner && started.get(g).copied().unwrap_or(false) {
                     started[g] = false;
                     changed = true;
-                    refused.push(ShmRefusal {
+                    let problem = ShmProblem::OwnerNotStarted { owner: names[owner] };
+                    let refusal = ShmRefusal {
                         guest: names[g],
                         id: r.id,
                         guest_addr: s.guest_addr,
                         size: s.size,
-                        problem: ShmProblem::OwnerNotStarted { owner: names[owner] },
-                    });
+                        problem,
+                    };
+                    refused.push((g, refusal));
                 }
             }
         }
@@ -479,12 +481,12 @@ mod tests {
         let mut started = [false, true, true, true];
         let refused = refuse_orphans(&regions, &names, &mut started);
         assert_eq!(
-            refused.iter().map(|r| (r.guest, r.id)).collect::<Vec<_>>(),
-            vec![("b1", "r1"), ("b2", "r2")]
+            refused.iter().map(|(g, r)| (*g, r.guest, r.id)).collect::<Vec<_>>(),
+            vec![(1, "b1", "r1"), (2, "b2", "r2")]
         );
         assert_eq!(started, [false, false, false, true]);
         assert_eq!(
-            refused[0].to_string(),
+            refused[0].1.to_string(),
             "guest b1: shared memory \"r1\" at 0x10000000-0x10001000: a borrower without an owner: its \
              owner, guest o, was not started"
         );
