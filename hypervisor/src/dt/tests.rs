@@ -14,8 +14,10 @@ const CPUMAX: &[u8] = include_bytes!("testdata/qemu-virt-cpumax.dtb");
 const GICV2: &[u8] = include_bytes!("testdata/qemu-virt-gicv2.dtb");
 const GUESTS: &[u8] = include_bytes!("testdata/qemu-virt-guests.dtb");
 const BOARD: &[u8] = include_bytes!("testdata/board-soc.dtb");
+/// Four guests with static shared memory nodes (scripts/guestcfg.py; also a fuzz seed).
+const SHARED: &[u8] = include_bytes!("../../fuzz/corpus/dt_parse/qemu-virt-shared-memory.dtb");
 
-const ALL: [(&str, &[u8]); 7] = [
+const ALL: [(&str, &[u8]); 8] = [
     ("m1g", M1G),
     ("m3g", M3G),
     ("smp4", SMP4),
@@ -23,6 +25,7 @@ const ALL: [(&str, &[u8]); 7] = [
     ("gicv2", GICV2),
     ("guests", GUESTS),
     ("board", BOARD),
+    ("shared-memory", SHARED),
 ];
 
 const MIB: u64 = 1024 * 1024;
