@@ -916,6 +916,208 @@ def xen_style_linux_nodes_boot_on_smp4(wd):
     expect_audit_clean(out)
 
 
+# ---------------------------------------------------------------- shared memory
+
+SHM_AT = 0x1000_0000
+SHM_SIZE = 2 * MIB
+
+
+def expect_shm_exchange(lines, who, side, other, out):
+    check(any(re.match(r"%s: shm region \"ring\" at 0x%x-0x%x \(xen,offset 0x0\), %s$" % (who, SHM_AT, SHM_AT + SHM_SIZE, side), l)
+              for l in lines), "%s did not find the region in its device tree" % who, out)
+    check(any(re.match(r"%s: shm %s: wrote \d+ words, read \d+ words of the %s: ok$" % (who, side, other), l)
+              for l in lines), "%s did not read the %s's data" % (who, other), out)
+
+
+@test
+def shared_memory_between_stress_and_isolation(wd):
+    # Xen's binding, Xen 4.19's form (no host address): stress owns the region, isolation
+    # borrows it; both find it in /reserved-memory, each writes its half and checks the other's.
+    # isolation probes the page below the region and the one past its end: outside its RAM and
+    # the region, both must abort. stress checks its own RAM again after the exchange.
+    probes = "0x%x,0x%x" % (SHM_AT - PAGE, SHM_AT + SHM_SIZE)
+    rc, out = boot_guests(wd, "shm", [
+        guestcfg.Guest("stress", STRESS, 0x5000_0000, 64 * 1024, bootargs="stress.seed=13 shm.side=owner",
+                       extra=guestcfg.shm_node("shm@10000000", "ring", SHM_AT, SHM_SIZE, "owner")),
+        guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 64 * 1024, no_vgic=True,
+                       bootargs="isolation.probe=%s shm.side=borrower" % probes,
+                       extra=guestcfg.shm_node("shm@10000000", "ring", SHM_AT, SHM_SIZE)),
+    ])
+    expect_clean_exit(rc, out)
+    st, iso = guest_lines(out, "stress"), guest_lines(out, "isolation")
+    check(re.search(r'shared memory "ring": 2048 KiB owned by guest stress, mapped in stress at 0x10000000, '
+                    r'isolation at 0x10000000 \(\d+ us\)', out), "the region was not made and mapped in both", out)
+    expect_shm_exchange(st, "stress", "owner", "borrower", out)
+    expect_shm_exchange(iso, "isolation", "borrower", "owner", out)
+    check("stress: private memory after the exchange verify=ok" in st, "the owner's private memory changed", out)
+    for p in (SHM_AT - PAGE, SHM_AT + SHM_SIZE):
+        for op in ("read", "write"):
+            check(any(l.startswith("isolation: %s probe at 0x%x: denied" % (op, p)) for l in iso),
+                  "isolation's %s at 0x%x next to the region was not denied" % (op, p), out)
+    check(not any("ALLOWED" in l or "FOREIGN" in l for l in iso), "an isolation attempt succeeded", out)
+    check("stress: done" in st and "isolation: done" in iso, "a guest did not finish", out)
+    check(re.search(r'shared memory "ring": released \(512 frames\) after its last user, guest \w+, stopped', out),
+          "the region was not released by its last user", out)
+    expect_shm_audits(out, 512)
+    expect_audit_clean(out)
+
+
+def expect_shm_audits(out, frames):
+    """The audit after the regions were made, and after the first guest's stop (the region
+    still in use by the other), both consistent and counting the region's frames."""
+    check(re.search(r"shared memory: ownership audit consistent, %d frames shared, each with one owner" % frames, out),
+          "no consistent audit with %d shared frames after the regions were made" % frames, out)
+    check(re.search(r"ownership audit after guest \S+ stopped: consistent, %d frames shared" % frames, out),
+          "no consistent audit with the region's frames after the first guest stopped", out)
+
+
+@test
+def linux_boots_with_a_shared_region_xen_style(wd):
+    for f in (LINUX, INITRAMFS):
+        check(os.path.exists(f), "%s missing: run scripts/fetch-linux.sh and scripts/build-guests.sh" % f)
+    # A Xen dom0less configuration, unchanged: two "xen,domain" nodes, each with a static
+    # shared memory node of the same id and no role, so that (as with Xen's DOMID_IO) no guest
+    # owns the region: Labyrinth does. Linux's init finds it in /reserved-memory.
+    rc, out = boot_guests(wd, "shm-linux", [
+        guestcfg.Guest("domu1", LINUX, 0x5200_0000, 256 * 1024, bootargs=LINUX_ARGS, ramdisk=INITRAMFS,
+                       ramdisk_addr=0x5100_0000, compatible=guestcfg.XEN_DOMAIN,
+                       extra=guestcfg.shm_node("domU1-shared-mem@10000000", "my-shared-mem-1", SHM_AT, SHM_SIZE)),
+        guestcfg.Guest("domu2", STRESS, 0x5000_0000, 64 * 1024, bootargs="stress.seed=17",
+                       compatible=guestcfg.XEN_DOMAIN,
+                       extra=guestcfg.shm_node("domU2-shared-mem@20000000", "my-shared-mem-1", 0x2000_0000, SHM_SIZE)),
+    ], timeout=180)
+    expect_clean_exit(rc, out)
+    lx, st = guest_lines(out, "domu1"), guest_lines(out, "domu2")
+    check(re.search(r'shared memory "my-shared-mem-1": 2048 KiB owned by Labyrinth \(no guest owns it\), mapped in '
+                    r'domu1 at 0x10000000, domu2 at 0x20000000 \(\d+ us\)', out), "the ownerless region was not made", out)
+    check(any("Linux version" in l for l in lx), "no Linux banner", out)
+    check('labyrinth-init: shared memory "my-shared-mem-1" at 0x0000000010000000 size 0x0000000000200000 '
+          'offset 0x0000000000000000 (xen,shared-memory-v1)' in lx,
+          "Linux's init did not find the region in /reserved-memory", out)
+    check("labyrinth-init: hello from user space, powering off" in lx, "Linux's init did not finish", out)
+    check("stress: done" in st, "stress did not finish", out)
+    check(re.search(r"guest domu1: stopped by SystemOff", out), "Linux not stopped by SystemOff", out)
+    check(not re.search(r"guest domu1: .*(undefined [1-9]|refused)", out), "Linux tripped on a trap", out)
+    expect_shm_audits(out, 512)
+    expect_audit_clean(out)
+
+
+@test
+def bad_shared_memory_beside_a_good_one(wd):
+    # Each bad node refuses its guest with a line naming the region and the reason; the guest
+    # with a good region runs. "orphan" is built, then refused: its owner was not started.
+    node = guestcfg.shm_node
+    rc, out = boot_guests(wd, "shm-bad", [
+        guestcfg.Guest("good", STRESS, 0x5000_0000, 32 * 1024, bootargs="stress.seed=19",
+                       extra=node("s", "ok", SHM_AT, SHM_SIZE, "owner")),
+        guestcfg.Guest("inram", ISOLATION, 0x5100_0000, 32 * 1024, no_vgic=True,
+                       extra=node("s", "orphaned", 0x4010_0000, 0x1000, "owner")),
+        guestcfg.Guest("orphan", ISOLATION, 0x5110_0000, 32 * 1024, no_vgic=True,
+                       extra=node("s", "orphaned", SHM_AT, 0x1000)),
+        guestcfg.Guest("mismatch", ISOLATION, 0x5120_0000, 32 * 1024, no_vgic=True,
+                       extra=node("s", "ok", SHM_AT, 0x1000)),
+        guestcfg.Guest("both", ISOLATION, 0x5130_0000, 32 * 1024, no_vgic=True,
+                       extra=node("s", "ok", SHM_AT, SHM_SIZE, "owner") + node("t", "ok", 0x2000_0000, SHM_SIZE)),
+        guestcfg.Guest("hostaddr", ISOLATION, 0x5140_0000, 32 * 1024, no_vgic=True,
+                       extra=node("s", "ok", SHM_AT, SHM_SIZE, host_addr=0x6000_0000)),
+        guestcfg.Guest("devices", ISOLATION, 0x5150_0000, 32 * 1024, no_vgic=True,
+                       extra=node("s", "ok", 0x0900_0000, SHM_SIZE)),
+    ], smp=2)
+    expect_clean_exit(rc, out)
+    expected = [
+        r'guest inram: shared memory "orphaned" at 0x40100000-0x40101000: overlaps its RAM 0x40000000-0x42000000: not started',
+        r'guest orphan: shared memory "orphaned" at 0x10000000-0x10001000: a borrower without an owner: its owner, '
+        r'guest inram, was not started: not started',
+        r'guest mismatch: shared memory "ok" at 0x10000000-0x10001000: 0x1000 bytes, but guest good gives the same id '
+        r'0x200000 bytes: one id is one region: not started',
+        r'guest both: shared memory "ok" named a second time \(as borrower\): a guest is the owner or a borrower of a '
+        r'region, once: not started',
+        r'guest hostaddr: shared memory node s: xen,shared-mem names host address 0x60000000: Labyrinth owns every host '
+        r'frame and places shared memory itself',
+        r"guest devices: shared memory \"ok\" at 0x9000000-0x9200000: overlaps the devices' window",
+    ]
+    for e in expected:
+        check(re.search(e, out), "no refusal line matching %r" % e, out)
+    check(not guest_lines(out, "orphan"), "the orphan ran", out)
+    check(re.search(r'shared memory "ok": 2048 KiB owned by guest good, mapped in good at 0x10000000 \(\d+ us\)$', out, re.M),
+          "the good region was not made", out)
+    check("stress: done" in guest_lines(out, "good"), "the good guest did not run", out)
+    check(re.search(r'shared memory "ok": released \(512 frames\) after its last user, guest good, stopped', out),
+          "the good region was not released", out)
+    expect_audit_clean(out)
+
+
+@test
+def shared_memory_survives_a_reset_of_its_owner(wd):
+    # The owner (stress) resets after its first exchange: its RAM is fresh on the second boot,
+    # its shared region is mapped again with what it held (its own words are already there),
+    # and the exchange with the borrower (isolation, never reset) works again.
+    rc, out = boot_guests(wd, "shm-reset", [
+        guestcfg.Guest("stress", STRESS, 0x5000_0000, 32 * 1024, bootargs="stress.reset stress.seed=23 shm.side=owner",
+                       extra=guestcfg.shm_node("shm@10000000", "ring", SHM_AT, SHM_SIZE, "owner")),
+        guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 32 * 1024, no_vgic=True, bootargs="shm.side=borrower",
+                       extra=guestcfg.shm_node("shm@10000000", "ring", SHM_AT, SHM_SIZE)),
+    ])
+    expect_clean_exit(rc, out)
+    st, iso = guest_lines(out, "stress"), guest_lines(out, "isolation")
+    ok = [l for l in st if re.match(r"stress: shm owner: wrote \d+ words, read \d+ words of the borrower: ok$", l)]
+    check(len(ok) == 2, "the owner did not exchange on both boots", out)
+    check("stress: after reset fresh=yes" in st, "the owner's RAM was not fresh after the reset", out)
+    check(any(re.match(r"stress: shm owner: 130560 of its words were already there$", l) for l in st),
+          "the region's contents were not kept across the owner's reset", out)
+    expect_shm_exchange(iso, "isolation", "borrower", "owner", out)
+    check(re.search(r"guest stress: stopped by SystemOff; .*resets 1", out), "no reset counted", out)
+    expect_audit_clean(out)
+
+
+@test
+def shared_memory_survives_a_reset_of_a_borrower(wd):
+    # The borrower (stress, stress.reset) exchanges, resets, finds its own words still in the
+    # region on its second boot and reads the owner's again; the owner is never reset.
+    rc, out = boot_guests(wd, "shm-reset-b", [
+        guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 32 * 1024, no_vgic=True, bootargs="shm.side=owner",
+                       extra=guestcfg.shm_node("shm@10000000", "ring", SHM_AT, SHM_SIZE, "owner")),
+        guestcfg.Guest("stress", STRESS, 0x5000_0000, 32 * 1024,
+                       bootargs="stress.reset stress.seed=31 shm.side=borrower",
+                       extra=guestcfg.shm_node("shm@20000000", "ring", 0x2000_0000, SHM_SIZE)),
+    ])
+    expect_clean_exit(rc, out)
+    st = guest_lines(out, "stress")
+    ok = [l for l in st if re.match(r"stress: shm borrower: wrote \d+ words, read \d+ words of the owner: ok$", l)]
+    check(len(ok) == 2, "the borrower did not exchange on both boots", out)
+    check("stress: after reset fresh=yes" in st, "the borrower's RAM was not fresh after the reset", out)
+    check(any(re.match(r"stress: shm borrower: 131072 of its words were already there$", l) for l in st),
+          "the region's contents were not kept across the borrower's reset", out)
+    check(re.search(r"guest stress: stopped by SystemOff; .*resets 1", out), "no reset counted", out)
+    expect_audit_clean(out)
+
+
+@test
+def shared_memory_outlives_an_owner_that_stops_first(wd):
+    # isolation owns the region and stops as soon as it has read the borrower's half; stress
+    # (shm.late) reads the owner's half only after that, 2 s later: the owner is gone, its frames
+    # are not (tagged shared, owner gone), and hold what it wrote; stress's stop releases them.
+    rc, out = boot_guests(wd, "shm-late", [
+        guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 32 * 1024, no_vgic=True, bootargs="shm.side=owner",
+                       extra=guestcfg.shm_node("shm@10000000", "ring", SHM_AT, SHM_SIZE, "owner")),
+        guestcfg.Guest("stress", STRESS, 0x5000_0000, 32 * 1024, bootargs="stress.seed=29 shm.side=borrower shm.late",
+                       extra=guestcfg.shm_node("shm@20000000", "ring", 0x2000_0000, SHM_SIZE)),
+    ])
+    expect_clean_exit(rc, out)
+    lines = out.splitlines()
+    owner_stop = next((i for i, l in enumerate(lines) if "guest isolation: stopped by SystemOff" in l), None)
+    late_read = next((i for i, l in enumerate(lines) if re.search(
+        r"\[stress\] stress: shm borrower: wrote \d+ words, read \d+ words of the owner: ok$", l)), None)
+    check(owner_stop is not None and late_read is not None and owner_stop < late_read,
+          "the borrower did not read the owner's data after the owner stopped", out)
+    check(re.search(r"ownership audit after guest isolation stopped: consistent, 512 frames shared", out),
+          "the region's frames were not kept (or not audited) after their owner stopped", out)
+    check(re.search(r'shared memory "ring": released \(512 frames\) after its last user, guest stress, stopped', out),
+          "the borrower's stop did not release the region", out)
+    check("stress: private memory after the exchange verify=ok" in guest_lines(out, "stress"), "stress's RAM changed", out)
+    expect_audit_clean(out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("-k", default="")

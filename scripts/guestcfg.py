@@ -11,6 +11,8 @@ The binding (docs/configuration.md):
             memory = <0x0 KIB>;  cpus = <N>;
             [labyrinth,no-block-mappings;]
             [labyrinth,no-virtual-gic;]      (a bare guest: no GIC, no timer interrupt)
+            [shm@ADDR { compatible = "xen,domain-shared-memory-v1"; xen,shm-id = "ID";
+                        [role = "owner";] xen,shared-mem = <0x0 ADDR 0x0 SIZE>; };]
             module@ADDR { compatible = "multiboot,kernel", "multiboot,module";
                           reg = <0x0 ADDR 0x0 SIZE>; bootargs = "..."; };
         };
@@ -18,8 +20,10 @@ The binding (docs/configuration.md):
 
 Usage as a program:
     scripts/guestcfg.py OUT.dtb [--mem 1G] [--smp 2] [--cpu cortex-a72]
-        --guest NAME=IMAGE,ADDR,MEMORY_KIB[,cpus=N][,noblocks][,novgic][,xen][,initrd=FILE@ADDR][,args=...] ...
-(`xen`: compatible = "xen,domain", the dom0less spelling, instead of "labyrinth,guest").
+        --guest NAME=IMAGE,ADDR,MEMORY_KIB[,cpus=N][,noblocks][,novgic][,xen][,initrd=FILE@ADDR]
+                [,shm=ID@GUEST_ADDR+SIZE[:owner]]...[,args=...] ...
+(`xen`: compatible = "xen,domain", the dom0less spelling, instead of "labyrinth,guest";
+`shm`: a static shared memory node, Xen's binding; `:owner` gives role = "owner").
 prints the QEMU arguments to add (-dtb and -device loader ...).
 """
 import argparse
@@ -45,6 +49,23 @@ def host_dts(cpu="cortex-a72", smp=2, mem="1G"):
 
 # Xen's dom0less binding for a domU; Labyrinth accepts it as a guest node (no vendor property).
 XEN_DOMAIN = "xen,domain"
+
+
+def shm_node(name, shm_id, guest_addr, size, role=None, host_addr=None):
+    """A static shared memory node for a guest node's `extra` (Xen's dom0less binding, with the
+    guest node's 2 address and 2 size cells): `role` "owner", "borrower" or None (Xen's default,
+    a borrower); `host_addr` writes Xen's older form with a host address first."""
+    mem = [guest_addr, size] if host_addr is None else [host_addr, guest_addr, size]
+    cells = " ".join("0x%x 0x%x" % (v >> 32, v & 0xffffffff) for v in mem)
+    role_line = "\t\t\t\trole = \"%s\";\n" % role if role else ""
+    return (
+        "\t\t\t%s {\n"
+        "\t\t\t\tcompatible = \"xen,domain-shared-memory-v1\";\n"
+        "\t\t\t\txen,shm-id = \"%s\";\n"
+        "%s"
+        "\t\t\t\txen,shared-mem = <%s>;\n"
+        "\t\t\t};\n"
+    ) % (name, shm_id, role_line, cells)
 
 
 class Guest:
@@ -160,8 +181,14 @@ def main():
             rd, at = initrd.rsplit("@", 1)
             rd_addr = int(at, 0)
         compatible = XEN_DOMAIN if "xen" in parts[3:] else "labyrinth,guest"
+        extra = ""
+        for p in (p[4:] for p in parts[3:] if p.startswith("shm=")):
+            p, _, role = p.partition(":")
+            shm_id, _, where = p.partition("@")
+            at, _, size = where.partition("+")
+            extra += shm_node("shm-%s" % shm_id, shm_id, int(at, 0), int(size, 0), role or None)
         guests.append(Guest(name, image, addr, kib, noblocks, args, cpus=cpus, compatible=compatible,
-                            ramdisk=rd, ramdisk_addr=rd_addr, vgic=vgic, no_vgic=no_vgic))
+                            extra=extra, ramdisk=rd, ramdisk_addr=rd_addr, vgic=vgic, no_vgic=no_vgic))
     print(" ".join(make_dtb(a.out, guests, a.cpu, a.smp, a.mem)))
 
 

@@ -55,7 +55,7 @@ step "build (aarch64)" no_warnings scripts/build.sh
 step "fetch the Linux guest kernel and busybox" scripts/fetch-linux.sh
 step "build guest kernels" scripts/build-guests.sh
 step "downloads authenticated (tampering refused)" timeout 300 python3 scripts/fetch_tests.py
-step "QEMU boot tests" timeout 1500 python3 scripts/boot_tests.py
+step "QEMU boot tests" timeout 1800 python3 scripts/boot_tests.py
 step "fuzz targets build" timeout 900 scripts/fuzz.sh --build-all
 step "device-tree fuzz smoke" timeout 600 scripts/fuzz.sh dt_parse "${FUZZ_SECONDS:-30}"
 step "stage-2 fuzz smoke" timeout 600 scripts/fuzz.sh stage2_ops "${FUZZ_SECONDS:-30}"

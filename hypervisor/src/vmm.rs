@@ -26,6 +26,7 @@ use labyrinth::vm::hypercall;
 use labyrinth::vm::input_focus::{InputFocus, Typed};
 use labyrinth::vm::layout::{self, Layout};
 use labyrinth::vm::lifecycle::Life;
+use labyrinth::vm::shm::{self, LiveRegion, RegionPlan, Registry, ShmProblem, ShmRefusal, View};
 use labyrinth::vm::trap::MmioAccess;
 use labyrinth::vm::vcpu::{GuestRegs, VcpuHw, PAGE_CREDIT_BATCH};
 use labyrinth::vm::vpsci::{PowerState, StartRequest};
@@ -49,6 +50,8 @@ static VCPUS: PerCpu = PerCpu(UnsafeCell::new([const { None }; MAX_CPUS]));
 static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator::new());
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static REPORTS: Mutex<Vec<alloc::string::String>> = Mutex::new(Vec::new());
+/// The shared memory regions that exist (`vm::shm`), each until its last user stops.
+static SHARED: Mutex<Registry<'static>> = Mutex::new(Registry::new());
 /// Whether the host GIC is set up: CPUs can kick each other and guests can have a vGIC.
 static HOST_GIC: AtomicBool = AtomicBool::new(false);
 /// Set once before any guest runs; read on every fault, so a plain pointer, not a `Once`.
@@ -112,8 +115,14 @@ pub fn create_all(
         platform.guests().iter().filter_map(|g| g.as_ref().ok()).map(|c| c.cpus as usize).sum();
     let wanted = wanted.min(cpus);
     retire_cpus(frames_mgr, wanted..cpus);
+    // Shared memory is checked across the well-formed guests before any is built.
+    let configs: Vec<GuestConfig<'static>> =
+        platform.guests().iter().filter_map(|g| g.as_ref().ok().copied()).collect();
+    let (regions, verdicts) = shm::plan(&configs, geo.ipa_bits);
+    let mut built: Vec<Option<usize>> = alloc::vec![None; configs.len()];
     let mut next_cpu = 0;
     let mut vms = Vec::new();
+    let mut k = 0;
     for g in platform.guests() {
         let cfg = match g {
             Ok(cfg) => *cfg,
@@ -122,6 +131,11 @@ pub fn create_all(
                 continue;
             }
         };
+        k += 1;
+        if let Some(Some(refusal)) = verdicts.get(k - 1) {
+            error!("{refusal}: not started");
+            continue;
+        }
         let n = cfg.cpus as usize;
         if next_cpu + n > cpus {
             error!(
@@ -152,12 +166,28 @@ pub fn create_all(
                     if n > 1 { alloc::format!("-{}", next_cpu + n - 1) } else { alloc::string::String::new() },
                     vm.s2.vmid(),
                 );
+                built[k - 1] = Some(vms.len());
                 vms.push(vm);
                 next_cpu += n;
             }
             Err(msg) => error!("{msg}: not started"),
         }
     }
+    let refused = share_regions(&configs, &regions, &built, &vms);
+    let vms: Vec<Vm> = vms
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, vm)| match refused.contains(&i) {
+            true => {
+                // Unmapped (and invalidated) before a region it was the last user of is freed.
+                destroy(&vm);
+                shm_leave(&vm);
+                frames().uncommit(vm.budget.promised());
+                None
+            }
+            false => Some(vm),
+        })
+        .collect();
     retire_cpus(frames_mgr, next_cpu..wanted);
     // Every promise is made: what no promise covers is open to every guest past its own.
     let reserved = vms.iter().map(|vm| vm.budget.promised().saturating_sub(held_frames(vm))).sum();
@@ -276,6 +306,171 @@ fn held_frames(vm: &Vm) -> usize {
     vm.budget.used() + vm.budget.beyond() + vm.s2.table_pages()
 }
 
+/// Creates every shared region some built guest uses (`built[k]`: config `k`'s index in
+/// `vms`) and maps it into each: frames promised, allocated for the owner (Labyrinth's VM 0 if
+/// no guest owns it), moved to shared-owned by the share transition, mapped shared-owned into
+/// the owner and shared-borrowed into the borrowers. Returns the guests (indices in `vms`) to
+/// refuse, each named with its reason: borrowers whose owner did not start, and the users of a
+/// region that could not be made.
+fn share_regions(
+    configs: &[GuestConfig<'static>],
+    regions: &[RegionPlan<'static>],
+    built: &[Option<usize>],
+    vms: &[Vm],
+) -> Vec<usize> {
+    let names: Vec<&'static str> = configs.iter().map(|c| c.name).collect();
+    let mut started: Vec<bool> = built.iter().map(Option::is_some).collect();
+    let mut refused = Vec::new();
+    let refuse = |r: ShmRefusal<'_>, k: usize, refused: &mut Vec<usize>| {
+        error!("{r}: not started");
+        refused.extend(built[k]);
+    };
+    for (k, r) in shm::refuse_orphans(regions, &names, &mut started) {
+        refuse(r, k, &mut refused);
+    }
+    let cpu = arch::cpu_index();
+    for region in regions {
+        let users: Vec<_> = region.users.iter().filter(|(k, _)| started[*k]).collect();
+        if users.is_empty() {
+            continue;
+        }
+        let t0 = arch::time_now_ticks();
+        let vm_of = |k: usize| built[k].map_or(shm::LABYRINTH, |i| vms[i].id);
+        let owner = region.owner_vm(vm_of);
+        let pages = region.pages();
+        // The region's frames, and the table pages mapping it in each user, are promised apart
+        // from any guest's RAM: no guest's promise pays for another's view of it.
+        let tables: usize = users
+            .iter()
+            .filter_map(|(k, s)| built[*k].map(|i| vms[i].geo.max_table_pages(s.guest_addr, s.size)))
+            .sum();
+        let Some((list, promised)) = share_frames(pages + tables, pages, owner, cpu) else {
+            for &&(k, s) in &users {
+                let problem = ShmProblem::OutOfMemory;
+                let r = ShmRefusal {
+                    guest: names[k],
+                    id: region.id,
+                    guest_addr: s.guest_addr,
+                    size: s.size,
+                    problem,
+                };
+                refuse(r, k, &mut refused);
+            }
+            continue;
+        };
+        let mut live = LiveRegion { id: region.id, owner, frames: list, promised, views: Vec::new() };
+        for &&(k, s) in &users {
+            let Some(i) = built[k] else { continue };
+            let vm = &vms[i];
+            let _ = frames().refill(cpu);
+            match shm::map_region(&vm.s2, &mut env(vm), &live.frames, s.guest_addr, vm.id == owner) {
+                Ok(()) => {
+                    live.views.push(View { vm: vm.id, guest_addr: s.guest_addr, owner: vm.id == owner })
+                }
+                Err(e) => {
+                    let problem = ShmProblem::Map(e);
+                    let r = ShmRefusal {
+                        guest: names[k],
+                        id: region.id,
+                        guest_addr: s.guest_addr,
+                        size: s.size,
+                        problem,
+                    };
+                    refuse(r, k, &mut refused);
+                }
+            }
+        }
+        let mut line = alloc::string::String::new();
+        for v in &live.views {
+            let name = vms.iter().find(|g| g.id == v.vm).map_or("?", |g| g.name);
+            let _ = write!(line, "{}{name} at {:#x}", if line.is_empty() { "" } else { ", " }, v.guest_addr);
+        }
+        let by = match region.owner.filter(|&k| started[k]) {
+            Some(k) => alloc::format!("guest {}", names[k]),
+            None => alloc::format!("Labyrinth (no guest owns it)"),
+        };
+        let us = (arch::time_now_ticks() - t0) * 1_000_000 / arch::ticks_per_second().max(1);
+        info!("shared memory \"{}\": {} KiB owned by {by}, mapped in {line} ({us} us)", region.id, pages * 4);
+        SHARED.lock().add(live);
+    }
+    if !regions.is_empty() {
+        let audit = frames().audit(None);
+        let verdict = if audit.is_consistent() { "consistent" } else { "FAILED" };
+        info!(
+            "shared memory: ownership audit {verdict}, {} frames shared, each with one owner",
+            audit.shared
+        );
+    }
+    refused
+}
+
+/// `pages` frames tagged shared-owned by `owner`, allocated one by one on CPU `cpu`, after a
+/// promise of `promise` frames; `None` (nothing kept, nothing promised) if either fails.
+fn share_frames(promise: usize, pages: usize, owner: VmId, cpu: usize) -> Option<(Vec<Pfn>, usize)> {
+    let promised = frames().commit(promise);
+    let mut list = Vec::with_capacity(pages);
+    let ok = promised == promise
+        && (0..pages).all(|_| match alloc_page(cpu, Owner::guest(owner)) {
+            Some(pfn) => match frames().share(pfn, 1, owner) {
+                Ok(()) => {
+                    list.push(pfn);
+                    true
+                }
+                Err(e) => {
+                    error!("shared memory: {pfn} not shared ({e})");
+                    let _ = frames().release(pfn, 1, Owner::guest(owner), &arch::Scrubber);
+                    false
+                }
+            },
+            None => false,
+        });
+    if ok {
+        return Some((list, promised));
+    }
+    release_shared(&LiveRegion { id: "", owner, frames: list, promised, views: Vec::new() });
+    frames().uncommit(promised);
+    None
+}
+
+/// Releases a region's shared frames (scrubbed), contiguous runs at once; how many went back.
+fn release_shared(region: &LiveRegion<'_>) -> u64 {
+    let mut released = 0;
+    for (first, n) in region.runs() {
+        match frames().release(first, n, Owner::shared(region.owner), &arch::Scrubber) {
+            Ok(()) => released += n as u64,
+            Err(e) => error!("shared memory \"{}\": frames at {first} not returned: {e}", region.id),
+        }
+    }
+    released
+}
+
+/// Maps the guest's shared regions again (after a reset emptied its space): same frames,
+/// same contents. Every vCPU of the guest out of it.
+fn shm_remap(vm: &Vm) -> Result<(), Stage2Error> {
+    for (frames_of, view) in SHARED.lock().views_of(vm.id) {
+        let _ = frames().refill(arch::cpu_index());
+        shm::map_region(&vm.s2, &mut env(vm), frames_of, view.guest_addr, view.owner)?;
+    }
+    Ok(())
+}
+
+/// The guest's space is gone: it stops using its regions, and the last user of a region
+/// releases its frames and withdraws its promise (an owner that stops first leaves them to
+/// its borrowers).
+fn shm_leave(vm: &Vm) {
+    let gone = SHARED.lock().leave(vm.id);
+    for region in gone {
+        let n = release_shared(&region);
+        frames().uncommit(region.promised);
+        // Its frames and the table pages that mapped it are free: anyone may draw them now.
+        frames().unpromised().give(region.promised);
+        info!(
+            "shared memory \"{}\": released ({n} frames) after its last user, guest {}, stopped",
+            region.id, vm.name
+        );
+    }
+}
+
 /// Retires the frame pools of CPUs that run no guest (see `FrameManager::retire`).
 fn retire_cpus(frames_mgr: &FrameManager<'static>, cpus: core::ops::Range<usize>) {
     for cpu in cpus {
@@ -320,7 +515,7 @@ fn build_inner(
     let ramdisk_size = cfg.ramdisk.map(|r| r.region.size());
     let layout = layout::plan(cfg.memory_bytes(), geo.ipa_bits, &header, ramdisk_size)
         .map_err(|e| format!("memory: {e}"))?;
-    let dtb = fdt_gen::generate(&layout, vcpus, cfg.bootargs, 0, cfg.virtual_gic)
+    let dtb = fdt_gen::generate(&layout, vcpus, cfg.bootargs, 0, cfg.virtual_gic, &cfg.shared)
         .map_err(|_| format!("cannot write its device tree"))?;
     let id = VmId::new(first_cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
     let budget = promise_memory(cfg, &layout, geo)?;
@@ -1075,9 +1270,17 @@ fn reset(vcpu: &mut Vcpu) -> ! {
 
 /// A fresh device tree (its reset count moved on) and the images loaded again after a reset.
 fn reload(vm: &Vm, boot: &mut Boot) -> Result<(), &'static str> {
-    boot.dtb = fdt_gen::generate(&vm.layout, vm.vcpus, vm.config.bootargs, boot.resets, vm.vgic.is_some())
-        .map_err(|_| "cannot rewrite its device tree")?;
-    load(vm, boot, arch::cpu_index()).map_err(|_| "out of memory loading its images")
+    boot.dtb = fdt_gen::generate(
+        &vm.layout,
+        vm.vcpus,
+        vm.config.bootargs,
+        boot.resets,
+        vm.vgic.is_some(),
+        &vm.config.shared,
+    )
+    .map_err(|_| "cannot rewrite its device tree")?;
+    load(vm, boot, arch::cpu_index()).map_err(|_| "out of memory loading its images")?;
+    shm_remap(vm).map_err(|_| "cannot map its shared memory again")
 }
 
 /// The guest's stage-2 mappings, merged into runs, at debug level (`loglevel=debug`).
@@ -1127,6 +1330,7 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     dump_mappings(vm);
     let (within, beyond) = (vm.budget.used(), vm.budget.beyond());
     destroy(vm);
+    shm_leave(vm);
     let (resets, returned) = {
         let boot = vm.boot.lock();
         (boot.resets, boot.frames_returned)
@@ -1135,6 +1339,10 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     vm.budget.withdrawn();
     let audit = frames().audit(None);
     let left = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory + g.page_tables);
+    if audit.shared > 0 {
+        let verdict = if audit.is_consistent() { "consistent" } else { "FAILED" };
+        info!("ownership audit after guest {} stopped: {verdict}, {} frames shared", vm.name, audit.shared);
+    }
     let mut s = *vm.totals.lock();
     s.add(&vcpu.stats);
     let mut line = alloc::string::String::new();
@@ -1177,7 +1385,10 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
         }
         let audit = frames().audit(None);
         info!("ownership audit: {audit}");
-        if audit.is_consistent() && audit.guests.iter().all(|g| g.memory + g.page_tables == 0) {
+        if audit.is_consistent()
+            && audit.shared == 0
+            && audit.guests.iter().all(|g| g.memory + g.page_tables + g.shared == 0)
+        {
             info!("ownership audit: consistent, no frame owned by any guest");
         } else {
             error!("ownership audit: FAILED");

@@ -2,8 +2,11 @@
 //! RAM (`/memory` nodes), what must be left alone in it (the tree itself, `/memreserve/`
 //! entries, an initrd), `/chosen/bootargs` and the hypervisor's `/chosen/labyrinth,reset-count`,
 //! the CPUs (`device_type = "cpu"` nodes' `reg`: their MPIDRs), the PSCI conduit (`/psci`
-//! `method`) and the GICv3 (`arm,gic-v3`: distributor and first redistributor region).
-//! `/reserved-memory` is not read (neither QEMU's virt nor Labyrinth gives guests one).
+//! `method`) and the GICv3 (`arm,gic-v3`: distributor and first redistributor region), and
+//! static shared memory as Xen (and Labyrinth) describe it: `/reserved-memory` children
+//! compatible with `"xen,shared-memory-v1"` (`reg`, `xen,id`, `xen,offset`). Those regions are
+//! also banks of `/memory` (Xen 4.19): they are taken out of `memory`, the kernels' own RAM.
+//! Other `/reserved-memory` children are not read (neither QEMU's virt nor Labyrinth makes any).
 
 use crate::bootargs::Bootargs;
 use crate::ranges::{Range, RangeSet};
@@ -20,6 +23,29 @@ pub const MPIDR_AFFINITY_MASK: u64 = 0xff_00ff_ffff;
 pub enum Conduit {
     Hvc,
     Smc,
+}
+
+/// Shared memory regions kept; further ones are counted in `shared_dropped`.
+pub const MAX_SHARED: usize = 4;
+/// Longest `xen,id` kept (Xen's limit: 15 characters).
+pub const SHM_ID_MAX: usize = 15;
+
+/// One static shared memory region (`xen,shared-memory-v1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct SharedRegion {
+    /// Where it is in this guest's physical address space.
+    pub range: Range,
+    /// `xen,offset`: where this mapping starts in the owner's region (0 when absent).
+    pub offset: u64,
+    id: [u8; SHM_ID_MAX],
+    id_len: usize,
+}
+
+impl SharedRegion {
+    /// `xen,id`: the region's name, the same in every guest sharing it.
+    pub fn id(&self) -> &str {
+        core::str::from_utf8(&self.id[..self.id_len]).unwrap_or("")
+    }
 }
 
 /// A GICv3's frames: the distributor and the (first) redistributor region.
@@ -52,12 +78,21 @@ pub struct BootInfo {
     pub bootargs_truncated: bool,
     bootargs: [u8; BOOTARGS_MAX],
     bootargs_len: usize,
+    shared: [SharedRegion; MAX_SHARED],
+    shared_count: usize,
+    /// Shared memory nodes beyond MAX_SHARED, or with an id longer than SHM_ID_MAX.
+    pub shared_dropped: usize,
 }
 
 impl BootInfo {
     /// The CPUs' MPIDRs, index order.
     pub fn cpu_mpidrs(&self) -> &[u64] {
         &self.cpus[..self.cpu_count]
+    }
+
+    /// The static shared memory regions, in device-tree order.
+    pub fn shared(&self) -> &[SharedRegion] {
+        &self.shared[..self.shared_count]
     }
 
     pub fn bootargs(&self) -> Bootargs<'_> {
@@ -100,6 +135,9 @@ pub unsafe fn read(dtb: usize) -> Result<BootInfo, &'static str> {
         bootargs_truncated: false,
         bootargs: [0; BOOTARGS_MAX],
         bootargs_len: 0,
+        shared: [SharedRegion::default(); MAX_SHARED],
+        shared_count: 0,
+        shared_dropped: 0,
     };
 
     // Only `all_nodes` and `properties` are used: fdt 0.1.5's `find_node` (and `chosen`,
@@ -128,6 +166,26 @@ pub unsafe fn read(dtb: usize) -> Result<BootInfo, &'static str> {
                 info.gic = Some(GicV3 { distributor, redistributors });
             }
         }
+        if compatible("xen,shared-memory-v1") {
+            let reg = node.reg().into_iter().flatten().next();
+            let id = node.property("xen,id").and_then(|p| p.as_str()).unwrap_or("");
+            match reg {
+                Some(r) if info.shared_count < MAX_SHARED && id.len() <= SHM_ID_MAX => {
+                    let start = r.starting_address as u64;
+                    let mut region = SharedRegion {
+                        range: Range::new(start, start.saturating_add(r.size.unwrap_or(0) as u64)),
+                        offset: node.property("xen,offset").and_then(|p| p.as_usize()).unwrap_or(0) as u64,
+                        id: [0; SHM_ID_MAX],
+                        id_len: id.len(),
+                    };
+                    region.id[..id.len()].copy_from_slice(id.as_bytes());
+                    info.shared[info.shared_count] = region;
+                    info.shared_count += 1;
+                }
+                _ => info.shared_dropped += 1,
+            }
+            continue;
+        }
         if node.property("device_type").and_then(|p| p.as_str()) == Some("cpu") {
             // reg: one or two cells (the parent's #address-cells), the MPIDR's affinity fields.
             if let Some(mpidr) = node.property("reg").and_then(|p| p.as_usize()) {
@@ -151,6 +209,10 @@ pub unsafe fn read(dtb: usize) -> Result<BootInfo, &'static str> {
             let start = r.starting_address as u64;
             info.memory.add(Range::new(start, start.saturating_add(r.size.unwrap_or(0) as u64)));
         }
+    }
+    // Shared memory is listed as RAM too (Xen 4.19); it is not the kernel's to allocate.
+    for r in &info.shared[..info.shared_count] {
+        info.memory.subtract(r.range);
     }
     if info.memory.is_empty() {
         return Err("no /memory");
@@ -237,6 +299,26 @@ mod tests {
                 redistributors: Range::new(0x80a_0000, 0x900_0000),
             })
         );
+    }
+
+    /// A tree as Labyrinth writes it for a guest with two shared regions (see
+    /// `testdata/shared-memory.dts`; `dtc -I dts -O dtb`).
+    const SHARED: &[u8] = include_bytes!("../testdata/shared-memory.dtb");
+
+    #[test]
+    fn shared_memory_is_found_and_is_not_ram() {
+        let info = read_blob(SHARED);
+        let got: Vec<_> = info.shared().iter().map(|s| (s.id(), s.range, s.offset)).collect();
+        assert_eq!(
+            got,
+            [
+                ("labyrinth-ring", Range::new(0x1000_0000, 0x1020_0000), 0),
+                ("other", Range::new(0x2000_0000, 0x2000_1000), 0),
+            ]
+        );
+        assert_eq!(info.memory.as_slice(), &[Range::new(0x4000_0000, 0x4400_0000)]);
+        assert_eq!(info.ram_span(), Range::new(0x4000_0000, 0x4400_0000));
+        assert_eq!(info.shared_dropped, 0);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //!   setup, SGIs, and the IRQ handler hook.
 //! - [`timer`]: CNTVCT_EL0 / CNTFRQ_EL0, the EL1 virtual and physical timers.
 //! - [`dt`]: what the kernels need from the device tree (the `fdt` crate).
+//! - [`shm`]: a data exchange between two guests through a static shared memory region.
 //! - [`bootargs`], [`ranges`]: pure helpers, tested on the host (`cargo test -p guest-rt`).
 //!
 //! With the MMU off every data access is to Device memory: nothing here (nor in the kernels) may
@@ -38,6 +39,8 @@ pub mod gic;
 pub mod labyrinth;
 #[cfg(target_os = "none")]
 pub mod psci;
+#[cfg(target_os = "none")]
+pub mod shm;
 #[cfg(target_os = "none")]
 pub mod smp;
 #[cfg(target_os = "none")]

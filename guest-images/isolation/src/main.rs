@@ -221,6 +221,10 @@ fn main(boot: &BootInfo) -> ! {
         Err(f) => println!("isolation: smc psci_version: faulted ({})", f),
     }
 
+    // With `shm.side=`: the data exchange through the shared region (the probes around it
+    // come from `isolation.probe`).
+    guest_rt::shm::run_from_bootargs(boot, "isolation");
+
     if exception::stray_faults() > 0 {
         println!("isolation: unexpected aborts: {}", exception::stray_faults());
     }

@@ -8,6 +8,10 @@
 //! environment) and a reset count of 0, it asks for a restart instead (PSCI SYSTEM_RESET), so
 //! the test suite sees Labyrinth reset a guest with a virtual GIC and Linux boot again.
 //!
+//! It also lists the static shared memory regions its device tree describes the way Xen does
+//! (`/reserved-memory/xen-shmem@ADDR`, `compatible = "xen,shared-memory-v1"`): id, address,
+//! size, one line each, as a guest driver would find them.
+//!
 //! With `init_shell=1` it starts an interactive shell instead of powering off: busybox's `sh`
 //! from the initramfs (`/bin/sh`), on the console, with /proc mounted; `poweroff -f` in the
 //! shell ends the guest.
@@ -27,6 +31,7 @@ const SYS_OPENAT: u64 = 56;
 const SYS_READ: u64 = 63;
 const SYS_WRITE: u64 = 64;
 const SYS_PPOLL: u64 = 73;
+const SYS_GETDENTS64: u64 = 61;
 const SYS_REBOOT: u64 = 142;
 const SYS_EXECVE: u64 = 221;
 const AT_FDCWD: u64 = -100i64 as u64;
@@ -156,6 +161,69 @@ fn work_on_each_cpu() {
     }
 }
 
+/// Prints each `xen,shared-memory-v1` child of `/reserved-memory`: its `xen,id`, `reg` (two
+/// cells of address, two of size, as Labyrinth writes them) and `xen,offset`.
+fn shared_memory() {
+    const DIR: &[u8] = b"/sys/firmware/devicetree/base/reserved-memory/";
+    let mut path = [0u8; 160];
+    path[..DIR.len()].copy_from_slice(DIR);
+    let fd = syscall(SYS_OPENAT, AT_FDCWD, path.as_ptr() as u64, 0, 0, 0);
+    if fd < 0 {
+        print(b"labyrinth-init: no /reserved-memory in the device tree\n");
+        return;
+    }
+    let mut dents = [0u8; 2048];
+    let n = syscall(SYS_GETDENTS64, fd as u64, dents.as_mut_ptr() as u64, dents.len() as u64, 0, 0);
+    syscall(SYS_CLOSE, fd as u64, 0, 0, 0, 0);
+    let mut at = 0usize;
+    let mut found = 0;
+    // linux_dirent64: d_ino (8), d_off (8), d_reclen (2), d_type (1), d_name (NUL-terminated).
+    while n > 0 && at + 19 < n as usize {
+        let reclen = u16::from_ne_bytes([dents[at + 16], dents[at + 17]]) as usize;
+        let name = &dents[at + 19..(at + reclen).min(n as usize)];
+        let name = &name[..name.iter().position(|&b| b == 0).unwrap_or(name.len())];
+        at += reclen.max(1);
+        if !name.starts_with(b"xen-shmem@") || DIR.len() + name.len() + 16 > path.len() {
+            continue;
+        }
+        let file = |prop: &[u8], buf: &mut [u8; 64]| -> usize {
+            let mut p = [0u8; 160];
+            let mut len = DIR.len();
+            p[..len].copy_from_slice(DIR);
+            p[len..len + name.len()].copy_from_slice(name);
+            len += name.len();
+            p[len] = b'/';
+            p[len + 1..len + 1 + prop.len()].copy_from_slice(prop);
+            read_file(&p, buf).map_or(0, |b| b.len())
+        };
+        let (mut compat, mut id, mut reg, mut off) = ([0u8; 64], [0u8; 64], [0u8; 64], [0u8; 64]);
+        let compat_len = file(b"compatible\0", &mut compat);
+        if &compat[..compat_len] != b"xen,shared-memory-v1\0" {
+            continue;
+        }
+        let id_len = file(b"xen,id\0", &mut id);
+        let id = &id[..id_len.saturating_sub(1)];
+        let be = |b: &[u8]| u64::from_be_bytes(b[..8].try_into().unwrap_or([0; 8]));
+        let (addr, size) =
+            if file(b"reg\0", &mut reg) == 16 { (be(&reg[..8]), be(&reg[8..])) } else { (0, 0) };
+        let offset = if file(b"xen,offset\0", &mut off) == 8 { be(&off[..8]) } else { u64::MAX };
+        let mut h = [0u8; 16];
+        print(b"labyrinth-init: shared memory \"");
+        print(id);
+        print(b"\" at 0x");
+        print(hex(addr, &mut h));
+        print(b" size 0x");
+        print(hex(size, &mut h));
+        print(b" offset 0x");
+        print(hex(offset, &mut h));
+        print(b" (xen,shared-memory-v1)\n");
+        found += 1;
+    }
+    if found == 0 {
+        print(b"labyrinth-init: no xen,shared-memory-v1 region in /reserved-memory\n");
+    }
+}
+
 /// `/chosen/labyrinth,reset-count` (a big-endian u32), if sysfs and the property are there.
 fn reset_count() -> Option<u32> {
     let path = b"/sys/firmware/devicetree/base/chosen/labyrinth,reset-count\0";
@@ -231,6 +299,7 @@ extern "C" fn init_main(sp: *const u64) -> ! {
         }
         None => print(b"labyrinth-init: no labyrinth,reset-count in the device tree\n"),
     }
+    shared_memory();
     work_on_each_cpu();
     if want_shell {
         shell();

@@ -11,6 +11,8 @@
 //!    expected value per page (a table in bss for the first 16384 touched pages = 64 MiB; pages
 //!    beyond it are only rewritten with and checked against their address pattern), then a full
 //!    verification: in every touched page the slot holds its expected value, every other word 0.
+//! 3b. with `shm.side=owner|borrower`: the data exchange through the device tree's shared
+//!    memory region (`guest_rt::shm`), then the verification of step 3 again.
 //! 4. hvc round trip: 1000 PSCI_VERSION calls timed against the same loop with a `nop`; with
 //!    `stress.bench=mmio` also 1000 32-bit loads of the PL011's FR and (with a GICv3 in the
 //!    device tree) of GICD_IIDR, timed the same way.
@@ -449,6 +451,20 @@ fn main(boot: &BootInfo) -> ! {
     match random_ops(&all, ops, seed).or_else(|| verify(&all)) {
         None => println!("stress: random ops={} verify=ok", ops),
         Some((a, want, got)) => println!("stress: verify FAILED at {:#x} want {:#x} got {:#x}", a, want, got),
+    }
+    // With `shm.side=`: the exchange through the shared region, then every touched page of the
+    // guest's own RAM checked again: whatever the other guest did, it stayed as written.
+    if args.value("shm.side").is_some() {
+        guest_rt::shm::run_from_bootargs(boot, "stress");
+        match verify(&all) {
+            None => println!("stress: private memory after the exchange verify=ok"),
+            Some((a, want, got)) => {
+                println!(
+                    "stress: private memory after the exchange FAILED at {:#x} want {:#x} got {:#x}",
+                    a, want, got
+                )
+            }
+        }
     }
 
     finish(exception::stray_faults(), marker_page, after_reset, mmio)

@@ -104,6 +104,27 @@ pub fn parse_and_map(blob: &[u8]) -> Outcome {
             }
         }
     }
+    // Shared memory across the well-formed guests: every user of a region gives its size, a
+    // refused guest joins no region, a region has at most one owner.
+    let configs: alloc::vec::Vec<_> =
+        platform.guests().iter().filter_map(|g| g.as_ref().ok().copied()).collect();
+    for bits in [32, 40, 48, 64] {
+        let (regions, verdicts) = crate::vm::shm::plan(&configs, bits);
+        assert!(regions.len() <= crate::vm::shm::MAX_REGIONS);
+        for r in &regions {
+            assert!(r.users.iter().all(|(g, s)| s.size == r.size && s.id == r.id && verdicts[*g].is_none()));
+            let owners = r.users.iter().filter(|(_, s)| s.role == super::ShmRole::Owner).count();
+            assert!(owners <= 1 && (owners == 0 || r.users.iter().any(|(g, _)| Some(*g) == r.owner)));
+        }
+        for v in verdicts.iter().flatten() {
+            let _ = write!(sink, "{v}");
+        }
+        let names: alloc::vec::Vec<&str> = configs.iter().map(|c| c.name).collect();
+        let mut started: alloc::vec::Vec<bool> = verdicts.iter().map(Option::is_none).collect();
+        for (_, r) in crate::vm::shm::refuse_orphans(&regions, &names, &mut started) {
+            let _ = write!(sink, "{r}");
+        }
+    }
 
     // The boot path: the image somewhere in RAM, the blob at the start of RAM, then the map.
     let ram0 = platform.memory().first().copied().unwrap_or_default();

@@ -45,6 +45,7 @@ use super::error::{DtError, Problem};
 use super::list::FixedList;
 use super::prop::{cells_or, check_cells, str_prop, Cells};
 use super::region::Region;
+use super::shm::{is_shm_node, parse_shm, SharedMem, ShmProblem, ShmRole, MAX_SHARED};
 use super::tree::Node;
 
 /// Guests kept; further guest nodes are counted in `Platform::guests_skipped`.
@@ -106,6 +107,9 @@ pub struct GuestConfig<'a> {
     /// `labyrinth,guaranteed-memory` in KiB, at most `memory_kib`: the RAM promised to the
     /// guest at creation; `None` promises all of it.
     pub guaranteed_kib: Option<u64>,
+    /// Its static shared memory nodes (`xen,domain-shared-memory-v1`), in node order: distinct
+    /// ids, guest ranges that do not overlap each other.
+    pub shared: FixedList<SharedMem<'a>, MAX_SHARED>,
     /// The guest gets a virtual GICv3 and the timer's interrupts (what Linux needs): every
     /// guest does unless its node says `labyrinth,no-virtual-gic`, which leaves it no
     /// interrupt controller at all.
@@ -194,6 +198,15 @@ pub enum GuestProblem<'a> {
     BadBootargs { node: &'a str },
     /// Two modules share host memory.
     OverlappingModules { a: &'a str, b: &'a str },
+    /// A static shared memory node is malformed.
+    BadShm { node: &'a str, problem: ShmProblem },
+    /// More than [`MAX_SHARED`] shared memory nodes.
+    TooManyShared,
+    /// Two shared memory nodes name the same region (a guest is owner or borrower of a region,
+    /// never both, and maps it once).
+    DuplicateShmId { id: &'a str, role: ShmRole },
+    /// Two shared regions overlap in the guest's address space.
+    OverlappingShared { a: &'a str, b: &'a str },
     /// The guest's RAM exceeds the IPA space ([`GuestConfig::validate`]).
     MemoryExceedsIpa { memory: u64, ipa_bits: u32 },
     /// More vCPUs than physical CPUs ([`GuestConfig::validate`]).
@@ -255,6 +268,18 @@ impl fmt::Display for GuestError<'_> {
                 write!(f, "{node}: bootargs is not a NUL-terminated UTF-8 string")
             }
             GuestProblem::OverlappingModules { a, b } => write!(f, "modules {a} and {b} overlap"),
+            GuestProblem::BadShm { node, problem } => write!(f, "shared memory node {node}: {problem}"),
+            GuestProblem::TooManyShared => {
+                write!(f, "more than {MAX_SHARED} shared memory nodes (xen,domain-shared-memory-v1)")
+            }
+            GuestProblem::DuplicateShmId { id, role } => write!(
+                f,
+                "shared memory \"{id}\" named a second time (as {role}): a guest is the owner or a \
+                 borrower of a region, once"
+            ),
+            GuestProblem::OverlappingShared { a, b } => {
+                write!(f, "shared memory nodes {a} and {b} overlap in guest memory")
+            }
             GuestProblem::MemoryExceedsIpa { memory, ipa_bits } => {
                 write!(f, "memory {} MiB exceeds the {ipa_bits}-bit IPA space", memory / (1024 * 1024))
             }
@@ -351,7 +376,20 @@ pub(crate) fn parse_guest<'a>(node: &Node<'a>, root_cells: Cells) -> Result<Gues
     let mut modules: FixedList<Module<'a>, MAX_MODULES> =
         FixedList::filled(Module { kind: ModuleKind::Kernel, region: Region::default(), node: "" });
     let mut kernel_bootargs = None;
+    let mut shared: FixedList<SharedMem<'a>, MAX_SHARED> = FixedList::filled(SharedMem::NONE);
     for child in node.children() {
+        if is_shm_node(&child) {
+            let shm = parse_shm(&child, cells)
+                .map_err(|problem| error(GuestProblem::BadShm { node: child.name(), problem }))?;
+            if shared.iter().any(|s| s.id == shm.id) {
+                return Err(error(GuestProblem::DuplicateShmId { id: shm.id, role: shm.role }));
+            }
+            if let Some(other) = shared.iter().find(|s| s.overlaps(&shm)) {
+                return Err(error(GuestProblem::OverlappingShared { a: other.node, b: shm.node }));
+            }
+            shared.push(shm).map_err(|_| error(GuestProblem::TooManyShared))?;
+            continue;
+        }
         let Some(compatible) = child.property("compatible") else { continue };
         let kind = if compatible.has_string("multiboot,kernel") {
             ModuleKind::Kernel
@@ -402,6 +440,7 @@ pub(crate) fn parse_guest<'a>(node: &Node<'a>, root_cells: Cells) -> Result<Gues
         bootargs: kernel_bootargs.or(guest_bootargs),
         no_block_mappings: node.property("labyrinth,no-block-mappings").is_some(),
         guaranteed_kib,
+        shared,
         virtual_gic,
     })
 }

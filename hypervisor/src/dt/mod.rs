@@ -43,6 +43,7 @@ mod list;
 mod platform;
 mod prop;
 mod region;
+mod shm;
 mod token;
 mod tree;
 
@@ -66,4 +67,5 @@ pub use platform::{
 };
 pub use prop::{Cells, Property};
 pub use region::Region;
+pub use shm::{SharedMem, ShmProblem, ShmRole, MAX_SHARED, SHM_COMPATIBLE, SHM_ID_MAX};
 pub use tree::{Children, Node, NodePath, Nodes, Properties, Tree};

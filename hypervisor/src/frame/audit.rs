@@ -63,6 +63,8 @@ pub struct GuestFrames {
     pub vm: VmId,
     pub memory: usize,
     pub page_tables: usize,
+    /// Shared memory it owns (lent to borrowers); VM 0 is Labyrinth, for regions no guest owns.
+    pub shared: usize,
 }
 
 /// Counts per owner, where the free frames are, and what is wrong. `Display` prints it for the
@@ -76,6 +78,8 @@ pub struct AuditReport {
     pub reserved: usize,
     pub hypervisor: usize,
     pub scrubbing: usize,
+    /// Shared memory frames (each with its one owner in its tag; per owner in `guests`).
+    pub shared: usize,
     /// 2 MiB blocks held or owned as one unit (their frames are counted in their state too).
     pub compound_blocks: usize,
     /// Per guest, by VM id.
@@ -116,13 +120,14 @@ impl fmt::Display for AuditReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "frames {}: absent {}, reserved {}, hypervisor {}, scrubbing {}, free {} \
+            "frames {}: absent {}, reserved {}, hypervisor {}, scrubbing {}, shared {}, free {} \
              (buddy {}, page pools {}, block pools {}, unheld {}); 2 MiB blocks as one unit {}",
             self.frames,
             self.absent,
             self.reserved,
             self.hypervisor,
             self.scrubbing,
+            self.shared,
             self.free,
             self.free_in_buddy,
             self.free_in_page_pools,
@@ -131,7 +136,14 @@ impl fmt::Display for AuditReport {
             self.compound_blocks,
         )?;
         for g in &self.guests {
-            writeln!(f, "  guest {}: memory {}, page tables {}", g.vm.get(), g.memory, g.page_tables)?;
+            writeln!(
+                f,
+                "  guest {}: memory {}, page tables {}, shared {}",
+                g.vm.get(),
+                g.memory,
+                g.page_tables,
+                g.shared
+            )?;
         }
         write!(f, "problems {}", self.problems)?;
         for p in &self.examples {
@@ -283,17 +295,22 @@ pub(crate) fn audit<const ORDER: usize>(
             Some(FrameState::Reserved) => report.reserved += 1,
             Some(FrameState::Hypervisor) => report.hypervisor += 1,
             Some(FrameState::Scrubbing) => report.scrubbing += 1,
-            Some(FrameState::Guest(vm)) => {
-                guests.entry(vm).or_insert(GuestFrames { vm, memory: 0, page_tables: 0 }).memory += 1
-            }
-            Some(FrameState::PageTable(vm)) => {
-                guests.entry(vm).or_insert(GuestFrames { vm, memory: 0, page_tables: 0 }).page_tables += 1
+            Some(FrameState::Guest(vm)) => guest(&mut guests, vm).memory += 1,
+            Some(FrameState::PageTable(vm)) => guest(&mut guests, vm).page_tables += 1,
+            Some(FrameState::SharedOwned(vm)) => {
+                report.shared += 1;
+                guest(&mut guests, vm).shared += 1;
             }
             None => report.problem(AuditProblem::CorruptTag { pfn: db.base().add(i as u64), tag }),
         }
     }
     report.guests = guests.into_values().collect();
     report
+}
+
+/// The counts of VM `vm`, made on first use.
+fn guest(guests: &mut BTreeMap<VmId, GuestFrames>, vm: VmId) -> &mut GuestFrames {
+    guests.entry(vm).or_insert(GuestFrames { vm, memory: 0, page_tables: 0, shared: 0 })
 }
 
 /// Checks pools against the database, marking their frames held.

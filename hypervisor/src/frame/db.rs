@@ -274,7 +274,8 @@ impl<'a> FrameDb<'a> {
         // A block that does not fit the database was never formed.
         let Ok(cells) = self.cells(head, BLOCK_FRAMES) else { return Ok(false) };
         let found = cells[0].load(Ordering::Acquire);
-        if found & HEAD == 0 {
+        // Shared memory has bit 15 set without being a head: ask the decoder.
+        if !matches!(Shape::of(found), Some(Shape::Head(_))) {
             return Ok(false);
         }
         if Some(found) != head_form(tag) {
@@ -443,7 +444,11 @@ pub(crate) fn unexpected(pfn: Pfn, from: u16, found: u16) -> FrameError {
     match Shape::of(found) {
         Some(Shape::Frame(FrameState::Absent)) => FrameError::NotRam(pfn),
         Some(Shape::Frame(found) | Shape::Head(found)) => {
-            FrameError::WrongState { pfn, expected: state_of(from & !HEAD), found }
+            let expected = match Shape::of(from) {
+                Some(Shape::Frame(s) | Shape::Head(s)) => s,
+                _ => state_of(from),
+            };
+            FrameError::WrongState { pfn, expected, found }
         }
         Some(Shape::Tail) => FrameError::PartialBlock(pfn),
         None => FrameError::CorruptTag { pfn, tag: found },

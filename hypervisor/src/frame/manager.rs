@@ -414,6 +414,24 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         buddy.give_back(first, frames)
     }
 
+    /// The share transition: `frames` frames from `first`, memory of guest `vm` that no one
+    /// else maps, become shared memory lent by `vm` (`Guest(vm) -> SharedOwned(vm)`), as pKVM's
+    /// host-share transition: every frame is checked first, then each is committed by CAS, so
+    /// a refusal (a frame not `vm`'s, a hole, a frame outside the database) changes nothing.
+    /// Blocks `vm` owns as one unit get per-frame tags first (shared frames are single frames).
+    /// VM 0 stands for Labyrinth itself (a region no guest owns); it never runs. Slow path.
+    /// Shared frames go back through [`FrameManager::release`] with `Owner::shared(vm)`.
+    pub fn share(&self, first: Pfn, frames: usize, vm: VmId) -> Result<(), FrameError> {
+        let (from, to) = (Owner::guest(vm).tag(), Owner::shared(vm).tag());
+        self.db.check(first, frames, from)?;
+        let mut head = first.0 & !(BLOCK_FRAMES as u64 - 1);
+        while head < first.0 + frames as u64 {
+            self.db.split_block(Pfn(head), from)?;
+            head += BLOCK_FRAMES as u64;
+        }
+        self.db.transition(first, frames, from, to)
+    }
+
     /// Gives the 2 MiB block around `pfn`, if `owner` owns it as one unit, per-frame tags (its
     /// 4 KiB pages are about to be mapped or released on their own: a stage-2 split). `Ok(false)`
     /// if it was not one unit. Slow path.

@@ -684,8 +684,8 @@ fn audit_counts_per_guest() {
     assert_eq!(
         report.guests,
         [
-            GuestFrames { vm: vm(1), memory: 2, page_tables: 1 },
-            GuestFrames { vm: vm(7), memory: 2, page_tables: 0 },
+            GuestFrames { vm: vm(1), memory: 2, page_tables: 1, shared: 0 },
+            GuestFrames { vm: vm(7), memory: 2, page_tables: 0, shared: 0 },
         ]
     );
     let text = report.to_string();
@@ -907,4 +907,77 @@ fn block_refill_comes_once_per_several_blocks() {
     assert!(!cpu.needs_block_refill());
     let report = rig.frames.audit(Some(&rig.ram));
     assert!(report.is_consistent(), "{report}");
+}
+
+// ---- Shared memory ----
+
+// The share transition moves a guest's frames to shared-owned, and the audit counts them with
+// their one owner; they are released only as shared memory, then are free again.
+#[test]
+fn shared_frames_have_one_owner_and_release_as_shared() {
+    let rig = filled(64, 1);
+    let g = vm(3);
+    let first = rig.frames.alloc_contiguous(4, Owner::guest(g)).unwrap();
+    rig.frames.share(first, 4, g).unwrap();
+    assert_eq!(state(&rig, first.add(3)), FrameState::SharedOwned(g));
+    let audit = rig.frames.audit(Some(&rig.ram));
+    assert!(audit.is_exact(), "{audit}");
+    assert_eq!(audit.shared, 4);
+    assert_eq!(audit.guests, vec![GuestFrames { vm: g, memory: 0, page_tables: 0, shared: 4 }]);
+    // Not the guest's memory any more: a release as the guest is refused and changes nothing.
+    let err = rig.frames.release(first, 4, Owner::guest(g), &rig.ram).unwrap_err();
+    assert_eq!(
+        err,
+        FrameError::WrongState {
+            pfn: first,
+            expected: FrameState::Guest(g),
+            found: FrameState::SharedOwned(g)
+        }
+    );
+    // Nor another guest's shared memory.
+    assert!(rig.frames.release(first, 4, Owner::shared(vm(4)), &rig.ram).is_err());
+    assert_eq!(state(&rig, first), FrameState::SharedOwned(g));
+    let free = rig.frames.free_frames();
+    rig.frames.release(first, 4, Owner::shared(g), &rig.ram).unwrap();
+    assert_eq!(rig.frames.free_frames(), free + 4);
+    assert!(rig.frames.audit(Some(&rig.ram)).is_exact());
+    assert_eq!(rig.frames.audit(None).shared, 0);
+}
+
+// Check, then commit: a range with one frame that is not the guest's is refused whole.
+#[test]
+fn share_of_a_range_not_all_the_guests_changes_nothing() {
+    let rig = filled(64, 1);
+    let first = rig.frames.alloc_contiguous(4, Owner::guest(vm(1))).unwrap();
+    let other = rig.frames.alloc_contiguous(1, Owner::guest(vm(2))).unwrap();
+    rig.frames.release(first.add(3), 1, Owner::guest(vm(1)), &rig.ram).unwrap();
+    let err = rig.frames.share(first, 4, vm(1)).unwrap_err();
+    assert!(matches!(err, FrameError::WrongState { found: FrameState::Free, .. }), "{err:?}");
+    assert_eq!(state(&rig, first), FrameState::Guest(vm(1)));
+    assert!(rig.frames.share(other, 1, vm(1)).is_err(), "another guest's frame");
+    assert_eq!(state(&rig, other), FrameState::Guest(vm(2)));
+    // Shared twice: the second is refused.
+    rig.frames.share(first, 3, vm(1)).unwrap();
+    assert!(rig.frames.share(first, 3, vm(1)).is_err());
+    assert_eq!(rig.frames.audit(None).shared, 3);
+}
+
+// Part of a block the guest owns as one unit can be shared: the block is split, the rest stays
+// the guest's; a shared frame at a block's head is not mistaken for a head later.
+#[test]
+fn share_of_part_of_a_block_splits_it() {
+    let rig = rig(2048, 1, PoolConfig { block_capacity: 2, block_low: 1, block_high: 2, ..small() });
+    rig.frames.refill(0).unwrap();
+    let g = vm(5);
+    let head = rig.frames.alloc_block_atomic_exclusive(0, Owner::guest(g)).unwrap();
+    rig.frames.share(head, 2, g).unwrap();
+    assert_eq!(state(&rig, head), FrameState::SharedOwned(g));
+    assert_eq!(state(&rig, head.add(2)), FrameState::Guest(g));
+    assert_eq!(state(&rig, head.add(511)), FrameState::Guest(g));
+    // The rest of the block is released per frame; the shared head does not stop it.
+    rig.frames.release(head.add(2), 510, Owner::guest(g), &rig.ram).unwrap();
+    rig.frames.release(head, 2, Owner::shared(g), &rig.ram).unwrap();
+    let audit = rig.frames.audit(Some(&rig.ram));
+    assert!(audit.is_consistent(), "{audit}");
+    assert_eq!((audit.shared, audit.guests.len()), (0, 0));
 }

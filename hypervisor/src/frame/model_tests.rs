@@ -1,5 +1,5 @@
-//! Property tests: random sequences of allocations, releases, returns, refills, drains and
-//! audits, each result checked against a simple model (a map from frame to owner).
+//! Property tests: random sequences of allocations, releases, returns, shares, refills, drains
+//! and audits, each result checked against a simple model (a map from frame to owner).
 
 use std::collections::BTreeMap;
 use std::vec::Vec;
@@ -58,6 +58,11 @@ enum Op {
         pick: usize,
         cpu: usize,
     },
+    /// Share a whole allocation as guest `vm`'s shared memory (refused unless `vm` owns it).
+    Share {
+        pick: usize,
+        vm: u16,
+    },
     /// The owner writes into its frames.
     Write {
         pick: usize,
@@ -83,6 +88,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..TOTAL, vm).prop_map(|(offset, vm)| Op::ReleaseFrame { offset, vm }),
         2 => (any::<usize>(), cpu.clone()).prop_map(|(pick, cpu)| Op::ReturnUnused { pick, cpu }),
         2 => any::<usize>().prop_map(|pick| Op::Write { pick }),
+        2 => (any::<usize>(), 0u16..3).prop_map(|(pick, vm)| Op::Share { pick, vm }),
         3 => cpu.clone().prop_map(|cpu| Op::Refill { cpu }),
         1 => cpu.prop_map(|cpu| Op::Drain { cpu }),
         1 => Just(Op::Audit),
@@ -229,8 +235,11 @@ fn run(ops: &[Op]) {
             Op::ReturnUnused { pick, cpu } => {
                 let Some(i) = model.pick(pick) else { continue };
                 let alloc = model.allocs[i];
-                if alloc.frames != 1 || alloc.written {
-                    continue; // only untouched single frames may take this path
+                if alloc.frames != 1
+                    || alloc.written
+                    || matches!(alloc.owner.state(), FrameState::SharedOwned(_))
+                {
+                    continue; // only untouched single frames of guests or tables take this path
                 }
                 match rig.frames.return_unused_page_atomic(cpu, alloc.first, alloc.owner) {
                     Ok(()) => {
@@ -239,6 +248,27 @@ fn run(ops: &[Op]) {
                     }
                     Err(AtomicError::Full) => check_unchanged(&rig, &alloc),
                     Err(e) => panic!("{op:?}: {e:?}"),
+                }
+            }
+            Op::Share { pick, vm: id } => {
+                let Some(i) = model.pick(pick) else { continue };
+                let alloc = model.allocs[i];
+                let vm = VmId::new(id).unwrap();
+                let result = rig.frames.share(alloc.first, alloc.frames, vm);
+                if alloc.owner == guest(id) {
+                    result.unwrap();
+                    let shared = Owner::shared(vm);
+                    model.allocs[i].owner = shared;
+                    for f in 0..alloc.frames as u64 {
+                        model.owned.insert(alloc.first.add(f).0, shared);
+                        assert_eq!(
+                            rig.frames.db().state(alloc.first.add(f)),
+                            Ok(FrameState::SharedOwned(vm))
+                        );
+                    }
+                } else {
+                    assert!(result.is_err(), "{op:?} shared frames guest {id} does not own");
+                    check_unchanged(&rig, &alloc);
                 }
             }
             Op::Write { pick } => {
@@ -258,8 +288,12 @@ fn run(ops: &[Op]) {
             Op::Audit => {
                 let report = rig.frames.audit(Some(&rig.ram));
                 assert!(report.is_exact(), "{report}");
-                let owned_by_guests: usize = report.guests.iter().map(|g| g.memory + g.page_tables).sum();
+                let owned_by_guests: usize =
+                    report.guests.iter().map(|g| g.memory + g.page_tables + g.shared).sum();
                 assert_eq!(owned_by_guests, model.owned.len());
+                let shared =
+                    model.owned.values().filter(|o| matches!(o.state(), FrameState::SharedOwned(_))).count();
+                assert_eq!(report.shared, shared);
             }
         }
         // Conservation: every frame free at boot is either still free or owned, never both.

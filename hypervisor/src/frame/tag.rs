@@ -12,6 +12,7 @@
 //! | `0x5000 \| vm`   | [`FrameState::Guest`]    | guest memory of VM `vm`                          |
 //! | `0x6000 \| vm`   | [`FrameState::PageTable`] | a stage-2 table page of VM `vm`                 |
 //! | `0x7000`         | tail of a 2 MiB block    | its state is its head's, at `pfn & !511`         |
+//! | `0xa000 \| vm`   | [`FrameState::SharedOwned`] | shared memory owned by VM `vm` (0: Labyrinth) |
 //! | `0x9000`         | head of a free block     | [`FrameState::Free`], for all 512 frames         |
 //! | `0xc000`         | head of a scrubbing block | [`FrameState::Scrubbing`], for all 512 frames   |
 //! | `0xd000 \| vm`   | head of a guest block    | [`FrameState::Guest`], for all 512 frames        |
@@ -20,6 +21,11 @@
 //! single-frame tag with bit 15 set) and 511 tail tags: it changes hands with one
 //! compare-and-swap on the head, and a tail's owner is one more load away, so every frame still
 //! has exactly one owner, answered in O(1). Only Free, Scrubbing and Guest have a head form.
+//!
+//! Shared-owned (`0xa`) is a single-frame kind with bit 15 set: [`Shape::of`] decodes it before
+//! it looks for a head. A shared frame has one owner, the guest that lends it (or VM 0,
+//! Labyrinth itself, for a region no guest owns: Xen's DOMID_IO); the guests that borrow it say
+//! so in their own stage-2 entries (`stage2::PageState::SharedBorrowed`), not in the tag.
 //!
 //! Every other value is corrupt and is reported by the audit. Absent is zero so that storage
 //! nobody initialised makes nothing usable. This module never reads or writes a tag cell: it
@@ -36,6 +42,8 @@ pub(crate) const TAG_HYPERVISOR: u16 = 0x3000;
 pub(crate) const TAG_SCRUBBING: u16 = 0x4000;
 const KIND_GUEST: u16 = 0x5;
 const KIND_PAGE_TABLE: u16 = 0x6;
+/// Shared memory: not a head form, though bit 15 is set (see [`Shape::of`]).
+const KIND_SHARED: u16 = 0xa;
 /// A tail frame of a compound block: "my state is the head's, at `pfn & !511`".
 pub(crate) const TAG_TAIL: u16 = 0x7000;
 /// Set on the head frame of a compound block, over the tag of the state all 512 frames are in.
@@ -59,7 +67,7 @@ impl Shape {
         if tag == TAG_TAIL {
             return Some(Shape::Tail);
         }
-        if tag & HEAD == 0 {
+        if tag & HEAD == 0 || tag >> VM_BITS == KIND_SHARED {
             return match FrameState::from_tag(tag) {
                 Some(s) => Some(Shape::Frame(s)),
                 None => None,
@@ -125,6 +133,11 @@ impl Owner {
         Owner(KIND_PAGE_TABLE << VM_BITS | vm.0)
     }
 
+    /// Shared memory lent by VM `vm` (VM 0: by Labyrinth, for a region no guest owns).
+    pub const fn shared(vm: VmId) -> Owner {
+        Owner(KIND_SHARED << VM_BITS | vm.0)
+    }
+
     /// The tag a frame owned by `self` carries.
     #[inline(always)]
     pub const fn tag(self) -> u16 {
@@ -157,6 +170,8 @@ pub enum FrameState {
     Scrubbing,
     Guest(VmId),
     PageTable(VmId),
+    /// Shared memory owned by this VM (0: Labyrinth), mapped into it and its borrowers.
+    SharedOwned(VmId),
 }
 
 impl FrameState {
@@ -166,6 +181,7 @@ impl FrameState {
         match tag >> VM_BITS {
             KIND_GUEST => Some(FrameState::Guest(vm)),
             KIND_PAGE_TABLE => Some(FrameState::PageTable(vm)),
+            KIND_SHARED => Some(FrameState::SharedOwned(vm)),
             _ => match tag {
                 TAG_ABSENT => Some(FrameState::Absent),
                 TAG_FREE => Some(FrameState::Free),
@@ -186,6 +202,7 @@ impl FrameState {
             FrameState::Scrubbing => TAG_SCRUBBING,
             FrameState::Guest(vm) => Owner::guest(vm).0,
             FrameState::PageTable(vm) => Owner::page_table(vm).0,
+            FrameState::SharedOwned(vm) => Owner::shared(vm).0,
         }
     }
 
@@ -195,6 +212,7 @@ impl FrameState {
             FrameState::Hypervisor => Some(Owner::HYPERVISOR),
             FrameState::Guest(vm) => Some(Owner::guest(vm)),
             FrameState::PageTable(vm) => Some(Owner::page_table(vm)),
+            FrameState::SharedOwned(vm) => Some(Owner::shared(vm)),
             _ => None,
         }
     }
@@ -210,6 +228,8 @@ impl core::fmt::Display for FrameState {
             FrameState::Scrubbing => f.write_str("scrubbing"),
             FrameState::Guest(vm) => write!(f, "guest {}", vm.0),
             FrameState::PageTable(vm) => write!(f, "page table of guest {}", vm.0),
+            FrameState::SharedOwned(VmId(0)) => f.write_str("shared memory owned by Labyrinth"),
+            FrameState::SharedOwned(vm) => write!(f, "shared memory owned by guest {}", vm.0),
         }
     }
 }
@@ -241,6 +261,8 @@ mod tests {
             FrameState::Guest(vm(VmId::MAX)),
             FrameState::PageTable(vm(0)),
             FrameState::PageTable(vm(7)),
+            FrameState::SharedOwned(vm(0)),
+            FrameState::SharedOwned(vm(VmId::MAX)),
         ];
         for (i, a) in states.iter().enumerate() {
             assert_eq!(FrameState::from_tag(a.tag()), Some(*a));
@@ -259,9 +281,7 @@ mod tests {
     // Values no transition writes decode as corrupt, as single frames and in any shape.
     #[test]
     fn unused_encodings_are_corrupt() {
-        for tag in
-            [0x0001, 0x1001, 0x3fff, 0x4001, 0x7001, 0x8000, 0x9001, 0xa000, 0xb000, 0xe000, 0xf000, 0xffff]
-        {
+        for tag in [0x0001, 0x1001, 0x3fff, 0x4001, 0x7001, 0x8000, 0x9001, 0xb000, 0xe000, 0xf000, 0xffff] {
             assert_eq!(FrameState::from_tag(tag & !HEAD).filter(|_| tag & HEAD == 0), None, "{tag:#x}");
             assert_eq!(Shape::of(tag), None, "{tag:#x}");
         }
@@ -280,6 +300,11 @@ mod tests {
         assert_eq!(Owner::HYPERVISOR.block_tag(), None);
         assert_eq!(head_form(TAG_RESERVED), None);
         assert_eq!(Shape::of(TAG_FREE), Some(Shape::Frame(FrameState::Free)));
+        // Shared memory has bit 15 set and is still a single frame, never a head.
+        let shared = Owner::shared(vm(3));
+        assert_eq!(Shape::of(shared.tag()), Some(Shape::Frame(FrameState::SharedOwned(vm(3)))));
+        assert_eq!(shared.block_tag(), None);
+        assert_eq!(head_form(shared.tag()), None);
     }
 
     // VM ids are limited to the 12 bits the tag has room for.
@@ -292,7 +317,8 @@ mod tests {
     // An owner's tag is the tag of the state it owns in, and back.
     #[test]
     fn owner_matches_its_state() {
-        for owner in [Owner::HYPERVISOR, Owner::guest(vm(3)), Owner::page_table(vm(3))] {
+        for owner in [Owner::HYPERVISOR, Owner::guest(vm(3)), Owner::page_table(vm(3)), Owner::shared(vm(3))]
+        {
             assert_eq!(owner.state().tag(), owner.tag());
             assert_eq!(owner.state().owner(), Some(owner));
         }

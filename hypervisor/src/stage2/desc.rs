@@ -25,7 +25,8 @@ register_bitfields! {u64,
         AF OFFSET(10) NUMBITS(1) [],
         /// XN[1] (bit 54): execute-never at EL1 and EL0.
         XN OFFSET(54) NUMBITS(1) [],
-        /// Software bits [56:55]: the page's sharing state (pKVM's scheme); only "owned" for now.
+        /// Software bits [56:55]: the page's sharing state (pKVM's scheme): owned, shared and
+        /// owned (lent to other guests), shared and borrowed (another's: never freed by us).
         SW_STATE OFFSET(55) NUMBITS(2) [
             Owned = 0b00,
             SharedOwned = 0b01,
@@ -76,10 +77,29 @@ pub enum MemType {
 /// The sharing state recorded in a leaf's software bits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PageState {
-    /// Exclusively owned by this guest: the only state Labyrinth creates today.
+    /// Exclusively owned by this guest: its own memory, freed when it is unmapped.
     Owned,
+    /// Shared memory this guest lends (the frame is tagged shared-owned by it): unmapping it
+    /// frees nothing, the region is released when its last user is gone.
     SharedOwned,
+    /// Shared memory borrowed from another guest (or from Labyrinth): "not ours", unmapped on a
+    /// teardown or reset but never freed, never given back by this guest.
     SharedBorrowed,
+}
+
+impl PageState {
+    /// Whether the page is shared memory (either side): not this guest's to free or give back.
+    pub const fn is_shared(self) -> bool {
+        !matches!(self, PageState::Owned)
+    }
+}
+
+/// Whether the raw descriptor `raw` is a valid leaf carrying shared memory (either side):
+/// the give-back hypercall's refusal test, one load and two compares.
+#[inline(always)]
+pub const fn is_shared_leaf(raw: u64) -> bool {
+    const SW_STATE: u64 = 0b11 << 55;
+    raw & 1 == 1 && raw & SW_STATE != 0
 }
 
 /// The attributes of a leaf (page or block) mapping.
@@ -96,6 +116,18 @@ impl Attrs {
     /// Guest RAM: read, write, execute, exclusively owned.
     pub const RAM: Attrs =
         Attrs { mem: MemType::Normal, read: true, write: true, exec: true, state: PageState::Owned };
+
+    /// Shared memory as its owner maps it: Normal, read and write, never executed.
+    pub const SHARED_OWNED: Attrs =
+        Attrs { mem: MemType::Normal, read: true, write: true, exec: false, state: PageState::SharedOwned };
+
+    /// Shared memory as a borrower maps it: as the owner does, marked borrowed.
+    pub const SHARED_BORROWED: Attrs = Attrs { state: PageState::SharedBorrowed, ..Attrs::SHARED_OWNED };
+
+    /// Whether the mapping is shared memory (either side).
+    pub const fn is_shared(&self) -> bool {
+        self.state.is_shared()
+    }
 
     /// Whether `self` allows everything `other` does (same memory type).
     pub fn covers(&self, other: &Attrs) -> bool {
@@ -237,6 +269,21 @@ mod tests {
         assert!(is_locked(w) && w != 0);
         assert_eq!(Entry::decode(w, 2), Entry::Invalid);
         assert_eq!(locked_payload(w), 0x1_2345_6789);
+    }
+
+    #[test]
+    fn shared_states_round_trip_and_are_told_apart_from_the_raw_descriptor() {
+        for attrs in [Attrs::RAM, Attrs::SHARED_OWNED, Attrs::SHARED_BORROWED] {
+            for level in [2, 3] {
+                let raw = Entry::Leaf { pa: 0x4020_0000, attrs }.encode(level);
+                assert_eq!(Entry::decode(raw, level), Entry::Leaf { pa: 0x4020_0000, attrs });
+                assert_eq!(is_shared_leaf(raw), attrs.is_shared(), "{attrs:?}");
+                assert!(!is_shared_leaf(raw & !1), "an invalid entry is never shared");
+            }
+        }
+        let raw = Entry::Leaf { pa: 0, attrs: Attrs::SHARED_BORROWED }.encode(3);
+        assert_eq!((raw >> 55) & 0b11, 0b10);
+        assert!(!Attrs::RAM.is_shared() && Attrs::SHARED_OWNED.is_shared());
     }
 
     #[test]

@@ -194,6 +194,8 @@ pub struct Exercise {
     geo: Geometry,
     /// A hypervisor-owned frame: mapping it must always be refused.
     hyp_frame: Pfn,
+    /// Shared memory lent by the first guest: neither guest may map it on the wrong side.
+    shared_frame: Pfn,
 }
 
 impl Default for Exercise {
@@ -206,6 +208,8 @@ impl Exercise {
     pub fn new() -> Self {
         let mut env = ModelEnv::new(RAM_BASE_PFN, RAM_FRAMES);
         let hyp_frame = env.claim_frame(FrameState::Hypervisor).expect("fresh RAM");
+        let shared_frame =
+            env.claim_frame(FrameState::SharedOwned(VmId::new(1).expect("small id"))).expect("fresh RAM");
         let geo = Geometry::for_pa_bits(40);
         let mut guests = [1u16, 2].map(|n| Guest {
             s2: None,
@@ -218,7 +222,7 @@ impl Exercise {
             env.add_root(g.vmid, root_of(&s2), geo.start_level);
             g.s2 = Some(s2);
         }
-        Exercise { env, guests, geo, hyp_frame }
+        Exercise { env, guests, geo, hyp_frame, shared_frame }
     }
 
     /// Runs the operations `data` encodes, checking as it goes; panics on the first divergence.
@@ -433,16 +437,22 @@ impl Exercise {
     }
 
     fn map_foreign(&mut self, gi: usize, ipa: u64, which: u8) -> Result<(), String> {
+        if which % 4 == 3 {
+            return self.map_shared_wrong_side(gi, ipa);
+        }
         let other = &self.guests[1 - gi];
-        let foreign = match which % 3 {
+        let foreign = match which % 4 {
             0 => other.expect.runs.values().next().map(|r| r.pa),
             1 => Some(self.hyp_frame.phys()),
             _ => self.env.table_of(other.vmid, usize::from(which / 3)).map(|t| t.phys()),
         };
         let Some(pa) = foreign else { return Ok(()) };
         let (s2, env) = self.s2(gi);
-        let r = s2.map(env, ipa, pa, 3, Attrs::RAM);
-        ensure!(matches!(r, Err(Stage2Error::NotOwned { .. })), "mapped a foreign frame {pa:#x}: {r:?}");
+        // Neither as RAM nor as shared memory on either side: none of them is shared memory.
+        for attrs in [Attrs::RAM, Attrs::SHARED_OWNED, Attrs::SHARED_BORROWED] {
+            let r = s2.map(env, ipa, pa, 3, attrs);
+            ensure!(matches!(r, Err(Stage2Error::NotOwned { .. })), "mapped a foreign frame {pa:#x}: {r:?}");
+        }
         // The block fault's fast form refuses the 2 MiB it heads, too (never this guest's).
         if pa.is_multiple_of(level_size(2)) {
             if let Some(vacant) = s2.vacant_block(env, ipa) {
@@ -452,6 +462,22 @@ impl Exercise {
                     "mapped a foreign block {pa:#x}: {r:?}"
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// The first guest's shared frame, mapped on the side the guest is not on (and as plain
+    /// RAM by either): always refused, nothing changes.
+    fn map_shared_wrong_side(&mut self, gi: usize, ipa: u64) -> Result<(), String> {
+        let pa = self.shared_frame.phys();
+        let wrong = if gi == 0 { Attrs::SHARED_BORROWED } else { Attrs::SHARED_OWNED };
+        let (s2, env) = self.s2(gi);
+        for attrs in [Attrs::RAM, wrong] {
+            let r = s2.map(env, ipa, pa, 3, attrs);
+            ensure!(
+                matches!(r, Err(Stage2Error::NotOwned { .. })),
+                "guest {gi} mapped the shared frame {pa:#x} as {attrs:?}: {r:?}"
+            );
         }
         Ok(())
     }
@@ -644,6 +670,8 @@ impl Exercise {
                 self.env.release_frames(pa, size);
             }
         }
+        // The shared frame was never mapped: its owner gives it back.
+        self.env.release_frames(self.shared_frame.phys(), PAGE);
         ensure!(self.env.violations.is_empty(), "machine-model violations: {:#?}", self.env.violations);
         let free = self.env.frames_in(FrameState::Free);
         ensure!(free == RAM_FRAMES - 1, "{} frames leaked", RAM_FRAMES - 1 - free);

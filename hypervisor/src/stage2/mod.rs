@@ -30,7 +30,7 @@ mod stress_tests;
 #[cfg(all(test, not(loom)))]
 mod tests;
 
-pub use desc::{Attrs, Entry, MemType, PageState, LOCKED};
+pub use desc::{is_shared_leaf, Attrs, Entry, MemType, PageState, LOCKED};
 pub use env::Stage2Env;
 pub use fault::{Declined, FaultCache, PageSlot, VacantBlock};
 pub use quiesce::Quiescence;

@@ -22,12 +22,18 @@
 //!   changes, so running out of memory leaves the address space exactly as it was.
 //! - A RAM frame is mapped only if the frame database says this guest owns it (or the atomic
 //!   path's claim says so), and every output address is derived from the entry's own IPA.
+//!   Shared memory is the exception the frame's tag and the leaf's software bits both state:
+//!   a shared-owned leaf maps a frame tagged shared-owned by this guest, a shared-borrowed leaf
+//!   one tagged shared-owned by another (or by Labyrinth). Neither is reported released by an
+//!   unmap, an `empty` or a teardown: they are not this guest's to free.
 
 use core::sync::atomic::{AtomicU64 as SpaceIds, Ordering as IdOrdering};
 
 use crate::frame::{FrameState, Pfn, VmId};
 
-use super::desc::{is_locked, locked_payload, locked_with, Attrs, Entry, MemType, LOCKED};
+use super::desc::{
+    is_locked, is_shared_leaf, locked_payload, locked_with, Attrs, Entry, MemType, PageState, LOCKED,
+};
 use super::env::Stage2Env;
 use super::fault::FaultCache;
 use super::sync::{AtomicU64, AtomicUsize, Ordering};
@@ -420,7 +426,7 @@ impl Stage2 {
         if !pa.is_multiple_of(size) || pa.checked_add(size).is_none_or(|e| e > 1 << 48) {
             return Err(Stage2Error::Unaligned { addr: pa });
         }
-        self.check_owner(env, pa, size, attrs.mem)?;
+        self.check_owner(env, pa, size, attrs)?;
         self.install(env, ipa, level, Entry::Leaf { pa, attrs }.encode(level)).map_err(|b| b.error(ipa))
     }
 
@@ -429,16 +435,20 @@ impl Stage2 {
         env: &impl Stage2Env,
         pa: u64,
         size: u64,
-        mem: MemType,
+        attrs: Attrs,
     ) -> Result<(), Stage2Error> {
         let (first, end) = (pa >> 12, (pa + size) >> 12);
         let mut pfn = first;
         while pfn < end {
             // A block owned as one unit answers for all its frames at once.
             let (state, run) = env.frame_unit(Pfn(pfn));
-            let ok = match mem {
-                MemType::Normal => state == Some(FrameState::Guest(self.vm)),
-                MemType::Device => matches!(state, None | Some(FrameState::Absent)),
+            let ok = match (attrs.mem, attrs.state) {
+                (MemType::Normal, PageState::Owned) => state == Some(FrameState::Guest(self.vm)),
+                (MemType::Normal, PageState::SharedOwned) => state == Some(FrameState::SharedOwned(self.vm)),
+                (MemType::Normal, PageState::SharedBorrowed) => {
+                    matches!(state, Some(FrameState::SharedOwned(owner)) if owner != self.vm)
+                }
+                (MemType::Device, _) => matches!(state, None | Some(FrameState::Absent)),
             };
             if !ok {
                 return Err(Stage2Error::NotOwned { pfn: Pfn(pfn), state });
@@ -851,8 +861,11 @@ impl Stage2 {
         let n = self.prepare_edges(env, ipa, end, &mut spare)?;
         self.split_edges(env, ipa, end, &spare[..n]);
         self.change_leaves(env, ipa, end, &|_| Some(0), &mut |c| {
-            if let Entry::Leaf { pa, .. } = Entry::decode(c.old, c.level) {
-                released(pa, level_size(c.level));
+            if let Entry::Leaf { pa, attrs } = Entry::decode(c.old, c.level) {
+                // Shared memory is unmapped, never freed by this guest.
+                if !attrs.is_shared() {
+                    released(pa, level_size(c.level));
+                }
             }
         });
         let (root, level) = (self.root, self.geo.start_level);
@@ -1014,6 +1027,8 @@ impl Stage2 {
     ) {
         match Entry::decode(raw, level) {
             Entry::Invalid => {}
+            // Shared memory (lent or borrowed) is not this guest's to free.
+            Entry::Leaf { attrs, .. } if attrs.is_shared() => {}
             Entry::Leaf { pa, .. } => released(pa, level_size(level)),
             Entry::Table(child) => {
                 for i in 0..ENTRIES {
@@ -1031,6 +1046,12 @@ impl Stage2 {
     #[inline]
     pub fn is_unmapped(&self, env: &impl Stage2Env, ipa: u64, level: usize) -> bool {
         self.find(env, ipa, level).raw == 0
+    }
+
+    /// Whether `ipa` is mapped to shared memory (lent or borrowed): such a page is not this
+    /// guest's to give back. One walk, no lock.
+    pub fn is_shared(&self, env: &impl Stage2Env, ipa: u64) -> bool {
+        ipa < self.geo.ipa_limit() && is_shared_leaf(self.find(env, ipa, 3).raw)
     }
 
     /// Whether a structural change holds the entry on `ipa`'s path (for tests).

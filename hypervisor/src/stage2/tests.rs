@@ -1021,3 +1021,81 @@ fn map_cached_fills_the_vcpu_cache() {
     assert!(cache.agrees(&s2, &env) && other.agrees(&s2, &env));
     clean(&mut env);
 }
+
+// ---- Shared memory ----
+
+const SHM_IPA: u64 = 0x1000_0000;
+
+/// Guest 1's space (owner) and guest 2's (borrower) over one model, and two frames shared by 1.
+fn shared_setup() -> (ModelEnv, Stage2, Stage2, [u64; 2]) {
+    let (mut env, owner) = setup(256);
+    let borrower = Stage2::new(&mut env, vm(2), 2, Geometry::for_pa_bits(40)).unwrap();
+    env.add_root(2, Pfn(borrower.vttbr() >> 12 & ((1 << 36) - 1)), borrower.geometry().start_level);
+    let frames = [0, 1].map(|_| env.claim_frame(FrameState::SharedOwned(vm(1))).unwrap().phys());
+    (env, owner, borrower, frames)
+}
+
+// The owner maps its shared frames as shared-owned, a borrower as shared-borrowed; each mapping
+// is refused for frames in any other state, and plain RAM mappings of shared frames too.
+#[test]
+fn shared_mappings_need_shared_frames_on_the_right_side() {
+    let (mut env, owner, borrower, [a, b]) = shared_setup();
+    owner.map(&mut env, SHM_IPA, a, 3, Attrs::SHARED_OWNED).unwrap();
+    borrower.map(&mut env, SHM_IPA + 0x4000, a, 3, Attrs::SHARED_BORROWED).unwrap();
+    let own_frame = guest_frame(&mut env, 2);
+    let refused = [
+        // The owner cannot borrow its own frame, nor map it as plain RAM.
+        (&owner, b, Attrs::SHARED_BORROWED),
+        (&owner, b, Attrs::RAM),
+        // The borrower cannot claim to own it, nor map it as its RAM.
+        (&borrower, b, Attrs::SHARED_OWNED),
+        (&borrower, b, Attrs::RAM),
+        // Nor borrow a frame that is not shared at all.
+        (&borrower, own_frame, Attrs::SHARED_BORROWED),
+    ];
+    for (i, (s2, pa, attrs)) in refused.into_iter().enumerate() {
+        let err = s2.map(&mut env, SHM_IPA + 0x1000, pa, 3, attrs).unwrap_err();
+        assert!(matches!(err, Stage2Error::NotOwned { .. }), "case {i}: {err:?}");
+    }
+    assert!(owner.is_shared(&env, SHM_IPA) && borrower.is_shared(&env, SHM_IPA + 0x4fff));
+    assert!(!borrower.is_shared(&env, SHM_IPA) && !owner.is_shared(&env, u64::MAX));
+    let m = borrower.translate(&env, SHM_IPA + 0x4008).unwrap();
+    assert_eq!((m.pa, m.attrs), (a, Attrs::SHARED_BORROWED));
+    clean(&mut env);
+}
+
+// A borrower's teardown and reset, and an unmap, remove its view but report none of the shared
+// frames released; its own RAM is reported as before. The owner's teardown does the same: the
+// region outlives both spaces until whoever holds it releases it.
+#[test]
+fn teardown_and_unmap_never_release_shared_frames() {
+    let (mut env, owner, borrower, [a, b]) = shared_setup();
+    let ram = guest_frame(&mut env, 2);
+    borrower.map(&mut env, GUEST_RAM, ram, 3, Attrs::RAM).unwrap();
+    for s2 in [&owner, &borrower] {
+        let attrs = if s2.vm() == vm(1) { Attrs::SHARED_OWNED } else { Attrs::SHARED_BORROWED };
+        s2.map(&mut env, SHM_IPA, a, 3, attrs).unwrap();
+        s2.map(&mut env, SHM_IPA + 0x1000, b, 3, attrs).unwrap();
+    }
+    let mut got = Vec::new();
+    borrower.unmap_live(&mut env, SHM_IPA, 0x1000, &mut |pa, size| got.push((pa, size))).unwrap();
+    assert!(got.is_empty(), "{got:x?}");
+    assert_eq!(borrower.translate(&env, SHM_IPA), None);
+    borrower.empty(&mut env, &mut |pa, size| got.push((pa, size)));
+    assert_eq!(got, vec![(ram, 0x1000)], "only its own RAM");
+    assert_eq!(borrower.translate(&env, SHM_IPA + 0x1000), None);
+    env.release_frames(ram, 0x1000);
+    // Mapped again after the reset, then destroyed for good.
+    borrower.map(&mut env, SHM_IPA, a, 3, Attrs::SHARED_BORROWED).unwrap();
+    got.clear();
+    let _ = borrower.destroy(&mut env, &mut |pa, size| got.push((pa, size)));
+    env.remove_root(2);
+    let _ = owner.destroy(&mut env, &mut |pa, size| got.push((pa, size)));
+    env.remove_root(1);
+    assert!(got.is_empty(), "{got:x?}");
+    assert_eq!(env.frames_in(FrameState::SharedOwned(vm(1))), 2);
+    assert_eq!(env.cached_for(2), 0);
+    env.release_frames(a, 0x1000);
+    env.release_frames(b, 0x1000);
+    assert!(env.violations.is_empty(), "{:#?}", env.violations);
+}

@@ -524,6 +524,7 @@ pub fn test_guest(vcpus: u32, gic: bool) -> Vm {
         bootargs: None,
         no_block_mappings: false,
         guaranteed_kib: None,
+        shared: crate::dt::FixedList::filled(crate::dt::SharedMem::NONE),
         virtual_gic: gic,
     };
     let layout = Layout {

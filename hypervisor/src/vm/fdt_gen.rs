@@ -10,6 +10,7 @@ use alloc::vec::Vec;
 
 use super::layout::{Layout, UART_BASE, UART_SIZE};
 use super::vgic::{GICD_BASE, GICD_SIZE, GICR_BASE, GICR_SIZE, UART_INTID};
+use crate::dt::SharedMem;
 use crate::dt::MAX_VCPUS;
 
 /// Why a device tree could not be written.
@@ -62,13 +63,17 @@ const _: () = assert!(GICR_BASE + MAX_VCPUS as u64 * GICR_SIZE <= UART_BASE);
 /// `/chosen/labyrinth,reset-count`: a guest's RAM is fresh after a reset, so this is the only
 /// way it can tell a reboot from a first boot. `gic`: the guest has a virtual GICv3, so the
 /// tree describes it (one redistributor per vCPU), the architected timer's four PPIs and the
-/// UART's SPI.
+/// UART's SPI. `shared`: the static shared memory regions, described as Xen describes them
+/// (Xen 4.19): each a bank of `/memory` and a `/reserved-memory/xen-shmem@ADDR` child
+/// (`compatible = "xen,shared-memory-v1"`, `reg`, `xen,id`, `xen,offset` = 0), so that the
+/// guest leaves it out of its own allocations and a driver finds it by its id.
 pub fn generate(
     layout: &Layout,
     vcpus: usize,
     bootargs: Option<&str>,
     resets: u32,
     gic: bool,
+    shared: &[SharedMem<'_>],
 ) -> Result<Vec<u8>, FdtGenError> {
     if !(1..=MAX_VCPUS).contains(&vcpus) {
         return Err(FdtGenError::VcpuCount { vcpus });
@@ -94,8 +99,30 @@ pub fn generate(
 
     let mem = w.begin_node(&node_name("memory", layout.ram_base))?;
     w.property_string("device_type", "memory")?;
-    w.property_array_u64("reg", &[layout.ram_base, layout.ram_size])?;
+    let mut banks = vec![layout.ram_base, layout.ram_size];
+    for s in shared {
+        banks.extend_from_slice(&[s.guest_addr, s.size]);
+    }
+    w.property_array_u64("reg", &banks)?;
     w.end_node(mem)?;
+
+    if !shared.is_empty() {
+        let resv = w.begin_node("reserved-memory")?;
+        w.property_u32("#address-cells", 2)?;
+        w.property_u32("#size-cells", 2)?;
+        w.property_null("ranges")?;
+        for s in shared {
+            let shm = w.begin_node(&node_name("xen-shmem", s.guest_addr))?;
+            w.property_string("compatible", "xen,shared-memory-v1")?;
+            w.property_array_u64("reg", &[s.guest_addr, s.size])?;
+            w.property_string("xen,id", s.id)?;
+            // The offset in the owner's region a borrower's mapping starts at: always 0 here,
+            // as in Xen (every guest maps the whole region).
+            w.property_u64("xen,offset", 0)?;
+            w.end_node(shm)?;
+        }
+        w.end_node(resv)?;
+    }
 
     let cpus = w.begin_node("cpus")?;
     w.property_u32("#address-cells", 1)?;
@@ -178,7 +205,7 @@ mod tests {
     fn the_guest_tree_describes_memory_cpus_psci_uart_and_chosen() {
         let k = ImageHeader { text_offset: 0x8_0000, effective_size: 0x10_0000 };
         let layout = plan(64 << 20, 40, &k, Some(0x1000)).unwrap();
-        let blob = generate(&layout, 1, Some("console=ttyAMA0 stress.seed=3"), 2, false).unwrap();
+        let blob = generate(&layout, 1, Some("console=ttyAMA0 stress.seed=3"), 2, false, &[]).unwrap();
         // Read it back with Labyrinth's own checked parser and with the fdt crate.
         let p = crate::dt::parse(&blob).unwrap();
         assert_eq!(p.memory()[0].base(), 0x4000_0000);
@@ -198,12 +225,12 @@ mod tests {
     fn a_virtual_gic_brings_the_gic_timer_and_uart_interrupt_nodes() {
         let k = ImageHeader { text_offset: 0, effective_size: 0x100_0000 };
         let layout = plan(128 << 20, 40, &k, None).unwrap();
-        let without = generate(&layout, 1, None, 0, false).unwrap();
+        let without = generate(&layout, 1, None, 0, false, &[]).unwrap();
         let f = fdt::Fdt::new(&without).unwrap();
         assert!(f.find_compatible(&["arm,gic-v3"]).is_none(), "test kernels see no GIC");
         assert!(f.find_compatible(&["arm,armv8-timer"]).is_none());
 
-        let blob = generate(&layout, 1, None, 0, true).unwrap();
+        let blob = generate(&layout, 1, None, 0, true, &[]).unwrap();
         let f = fdt::Fdt::new(&blob).unwrap();
         let gic = f.find_compatible(&["arm,gic-v3"]).unwrap();
         assert_eq!(gic.property("#interrupt-cells").unwrap().as_usize(), Some(3));
@@ -245,7 +272,7 @@ mod tests {
         let k = ImageHeader { text_offset: 0, effective_size: 0x100_0000 };
         let layout = plan(128 << 20, 40, &k, None).unwrap();
         for vcpus in [1, 2, 3, 4, MAX_VCPUS] {
-            let blob = generate(&layout, vcpus, Some("console=ttyAMA0"), 0, true).unwrap();
+            let blob = generate(&layout, vcpus, Some("console=ttyAMA0"), 0, true, &[]).unwrap();
             let f = fdt::Fdt::new(&blob).unwrap();
             let cpus: Vec<_> = f.find_node("/cpus").unwrap().children().collect();
             assert_eq!(cpus.len(), vcpus);
@@ -289,18 +316,65 @@ mod tests {
     fn a_vcpu_count_the_configuration_refuses_is_refused_here_too() {
         let k = ImageHeader { text_offset: 0, effective_size: 0x10_0000 };
         let layout = plan(64 << 20, 40, &k, None).unwrap();
-        assert_eq!(generate(&layout, 0, None, 0, true), Err(FdtGenError::VcpuCount { vcpus: 0 }));
-        let e = generate(&layout, MAX_VCPUS + 1, None, 0, false).unwrap_err();
+        assert_eq!(generate(&layout, 0, None, 0, true, &[]), Err(FdtGenError::VcpuCount { vcpus: 0 }));
+        let e = generate(&layout, MAX_VCPUS + 1, None, 0, false, &[]).unwrap_err();
         assert_eq!(e, FdtGenError::VcpuCount { vcpus: 17 });
         assert_eq!(e.to_string(), "17 vCPUs: a guest has 1 to 16");
-        assert!(generate(&layout, MAX_VCPUS, None, 0, false).is_ok());
+        assert!(generate(&layout, MAX_VCPUS, None, 0, false, &[]).is_ok());
+    }
+
+    // Shared memory appears as Xen 4.19 writes it: a /memory bank and a /reserved-memory child
+    // with its id and offset; Labyrinth's own parser and the fdt crate both read it back.
+    #[test]
+    fn shared_memory_is_described_as_xen_does() {
+        use crate::dt::ShmRole;
+        let k = ImageHeader { text_offset: 0, effective_size: 0x10_0000 };
+        let layout = plan(64 << 20, 40, &k, None).unwrap();
+        let shared = [
+            SharedMem {
+                id: "ring",
+                role: ShmRole::Owner,
+                guest_addr: 0x1000_0000,
+                size: 0x20_0000,
+                node: "n",
+            },
+            SharedMem { id: "b", role: ShmRole::Borrower, guest_addr: 0x8000_0000, size: 0x1000, node: "m" },
+        ];
+        let blob = generate(&layout, 1, None, 0, false, &shared).unwrap();
+        let p = crate::dt::parse(&blob).unwrap();
+        let banks: Vec<_> = p.memory().iter().map(|r| (r.base(), r.size())).collect();
+        assert!(
+            banks.contains(&(0x4000_0000, 64 << 20)) && banks.contains(&(0x1000_0000, 0x20_0000)),
+            "{banks:x?}"
+        );
+        let resv: Vec<_> = p
+            .reserved_memory()
+            .iter()
+            .map(|r| (r.name, r.region.base(), r.region.size(), r.no_map))
+            .collect();
+        assert_eq!(
+            resv,
+            [
+                ("xen-shmem@10000000", 0x1000_0000, 0x20_0000, false),
+                ("xen-shmem@80000000", 0x8000_0000, 0x1000, false)
+            ]
+        );
+        let f = fdt::Fdt::new(&blob).unwrap();
+        let node = f.find_node("/reserved-memory/xen-shmem@10000000").unwrap();
+        assert_eq!(node.compatible().unwrap().first(), "xen,shared-memory-v1");
+        assert_eq!(node.property("xen,id").unwrap().as_str(), Some("ring"));
+        assert_eq!(node.property("xen,offset").unwrap().value, [0u8; 8]);
+        assert!(f.find_node("/reserved-memory").unwrap().property("ranges").is_some());
+        // No shared memory: no /reserved-memory at all.
+        let blob = generate(&layout, 1, None, 0, false, &[]).unwrap();
+        assert!(fdt::Fdt::new(&blob).unwrap().find_node("/reserved-memory").is_none());
     }
 
     #[test]
     fn a_bare_guest_with_two_vcpus_has_cpus_and_psci_but_no_gic() {
         let k = ImageHeader { text_offset: 0, effective_size: 0x10_0000 };
         let layout = plan(64 << 20, 40, &k, None).unwrap();
-        let blob = generate(&layout, 2, None, 0, false).unwrap();
+        let blob = generate(&layout, 2, None, 0, false, &[]).unwrap();
         let f = fdt::Fdt::new(&blob).unwrap();
         assert_eq!(f.find_node("/cpus").unwrap().children().count(), 2);
         assert!(f.find_compatible(&["arm,gic-v3"]).is_none());

@@ -14,6 +14,7 @@ pub mod image;
 pub mod input_focus;
 pub mod layout;
 pub mod lifecycle;
+pub mod shm;
 pub mod trap;
 pub mod vcpu;
 pub mod vcpu_set;
