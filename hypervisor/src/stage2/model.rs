@@ -134,6 +134,9 @@ pub enum Sabotage {
     DropBreak,
     /// The frame allocator hands a guest the frame it handed out last, again.
     HandOutTwice,
+    /// An install's compare-and-swap is a plain store: a valid entry goes in whatever the
+    /// entry holds, so the loser of a race overwrites the winner (or a held entry).
+    StoreNotCas,
 }
 
 /// Where a live table sits: its VMID, level and the first IPA it covers.
@@ -287,6 +290,13 @@ impl ModelEnv {
         }
     }
 
+    /// Switches to another CPU's view of what is written and not yet published by a `DSB`
+    /// (each CPU's barrier orders its own writes): `unpublished` becomes the current CPU's,
+    /// the previous one's is returned.
+    pub fn switch_cpu(&mut self, unpublished: bool) -> bool {
+        core::mem::replace(&mut self.unpublished, unpublished)
+    }
+
     /// Whether the block headed at `head` is still held as one unit (for tests).
     pub fn is_compound(&self, head: Pfn) -> bool {
         self.compound.contains(&head.0)
@@ -296,6 +306,22 @@ impl ModelEnv {
     /// twice shows as 2.
     pub fn leaves_mapping(&self, pfn: Pfn) -> u16 {
         self.index_of(pfn.0).map_or(0, |i| self.mapped[i])
+    }
+
+    /// The first of the `count` frames from `pfn` on that is not in `state`, or that a reachable
+    /// leaf maps (a claim not mapped yet, or given back, must be neither).
+    pub fn first_not_unmapped(&self, pfn: Pfn, count: u64, state: FrameState) -> Option<Pfn> {
+        let (Some(first), Some(last)) = (self.index_of(pfn.0), self.index_of(pfn.0 + count.max(1) - 1))
+        else {
+            return Some(pfn);
+        };
+        let (frames, state) = (&self.frames[first..=last], state.tag());
+        let mapped = &self.mapped[first..=last];
+        if all_eq(frames, state) & all_eq(mapped, 0) {
+            return None;
+        }
+        let bad = (0..frames.len()).find(|&i| frames[i] != state || mapped[i] != 0)?;
+        Some(Pfn(pfn.0 + bad as u64))
     }
 
     /// The first of the `count` frames from `pfn` on that is not in `state`, or not mapped by
@@ -948,7 +974,7 @@ impl Stage2Env for ModelEnv {
     /// One caller at a time here: the compare and the write cannot be split by another CPU.
     fn cas(&mut self, table: Pfn, index: usize, old: u64, new: u64) -> Result<(), u64> {
         let cur = self.read(table, index);
-        if cur != old {
+        if cur != old && !(self.sabotage == Sabotage::StoreNotCas && new & 1 != 0) {
             return Err(cur);
         }
         self.write(table, index, new);
