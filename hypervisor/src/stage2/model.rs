@@ -167,7 +167,8 @@ pub struct ModelEnv {
     ram_base: u64,
     /// Frames given back, most recent last (handed out first), then frames never handed out
     /// from `fresh` on; entries that were claimed since are skipped.
-    freed: Vec<u64>,
+    /// As runs `(first frame, count)`, handed out from the end of the last run.
+    freed: Vec<(u64, u64)>,
     fresh: usize,
     last_guest_frame: Option<u64>,
     /// Root table, start level and VMID of each live address space.
@@ -176,6 +177,11 @@ pub struct ModelEnv {
     info: BTreeMap<u64, TableInfo>,
     /// Cached entries no walk reaches any more, oldest first.
     stale: Vec<Stale>,
+    /// How many of them are whole subtrees (every table write checks whether one holds it).
+    trees: usize,
+    /// The last table `write` looked up in `info`, and what it found (cleared whenever `info`
+    /// changes): writes come in runs into one table.
+    info_last: core::cell::Cell<Option<(u64, Option<TableInfo>)>>,
     seq: u64,
     ids: u64,
     pending: Vec<Pending>,
@@ -210,6 +216,8 @@ impl ModelEnv {
             roots: Vec::new(),
             info: BTreeMap::new(),
             stale: Vec::new(),
+            trees: 0,
+            info_last: core::cell::Cell::new(None),
             seq: 0,
             ids: 0,
             pending: Vec::new(),
@@ -233,6 +241,12 @@ impl ModelEnv {
     /// The live table in frame `pfn`, if it is one.
     fn table(&self, pfn: u64) -> Option<&Table> {
         self.mem.get(pfn)
+    }
+
+    /// The entries of the live table in `table`, if it is one (for the harness's own walks,
+    /// which read whole tables).
+    pub fn table_entries(&self, table: Pfn) -> Option<&[u64; ENTRIES]> {
+        self.table(table.0).map(|t| &**t)
     }
 
     /// The valid entries of the table in frame `pfn`, as (index, raw).
@@ -350,6 +364,7 @@ impl ModelEnv {
     /// Registers an address space so the model knows which VMID a table belongs to.
     pub fn add_root(&mut self, vmid: u16, root: Pfn, start_level: usize) {
         self.roots.push((vmid, root, start_level));
+        self.info_last.set(None);
         self.info.insert(root.0, TableInfo { vmid, level: start_level, base: 0 });
         for (i, raw) in self.valid(root.0) {
             self.reach(vmid, start_level, i as u64 * level_size(start_level), raw);
@@ -365,6 +380,7 @@ impl ModelEnv {
         }
         self.roots.retain(|r| r.0 != vmid);
         self.info.retain(|_, t| t.vmid != vmid);
+        self.info_last.set(None);
     }
 
     /// Takes a free frame for `owner` (what the atomic path does for a fault), if any is left.
@@ -378,8 +394,15 @@ impl ModelEnv {
             }
         }
         let i = loop {
-            let i = match self.freed.pop() {
-                Some(pfn) => self.index_of(pfn)?,
+            let i = match self.freed.last_mut() {
+                Some(run) => {
+                    run.1 -= 1;
+                    let pfn = run.0 + run.1;
+                    if run.1 == 0 {
+                        self.freed.pop();
+                    }
+                    self.index_of(pfn)?
+                }
                 None => {
                     while self.fresh < self.frames.len() && self.frames[self.fresh] != FREE {
                         self.fresh += 1;
@@ -474,7 +497,7 @@ impl ModelEnv {
                 self.violation(format!("frames {pa:#x}+{size:#x} released, but {frame:#x} was free already"));
             }
             self.retag(first, last + 1, FrameState::Free);
-            self.freed.extend((first..=last).map(|i| self.ram_base + i as u64));
+            self.freed.push((self.ram_base + first as u64, (last + 1 - first) as u64));
         }
     }
 
@@ -482,6 +505,7 @@ impl ModelEnv {
     /// (`add`) or stopped being reachable: its tables join or leave `info`, and the frames its
     /// leaves translate to gain or lose a mapping.
     fn account(&mut self, vmid: u16, table: Pfn, level: usize, base: u64, add: bool) {
+        self.info_last.set(None);
         let mut todo = vec![(table, level, base)];
         let mut pages = 0;
         while let Some((table, level, base)) = todo.pop() {
@@ -590,6 +614,7 @@ impl ModelEnv {
         };
         self.seq += 1;
         self.ids += 1;
+        self.trees += usize::from(matches!(entry, Cached::Tree(_)));
         self.stale.push(Stale { entry, s2: true, combined: true, seq: self.seq, id: self.ids });
     }
 
@@ -654,6 +679,7 @@ impl ModelEnv {
         let s = self.stale[k];
         let Cached::Tree(w) = s.entry else { return };
         self.stale[k] = Stale { entry: Cached::Walk(w), combined: false, ..s };
+        self.trees -= 1;
         let level = child_level(&w);
         let size = level_size(level);
         for (i, raw) in self.entries(w.table.0).into_iter().enumerate() {
@@ -667,6 +693,7 @@ impl ModelEnv {
                 Entry::Table(_) => continue,
             };
             self.ids += 1;
+            self.trees += usize::from(matches!(entry, Cached::Tree(_)));
             self.stale.push(Stale { entry, id: self.ids, ..s });
         }
     }
@@ -749,6 +776,11 @@ impl ModelEnv {
             kept.push(s);
         }
         self.stale = kept;
+        self.recount_trees();
+    }
+
+    fn recount_trees(&mut self) {
+        self.trees = self.stale.iter().filter(|s| matches!(s.entry, Cached::Tree(_))).count();
     }
 
     /// Cached entries (stage 2, combined, walk) still tagged with `vmid`.
@@ -811,6 +843,7 @@ impl ModelEnv {
             }
             self.stale.retain(|s| s.s2 || s.combined);
         }
+        self.recount_trees();
     }
 }
 
@@ -930,7 +963,14 @@ impl Stage2Env for ModelEnv {
     }
 
     fn write(&mut self, table: Pfn, index: usize, value: u64) {
-        let info = self.info.get(&table.0).copied();
+        let info = match self.info_last.get() {
+            Some((pfn, info)) if pfn == table.0 => info,
+            _ => {
+                let info = self.info.get(&table.0).copied();
+                self.info_last.set(Some((table.0, info)));
+                info
+            }
+        };
         let old = self.read(table, index);
         // A break is any write that makes a valid entry invalid (zero, or locked for a change).
         if self.sabotage == Sabotage::DropBreak && info.is_some() && old & 1 != 0 && value & 1 == 0 {
@@ -938,7 +978,7 @@ impl Stage2Env for ModelEnv {
         }
         // A table a stale subtree holds keeps what the walk caches may have read from it: take
         // the subtree apart down to this table first.
-        if self.stale.iter().any(|s| matches!(s.entry, Cached::Tree(_))) {
+        if self.trees > 0 {
             self.expand_where(&|env, s| match s.entry {
                 Cached::Tree(w) => env.tree_holds(&w, table),
                 _ => false,
@@ -1034,7 +1074,7 @@ impl Stage2Env for ModelEnv {
         self.mem.free(table.0);
         if let Some(i) = self.index_of(table.0) {
             self.retag(i, i + 1, FrameState::Free);
-            self.freed.push(table.0);
+            self.freed.push((table.0, 1));
         }
     }
 

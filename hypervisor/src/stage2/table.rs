@@ -1104,7 +1104,9 @@ impl Stage2 {
             Entry::Table(child) => {
                 for i in 0..ENTRIES {
                     let r = env.read(child, i);
-                    self.release_subtree(env, r, level + 1, released);
+                    if r != 0 {
+                        self.release_subtree(env, r, level + 1, released);
+                    }
                 }
                 env.free_table(self.vm, child);
             }
