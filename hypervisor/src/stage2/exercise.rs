@@ -176,17 +176,31 @@ enum Phase {
     /// In the guest: no fault under way.
     Idle,
     /// The fast path found the page's slot through its cache (no read); the CAS is next.
-    PageSlot { entry: (Pfn, usize), ipa: u64, claim: ClaimedPage },
+    PageSlot {
+        entry: (Pfn, usize),
+        ipa: u64,
+        claim: ClaimedPage,
+    },
     /// The same for a block's level-2 slot.
-    BlockSlot { entry: (Pfn, usize), ipa: u64, claim: ClaimedBlock },
+    BlockSlot {
+        entry: (Pfn, usize),
+        ipa: u64,
+        claim: ClaimedBlock,
+    },
     /// The general path's install, an access at a time.
     Page(FaultSteps<1>),
     Block(FaultSteps<512>),
     /// Declined: the claim goes back through the atomic path, untouched.
-    GiveBack { pa: u64, size: u64, ipa: u64 },
+    GiveBack {
+        pa: u64,
+        size: u64,
+        ipa: u64,
+    },
     /// The guest's access re-executes: it writes into the frame behind `ipa`, if any (else it
     /// faults again, a new fault).
-    Access { ipa: u64 },
+    Access {
+        ipa: u64,
+    },
 }
 
 impl Phase {
@@ -356,7 +370,10 @@ impl Vcpus {
             Phase::GiveBack { pa, size, ipa } => {
                 // Untouched: no access wrote into it, nothing maps it, and it is still only the
                 // claim's (the guest's, not yet anyone else's); then back, no TLB holding it.
-                ensure!(!self.stamped_in(pa, size), "a claim handed back at {pa:#x} was written by the guest");
+                ensure!(
+                    !self.stamped_in(pa, size),
+                    "a claim handed back at {pa:#x} was written by the guest"
+                );
                 let first = Pfn(pa >> 12);
                 if let Some(f) = env.first_not_unmapped(first, size / PAGE, FrameState::Guest(s2.vm())) {
                     return Err(format!(
@@ -400,7 +417,10 @@ impl Vcpus {
             );
         }
         if is_locked(before) {
-            ensure!(matches!(r, Err(Declined::Retry(_))), "a fault meeting a held entry at {ipa:#x} did not retry");
+            ensure!(
+                matches!(r, Err(Declined::Retry(_))),
+                "a fault meeting a held entry at {ipa:#x} did not retry"
+            );
             self.held += 1;
         }
         self.retried += usize::from(matches!(r, Err(Declined::Retry(_))));
@@ -443,7 +463,10 @@ impl Vcpus {
     fn outcome(&mut self, ipa: u64, pa: u64, pages: u64, r: Result<(), Pfn>) -> Result<Phase, String> {
         match r {
             Ok(()) => {
-                ensure!(!self.stamped_in(pa, pages * PAGE), "a fresh claim at {pa:#x} mapped with data in it");
+                ensure!(
+                    !self.stamped_in(pa, pages * PAGE),
+                    "a fresh claim at {pa:#x} mapped with data in it"
+                );
                 self.installed.push(Installed { ipa, pa, pages });
                 Ok(Phase::Access { ipa })
             }
@@ -499,7 +522,9 @@ fn walk_leaf(env: &ModelEnv, s2: &Stage2, ipa: u64) -> Option<(u64, Attrs)> {
                 table = next;
                 level += 1;
             }
-            Entry::Leaf { pa, attrs } => return Some((pa + (ipa & (level_size(level) - 1) & !(PAGE - 1)), attrs)),
+            Entry::Leaf { pa, attrs } => {
+                return Some((pa + (ipa & (level_size(level) - 1) & !(PAGE - 1)), attrs))
+            }
             _ => return None,
         }
     }
@@ -792,7 +817,8 @@ impl Exercise {
             13 => {
                 let (Some(b), Some(p)) = (r.byte(), r.u16()) else { return Ok(None) };
                 let ipa = page(u64::from(p) % WINDOW_PAGES);
-                let Some((start, size)) = self.begin(gi, usize::from(b & 1), ipa, b & 2 != 0, b & 4 != 0) else {
+                let Some((start, size)) = self.begin(gi, usize::from(b & 1), ipa, b & 2 != 0, b & 4 != 0)
+                else {
                     return Ok(Some(None));
                 };
                 Touched::around(gi, start, start + size, size)
@@ -1010,7 +1036,9 @@ impl Exercise {
     fn unmap(&mut self, gi: usize, ipa: u64, end: u64) -> Result<(), String> {
         let mut released = Vec::new();
         let (result, during) = if self.is_live(gi) {
-            self.live(gi, |s2, env| s2.unmap_live(env, ipa, end - ipa, &mut |pa, size| released.push((pa, size))))?
+            self.live(gi, |s2, env| {
+                s2.unmap_live(env, ipa, end - ipa, &mut |pa, size| released.push((pa, size)))
+            })?
         } else {
             let (s2, env) = self.s2(gi);
             (s2.unmap(env, ipa, end - ipa, &mut |pa, size| released.push((pa, size))), Vec::new())
@@ -1065,7 +1093,12 @@ impl Exercise {
             let s2 = g.s2.as_ref().expect("live space");
             let now = walk_leaf(&self.env, s2, d.ipa).map_or(Attrs::RAM, |(_, a)| a);
             let inside = ipa <= d.ipa && d.ipa + d.pages * PAGE <= end && result.is_ok();
-            g.expect.insert_with(d.ipa, d.pages, d.pa, if inside && now == attrs { attrs } else { Attrs::RAM });
+            g.expect.insert_with(
+                d.ipa,
+                d.pages,
+                d.pa,
+                if inside && now == attrs { attrs } else { Attrs::RAM },
+            );
         }
         Ok(())
     }
@@ -1152,7 +1185,11 @@ impl Exercise {
             let s2 = g.s2.as_ref().expect("live space");
             ensure!(s2.caches_agree(&self.env), "VM {}: a cached table is not the one a walk finds", g.vmid);
             for (v, cache) in g.vcpus.caches.iter().enumerate() {
-                ensure!(cache.agrees(s2, &self.env), "VM {}: vCPU {v}'s cached table is not the one a walk finds", g.vmid);
+                ensure!(
+                    cache.agrees(s2, &self.env),
+                    "VM {}: vCPU {v}'s cached table is not the one a walk finds",
+                    g.vmid
+                );
             }
             // Table pages: in the tree, retired (waiting for quiescent points), or taken by an
             // install under way.
@@ -1351,7 +1388,10 @@ fn table_runs(env: &ModelEnv, s2: &Stage2, start: u64, end: u64) -> Vec<(u64, Ru
         // Runs of 8 invalid entries are skipped at once (most of a sparse table).
         let mut idx = first;
         while idx < end {
-            if idx % 8 == 0 && idx + 8 <= end && entries[idx..idx + 8].iter().fold(0, |a, e| a | e) & 1 == 0 {
+            if idx.is_multiple_of(8)
+                && idx + 8 <= end
+                && entries[idx..idx + 8].iter().fold(0, |a, e| a | e) & 1 == 0
+            {
                 idx += 8;
                 continue;
             }
