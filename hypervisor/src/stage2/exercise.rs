@@ -250,6 +250,9 @@ struct Installed {
 /// their accesses wrote into, and the installs the reference has not taken in yet.
 struct Vcpus {
     caches: [FaultCache; VCPUS],
+    /// The cache of the single-operation faults through the vCPU forms (`map_cached`,
+    /// `fault_block`).
+    general: FaultCache,
     phases: [Phase; VCPUS],
     /// Whether each vCPU wrote table memory it has not published with a `DSB` yet (a fault
     /// publishes before it returns to the guest).
@@ -271,6 +274,7 @@ impl Vcpus {
     fn new() -> Vcpus {
         Vcpus {
             caches: [FaultCache::new(); VCPUS],
+            general: FaultCache::new(),
             phases: [const { Phase::Idle }; VCPUS],
             unpublished: [false; VCPUS],
             quiescence: Quiescence::new(),
@@ -854,10 +858,13 @@ impl Exercise {
         let vm = self.guests[gi].vm;
         let mapped = self.guests[gi].expect.any_in(ipa, ipa + PAGE);
         let Some(pfn) = self.env.claim_frame(FrameState::Guest(vm)) else { return Ok(()) };
-        let (s2, env) = self.s2(gi);
-        // Page faults take the general path, the demand-fault path, or its claimed-page form.
-        let r = match (ipa / PAGE) % 3 {
+        let g = &mut self.guests[gi];
+        let (s2, env) = (g.s2.as_mut().expect("live space"), &mut self.env);
+        // Page faults take the general path, the demand-fault path, its claimed-page form, or the
+        // vCPU fault path's general form (a map by frame number through a vCPU's cache).
+        let r = match (ipa / PAGE) % 4 {
             0 => s2.map(env, ipa, pfn.phys(), 3, Attrs::RAM),
+            3 => s2.map_cached(env, &mut g.vcpus.general, ipa, pfn.phys(), 3, Attrs::RAM),
             1 => s2.map_page(env, ipa, pfn.phys(), Attrs::RAM),
             _ => match s2.cached_page_slot(env, ipa) {
                 Some(slot) => slot
@@ -914,8 +921,20 @@ impl Exercise {
             // Declined (something mapped, or no level-2 table yet): the general path follows.
         }
         let Some(first) = self.env.claim_contiguous(512, 512, FrameState::Guest(vm)) else { return Ok(()) };
-        let (s2, env) = self.s2(gi);
-        match s2.map(env, ipa, first.phys(), 2, Attrs::RAM) {
+        let g = &mut self.guests[gi];
+        let (s2, env) = (g.s2.as_ref().expect("live space"), &mut self.env);
+        // Half the time the vCPU fault path's general block form, with the claim's proof.
+        let r = if (ipa / level_size(2)).is_multiple_of(2) {
+            s2.map(env, ipa, first.phys(), 2, Attrs::RAM)
+        } else {
+            let claim = ClaimedBlock::assume(first, vm);
+            s2.fault_block(env, &mut g.vcpus.general, ipa, claim).map_err(|d| match d {
+                Declined::Refused(_, e) => e,
+                // Another block there, or a held entry (none between operations).
+                Declined::Retry(_) => Stage2Error::AlreadyMapped { ipa },
+            })
+        };
+        match r {
             Ok(()) => {
                 ensure!(!any_mapped, "block mapped over live pages at {ipa:#x}");
                 self.guests[gi].expect.insert(ipa, 512, first.phys());
@@ -1184,6 +1203,11 @@ impl Exercise {
         for g in &self.guests {
             let s2 = g.s2.as_ref().expect("live space");
             ensure!(s2.caches_agree(&self.env), "VM {}: a cached table is not the one a walk finds", g.vmid);
+            ensure!(
+                g.vcpus.general.agrees(s2, &self.env),
+                "VM {}: a vCPU cache is not the one a walk finds",
+                g.vmid
+            );
             for (v, cache) in g.vcpus.caches.iter().enumerate() {
                 ensure!(
                     cache.agrees(s2, &self.env),
