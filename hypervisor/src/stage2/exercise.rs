@@ -8,16 +8,32 @@
 //! operation the machine model's verdict, the frame counts, the cached tables and the range the
 //! operation touched (translations, owners, no frame mapped twice); every [`FULL_EVERY`]
 //! operations and at the end, everything, through the table code's own walkers.
+//!
+//! Two vCPUs per guest fault beside all this, a step at a time ([`Vcpu`]): the input starts a
+//! fault (a claim, then the fast path's slot or the general path's walk), moves it on by a few
+//! accesses to shared table memory (reads, compare-and-swaps), hands a declined claim back, and
+//! lets the guest's access re-execute (it stamps the frame behind the IPA), in whatever order it
+//! chooses, between other operations and inside structural ones (at their first TLB
+//! invalidation, while break-before-make holds entries locked, or at the locking of a table
+//! about to be unlinked). While a fault is under way, structural changes take their `_live`
+//! forms and unlinked tables wait for every vCPU's quiescent point.
 
 use std::collections::BTreeMap;
 use std::format;
 use std::string::String;
 use std::vec::Vec;
 
-use crate::frame::{ClaimedBlock, ClaimedPage, FrameState, Pfn, VmId};
+use std::collections::BTreeSet;
 
+use crate::frame::{Claimed, ClaimedBlock, ClaimedPage, FrameState, Pfn, VmId};
+
+use super::desc::is_locked;
+use super::fault::{FaultSteps, Progress};
 use super::model::{ModelEnv, Sabotage};
-use super::{level_size, Attrs, Entry, Geometry, MemType, PageState, Stage2, Stage2Env, Stage2Error};
+use super::{
+    level_size, Attrs, Declined, Entry, FaultCache, Geometry, MemType, PageState, Quiescence, Stage2,
+    Stage2Env, Stage2Error,
+};
 
 const RAM_BASE_PFN: u64 = 0x40000;
 /// 24 MiB of host RAM: enough for both guests' windows and their tables, small enough to run out.
@@ -96,7 +112,11 @@ impl Reference {
     }
 
     fn insert(&mut self, ipa: u64, pages: u64, pa: u64) {
-        self.runs.insert(ipa, Run { pages, pa, attrs: Attrs::RAM });
+        self.insert_with(ipa, pages, pa, Attrs::RAM);
+    }
+
+    fn insert_with(&mut self, ipa: u64, pages: u64, pa: u64, attrs: Attrs) {
+        self.runs.insert(ipa, Run { pages, pa, attrs });
         self.pages += pages;
     }
 
@@ -145,6 +165,473 @@ struct Guest {
     vm: VmId,
     vmid: u16,
     expect: Reference,
+    vcpus: Vcpus,
+}
+
+/// vCPUs per guest that fault a step at a time.
+const VCPUS: usize = 2;
+
+/// Where one vCPU's fault is.
+enum Phase {
+    /// In the guest: no fault under way.
+    Idle,
+    /// The fast path found the page's slot through its cache (no read); the CAS is next.
+    PageSlot {
+        entry: (Pfn, usize),
+        ipa: u64,
+        claim: ClaimedPage,
+    },
+    /// The same for a block's level-2 slot.
+    BlockSlot {
+        entry: (Pfn, usize),
+        ipa: u64,
+        claim: ClaimedBlock,
+    },
+    /// The general path's install, an access at a time.
+    Page(FaultSteps<1>),
+    Block(FaultSteps<512>),
+    /// Declined: the claim goes back through the atomic path, untouched.
+    GiveBack {
+        pa: u64,
+        size: u64,
+        ipa: u64,
+    },
+    /// The guest's access re-executes: it writes into the frame behind `ipa`, if any (else it
+    /// faults again, a new fault).
+    Access {
+        ipa: u64,
+    },
+}
+
+impl Phase {
+    /// The frames claimed and not mapped yet (the guest owns them, nothing maps them).
+    fn claimed(&self) -> u64 {
+        match self {
+            Phase::PageSlot { .. } => 1,
+            Phase::BlockSlot { .. } => 512,
+            Phase::Page(_) => 1,
+            Phase::Block(_) => 512,
+            Phase::GiveBack { size, .. } => size / PAGE,
+            Phase::Idle | Phase::Access { .. } => 0,
+        }
+    }
+
+    /// Table pages taken by an install and neither linked nor given back yet.
+    fn tables_held(&self) -> usize {
+        match self {
+            Phase::Page(f) => f.install().tables_held(),
+            Phase::Block(f) => f.install().tables_held(),
+            _ => 0,
+        }
+    }
+
+    /// The region the fault is in (for the checks of what a step touched).
+    fn region(&self) -> Option<(u64, u64)> {
+        match self {
+            Phase::Idle => None,
+            Phase::PageSlot { ipa, .. } | Phase::Access { ipa } => Some((*ipa, PAGE)),
+            Phase::BlockSlot { ipa, .. } => Some((*ipa, level_size(2))),
+            Phase::Page(f) => Some((f.install().target().0, PAGE)),
+            Phase::Block(f) => Some((f.install().target().0, level_size(2))),
+            Phase::GiveBack { ipa, size, .. } => Some((*ipa, (*size).max(PAGE))),
+        }
+    }
+}
+
+/// A fault that mapped its claim: the reference follows.
+#[derive(Clone, Copy, Debug)]
+struct Installed {
+    ipa: u64,
+    pa: u64,
+    pages: u64,
+}
+
+/// One guest's stepping vCPUs: their caches and faults, their quiescent points, the frames
+/// their accesses wrote into, and the installs the reference has not taken in yet.
+struct Vcpus {
+    caches: [FaultCache; VCPUS],
+    /// The cache of the single-operation faults through the vCPU forms (`map_cached`,
+    /// `fault_block`).
+    general: FaultCache,
+    phases: [Phase; VCPUS],
+    /// Whether each vCPU wrote table memory it has not published with a `DSB` yet (a fault
+    /// publishes before it returns to the guest).
+    unpublished: [bool; VCPUS],
+    quiescence: Quiescence<VCPUS>,
+    stamped: BTreeSet<u64>,
+    installed: Vec<Installed>,
+    /// A race planted in the next structural change of this guest.
+    armed: Option<Armed>,
+    /// Faults that lost a race or met a held entry (handed their claim back to retry), and of
+    /// those the ones that met a held entry.
+    retried: usize,
+    held: usize,
+    /// Whether a vCPU ever faulted here (empty tables may be left linked since).
+    started: bool,
+}
+
+impl Vcpus {
+    fn new() -> Vcpus {
+        Vcpus {
+            caches: [FaultCache::new(); VCPUS],
+            general: FaultCache::new(),
+            phases: [const { Phase::Idle }; VCPUS],
+            unpublished: [false; VCPUS],
+            quiescence: Quiescence::new(),
+            stamped: BTreeSet::new(),
+            installed: Vec::new(),
+            armed: None,
+            retried: 0,
+            held: 0,
+            started: false,
+        }
+    }
+
+    /// The vCPUs start running in (a new) space `s2`; their caches stay (a cache from an old
+    /// space must never match the new one).
+    fn online(&mut self, s2: &Stage2) {
+        self.quiescence = Quiescence::new();
+        for v in 0..VCPUS {
+            self.quiescence.online(v, s2);
+        }
+    }
+
+    /// Frames claimed by faults under way and not mapped.
+    fn claimed(&self) -> u64 {
+        self.phases.iter().map(Phase::claimed).sum()
+    }
+
+    /// Table pages taken by installs under way and not linked yet.
+    fn tables_held(&self) -> usize {
+        self.phases.iter().map(Phase::tables_held).sum()
+    }
+
+    /// Frees the table pages unlinked before every vCPU's last quiescent point (the idle ones,
+    /// in the guest, pass one now).
+    fn drain(&mut self, s2: &Stage2, env: &mut ModelEnv) {
+        if s2.retired_pages() == 0 {
+            return;
+        }
+        for v in 0..VCPUS {
+            if matches!(self.phases[v], Phase::Idle) {
+                self.quiescence.pass(v, s2);
+            }
+        }
+        s2.drain_retired(env, self.quiescence.oldest());
+    }
+
+    fn busy(&self) -> bool {
+        self.phases.iter().any(|p| !matches!(p, Phase::Idle))
+    }
+
+    /// Whether a guest access wrote into any frame of `[pa, pa + size)`.
+    fn stamped_in(&self, pa: u64, size: u64) -> bool {
+        self.stamped.range(pa >> 12..(pa + size) >> 12).next().is_some()
+    }
+
+    /// The frames left the guest: what was written in them goes with them.
+    fn forget_stamps(&mut self, pa: u64, size: u64) {
+        if self.stamped.is_empty() {
+            return;
+        }
+        let gone: Vec<u64> = self.stamped.range(pa >> 12..(pa + size) >> 12).copied().collect();
+        for f in gone {
+            self.stamped.remove(&f);
+        }
+    }
+
+    /// Moves vCPU `v`'s fault on by one step, on its own CPU.
+    fn step(&mut self, v: usize, s2: &Stage2, env: &mut ModelEnv) -> Result<(), String> {
+        let others = env.switch_cpu(self.unpublished[v]);
+        let r = self.step_on_cpu(v, s2, env);
+        self.unpublished[v] = env.switch_cpu(others);
+        r?;
+        if matches!(self.phases[v], Phase::Access { .. }) {
+            // The fault is over: its writes must be visible to walkers before the access.
+            ensure!(!self.unpublished[v], "vCPU {v}'s fault returned with table writes not published");
+        }
+        Ok(())
+    }
+
+    fn step_on_cpu(&mut self, v: usize, s2: &Stage2, env: &mut ModelEnv) -> Result<(), String> {
+        let phase = core::mem::replace(&mut self.phases[v], Phase::Idle);
+        self.phases[v] = match phase {
+            Phase::Idle => Phase::Idle,
+            Phase::PageSlot { entry, ipa, claim } => {
+                let before = env.read(entry.0, entry.1);
+                let pa = claim.pfn().phys();
+                let r = s2.page_slot_at(entry).install(env, claim);
+                self.cas_outcome(env, entry, before, ipa, pa, r)?
+            }
+            Phase::BlockSlot { entry, ipa, claim } => {
+                let before = env.read(entry.0, entry.1);
+                let pa = claim.pfn().phys();
+                let r = s2.block_slot_at(entry, ipa).install(env, claim);
+                self.cas_outcome(env, entry, before, ipa, pa, r)?
+            }
+            Phase::Page(f) => self.fault_step(v, s2, env, f, Phase::Page)?,
+            Phase::Block(f) => self.fault_step(v, s2, env, f, Phase::Block)?,
+            Phase::GiveBack { pa, size, ipa } => {
+                // Untouched: no access wrote into it, nothing maps it, and it is still only the
+                // claim's (the guest's, not yet anyone else's); then back, no TLB holding it.
+                ensure!(
+                    !self.stamped_in(pa, size),
+                    "a claim handed back at {pa:#x} was written by the guest"
+                );
+                let first = Pfn(pa >> 12);
+                if let Some(f) = env.first_not_unmapped(first, size / PAGE, FrameState::Guest(s2.vm())) {
+                    return Err(format!(
+                        "a claim handed back holds {f}, which is {:?} and mapped {} times",
+                        env.frame_state(f),
+                        env.leaves_mapping(f)
+                    ));
+                }
+                env.release_frames(pa, size);
+                Phase::Access { ipa }
+            }
+            Phase::Access { ipa } => {
+                if let Some(pa) = walk_pa(env, s2, ipa) {
+                    self.stamped.insert(pa >> 12);
+                }
+                self.quiescence.pass(v, s2);
+                Phase::Idle
+            }
+        };
+        Ok(())
+    }
+
+    /// After a fast path's CAS on `entry`, which held `before`: a mapped claim is installed, a
+    /// declined one goes back. An entry held by a structural change (or mapped) is never
+    /// written: the fault retries.
+    fn cas_outcome<const N: usize>(
+        &mut self,
+        env: &ModelEnv,
+        entry: (Pfn, usize),
+        before: u64,
+        ipa: u64,
+        pa: u64,
+        r: Result<(), Declined<Claimed<N>>>,
+    ) -> Result<Phase, String> {
+        let after = env.read(entry.0, entry.1);
+        if before != 0 {
+            ensure!(
+                after == before && r.is_err(),
+                "a fault's CAS at {ipa:#x} on an entry holding {before:#x} left {after:#x} ({:?})",
+                r.as_ref().map_err(|d| matches!(d, Declined::Retry(_)))
+            );
+        }
+        if is_locked(before) {
+            ensure!(
+                matches!(r, Err(Declined::Retry(_))),
+                "a fault meeting a held entry at {ipa:#x} did not retry"
+            );
+            self.held += 1;
+        }
+        self.retried += usize::from(matches!(r, Err(Declined::Retry(_))));
+        self.outcome(ipa, pa, N as u64, r.map_err(Declined::into_claim).map_err(|c| c.pfn()))
+    }
+
+    /// One step of a general fault; `wrap` puts it back into its phase while it goes on.
+    fn fault_step<const N: usize>(
+        &mut self,
+        v: usize,
+        s2: &Stage2,
+        env: &mut ModelEnv,
+        f: FaultSteps<N>,
+        wrap: fn(FaultSteps<N>) -> Phase,
+    ) -> Result<Phase, String> {
+        let entry = f.install().next_entry();
+        let before = env.read(entry.0, entry.1);
+        let (ipa, pa) = (f.install().target().0, f.claim().pfn().phys());
+        match f.step(s2, env, &mut self.caches[v]) {
+            Progress::Pending(f) => {
+                ensure!(!is_locked(before), "a fault went on past a held entry at {ipa:#x}");
+                Ok(wrap(f))
+            }
+            Progress::Done(r) => {
+                if is_locked(before) {
+                    let after = env.read(entry.0, entry.1);
+                    ensure!(
+                        after == before && matches!(r, Err(Declined::Retry(_))),
+                        "a fault meeting a held entry at {ipa:#x} did not retry, or wrote {after:#x}"
+                    );
+                    self.held += 1;
+                }
+                self.retried += usize::from(matches!(r, Err(Declined::Retry(_))));
+                self.outcome(ipa, pa, N as u64, r.map_err(Declined::into_claim).map_err(|c| c.pfn()))
+            }
+        }
+    }
+
+    /// A fault's end: mapped (the reference takes it in) or declined (the claim goes back).
+    fn outcome(&mut self, ipa: u64, pa: u64, pages: u64, r: Result<(), Pfn>) -> Result<Phase, String> {
+        match r {
+            Ok(()) => {
+                ensure!(
+                    !self.stamped_in(pa, pages * PAGE),
+                    "a fresh claim at {pa:#x} mapped with data in it"
+                );
+                self.installed.push(Installed { ipa, pa, pages });
+                Ok(Phase::Access { ipa })
+            }
+            Err(first) => Ok(Phase::GiveBack { pa: first.phys(), size: pages * PAGE, ipa }),
+        }
+    }
+
+    /// Runs every vCPU's fault to its end (they leave the fault path: a teardown, the end).
+    fn settle(&mut self, s2: &Stage2, env: &mut ModelEnv) -> Result<(), String> {
+        for v in 0..VCPUS {
+            // An install takes at most a read and a CAS per level, then the hand-back and the access.
+            for _ in 0..16 {
+                if matches!(self.phases[v], Phase::Idle) {
+                    break;
+                }
+                self.step(v, s2, env)?;
+            }
+            ensure!(matches!(self.phases[v], Phase::Idle), "vCPU {v}'s fault did not end");
+        }
+        Ok(())
+    }
+}
+
+/// What the guest's access to `ipa` reaches now, walking the tables in memory (not through
+/// the code under test); between operations no TLB holds anything else.
+fn walk_pa(env: &ModelEnv, s2: &Stage2, ipa: u64) -> Option<u64> {
+    walk_leaf(env, s2, ipa).map(|(pa, _)| pa)
+}
+
+/// Whether the entry a walk to `ipa` finds at `level` is a table.
+fn walk_table(env: &ModelEnv, s2: &Stage2, ipa: u64, level: usize) -> bool {
+    let (mut table, mut at) = (root_of(s2), s2.geometry().start_level);
+    loop {
+        let idx = ((ipa >> (12 + 9 * (3 - at))) & 511) as usize;
+        match Entry::decode(env.read(table, idx), at) {
+            Entry::Table(_) if at == level => return true,
+            Entry::Table(next) if at < 3 => {
+                table = next;
+                at += 1;
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// The frame and attributes [`walk_pa`] finds.
+fn walk_leaf(env: &ModelEnv, s2: &Stage2, ipa: u64) -> Option<(u64, Attrs)> {
+    let (mut table, mut level) = (root_of(s2), s2.geometry().start_level);
+    loop {
+        let idx = ((ipa >> (12 + 9 * (3 - level))) & 511) as usize;
+        match Entry::decode(env.read(table, idx), level) {
+            Entry::Table(next) if level < 3 => {
+                table = next;
+                level += 1;
+            }
+            Entry::Leaf { pa, attrs } => {
+                return Some((pa + (ipa & (level_size(level) - 1) & !(PAGE - 1)), attrs))
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// When a race planted in a structural change runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trigger {
+    /// At the first TLB invalidation: break-before-make holds its entries locked.
+    FirstTlbi,
+    /// At the second (a later batch, or the change after an edge's split).
+    SecondTlbi,
+    /// At the first compare-and-swap locking an empty table before it leaves the tree.
+    LockingCas,
+}
+
+/// vCPU `vcpu` takes `steps` steps when `at` comes, in the middle of the next structural change.
+#[derive(Clone, Copy, Debug)]
+struct Armed {
+    at: Trigger,
+    vcpu: usize,
+    steps: usize,
+}
+
+/// The model, with a guest's vCPUs stepping at a planted point of a structural change.
+struct Racing<'a> {
+    env: &'a mut ModelEnv,
+    s2: &'a Stage2,
+    vcpus: &'a mut Vcpus,
+    plan: Option<Armed>,
+    tlbis: usize,
+    error: Option<String>,
+}
+
+impl Racing<'_> {
+    fn fire(&mut self, at: Trigger) {
+        let Some(plan) = self.plan.filter(|p| p.at == at) else { return };
+        self.plan = None;
+        for _ in 0..plan.steps {
+            if let Err(e) = self.vcpus.step(plan.vcpu, self.s2, self.env) {
+                self.error.get_or_insert(e);
+                return;
+            }
+        }
+    }
+
+    fn tlbi(&mut self) {
+        self.tlbis += 1;
+        self.fire(if self.tlbis == 1 { Trigger::FirstTlbi } else { Trigger::SecondTlbi });
+    }
+}
+
+impl Stage2Env for Racing<'_> {
+    fn read(&self, table: Pfn, index: usize) -> u64 {
+        self.env.read(table, index)
+    }
+    fn write(&mut self, table: Pfn, index: usize, value: u64) {
+        self.env.write(table, index, value)
+    }
+    fn cas(&mut self, table: Pfn, index: usize, old: u64, new: u64) -> Result<(), u64> {
+        if new == super::LOCKED {
+            self.fire(Trigger::LockingCas);
+        }
+        self.env.cas(table, index, old, new)
+    }
+    fn take_tables(&mut self, vm: VmId, out: &mut [Pfn]) -> Result<(), Stage2Error> {
+        self.env.take_tables(vm, out)
+    }
+    fn free_table(&mut self, vm: VmId, table: Pfn) {
+        self.env.free_table(vm, table)
+    }
+    fn return_unused_table(&mut self, vm: VmId, table: Pfn) {
+        self.env.return_unused_table(vm, table)
+    }
+    fn frame_state(&self, pfn: Pfn) -> Option<FrameState> {
+        self.env.frame_state(pfn)
+    }
+    fn frame_unit(&self, pfn: Pfn) -> (Option<FrameState>, u64) {
+        self.env.frame_unit(pfn)
+    }
+    fn split_frames(&mut self, vm: VmId, head: Pfn) {
+        self.env.split_frames(vm, head)
+    }
+    fn dsb_ishst(&mut self) {
+        self.env.dsb_ishst()
+    }
+    fn dsb_ish(&mut self) {
+        self.env.dsb_ish()
+    }
+    fn isb(&mut self) {
+        self.env.isb()
+    }
+    fn tlbi_ipas2e1is(&mut self, vmid: u16, ipa: u64, level: usize) {
+        self.env.tlbi_ipas2e1is(vmid, ipa, level);
+        self.tlbi();
+    }
+    fn tlbi_vmalle1is(&mut self, vmid: u16) {
+        self.env.tlbi_vmalle1is(vmid)
+    }
+    fn tlbi_vmalls12e1is(&mut self, vmid: u16) {
+        self.env.tlbi_vmalls12e1is(vmid);
+        self.tlbi();
+    }
 }
 
 struct Reader<'a> {
@@ -216,10 +703,12 @@ impl Exercise {
             vm: VmId::new(n).expect("small id"),
             vmid: n,
             expect: Reference::default(),
+            vcpus: Vcpus::new(),
         });
         for g in &mut guests {
             let s2 = Stage2::new(&mut env, g.vm, g.vmid, geo).expect("RAM for two roots");
             env.add_root(g.vmid, root_of(&s2), geo.start_level);
+            g.vcpus.online(&s2);
             g.s2 = Some(s2);
         }
         Exercise { env, guests, geo, hyp_frame, shared_frame }
@@ -235,6 +724,12 @@ impl Exercise {
     /// Runs the operations `data` encodes on a machine model with `sabotage` planted (after
     /// the set-up); the first divergence found, if any.
     pub fn run_checked(data: &[u8], sabotage: Sabotage) -> Result<(), String> {
+        Self::run_counting(data, sabotage).map(|_| ())
+    }
+
+    /// [`Exercise::run_checked`], also counting the vCPUs' faults that retried, and of those
+    /// the ones that met an entry held by a structural change.
+    pub fn run_counting(data: &[u8], sabotage: Sabotage) -> Result<(usize, usize), String> {
         let mut ex = Exercise::new();
         ex.env.sabotage = sabotage;
         let mut r = Reader { data };
@@ -288,10 +783,28 @@ impl Exercise {
             8 | 9 => {
                 let (Some(p), Some(l)) = (r.u16(), r.byte()) else { return Ok(None) };
                 let (ipa, level) = (page(u64::from(p) % WINDOW_PAGES), 1 + (l % 2) as usize);
-                let (s2, env) = self.s2(gi);
                 // Whether it applies depends on the table shape; translations must not change
                 // either way.
-                let _ = if op & 0x0f == 8 { s2.split(env, ipa, level) } else { s2.collapse(env, ipa, level) };
+                let split = op & 0x0f == 8;
+                if self.is_live(gi) {
+                    let (_, during) = self.live(gi, |s2, env| {
+                        if split {
+                            s2.split_live(env, ipa, level)
+                        } else {
+                            s2.collapse_live(env, ipa, level)
+                        }
+                    })?;
+                    let g = &mut self.guests[gi];
+                    for d in &during {
+                        g.expect.insert(d.ipa, d.pages, d.pa);
+                    }
+                    if !during.is_empty() {
+                        return Ok(Some(Some(Touched { gi, start: WINDOW, end: WINDOW_END })));
+                    }
+                } else {
+                    let (s2, env) = self.s2(gi);
+                    let _ = if split { s2.split(env, ipa, level) } else { s2.collapse(env, ipa, level) };
+                }
                 Touched::around(gi, ipa, ipa + 1, level_size(level))
             }
             10 => {
@@ -309,11 +822,32 @@ impl Exercise {
                 self.env.fail_tables = b & 1 != 0;
                 return Ok(Some(None));
             }
-            _ => {
-                let Some(p) = r.byte() else { return Ok(None) };
+            13 => {
+                let (Some(b), Some(p)) = (r.byte(), r.u16()) else { return Ok(None) };
                 let ipa = page(u64::from(p) % WINDOW_PAGES);
-                self.fault_page(gi, ipa)?;
-                Touched::around(gi, ipa, ipa + PAGE, PAGE)
+                let Some((start, size)) = self.begin(gi, usize::from(b & 1), ipa, b & 2 != 0, b & 4 != 0)
+                else {
+                    return Ok(Some(None));
+                };
+                Touched::around(gi, start, start + size, size)
+            }
+            14 => {
+                let Some(b) = r.byte() else { return Ok(None) };
+                match self.advance(gi, usize::from(b & 1), 1 + usize::from(b >> 1 & 7))? {
+                    Some((start, size)) => Touched::around(gi, start, start + size, size),
+                    None => return Ok(Some(None)),
+                }
+            }
+            _ => {
+                let Some(b) = r.byte() else { return Ok(None) };
+                let at = match b >> 1 & 3 {
+                    1 => Trigger::SecondTlbi,
+                    2 => Trigger::LockingCas,
+                    _ => Trigger::FirstTlbi,
+                };
+                let armed = Armed { at, vcpu: usize::from(b & 1), steps: 1 + usize::from(b >> 3 & 7) };
+                self.guests[gi].vcpus.armed = Some(armed);
+                return Ok(Some(None));
             }
         };
         Ok(Some(Some(touched)))
@@ -328,10 +862,13 @@ impl Exercise {
         let vm = self.guests[gi].vm;
         let mapped = self.guests[gi].expect.any_in(ipa, ipa + PAGE);
         let Some(pfn) = self.env.claim_frame(FrameState::Guest(vm)) else { return Ok(()) };
-        let (s2, env) = self.s2(gi);
-        // Page faults take the general path, the demand-fault path, or its claimed-page form.
-        let r = match (ipa / PAGE) % 3 {
+        let g = &mut self.guests[gi];
+        let (s2, env) = (g.s2.as_mut().expect("live space"), &mut self.env);
+        // Page faults take the general path, the demand-fault path, its claimed-page form, or the
+        // vCPU fault path's general form (a map by frame number through a vCPU's cache).
+        let r = match (ipa / PAGE) % 4 {
             0 => s2.map(env, ipa, pfn.phys(), 3, Attrs::RAM),
+            3 => s2.map_cached(env, &mut g.vcpus.general, ipa, pfn.phys(), 3, Attrs::RAM),
             1 => s2.map_page(env, ipa, pfn.phys(), Attrs::RAM),
             _ => match s2.cached_page_slot(env, ipa) {
                 Some(slot) => slot
@@ -388,15 +925,32 @@ impl Exercise {
             // Declined (something mapped, or no level-2 table yet): the general path follows.
         }
         let Some(first) = self.env.claim_contiguous(512, 512, FrameState::Guest(vm)) else { return Ok(()) };
-        let (s2, env) = self.s2(gi);
-        match s2.map(env, ipa, first.phys(), 2, Attrs::RAM) {
+        let g = &mut self.guests[gi];
+        let (s2, env) = (g.s2.as_ref().expect("live space"), &mut self.env);
+        // Half the time the vCPU fault path's general block form, with the claim's proof.
+        let r = if (ipa / level_size(2)).is_multiple_of(2) {
+            s2.map(env, ipa, first.phys(), 2, Attrs::RAM)
+        } else {
+            let claim = ClaimedBlock::assume(first, vm);
+            s2.fault_block(env, &mut g.vcpus.general, ipa, claim).map_err(|d| match d {
+                Declined::Refused(_, e) => e,
+                // Another block there, or a held entry (none between operations).
+                Declined::Retry(_) => Stage2Error::AlreadyMapped { ipa },
+            })
+        };
+        match r {
             Ok(()) => {
                 ensure!(!any_mapped, "block mapped over live pages at {ipa:#x}");
                 self.guests[gi].expect.insert(ipa, 512, first.phys());
             }
             Err(e) => {
+                // An empty level-3 table left by a vCPU's fault (linked, then the race lost or
+                // the page unmapped) refuses a block as pages would.
+                let g = &self.guests[gi];
+                let pages_or_table = any_mapped
+                    || g.vcpus.started && walk_table(&self.env, g.s2.as_ref().expect("live space"), ipa, 2);
                 ensure!(
-                    matches!(e, Stage2Error::AlreadyMapped { .. }) && any_mapped
+                    matches!(e, Stage2Error::AlreadyMapped { .. }) && pages_or_table
                         || e == Stage2Error::OutOfMemory && !any_mapped,
                     "block fault at {ipa:#x} (pages mapped: {any_mapped}) refused with {e:?}"
                 );
@@ -406,10 +960,122 @@ impl Exercise {
         Ok(())
     }
 
+    /// Whether a structural change of guest `gi` must take its `_live` form: a fault is under
+    /// way, or a race is planted in it.
+    fn is_live(&self, gi: usize) -> bool {
+        let v = &self.guests[gi].vcpus;
+        v.busy() || v.armed.is_some()
+    }
+
+    /// Runs a `_live` structural change of guest `gi` beside its vCPUs, the planted race (if
+    /// any) firing inside it; then frees what no vCPU can still hold. The installs made meanwhile
+    /// are returned for the caller to reconcile with the change.
+    fn live<R>(
+        &mut self,
+        gi: usize,
+        op: impl FnOnce(&Stage2, &mut Racing<'_>) -> R,
+    ) -> Result<(R, Vec<Installed>), String> {
+        self.apply_installed_to(gi)?;
+        let g = &mut self.guests[gi];
+        let s2 = g.s2.as_ref().expect("live space");
+        let plan = g.vcpus.armed.take();
+        let mut racing = Racing { env: &mut self.env, s2, vcpus: &mut g.vcpus, plan, tlbis: 0, error: None };
+        let r = op(s2, &mut racing);
+        if let Some(e) = racing.error {
+            return Err(e);
+        }
+        let during = core::mem::take(&mut g.vcpus.installed);
+        g.vcpus.drain(s2, &mut self.env);
+        Ok((r, during))
+    }
+
+    /// Takes the installs the vCPUs made into guest `gi`'s reference.
+    fn apply_installed_to(&mut self, gi: usize) -> Result<(), String> {
+        let g = &mut self.guests[gi];
+        for d in core::mem::take(&mut g.vcpus.installed) {
+            ensure!(
+                !g.expect.any_in(d.ipa, d.ipa + d.pages * PAGE),
+                "VM {}: a vCPU's fault mapped {:#x} over a live mapping",
+                g.vmid,
+                d.ipa
+            );
+            g.expect.insert(d.ipa, d.pages, d.pa);
+        }
+        Ok(())
+    }
+
+    /// vCPU `v` of guest `gi` faults at `ipa` (a page, or the block around it): claims, then
+    /// finds its slot through its cache (`fast`, if the cache covers it) or starts the walk.
+    /// The region it is in; `None` if it is busy already or no frame is left.
+    fn begin(&mut self, gi: usize, v: usize, ipa: u64, block: bool, fast: bool) -> Option<(u64, u64)> {
+        let g = &mut self.guests[gi];
+        if !matches!(g.vcpus.phases[v], Phase::Idle) {
+            return None;
+        }
+        let (vm, s2) = (g.vm, g.s2.as_ref().expect("live space"));
+        // A fault is a quiescent point: the vCPU holds no table pointer when it traps.
+        g.vcpus.quiescence.pass(v, s2);
+        g.vcpus.started = true;
+        let cache = &g.vcpus.caches[v];
+        let phase = if block {
+            let ipa = ipa & !(level_size(2) - 1);
+            let first = self.env.claim_contiguous(512, 512, FrameState::Guest(vm))?;
+            let claim = ClaimedBlock::assume(first, vm);
+            match s2.block_slot(cache, ipa).filter(|_| fast) {
+                Some(slot) => Phase::BlockSlot { entry: slot.entry(), ipa, claim },
+                None => match s2.begin_fault(ipa, claim) {
+                    Ok(f) => Phase::Block(f),
+                    Err(d) => Phase::GiveBack { pa: d.into_claim().pfn().phys(), size: level_size(2), ipa },
+                },
+            }
+        } else {
+            let claim = ClaimedPage::assume(self.env.claim_frame(FrameState::Guest(vm))?, vm);
+            match s2.page_slot(cache, ipa).filter(|_| fast) {
+                Some(slot) => Phase::PageSlot { entry: slot.entry(), ipa, claim },
+                None => match s2.begin_fault(ipa, claim) {
+                    Ok(f) => Phase::Page(f),
+                    Err(d) => Phase::GiveBack { pa: d.into_claim().pfn().phys(), size: PAGE, ipa },
+                },
+            }
+        };
+        let region = phase.region();
+        g.vcpus.phases[v] = phase;
+        region
+    }
+
+    /// vCPU `v` of guest `gi` takes up to `steps` steps; the region its fault is in.
+    fn advance(&mut self, gi: usize, v: usize, steps: usize) -> Result<Option<(u64, u64)>, String> {
+        let g = &mut self.guests[gi];
+        let region = g.vcpus.phases[v].region();
+        let s2 = g.s2.as_ref().expect("live space");
+        for _ in 0..steps {
+            g.vcpus.step(v, s2, &mut self.env)?;
+        }
+        g.vcpus.drain(s2, &mut self.env);
+        self.apply_installed_to(gi)?;
+        Ok(region)
+    }
+
     fn unmap(&mut self, gi: usize, ipa: u64, end: u64) -> Result<(), String> {
         let mut released = Vec::new();
-        let (s2, env) = self.s2(gi);
-        let result = s2.unmap(env, ipa, end - ipa, &mut |pa, size| released.push((pa, size)));
+        let (result, during) = if self.is_live(gi) {
+            self.live(gi, |s2, env| {
+                s2.unmap_live(env, ipa, end - ipa, &mut |pa, size| released.push((pa, size)))
+            })?
+        } else {
+            let (s2, env) = self.s2(gi);
+            (s2.unmap(env, ipa, end - ipa, &mut |pa, size| released.push((pa, size))), Vec::new())
+        };
+        // A vCPU's install during the unmap came before its entry was locked (unmapped with
+        // it, reported) or after (still mapped).
+        let mut kept = Vec::new();
+        let mut gone = Vec::new();
+        for d in during {
+            match released.iter().position(|&r| r == (d.pa, d.pages * PAGE)) {
+                Some(k) => gone.push(released.swap_remove(k)),
+                None => kept.push(d),
+            }
+        }
         match result {
             Ok(()) => {
                 let mut want = self.guests[gi].expect.remove(ipa, end);
@@ -418,20 +1084,44 @@ impl Exercise {
             }
             Err(e) => {
                 ensure!(e == Stage2Error::OutOfMemory, "unmap refused with {e:?}");
-                ensure!(released.is_empty(), "a refused unmap released frames");
+                ensure!(released.is_empty() && gone.is_empty(), "a refused unmap released frames");
             }
         }
-        for (pa, size) in released {
+        let g = &mut self.guests[gi];
+        for d in kept {
+            g.expect.insert(d.ipa, d.pages, d.pa);
+        }
+        for (pa, size) in released.into_iter().chain(gone) {
+            g.vcpus.forget_stamps(pa, size);
             self.env.release_frames(pa, size);
         }
         Ok(())
     }
 
     fn protect(&mut self, gi: usize, ipa: u64, end: u64, attrs: Attrs) -> Result<(), String> {
-        let (s2, env) = self.s2(gi);
-        match s2.protect(env, ipa, end - ipa, attrs) {
+        let (result, during) = if self.is_live(gi) {
+            self.live(gi, |s2, env| s2.protect_live(env, ipa, end - ipa, attrs))?
+        } else {
+            let (s2, env) = self.s2(gi);
+            (s2.protect(env, ipa, end - ipa, attrs), Vec::new())
+        };
+        match result {
             Ok(()) => self.guests[gi].expect.protect(ipa, end, attrs),
             Err(e) => ensure!(e == Stage2Error::OutOfMemory, "protect refused with {e:?}"),
+        }
+        // A vCPU's install during the change came before it (and took the new attributes, if
+        // inside the range) or after (and kept its own).
+        let g = &mut self.guests[gi];
+        for d in during {
+            let s2 = g.s2.as_ref().expect("live space");
+            let now = walk_leaf(&self.env, s2, d.ipa).map_or(Attrs::RAM, |(_, a)| a);
+            let inside = ipa <= d.ipa && d.ipa + d.pages * PAGE <= end && result.is_ok();
+            g.expect.insert_with(
+                d.ipa,
+                d.pages,
+                d.pa,
+                if inside && now == attrs { attrs } else { Attrs::RAM },
+            );
         }
         Ok(())
     }
@@ -483,6 +1173,7 @@ impl Exercise {
     }
 
     fn teardown_and_recreate(&mut self, gi: usize) -> Result<(), String> {
+        self.settle(gi)?;
         let s2 = self.guests[gi].s2.take().expect("live space");
         let (vm, vmid) = (self.guests[gi].vm, self.guests[gi].vmid);
         let mut released = Vec::new();
@@ -490,7 +1181,9 @@ impl Exercise {
         let mut want = self.guests[gi].expect.remove(WINDOW, WINDOW_END);
         let (got, want) = (merge_frames(&mut released.clone()), merge_frames(&mut want));
         ensure!(got == want, "teardown released {got:x?}, not {want:x?}");
-        for (pa, size) in released {
+        // Everything goes: released as merged runs (a frame reported twice stays twice).
+        for (pa, size) in got {
+            self.guests[gi].vcpus.forget_stamps(pa, size);
             self.env.release_frames(pa, size);
         }
         ensure!(proof.vmid() == vmid, "teardown's proof is for VMID {}, not {vmid}", proof.vmid());
@@ -502,8 +1195,21 @@ impl Exercise {
         let s2 = Stage2::new(&mut self.env, vm, vmid, self.geo).map_err(|e| format!("recreate: {e:?}"))?;
         self.env.fail_tables = fail;
         self.env.add_root(vmid, root_of(&s2), self.geo.start_level);
+        self.guests[gi].vcpus.online(&s2);
         self.guests[gi].s2 = Some(s2);
         Ok(())
+    }
+
+    /// Runs guest `gi`'s faults under way to their end, takes their installs in and frees
+    /// every retired table page (every vCPU leaves the fault path).
+    fn settle(&mut self, gi: usize) -> Result<(), String> {
+        let g = &mut self.guests[gi];
+        let s2 = g.s2.as_ref().expect("live space");
+        g.vcpus.settle(s2, &mut self.env)?;
+        g.vcpus.armed = None;
+        g.vcpus.drain(s2, &mut self.env);
+        ensure!(s2.retired_pages() == 0, "VM {}: table pages still retired with every vCPU idle", g.vmid);
+        self.apply_installed_to(gi)
     }
 
     /// The machine model's verdict.
@@ -523,19 +1229,35 @@ impl Exercise {
         for g in &self.guests {
             let s2 = g.s2.as_ref().expect("live space");
             ensure!(s2.caches_agree(&self.env), "VM {}: a cached table is not the one a walk finds", g.vmid);
-            let tables = self.env.frames_in(FrameState::PageTable(g.vm));
             ensure!(
-                tables == s2.table_pages(),
-                "VM {}: {tables} table pages, it counts {}",
+                g.vcpus.general.agrees(s2, &self.env),
+                "VM {}: a vCPU cache is not the one a walk finds",
+                g.vmid
+            );
+            for (v, cache) in g.vcpus.caches.iter().enumerate() {
+                ensure!(
+                    cache.agrees(s2, &self.env),
+                    "VM {}: vCPU {v}'s cached table is not the one a walk finds",
+                    g.vmid
+                );
+            }
+            // Table pages: in the tree, retired (waiting for quiescent points), or taken by an
+            // install under way.
+            let tables = self.env.frames_in(FrameState::PageTable(g.vm));
+            let (held, retired) = (g.vcpus.tables_held(), s2.retired_pages());
+            ensure!(
+                tables == s2.table_pages() + retired + held,
+                "VM {}: {tables} table pages, it counts {} (+{retired} retired, +{held} held by faults)",
                 g.vmid,
                 s2.table_pages()
             );
-            // A guest owns exactly the frames it maps: one left over is a leak, one missing was
-            // handed out twice.
+            // A guest owns exactly the frames it maps and those its faults claimed: one left
+            // over is a leak, one missing was handed out twice.
             let owned = self.env.frames_in(FrameState::Guest(g.vm)) as u64;
+            let claimed = g.vcpus.claimed();
             ensure!(
-                owned == g.expect.pages,
-                "VM {}: owns {owned} frames but maps {}",
+                owned == g.expect.pages + claimed,
+                "VM {}: owns {owned} frames but maps {} (+{claimed} claimed by faults under way)",
                 g.vmid,
                 g.expect.pages
             );
@@ -660,13 +1382,20 @@ impl Exercise {
         Ok(())
     }
 
-    /// Tears both guests down; afterwards every frame but the hypervisor's is free.
-    fn finish(mut self) -> Result<(), String> {
+    /// Tears both guests down; afterwards every frame but the hypervisor's is free. Returns the
+    /// faults that retried and those that met a held entry.
+    fn finish(mut self) -> Result<(usize, usize), String> {
+        if self.guests.iter().any(|g| g.vcpus.busy()) {
+            for gi in 0..2 {
+                self.settle(gi)?;
+            }
+            self.check_full()?;
+        }
         for gi in 0..2 {
             let s2 = self.guests[gi].s2.take().expect("live space");
             let mut released = Vec::new();
             let _ = s2.teardown(&mut self.env, &mut |pa, size| released.push((pa, size)));
-            for (pa, size) in released {
+            for (pa, size) in merge_frames(&mut released) {
                 self.env.release_frames(pa, size);
             }
         }
@@ -675,7 +1404,8 @@ impl Exercise {
         ensure!(self.env.violations.is_empty(), "machine-model violations: {:#?}", self.env.violations);
         let free = self.env.frames_in(FrameState::Free);
         ensure!(free == RAM_FRAMES - 1, "{} frames leaked", RAM_FRAMES - 1 - free);
-        Ok(())
+        let count = |f: fn(&Vcpus) -> usize| self.guests.iter().map(|g| f(&g.vcpus)).sum();
+        Ok((count(|v| v.retried), count(|v| v.held)))
     }
 }
 
@@ -703,14 +1433,22 @@ fn table_runs(env: &ModelEnv, s2: &Stage2, start: u64, end: u64) -> Vec<(u64, Ru
         range: (u64, u64),
         out: &mut Vec<(u64, Run)>,
     ) {
+        let Some(entries) = env.table_entries(table) else { return };
         let size = level_size(level);
-        let first = range.0.saturating_sub(base) / size;
-        for idx in first..super::ENTRIES as u64 {
-            let eb = base + idx * size;
-            if eb >= range.1 {
-                break;
+        let first = (range.0.saturating_sub(base) / size) as usize;
+        let end = (range.1.saturating_sub(base).div_ceil(size) as usize).min(super::ENTRIES);
+        // Runs of 8 invalid entries are skipped at once (most of a sparse table).
+        let mut idx = first;
+        while idx < end {
+            if idx.is_multiple_of(8)
+                && idx + 8 <= end
+                && entries[idx..idx + 8].iter().fold(0, |a, e| a | e) & 1 == 0
+            {
+                idx += 8;
+                continue;
             }
-            match Entry::decode(env.read(table, idx as usize), level) {
+            let eb = base + idx as u64 * size;
+            match Entry::decode(entries[idx], level) {
                 Entry::Invalid => {}
                 Entry::Table(next) => {
                     if level < 3 {
@@ -722,6 +1460,7 @@ fn table_runs(env: &ModelEnv, s2: &Stage2, start: u64, end: u64) -> Vec<(u64, Ru
                     push_merged(out, a, Run { pages: (b - a) / PAGE, pa: pa + (a - eb), attrs });
                 }
             }
+            idx += 1;
         }
     }
     let mut out = Vec::new();
@@ -841,10 +1580,112 @@ mod tests {
         assert!(Exercise::run_checked(&ops(MAX_OPS - 1), Sabotage::HandOutTwice).is_ok());
     }
 
+    /// Two vCPUs fault on the same page (VM1, page 6, tables there from page 5): each walks
+    /// (four reads), then vCPU 0's CAS wins and vCPU 1's loses; the loser hands its frame back
+    /// and both accesses re-execute.
+    const RACE: &[u8] = &[
+        0x00, 0x05, 0x00, // VM1 maps page 5
+        0x0d, 0x00, 0x06, 0x00, // vCPU 0 starts a fault at page 6 (general path)
+        0x0d, 0x01, 0x06, 0x00, // vCPU 1 too
+        0x0e, 0x06, // vCPU 0: 4 steps (the walk's reads)
+        0x0e, 0x07, // vCPU 1: 4 steps
+        0x0e, 0x00, // vCPU 0: the CAS
+        0x0e, 0x01, // vCPU 1: the CAS, lost
+        0x0e, 0x03, // vCPU 1: hands its frame back, re-executes its access
+        0x0e, 0x00, // vCPU 0: re-executes its access
+    ];
+
+    /// vCPU 0 maps page 7, then its fast path finds page 7's slot again (no read) just as an
+    /// unmap of page 7 holds the entry locked: the CAS, run at the unmap's first TLBI, retries.
+    const HELD_BY_BBM: &[u8] = &[
+        0x0d, 0x00, 0x07, 0x00, 0x0e, 0x0e, // vCPU 0 maps page 7 (general path; its cache fills)
+        0x0d, 0x04, 0x07, 0x00, // vCPU 0, fast path: page 7's slot through the cache
+        0x0f, 0x00, // in the next structural change, vCPU 0 takes 1 step at the first TLBI
+        0x05, 0x07, 0x00, 0x00, 0x00, // unmap page 7
+        0x0e, 0x0e, // vCPU 0 hands its frame back and re-executes
+    ];
+
+    /// vCPU 0's fast path holds page 8's slot while an unmap of page 7 empties that level-3
+    /// table, which is locked and retired (vCPU 0 has not passed a quiescent point): the CAS
+    /// meets a locked entry of a table no longer in the tree, and retries.
+    const HELD_BY_RETIREMENT: &[u8] = &[
+        0x0d, 0x00, 0x07, 0x00, 0x0e, 0x0e, // vCPU 0 maps page 7
+        0x0d, 0x04, 0x08, 0x00, // vCPU 0, fast path: page 8's slot
+        0x05, 0x07, 0x00, 0x00, 0x00, // unmap page 7 (the live form: a fault is under way)
+        0x0e, 0x0e, // vCPU 0's CAS, then the hand-back and the access
+    ];
+
+    #[test]
+    fn two_vcpus_race_and_the_loser_hands_its_frame_back() {
+        assert_eq!(Exercise::run_counting(RACE, Sabotage::None), Ok((1, 0)));
+        assert_eq!(Exercise::run_counting(HELD_BY_BBM, Sabotage::None), Ok((1, 1)));
+        assert_eq!(Exercise::run_counting(HELD_BY_RETIREMENT, Sabotage::None), Ok((1, 1)));
+    }
+
+    #[test]
+    fn an_install_by_plain_store_is_caught_only_with_two_vcpus() {
+        // The loser's store replaces the winner's live entry.
+        caught(Sabotage::StoreNotCas, RACE, "over a live mapping");
+        // A store into an entry break-before-make holds, or into a retired table.
+        caught(Sabotage::StoreNotCas, HELD_BY_BBM, "on an entry holding");
+        caught(Sabotage::StoreNotCas, HELD_BY_RETIREMENT, "on an entry holding");
+        // One caller at a time, every install finds its entry free: the bug does not show.
+        assert_eq!(Exercise::run_checked(SCRIPT, Sabotage::StoreNotCas), Ok(()));
+    }
+
+    #[test]
+    fn the_planted_bugs_are_caught_with_two_vcpus_too() {
+        // The loser is handed the winner's frame: the guest owns one frame too few.
+        caught(Sabotage::HandOutTwice, RACE, "claimed by faults under way");
+        // The unmap's break dropped: the page stays mapped while its frame is released.
+        caught(Sabotage::DropBreak, HELD_BY_BBM, "live mapping");
+        for bug in [Sabotage::DropIpaTlbi, Sabotage::DropStage1Tlbi, Sabotage::DropDsbIsh] {
+            caught(bug, HELD_BY_BBM, "machine-model violations");
+        }
+    }
+
+    /// Sequences built from two vCPUs' steps and structural changes over a few pages and a
+    /// block, so that races are frequent.
+    fn racing_ops() -> impl Strategy<Value = Vec<u8>> {
+        let page = prop_oneof![Just(5u16), Just(6), Just(7), Just(8), Just(512 + 3), Just(1023)];
+        let op = prop_oneof![
+            4 => (any::<u8>(), page.clone()).prop_map(|(b, p)| vec![0x0d | b & 0x80, b & 7, p as u8, (p >> 8) as u8]),
+            6 => any::<u8>().prop_map(|b| vec![0x0e | b & 0x80, b & 0x0f]),
+            2 => any::<u8>().prop_map(|b| vec![0x0f, b]),
+            2 => page.clone().prop_map(|p| vec![0x00, p as u8, (p >> 8) as u8]),
+            1 => any::<u8>().prop_map(|b| vec![0x04, b & 3]),
+            2 => (page.clone(), 0u16..600).prop_map(|(p, n)| vec![0x05, p as u8, (p >> 8) as u8, n as u8, (n >> 8) as u8]),
+            1 => (page.clone(), any::<u8>()).prop_map(|(p, a)| vec![0x07, p as u8, (p >> 8) as u8, 3, 0, a]),
+            1 => (page, any::<bool>()).prop_map(|(p, c)| vec![0x08 | u8::from(c), p as u8, (p >> 8) as u8, 1]),
+            1 => Just(vec![0x0b]),
+        ];
+        proptest::collection::vec(op, 0..48).prop_map(|ops| ops.concat())
+    }
+
+    #[test]
+    fn racing_sequences_race_and_meet_held_entries() {
+        use proptest::strategy::ValueTree;
+        let mut runner = proptest::test_runner::TestRunner::deterministic();
+        let (mut retried, mut held) = (0, 0);
+        for _ in 0..300 {
+            let data = racing_ops().new_tree(&mut runner).expect("a sequence").current();
+            let (r, h) = Exercise::run_counting(&data, Sabotage::None).expect("no divergence");
+            retried += r;
+            held += h;
+        }
+        eprintln!("300 racing sequences: {retried} faults retried, {held} of them on a held entry");
+        assert!(retried >= 30 && held >= 3, "{retried} retried, {held} held");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
         #[test]
         fn random_sequences_keep_every_invariant(data in proptest::collection::vec(any::<u8>(), 0..400)) {
+            Exercise::run(&data);
+        }
+
+        #[test]
+        fn racing_vcpus_keep_every_invariant(data in racing_ops()) {
             Exercise::run(&data);
         }
     }

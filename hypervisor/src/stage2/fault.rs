@@ -16,11 +16,11 @@
 
 use core::marker::PhantomData;
 
-use crate::frame::{ClaimedBlock, ClaimedPage, FrameState, Pfn, VmId};
+use crate::frame::{Claimed, ClaimedBlock, ClaimedPage, FrameState, Pfn, VmId};
 
 use super::desc::{is_locked, Attrs, Entry, MemType};
 use super::env::Stage2Env;
-use super::table::{index, level_size, Blocked, Placed, Stage2, PAGE_SIZE};
+use super::table::{index, level_size, Blocked, Install, Placed, Stage2, PAGE_SIZE};
 use super::Stage2Error;
 
 /// No region cached: a base no aligned IPA equals.
@@ -245,13 +245,127 @@ impl VacantBlock<'_> {
 /// call would cost the fast path a stack frame.
 #[inline(always)]
 fn declined_block(block: ClaimedBlock, cur: u64, ipa: u64) -> Declined<ClaimedBlock> {
-    match Entry::decode(cur, 2) {
-        Entry::Table(_) => Declined::Refused(block, Stage2Error::AlreadyMapped { ipa }),
-        _ => Declined::Retry(block),
+    declined_at(block, cur, 2, ipa)
+}
+
+/// Why a leaf's CAS at `level` failed on `cur`: a table there (pages where a block was to go)
+/// refuses it, anything else (the same leaf mapped, a held entry) is a race to retry.
+#[cold]
+fn declined_at<const N: usize>(claim: Claimed<N>, cur: u64, level: usize, ipa: u64) -> Declined<Claimed<N>> {
+    match Entry::decode(cur, level) {
+        Entry::Table(_) if level < 3 => Declined::Refused(claim, Stage2Error::AlreadyMapped { ipa }),
+        _ => Declined::Retry(claim),
+    }
+}
+
+/// A step machine's state after a step: more to do, or the outcome.
+#[derive(Debug)]
+pub(super) enum Progress<S, R> {
+    Pending(S),
+    Done(R),
+}
+
+/// A vCPU's general fault in progress (a page for `Claimed<1>`, a block for `Claimed<512>`):
+/// the [`Install`] of its leaf, one access to shared table memory per step, with the claim it
+/// maps and the epoch read before the walk. [`Stage2::fault_page`] and
+/// [`Stage2::fault_block`] run it to the end at once; the fuzzer interleaves two vCPUs' steps.
+#[derive(Debug)]
+pub(super) struct FaultSteps<const N: usize> {
+    install: Install,
+    epoch: u64,
+    claim: Claimed<N>,
+}
+
+impl<const N: usize> FaultSteps<N> {
+    /// The leaf's level: a page (one frame) at 3, a block at 2.
+    const LEVEL: usize = if N == 1 { 3 } else { 2 };
+
+    #[cfg(any(test, feature = "model"))]
+    /// The install under way (what the next step touches, the table pages it holds).
+    pub(super) fn install(&self) -> &Install {
+        &self.install
+    }
+
+    #[cfg(any(test, feature = "model"))]
+    /// The frames it maps.
+    pub(super) fn claim(&self) -> &Claimed<N> {
+        &self.claim
+    }
+
+    /// One step of the install; at the end the tables it went through are remembered in the
+    /// vCPU's `cache` and the claim is handed back if it was not mapped.
+    #[inline(always)]
+    pub(super) fn step(
+        mut self,
+        s2: &Stage2,
+        env: &mut impl Stage2Env,
+        cache: &mut FaultCache,
+    ) -> Progress<Self, Result<(), Declined<Claimed<N>>>> {
+        let Some(result) = self.install.step(s2, env) else { return Progress::Pending(self) };
+        let ((ipa, level), epoch) = (self.install.target(), self.epoch);
+        let remember = |cache: &mut FaultCache, table: Pfn, l2: Option<Pfn>| {
+            if level == 3 {
+                cache.remember_page(ipa, Placed { table, l2 }, epoch);
+            } else {
+                cache.remember_l2(ipa, table, epoch);
+            }
+        };
+        Progress::Done(match result {
+            Ok(placed) => {
+                remember(cache, placed.table, placed.l2);
+                Ok(())
+            }
+            Err(Blocked::OutOfMemory) => Err(Declined::Refused(self.claim, Stage2Error::OutOfMemory)),
+            Err(Blocked::Occupied { level: at, table, raw }) if at == level => {
+                remember(cache, table, None);
+                Err(declined_at(self.claim, raw, level, ipa))
+            }
+            Err(_) => Err(Declined::Retry(self.claim)),
+        })
     }
 }
 
 impl Stage2 {
+    /// The general fault's first step, which touches nothing shared: checks the claim and the
+    /// IPA (its low bits below the leaf's size ignored), reads the epoch.
+    #[inline(always)]
+    pub(super) fn begin_fault<const N: usize>(
+        &self,
+        ipa: u64,
+        claim: Claimed<N>,
+    ) -> Result<FaultSteps<N>, Declined<Claimed<N>>> {
+        if claim.vm() != self.vm {
+            return Err(foreign(claim));
+        }
+        let level = FaultSteps::<N>::LEVEL;
+        let ipa = ipa & !(level_size(level) - 1);
+        if ipa >= self.geometry().ipa_limit() {
+            return Err(Declined::Refused(claim, Stage2Error::OutOfRange { ipa }));
+        }
+        // Read before the walk: a table unlinked after the walk found it moves the epoch past it.
+        let epoch = self.epoch();
+        let leaf = Entry::Leaf { pa: claim.pfn().phys(), attrs: Attrs::RAM }.encode(level);
+        Ok(FaultSteps { install: Install::new(self, ipa, level, leaf), epoch, claim })
+    }
+
+    /// Runs a general fault to its end.
+    #[inline(always)]
+    fn run_fault<const N: usize>(
+        &self,
+        env: &mut impl Stage2Env,
+        cache: &mut FaultCache,
+        ipa: u64,
+        claim: Claimed<N>,
+    ) -> Result<(), Declined<Claimed<N>>> {
+        let mut fault = self.begin_fault(ipa, claim)?;
+        loop {
+            match fault.step(self, env, cache) {
+                Progress::Pending(next) => fault = next,
+                Progress::Done(result) => return result,
+            }
+        }
+    }
+
     /// The fast path's first step for a 4 KiB fault: the level-3 entry of `ipa` (its low 12 bits
     /// ignored) when the vCPU's cached level-3 table covers it, else `None` (walk: the general
     /// path). Reads no entry: the install's CAS finds whether it is free.
@@ -285,28 +399,7 @@ impl Stage2 {
         ipa: u64,
         page: ClaimedPage,
     ) -> Result<(), Declined<ClaimedPage>> {
-        if page.vm() != self.vm {
-            return Err(foreign(page));
-        }
-        let ipa = ipa & !(PAGE_SIZE - 1);
-        if ipa >= self.geometry().ipa_limit() {
-            return Err(Declined::Refused(page, Stage2Error::OutOfRange { ipa }));
-        }
-        // Read before the walk: a table unlinked after the walk found it moves the epoch past it.
-        let epoch = self.epoch();
-        let leaf = Entry::Leaf { pa: page.pfn().phys(), attrs: Attrs::RAM }.encode(3);
-        match self.install(env, ipa, 3, leaf) {
-            Ok(placed) => {
-                cache.remember_page(ipa, placed, epoch);
-                Ok(())
-            }
-            Err(Blocked::OutOfMemory) => Err(Declined::Refused(page, Stage2Error::OutOfMemory)),
-            Err(Blocked::Occupied { level: 3, table, .. }) => {
-                cache.remember_page(ipa, Placed { table, l2: None }, epoch);
-                Err(Declined::Retry(page))
-            }
-            Err(_) => Err(Declined::Retry(page)),
-        }
+        self.run_fault(env, cache, ipa, page)
     }
 
     /// The general 2 MiB fault: like [`Stage2::fault_page`] for a block entry at level 2 (the
@@ -319,27 +412,7 @@ impl Stage2 {
         ipa: u64,
         block: ClaimedBlock,
     ) -> Result<(), Declined<ClaimedBlock>> {
-        if block.vm() != self.vm {
-            return Err(foreign(block));
-        }
-        let ipa = ipa & !(level_size(2) - 1);
-        if ipa >= self.geometry().ipa_limit() {
-            return Err(Declined::Refused(block, Stage2Error::OutOfRange { ipa }));
-        }
-        let epoch = self.epoch();
-        let leaf = Entry::Leaf { pa: block.pfn().phys(), attrs: Attrs::RAM }.encode(2);
-        match self.install(env, ipa, 2, leaf) {
-            Ok(placed) => {
-                cache.remember_l2(ipa, placed.table, epoch);
-                Ok(())
-            }
-            Err(Blocked::OutOfMemory) => Err(Declined::Refused(block, Stage2Error::OutOfMemory)),
-            Err(Blocked::Occupied { level: 2, table, raw }) => {
-                cache.remember_l2(ipa, table, epoch);
-                Err(declined_block(block, raw, ipa))
-            }
-            Err(_) => Err(Declined::Retry(block)),
-        }
+        self.run_fault(env, cache, ipa, block)
     }
 
     /// The general path's map for a vCPU whose frame came from the atomic path by number (not
@@ -468,5 +541,36 @@ impl Stage2 {
     /// Whether the space's own cached tables are the ones a walk finds now (tests, fuzzer).
     pub fn caches_agree(&self, env: &impl Stage2Env) -> bool {
         self.own.agrees(self, env)
+    }
+}
+
+/// Slots held across other vCPUs' steps (the fuzzer's two-actor mode): a vCPU that found its
+/// slot keeps using it, whatever happened to the table since, until its CAS.
+#[cfg(any(test, feature = "model"))]
+impl Stage2 {
+    /// The level-3 entry `(table, index)` of [`PageSlot::entry`], found earlier.
+    pub(super) fn page_slot_at(&self, (table, index): (Pfn, usize)) -> PageSlot<'_> {
+        PageSlot { vm: self.vm, table, index, _space: PhantomData }
+    }
+
+    /// The level-2 entry of [`VacantBlock::entry`] for the 2 MiB at `ipa`, found earlier.
+    pub(super) fn block_slot_at(&self, (table, index): (Pfn, usize), ipa: u64) -> VacantBlock<'_> {
+        VacantBlock { vm: self.vm, table, index, ipa, _space: PhantomData }
+    }
+}
+
+#[cfg(any(test, feature = "model"))]
+impl PageSlot<'_> {
+    /// The entry it names.
+    pub(super) fn entry(&self) -> (Pfn, usize) {
+        (self.table, self.index)
+    }
+}
+
+#[cfg(any(test, feature = "model"))]
+impl VacantBlock<'_> {
+    /// The entry it names.
+    pub(super) fn entry(&self) -> (Pfn, usize) {
+        (self.table, self.index)
     }
 }

@@ -134,6 +134,9 @@ pub enum Sabotage {
     DropBreak,
     /// The frame allocator hands a guest the frame it handed out last, again.
     HandOutTwice,
+    /// An install's compare-and-swap is a plain store: a valid entry goes in whatever the
+    /// entry holds, so the loser of a race overwrites the winner (or a held entry).
+    StoreNotCas,
 }
 
 /// Where a live table sits: its VMID, level and the first IPA it covers.
@@ -164,7 +167,8 @@ pub struct ModelEnv {
     ram_base: u64,
     /// Frames given back, most recent last (handed out first), then frames never handed out
     /// from `fresh` on; entries that were claimed since are skipped.
-    freed: Vec<u64>,
+    /// As runs `(first frame, count)`, handed out from the end of the last run.
+    freed: Vec<(u64, u64)>,
     fresh: usize,
     last_guest_frame: Option<u64>,
     /// Root table, start level and VMID of each live address space.
@@ -173,6 +177,11 @@ pub struct ModelEnv {
     info: BTreeMap<u64, TableInfo>,
     /// Cached entries no walk reaches any more, oldest first.
     stale: Vec<Stale>,
+    /// How many of them are whole subtrees (every table write checks whether one holds it).
+    trees: usize,
+    /// The last table `write` looked up in `info`, and what it found (cleared whenever `info`
+    /// changes): writes come in runs into one table.
+    info_last: core::cell::Cell<Option<(u64, Option<TableInfo>)>>,
     seq: u64,
     ids: u64,
     pending: Vec<Pending>,
@@ -207,6 +216,8 @@ impl ModelEnv {
             roots: Vec::new(),
             info: BTreeMap::new(),
             stale: Vec::new(),
+            trees: 0,
+            info_last: core::cell::Cell::new(None),
             seq: 0,
             ids: 0,
             pending: Vec::new(),
@@ -230,6 +241,12 @@ impl ModelEnv {
     /// The live table in frame `pfn`, if it is one.
     fn table(&self, pfn: u64) -> Option<&Table> {
         self.mem.get(pfn)
+    }
+
+    /// The entries of the live table in `table`, if it is one (for the harness's own walks,
+    /// which read whole tables).
+    pub fn table_entries(&self, table: Pfn) -> Option<&[u64; ENTRIES]> {
+        self.table(table.0).map(|t| &**t)
     }
 
     /// The valid entries of the table in frame `pfn`, as (index, raw).
@@ -287,6 +304,13 @@ impl ModelEnv {
         }
     }
 
+    /// Switches to another CPU's view of what is written and not yet published by a `DSB`
+    /// (each CPU's barrier orders its own writes): `unpublished` becomes the current CPU's,
+    /// the previous one's is returned.
+    pub fn switch_cpu(&mut self, unpublished: bool) -> bool {
+        core::mem::replace(&mut self.unpublished, unpublished)
+    }
+
     /// Whether the block headed at `head` is still held as one unit (for tests).
     pub fn is_compound(&self, head: Pfn) -> bool {
         self.compound.contains(&head.0)
@@ -296,6 +320,22 @@ impl ModelEnv {
     /// twice shows as 2.
     pub fn leaves_mapping(&self, pfn: Pfn) -> u16 {
         self.index_of(pfn.0).map_or(0, |i| self.mapped[i])
+    }
+
+    /// The first of the `count` frames from `pfn` on that is not in `state`, or that a reachable
+    /// leaf maps (a claim not mapped yet, or given back, must be neither).
+    pub fn first_not_unmapped(&self, pfn: Pfn, count: u64, state: FrameState) -> Option<Pfn> {
+        let (Some(first), Some(last)) = (self.index_of(pfn.0), self.index_of(pfn.0 + count.max(1) - 1))
+        else {
+            return Some(pfn);
+        };
+        let (frames, state) = (&self.frames[first..=last], state.tag());
+        let mapped = &self.mapped[first..=last];
+        if all_eq(frames, state) & all_eq(mapped, 0) {
+            return None;
+        }
+        let bad = (0..frames.len()).find(|&i| frames[i] != state || mapped[i] != 0)?;
+        Some(Pfn(pfn.0 + bad as u64))
     }
 
     /// The first of the `count` frames from `pfn` on that is not in `state`, or not mapped by
@@ -324,6 +364,7 @@ impl ModelEnv {
     /// Registers an address space so the model knows which VMID a table belongs to.
     pub fn add_root(&mut self, vmid: u16, root: Pfn, start_level: usize) {
         self.roots.push((vmid, root, start_level));
+        self.info_last.set(None);
         self.info.insert(root.0, TableInfo { vmid, level: start_level, base: 0 });
         for (i, raw) in self.valid(root.0) {
             self.reach(vmid, start_level, i as u64 * level_size(start_level), raw);
@@ -339,6 +380,7 @@ impl ModelEnv {
         }
         self.roots.retain(|r| r.0 != vmid);
         self.info.retain(|_, t| t.vmid != vmid);
+        self.info_last.set(None);
     }
 
     /// Takes a free frame for `owner` (what the atomic path does for a fault), if any is left.
@@ -352,8 +394,15 @@ impl ModelEnv {
             }
         }
         let i = loop {
-            let i = match self.freed.pop() {
-                Some(pfn) => self.index_of(pfn)?,
+            let i = match self.freed.last_mut() {
+                Some(run) => {
+                    run.1 -= 1;
+                    let pfn = run.0 + run.1;
+                    if run.1 == 0 {
+                        self.freed.pop();
+                    }
+                    self.index_of(pfn)?
+                }
                 None => {
                     while self.fresh < self.frames.len() && self.frames[self.fresh] != FREE {
                         self.fresh += 1;
@@ -448,7 +497,7 @@ impl ModelEnv {
                 self.violation(format!("frames {pa:#x}+{size:#x} released, but {frame:#x} was free already"));
             }
             self.retag(first, last + 1, FrameState::Free);
-            self.freed.extend((first..=last).map(|i| self.ram_base + i as u64));
+            self.freed.push((self.ram_base + first as u64, (last + 1 - first) as u64));
         }
     }
 
@@ -456,6 +505,7 @@ impl ModelEnv {
     /// (`add`) or stopped being reachable: its tables join or leave `info`, and the frames its
     /// leaves translate to gain or lose a mapping.
     fn account(&mut self, vmid: u16, table: Pfn, level: usize, base: u64, add: bool) {
+        self.info_last.set(None);
         let mut todo = vec![(table, level, base)];
         let mut pages = 0;
         while let Some((table, level, base)) = todo.pop() {
@@ -564,6 +614,7 @@ impl ModelEnv {
         };
         self.seq += 1;
         self.ids += 1;
+        self.trees += usize::from(matches!(entry, Cached::Tree(_)));
         self.stale.push(Stale { entry, s2: true, combined: true, seq: self.seq, id: self.ids });
     }
 
@@ -628,6 +679,7 @@ impl ModelEnv {
         let s = self.stale[k];
         let Cached::Tree(w) = s.entry else { return };
         self.stale[k] = Stale { entry: Cached::Walk(w), combined: false, ..s };
+        self.trees -= 1;
         let level = child_level(&w);
         let size = level_size(level);
         for (i, raw) in self.entries(w.table.0).into_iter().enumerate() {
@@ -641,6 +693,7 @@ impl ModelEnv {
                 Entry::Table(_) => continue,
             };
             self.ids += 1;
+            self.trees += usize::from(matches!(entry, Cached::Tree(_)));
             self.stale.push(Stale { entry, id: self.ids, ..s });
         }
     }
@@ -723,6 +776,11 @@ impl ModelEnv {
             kept.push(s);
         }
         self.stale = kept;
+        self.recount_trees();
+    }
+
+    fn recount_trees(&mut self) {
+        self.trees = self.stale.iter().filter(|s| matches!(s.entry, Cached::Tree(_))).count();
     }
 
     /// Cached entries (stage 2, combined, walk) still tagged with `vmid`.
@@ -785,6 +843,7 @@ impl ModelEnv {
             }
             self.stale.retain(|s| s.s2 || s.combined);
         }
+        self.recount_trees();
     }
 }
 
@@ -904,7 +963,14 @@ impl Stage2Env for ModelEnv {
     }
 
     fn write(&mut self, table: Pfn, index: usize, value: u64) {
-        let info = self.info.get(&table.0).copied();
+        let info = match self.info_last.get() {
+            Some((pfn, info)) if pfn == table.0 => info,
+            _ => {
+                let info = self.info.get(&table.0).copied();
+                self.info_last.set(Some((table.0, info)));
+                info
+            }
+        };
         let old = self.read(table, index);
         // A break is any write that makes a valid entry invalid (zero, or locked for a change).
         if self.sabotage == Sabotage::DropBreak && info.is_some() && old & 1 != 0 && value & 1 == 0 {
@@ -912,7 +978,7 @@ impl Stage2Env for ModelEnv {
         }
         // A table a stale subtree holds keeps what the walk caches may have read from it: take
         // the subtree apart down to this table first.
-        if self.stale.iter().any(|s| matches!(s.entry, Cached::Tree(_))) {
+        if self.trees > 0 {
             self.expand_where(&|env, s| match s.entry {
                 Cached::Tree(w) => env.tree_holds(&w, table),
                 _ => false,
@@ -948,7 +1014,7 @@ impl Stage2Env for ModelEnv {
     /// One caller at a time here: the compare and the write cannot be split by another CPU.
     fn cas(&mut self, table: Pfn, index: usize, old: u64, new: u64) -> Result<(), u64> {
         let cur = self.read(table, index);
-        if cur != old {
+        if cur != old && !(self.sabotage == Sabotage::StoreNotCas && new & 1 != 0) {
             return Err(cur);
         }
         self.write(table, index, new);
@@ -1008,7 +1074,7 @@ impl Stage2Env for ModelEnv {
         self.mem.free(table.0);
         if let Some(i) = self.index_of(table.0) {
             self.retag(i, i + 1, FrameState::Free);
-            self.freed.push(table.0);
+            self.freed.push((table.0, 1));
         }
     }
 

@@ -161,6 +161,153 @@ pub(super) struct Placed {
     pub(super) l2: Option<Pfn>,
 }
 
+/// One install in progress, one access to shared table memory per [`Install::step`]: the walk
+/// reads an entry per step down to the first invalid one (where the tables missing below are
+/// taken, all or none), then each missing table is linked empty with one CAS from 0 (or the
+/// one another CPU linked first is followed), and the leaf goes in with one more CAS. A table
+/// page that lost its race, or that the walk turned out not to need, goes back unused in the
+/// last step. [`Stage2::install`] runs the steps back to back; the fuzzer interleaves two
+/// vCPUs' steps with each other and with structural changes. Holds no borrow of the space.
+#[derive(Debug)]
+pub(super) struct Install {
+    ipa: u64,
+    leaf: u64,
+    /// The leaf's level.
+    level: usize,
+    /// The table the next step reads or writes, and its level.
+    table: Pfn,
+    lvl: usize,
+    l2: Option<Pfn>,
+    /// Walking (reads) until an invalid entry was found; linking (CAS) after.
+    linking: bool,
+    spare: [Pfn; 3],
+    needed: usize,
+    used: usize,
+}
+
+impl Install {
+    pub(super) fn new(s2: &Stage2, ipa: u64, level: usize, leaf: u64) -> Install {
+        let lvl = s2.geo.start_level;
+        Install {
+            ipa,
+            leaf,
+            level,
+            table: s2.root,
+            lvl,
+            l2: (lvl == 2).then_some(s2.root),
+            linking: false,
+            spare: [Pfn(0); 3],
+            needed: 0,
+            used: 0,
+        }
+    }
+
+    #[cfg(any(test, feature = "model"))]
+    /// The entry the next step reads or compares-and-swaps (the fuzzer checks what it finds).
+    pub(super) fn next_entry(&self) -> (Pfn, usize) {
+        (self.table, index(self.ipa, self.lvl))
+    }
+
+    #[cfg(any(test, feature = "model"))]
+    /// Table pages taken and neither linked nor given back yet.
+    pub(super) fn tables_held(&self) -> usize {
+        self.needed - self.used
+    }
+
+    /// The IPA and level of the leaf being installed.
+    pub(super) fn target(&self) -> (u64, usize) {
+        (self.ipa, self.level)
+    }
+
+    /// One access to the entry [`Install::next_entry`] names; the outcome once it is known.
+    #[inline(always)]
+    pub(super) fn step(&mut self, s2: &Stage2, env: &mut impl Stage2Env) -> Option<Result<Placed, Blocked>> {
+        let (table, lvl) = (self.table, self.lvl);
+        let idx = index(self.ipa, lvl);
+        if !self.linking {
+            let raw = env.read(table, idx);
+            if raw == 0 {
+                // Everything from here down is missing: take it now, before the first write.
+                self.needed = self.level - lvl;
+                if env.take_tables(s2.vm, &mut self.spare[..self.needed]).is_err() {
+                    self.needed = 0;
+                    return Some(Err(Blocked::OutOfMemory));
+                }
+                self.linking = true;
+                return None;
+            }
+            if lvl < self.level {
+                if let Entry::Table(next) = Entry::decode(raw, lvl) {
+                    self.descend(next);
+                    return None;
+                }
+            }
+            return Some(Err(blocked(raw, lvl, table)));
+        }
+        let result = if lvl == self.level {
+            match env.cas(table, idx, 0, self.leaf) {
+                Ok(()) => Ok(Placed { table, l2: self.l2 }),
+                Err(cur) => Err(blocked(cur, lvl, table)),
+            }
+        } else {
+            // A table is missing here (or was when the walk looked): link a spare, or follow
+            // the one another CPU linked first.
+            let raw = if self.used < self.needed {
+                let new = Entry::Table(self.spare[self.used]).encode(lvl);
+                match env.cas(table, idx, 0, new) {
+                    Ok(()) => {
+                        // Counted as it joins the tree: a structural change may unlink it (and
+                        // count it out) before this install ends.
+                        s2.tables.fetch_add(1, Ordering::Relaxed);
+                        self.used += 1;
+                        new
+                    }
+                    Err(cur) => cur,
+                }
+            } else {
+                env.read(table, idx)
+            };
+            match Entry::decode(raw, lvl) {
+                Entry::Table(next) => {
+                    self.descend(next);
+                    return None;
+                }
+                Entry::Leaf { .. } => Err(Blocked::Occupied { level: lvl, table, raw }),
+                // Locked, or a table emptied and unlinked since the walk (no spare left).
+                Entry::Invalid => Err(Blocked::Busy),
+            }
+        };
+        Some(self.finish(s2, env, result))
+    }
+
+    #[inline(always)]
+    fn descend(&mut self, next: Pfn) {
+        self.table = next;
+        self.lvl += 1;
+        if self.lvl == 2 {
+            self.l2 = Some(next);
+        }
+    }
+
+    /// Gives back the table pages not linked, publishes what was written.
+    #[inline(always)]
+    fn finish(
+        &mut self,
+        s2: &Stage2,
+        env: &mut impl Stage2Env,
+        result: Result<Placed, Blocked>,
+    ) -> Result<Placed, Blocked> {
+        for &t in &self.spare[self.used..self.needed] {
+            env.return_unused_table(s2.vm, t);
+        }
+        if self.used > 0 || result.is_ok() {
+            env.dsb_ishst();
+        }
+        self.needed = self.used;
+        result
+    }
+}
+
 /// Table pages that left the tree and wait for every vCPU to pass a quiescent point. Linked
 /// through the pages themselves, newest first: entry 0 holds the next page, entry 1 the
 /// epoch it was retired at (both [`locked_with`], so every entry stays non-zero).
@@ -279,35 +426,26 @@ impl Stage2 {
         self.epoch.load(Ordering::Relaxed)
     }
 
-    /// The entry on `ipa`'s path at `stop_level`, or the first above it that is not a table;
-    /// and the level-2 table the walk went through, if it reached one.
-    fn walk(&self, env: &impl Stage2Env, ipa: u64, stop_level: usize) -> (Slot, Option<Pfn>) {
+    /// The entry on `ipa`'s path at `stop_level`, or the first above it that is not a table.
+    fn find(&self, env: &impl Stage2Env, ipa: u64, stop_level: usize) -> Slot {
         let mut table = self.root;
         let mut level = self.geo.start_level;
-        let mut l2 = None;
         loop {
-            if level == 2 {
-                l2 = Some(table);
-            }
             let idx = index(ipa, level);
             let raw = env.read(table, idx);
             // The entry on `ipa`'s path covers `ipa` rounded down to the level's size.
             let slot = Slot { table, index: idx, level, base: ipa & !(level_size(level) - 1), raw };
             if level >= stop_level {
-                return (slot, l2);
+                return slot;
             }
             match Entry::decode(raw, level) {
                 Entry::Table(next) => {
                     table = next;
                     level += 1;
                 }
-                _ => return (slot, l2),
+                _ => return slot,
             }
         }
-    }
-
-    fn find(&self, env: &impl Stage2Env, ipa: u64, stop_level: usize) -> Slot {
-        self.walk(env, ipa, stop_level).0
     }
 
     fn check_range(&self, ipa: u64, len: u64) -> Result<u64, Stage2Error> {
@@ -322,11 +460,9 @@ impl Stage2 {
     }
 
     /// Installs `leaf` (encoded for `level`) as the entry for `ipa` at `level`, racing other
-    /// installers safely. The tables missing on the path are taken first (all or none), then
-    /// linked empty, top-down, each with one CAS from 0; the leaf goes in with one more. A
-    /// table page that lost its race, or that the walk did not need after all, goes back
-    /// unused. On an error, nothing was written except tables linked on the way (empty, now
-    /// part of the tree).
+    /// installers safely: an [`Install`] run to its end (see there). On an error, nothing was
+    /// written except tables linked on the way (empty, now part of the tree).
+    #[inline]
     pub(super) fn install(
         &self,
         env: &mut impl Stage2Env,
@@ -334,62 +470,12 @@ impl Stage2 {
         level: usize,
         leaf: u64,
     ) -> Result<Placed, Blocked> {
-        let (first, mut l2) = self.walk(env, ipa, level);
-        if first.raw != 0 {
-            return Err(blocked(first.raw, first.level, first.table));
-        }
-        let needed = level - first.level;
-        let mut spare = [Pfn(0); 3];
-        if env.take_tables(self.vm, &mut spare[..needed]).is_err() {
-            return Err(Blocked::OutOfMemory);
-        }
-        let (mut table, mut lvl, mut used) = (first.table, first.level, 0);
-        let result = loop {
-            let idx = index(ipa, lvl);
-            if lvl == level {
-                break match env.cas(table, idx, 0, leaf) {
-                    Ok(()) => Ok(Placed { table, l2 }),
-                    Err(cur) => Err(blocked(cur, lvl, table)),
-                };
+        let mut op = Install::new(self, ipa, level, leaf);
+        loop {
+            if let Some(result) = op.step(self, env) {
+                return result;
             }
-            // A table is missing here (or was when the walk looked): link a spare, or follow
-            // the one another CPU linked first.
-            let raw = match spare.get(used).filter(|_| used < needed) {
-                Some(&fresh) => {
-                    let new = Entry::Table(fresh).encode(lvl);
-                    match env.cas(table, idx, 0, new) {
-                        Ok(()) => {
-                            used += 1;
-                            new
-                        }
-                        Err(cur) => cur,
-                    }
-                }
-                None => env.read(table, idx),
-            };
-            match Entry::decode(raw, lvl) {
-                Entry::Table(next) => {
-                    table = next;
-                    lvl += 1;
-                    if lvl == 2 {
-                        l2 = Some(table);
-                    }
-                }
-                Entry::Leaf { .. } => break Err(Blocked::Occupied { level: lvl, table, raw }),
-                // Locked, or a table emptied and unlinked since the walk (no spare left).
-                Entry::Invalid => break Err(Blocked::Busy),
-            }
-        };
-        for &t in &spare[used..needed] {
-            env.return_unused_table(self.vm, t);
         }
-        if used > 0 {
-            self.tables.fetch_add(used, Ordering::Relaxed);
-        }
-        if used > 0 || result.is_ok() {
-            env.dsb_ishst();
-        }
-        result
     }
 
     /// Maps `[ipa, ipa + size of level)` to `pa` with one page (level 3) or block (levels 1, 2)
@@ -1033,7 +1119,9 @@ impl Stage2 {
             Entry::Table(child) => {
                 for i in 0..ENTRIES {
                     let r = env.read(child, i);
-                    self.release_subtree(env, r, level + 1, released);
+                    if r != 0 {
+                        self.release_subtree(env, r, level + 1, released);
+                    }
                 }
                 env.free_table(self.vm, child);
             }

@@ -587,6 +587,7 @@ pub fn exit_path(data: &[u8]) -> Result<(), String> {
         let (vcpu, cpu, r) = (&mut vcpus[v], &mut cpus[v], &mut regs[v]);
         let mut before = (r.x, r.pc);
         let mut may_change = [false; 31];
+        let mut kick = None;
         let word = |b: &mut dyn FnMut() -> u8| (0..8).fold(0u64, |w, i| w | u64::from(b()) << (8 * i));
         let outcome = match op & 7 {
             0 => {
@@ -635,9 +636,21 @@ pub fn exit_path(data: &[u8]) -> Result<(), String> {
                 ];
                 let pick = arg();
                 let fid = fids.get(usize::from(pick) % 16).copied().map_or_else(|| word(&mut arg), u64::from);
-                let target = u64::from(arg() % 4);
-                let entry = if arg() & 1 == 0 { KERNEL } else { word(&mut arg) };
-                r.x[..4].copy_from_slice(&[fid, target, entry, u64::from(arg())]);
+                // x1: a target (CPU_ON, AFFINITY_INFO), a function ID (FEATURES), or anything (a
+                // power state for CPU_SUSPEND); x2: the entry point, 0 (AFFINITY_INFO's lowest
+                // affinity level), or anything.
+                let sel = arg();
+                let x1 = match sel % 4 {
+                    0 | 1 => u64::from(sel >> 2) % 4,
+                    2 => fids.get(usize::from(sel >> 2) % fids.len()).copied().map_or(0, u64::from),
+                    _ => word(&mut arg),
+                };
+                let x2 = match arg() % 4 {
+                    0 | 1 => KERNEL,
+                    2 => 0,
+                    _ => word(&mut arg),
+                };
+                r.x[..4].copy_from_slice(&[fid, x1, x2, u64::from(arg())]);
                 before = (r.x, r.pc);
                 may_change[0] = true;
                 handle_sync(vcpu, r, cpu, (0x16 << 26) | (1 << 25), 0, 0)
@@ -667,11 +680,28 @@ pub fn exit_path(data: &[u8]) -> Result<(), String> {
                     (0x18 << 26) | (1 << 25) | u64::from(encoding) | (u64::from(reg) << 5) | u64::from(read);
                 handle_sync(vcpu, r, cpu, esr, 0, 0)
             }
-            3 | 7 => {
+            3 => {
                 let irqs = [host_irq::KICK, host_irq::MAINTENANCE, host_irq::VTIMER, host_irq::HYP_TIMER];
-                if op & 7 == 3 {
-                    let pick = arg();
-                    cpu.pending.push(irqs.get(usize::from(pick) % 5).copied().unwrap_or(u32::from(pick)));
+                let pick = arg();
+                cpu.pending.push(irqs.get(usize::from(pick) % 5).copied().unwrap_or(u32::from(pick)));
+                handle_irq(vcpu, cpu)
+            }
+            7 => {
+                // A device drives an interrupt line (an SPI, a PPI of either vCPU, or past the
+                // last SPI): an edge or a level. The vCPU that must see it is kicked, as the
+                // hypervisor does; this vCPU then takes whatever interrupt it has.
+                let (which, how) = (arg(), arg());
+                let intid = 16 + u32::from(which) % (16 + vgic::NR_SPIS as u32 + 8);
+                let on = usize::from(how >> 2 & 1);
+                let to = match how & 3 {
+                    0 => g.raise_spi(intid),
+                    1 => g.raise(on, intid),
+                    n => g.set_line_level(on, intid, n == 2),
+                };
+                match to {
+                    Some(t) if t == v => cpu.pending.push(host_irq::KICK),
+                    Some(t) => kick = Some(t),
+                    None => {}
                 }
                 handle_irq(vcpu, cpu)
             }
@@ -701,6 +731,9 @@ pub fn exit_path(data: &[u8]) -> Result<(), String> {
         ensure!(pc_moved == 0 || pc_moved == 4, "op {op:#x}: PC moved by {pc_moved:#x}");
         for (i, (&now, &was)) in r.x.iter().zip(before.0.iter()).enumerate() {
             ensure!(now == was || may_change[i], "op {op:#x}: x{i} changed from {was:#x} to {now:#x}");
+        }
+        if let Some(cpu) = kick.and_then(|t| cpus.get_mut(t)) {
+            cpu.pending.push(host_irq::KICK);
         }
         // One place for every interrupt.
         for (c, cpu) in cpus.iter().enumerate() {
