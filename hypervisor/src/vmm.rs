@@ -17,7 +17,7 @@ use core::cell::UnsafeCell;
 use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use labyrinth::dt::{GuestConfig, Platform};
+use labyrinth::dt::{GuestConfig, Platform, SharedMem};
 use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
 use labyrinth::stage2::{level_size, Attrs, Declined, Geometry, Stage2, Stage2Error, VmidAllocator};
 use labyrinth::vm::exit::{self, Outcome};
@@ -344,17 +344,20 @@ fn share_regions(
             .iter()
             .filter_map(|(k, s)| built[*k].map(|i| vms[i].geo.max_table_pages(s.guest_addr, s.size)))
             .sum();
+        // User `k` (its node `s`) of this region is refused for `problem`.
+        let refuse_user = |k: usize, s: &SharedMem<'_>, problem, refused: &mut Vec<usize>| {
+            let r = ShmRefusal {
+                guest: names[k],
+                id: region.id,
+                guest_addr: s.guest_addr,
+                size: s.size,
+                problem,
+            };
+            refuse(r, k, refused);
+        };
         let Some((list, promised)) = share_frames(pages + tables, pages, owner, cpu) else {
             for &&(k, s) in &users {
-                let problem = ShmProblem::OutOfMemory;
-                let r = ShmRefusal {
-                    guest: names[k],
-                    id: region.id,
-                    guest_addr: s.guest_addr,
-                    size: s.size,
-                    problem,
-                };
-                refuse(r, k, &mut refused);
+                refuse_user(k, &s, ShmProblem::OutOfMemory, &mut refused);
             }
             continue;
         };
@@ -367,17 +370,7 @@ fn share_regions(
                 Ok(()) => {
                     live.views.push(View { vm: vm.id, guest_addr: s.guest_addr, owner: vm.id == owner })
                 }
-                Err(e) => {
-                    let problem = ShmProblem::Map(e);
-                    let r = ShmRefusal {
-                        guest: names[k],
-                        id: region.id,
-                        guest_addr: s.guest_addr,
-                        size: s.size,
-                        problem,
-                    };
-                    refuse(r, k, &mut refused);
-                }
+                Err(e) => refuse_user(k, &s, ShmProblem::Map(e), &mut refused),
             }
         }
         let mut line = alloc::string::String::new();
