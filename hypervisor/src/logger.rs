@@ -34,6 +34,8 @@ pub struct Logger {
     /// Who has a line open on the console (streamed output not yet ended by a newline): a tag
     /// of [`Logger::raw_part`]'s caller, 0 for nobody. Changed only under `sink`'s lock.
     open: AtomicUsize,
+    /// How much of the open line is on the console. Changed only under `sink`'s lock.
+    shown: AtomicUsize,
     /// The CPU that holds `sink`'s lock, so a CPU that faults while printing is not deadlocked.
     owner: AtomicUsize,
     cpu_id: fn() -> usize,
@@ -44,6 +46,7 @@ impl Logger {
         Logger {
             sink: Mutex::new(None),
             open: AtomicUsize::new(0),
+            shown: AtomicUsize::new(0),
             owner: AtomicUsize::new(NO_OWNER),
             cpu_id,
         }
@@ -84,38 +87,39 @@ impl Logger {
         }
     }
 
-    /// Streams `bytes` of output from the writer tagged `tag` (not 0) as they come, each line
-    /// starting with `[prefix] `: a line stays open until its newline, and anything else
-    /// printed meanwhile first ends it (the writer's next byte starts a new prefixed line).
+    /// Streams the line of the writer tagged `tag` (not 0) as it grows: `line` is all of it
+    /// so far (the writer keeps it), `ended` says its newline came. Only what is new is written,
+    /// after `[prefix] ` on a fresh line; when anything else was printed meanwhile (which ends
+    /// the open line first), the line is written again whole, so every line a writer finishes
+    /// stands whole on the console's line where it ends, whoever printed in its middle.
     /// For the guest whose console has the input focus: a shell's prompt shows before its
-    /// newline. Carriage returns are dropped and bytes outside ASCII become `?`.
-    pub fn raw_part(&self, tag: usize, prefix: &str, bytes: &[u8]) {
+    /// newline. Bytes outside ASCII become `?`.
+    pub fn raw_part(&self, tag: usize, prefix: &str, line: &[u8], ended: bool) {
         let cpu = (self.cpu_id)();
         let guard = self.sink.lock();
         self.owner.store(cpu, Ordering::Relaxed);
         if let Some(out) = *guard {
-            for &b in bytes {
-                match b {
-                    b'\r' => {}
-                    b'\n' => {
-                        if self.open.swap(0, Ordering::Relaxed) != tag {
-                            let _ = write!(Out(out), "[{prefix}] ");
-                        }
-                        out.write_str("\n");
-                    }
-                    _ => {
-                        if self.open.load(Ordering::Relaxed) != tag {
-                            self.close_open(out);
-                            let _ = write!(Out(out), "[{prefix}] ");
-                            self.open.store(tag, Ordering::Relaxed);
-                        }
-                        // ASCII passes as it is, control characters too: the user's terminal
-                        // runs the guest's line editing (backspace, escape sequences).
-                        let c = if b.is_ascii() && b != 0 { b } else { b'?' };
-                        let mut one = [0u8; 4];
-                        out.write_str(char::from(c).encode_utf8(&mut one));
-                    }
-                }
+            let shown = self.shown.load(Ordering::Relaxed);
+            let new = if self.open.load(Ordering::Relaxed) == tag && shown <= line.len() {
+                &line[shown..]
+            } else {
+                self.close_open(out);
+                let _ = write!(Out(out), "[{prefix}] ");
+                line
+            };
+            for &b in new {
+                // ASCII passes as it is, control characters too: the user's terminal runs the
+                // guest's line editing (backspace, escape sequences).
+                let c = if b.is_ascii() && b != 0 && b != b'\n' { b } else { b'?' };
+                let mut one = [0u8; 4];
+                out.write_str(char::from(c).encode_utf8(&mut one));
+            }
+            if ended {
+                out.write_str("\n");
+                self.open.store(0, Ordering::Relaxed);
+            } else {
+                self.open.store(tag, Ordering::Relaxed);
+                self.shown.store(line.len(), Ordering::Relaxed);
             }
         }
         self.owner.store(NO_OWNER, Ordering::Relaxed);
@@ -215,17 +219,30 @@ mod tests {
     }
 
     #[test]
-    fn streamed_output_keeps_its_prefix_and_other_lines_end_it_first() {
+    fn streamed_lines_stand_whole_where_they_end_whoever_prints_in_their_middle() {
         let (logger, buf) = logger_with_buf();
-        logger.raw_part(7, "linux", b"/ # ");
-        logger.raw_part(7, "linux", b"ls\r\n");
-        logger.raw_part(7, "linux", b"/ # ");
+        let stream = |tag, prefix, text: &[u8]| {
+            // As the UART hands them out: the line so far at each byte, the whole at its end.
+            let mut line = Vec::new();
+            for &b in text {
+                match b {
+                    b'\n' => logger.raw_part(tag, prefix, &core::mem::take(&mut line), true),
+                    _ => {
+                        line.push(b);
+                        logger.raw_part(tag, prefix, &line, false);
+                    }
+                }
+            }
+        };
+        stream(7, "linux", b"/ # ls\n/ # ");
         logger.raw_line(format_args!("[stress] a whole line"));
-        logger.raw_part(7, "linux", b"x");
-        logger.raw_part(9, "other", b"y\n\n");
+        stream(7, "linux", b"/ # x");
+        stream(9, "other", b"y\n\n");
+        logger.raw_part(7, "linux", b"/ # xz", true);
         assert_eq!(
             buf.0.lock().unwrap().as_str(),
-            "[linux] / # ls\n[linux] / # \n[stress] a whole line\n[linux] x\n[other] y\n[other] \n"
+            "[linux] / # ls\n[linux] / # \n[stress] a whole line\n[linux] / # x\n[other] y\n[other] \n\
+             [linux] / # xz\n"
         );
     }
 

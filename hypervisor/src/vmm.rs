@@ -201,7 +201,7 @@ pub fn create_all(
     {
         if arch::enable_input(intid) {
             route_input(first.cpu_of(0));
-            first.uart.lock().set_streaming(true, &mut |_| {});
+            first.uart.lock().set_streaming(true, &mut |_, _| {});
             info!(
                 "console: input goes to guest {}; Ctrl-A three times moves it to the next guest",
                 first.name
@@ -236,8 +236,8 @@ static INPUT_CPU: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// newline), the other's goes back to lines.
 fn move_focus(from: &Vm, to: &Vm) {
     let mut hw = arch::Hw;
-    from.uart.lock().set_streaming(false, &mut |_| {});
-    to.uart.lock().set_streaming(true, &mut |b| VcpuHw::console_part(&mut hw, to.name, b));
+    from.uart.lock().set_streaming(false, &mut |_, _| {});
+    to.uart.lock().set_streaming(true, &mut |l, ended| VcpuHw::console_part(&mut hw, to.name, l, ended));
     info!("console: input now goes to guest {}", to.name);
 }
 
@@ -1199,7 +1199,15 @@ fn take_guest_down(vcpu: &mut Vcpu) -> bool {
 /// of the guest out of it.
 fn reclaim(vm: &Vm, destroy_space: bool) -> u64 {
     let name = vm.name;
-    vm.uart.lock().flush(&mut |line| VcpuHw::console_line(&mut arch::Hw, name, line));
+    {
+        // A streamed line is open on the console: end it there.
+        let mut uart = vm.uart.lock();
+        let streaming = uart.streaming();
+        uart.flush(&mut |line, ended| match streaming {
+            true => VcpuHw::console_part(&mut arch::Hw, name, line, ended),
+            false => VcpuHw::console_line(&mut arch::Hw, name, line),
+        });
+    }
     let mut env = env(vm);
     let mut returned = 0usize;
     let mut released = release_to(vm, &mut returned);
@@ -1246,7 +1254,7 @@ fn reset(vcpu: &mut Vcpu) -> ! {
         let mut uart = vm.uart.lock();
         let (streaming, dropped) = (uart.streaming(), uart.rx_dropped);
         *uart = VPl011::new();
-        uart.set_streaming(streaming, &mut |_| {});
+        uart.set_streaming(streaming, &mut |_, _| {});
         uart.rx_dropped = dropped;
         vm.uart_rx.store(0, Ordering::Relaxed);
     }

@@ -285,7 +285,7 @@ pub fn pl011(data: &[u8]) -> Result<(), String> {
         let offset = u64::from(u16::from_le_bytes([a[1], a[2]]) & 0x1fff);
         let value = u32::from_le_bytes([a[3], a[4], a[5], a[6]]);
         if write {
-            let got = uart.write(offset, size, value, &mut |l| lines.push(l.to_vec()));
+            let got = uart.write(offset, size, value, &mut |l, _| lines.push(l.to_vec()));
             let want = reference.write(offset, size, value);
             ensure!(got == want, "access {n}: write of {size} at {offset:#x} accepted: {got}, not {want}");
         } else {
@@ -298,7 +298,7 @@ pub fn pl011(data: &[u8]) -> Result<(), String> {
             checked = lines.len();
         }
     }
-    uart.flush(&mut |l| lines.push(l.to_vec()));
+    uart.flush(&mut |l, _| lines.push(l.to_vec()));
     if !reference.line.is_empty() {
         reference.lines.push(core::mem::take(&mut reference.line));
     }

@@ -248,8 +248,8 @@ pub fn mmio<H: VcpuHw>(
                 let streaming = uart.streaming();
                 let done = emulate_mmio(regs, a, |write| match write {
                     Some(v) => uart
-                        .write(offset, a.size, v as u32, &mut |out| match streaming {
-                            true => hw.console_part(name, out),
+                        .write(offset, a.size, v as u32, &mut |out, ended| match streaming {
+                            true => hw.console_part(name, out, ended),
                             false => hw.console_line(name, out),
                         })
                         .then_some(0),

@@ -53,10 +53,10 @@ pub trait VcpuHw {
     fn wake_waiters(&mut self);
     /// One line of guest console output, tagged with the guest's name.
     fn console_line(&mut self, guest: &str, line: &[u8]);
-    /// Streamed console output of `guest` (raw bytes as written, see `VPl011::set_streaming`).
-    fn console_part(&mut self, guest: &str, bytes: &[u8]) {
-        let _ = bytes;
-        let _ = guest;
+    /// Streamed console output of `guest`: its line so far, or whole when `ended` (see
+    /// `VPl011::set_streaming`).
+    fn console_part(&mut self, guest: &str, line: &[u8], ended: bool) {
+        let _ = (guest, line, ended);
     }
     /// The physical interrupt of the host console's receiver, if this CPU takes it.
     fn console_intid(&self) -> Option<u32> {

@@ -178,8 +178,9 @@ impl VPl011 {
         self.rx_len
     }
 
-    /// A write; `emit` gets each complete line (without its newline). `false` if refused.
-    pub fn write(&mut self, offset: u64, size: u8, value: u32, emit: &mut dyn FnMut(&[u8])) -> bool {
+    /// A write; `emit` gets each complete line (without its newline, `true`) and, streaming,
+    /// each unfinished one as it grows (`false`). `false` if refused.
+    pub fn write(&mut self, offset: u64, size: u8, value: u32, emit: &mut dyn FnMut(&[u8], bool)) -> bool {
         if !Self::valid(offset, size) {
             return false;
         }
@@ -199,12 +200,13 @@ impl VPl011 {
         true
     }
 
-    /// Streams output (`emit` then gets raw bytes as written, newlines included) or collects
-    /// it into lines again. Turning it on hands out the unfinished line first, as bytes.
-    pub fn set_streaming(&mut self, on: bool, emit: &mut dyn FnMut(&[u8])) {
+    /// Streams output or collects it into lines again. Streaming, `emit` gets the line so far
+    /// each time it grows (`false`: a prompt shows before its newline) and the whole line at its
+    /// end (`true`), so a reader interrupted mid-line can show the line whole again. Turning it
+    /// on hands out the unfinished line first.
+    pub fn set_streaming(&mut self, on: bool, emit: &mut dyn FnMut(&[u8], bool)) {
         if on && !self.streaming && self.len > 0 {
-            emit(&self.line[..self.len]);
-            self.len = 0;
+            emit(&self.line[..self.len], false);
         }
         self.streaming = on;
     }
@@ -213,22 +215,18 @@ impl VPl011 {
         self.streaming
     }
 
-    /// Whatever is left of an unfinished line (at guest exit).
-    pub fn flush(&mut self, emit: &mut dyn FnMut(&[u8])) {
+    /// Whatever is left of an unfinished line (at guest exit), as a whole line.
+    pub fn flush(&mut self, emit: &mut dyn FnMut(&[u8], bool)) {
         if self.len > 0 {
-            emit(&self.line[..self.len]);
+            emit(&self.line[..self.len], true);
             self.len = 0;
         }
     }
 
-    fn put(&mut self, b: u8, emit: &mut dyn FnMut(&[u8])) {
-        if self.streaming {
-            emit(&[b]);
-            return;
-        }
+    fn put(&mut self, b: u8, emit: &mut dyn FnMut(&[u8], bool)) {
         match b {
             b'\n' => {
-                emit(&self.line[..self.len]);
+                emit(&self.line[..self.len], true);
                 self.len = 0;
             }
             b'\r' => {}
@@ -236,8 +234,10 @@ impl VPl011 {
                 self.line[self.len] = b;
                 self.len += 1;
                 if self.len == LINE_MAX {
-                    emit(&self.line[..self.len]);
+                    emit(&self.line[..self.len], true);
                     self.len = 0;
+                } else if self.streaming {
+                    emit(&self.line[..self.len], false);
                 }
             }
         }
@@ -255,10 +255,11 @@ impl VPl011 {
 mod tests {
     use super::*;
 
+    /// What `text` makes the UART hand out: whole lines, and unfinished ones as `+` and the line.
     fn lines(u: &mut VPl011, text: &[u8]) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
         for &b in text {
-            assert!(u.write(DR, 4, b as u32, &mut |l| out.push(l.to_vec())));
+            assert!(u.write(DR, 4, b as u32, &mut |l, ended| out.push(part(l, ended))));
         }
         out
     }
@@ -275,7 +276,7 @@ mod tests {
         let out = lines(&mut u, &[b'x'; LINE_MAX * 2 + 3]);
         assert_eq!(out.len(), 2);
         let mut rest = Vec::new();
-        u.flush(&mut |l| rest.push(l.to_vec()));
+        u.flush(&mut |l, ended| rest.push(part(l, ended)));
         assert_eq!(rest, vec![vec![b'x'; 3]]);
     }
 
@@ -285,7 +286,7 @@ mod tests {
     fn constant_reads_agree_with_the_device() {
         let mut u = VPl011::new();
         for (o, v) in [(IBRD, 7), (FBRD, 3), (LCR_H, 0x70), (CR, 0x301), (IFLS, 0x9), (IMSC, 0x10)] {
-            assert!(u.write(o, 4, v, &mut |_| {}));
+            assert!(u.write(o, 4, v, &mut |_, _| {}));
         }
         let mut constant = 0;
         for offset in 0..0x1004u64 {
@@ -323,7 +324,7 @@ mod tests {
     #[test]
     fn control_registers_read_back() {
         let mut u = VPl011::new();
-        assert!(u.write(CR, 4, 0x301, &mut |_| {}));
+        assert!(u.write(CR, 4, 0x301, &mut |_, _| {}));
         assert_eq!(u.read(CR, 4), Some(0x301));
     }
 
@@ -332,8 +333,8 @@ mod tests {
         let mut u = VPl011::new();
         assert_eq!(u.read(0x1, 4), None);
         assert_eq!(u.read(0x0, 8), None);
-        assert!(!u.write(0x2, 4, 0, &mut |_| {}));
-        assert!(u.write(0x0, 1, b'a' as u32, &mut |_| {}));
+        assert!(!u.write(0x2, 4, 0, &mut |_, _| {}));
+        assert!(u.write(0x0, 1, b'a' as u32, &mut |_, _| {}));
     }
 
     #[test]
@@ -342,11 +343,11 @@ mod tests {
         assert_eq!(u.read(FR, 4).unwrap() & FR_RXFE, FR_RXFE, "nothing received yet");
         assert!(u.push_input(b'h') && u.push_input(b'i'));
         assert_eq!(u.line_change(), None, "masked: the line stays low");
-        assert!(u.write(IMSC, 4, INT_RX | INT_RT, &mut |_| {}));
+        assert!(u.write(IMSC, 4, INT_RX | INT_RT, &mut |_, _| {}));
         assert_eq!(u.line_change(), Some(true));
         assert_eq!(u.line_change(), None, "reported once");
         assert_eq!(u.read(MIS, 4), Some(INT_RX | INT_RT));
-        assert!(u.write(ICR, 4, 0x7ff, &mut |_| {}));
+        assert!(u.write(ICR, 4, 0x7ff, &mut |_, _| {}));
         assert_eq!(u.read(MIS, 4), Some(INT_RX | INT_RT), "still waiting: still raised");
         assert_eq!(u.read(FR, 4).unwrap() & FR_RXFE, 0);
         assert_eq!(u.read(DR, 4), Some(u32::from(b'h')));
@@ -370,15 +371,27 @@ mod tests {
         }
     }
 
+    fn part(line: &[u8], ended: bool) -> Vec<u8> {
+        if ended {
+            line.to_vec()
+        } else {
+            [b"+", line].concat()
+        }
+    }
+
     #[test]
-    fn streaming_hands_out_bytes_as_written() {
+    fn streaming_hands_out_each_unfinished_line_as_it_grows() {
         let mut u = VPl011::new();
-        lines(&mut u, b"/ # ");
+        assert!(lines(&mut u, b"/ # ").is_empty());
         let mut out = Vec::new();
-        u.set_streaming(true, &mut |b| out.extend_from_slice(b));
-        assert_eq!(out, b"/ # ", "the unfinished line first");
-        assert_eq!(lines(&mut u, b"ls\n"), vec![b"l".to_vec(), b"s".to_vec(), b"\n".to_vec()]);
-        u.set_streaming(false, &mut |_| panic!("nothing to hand out"));
+        u.set_streaming(true, &mut |l, ended| out.push(part(l, ended)));
+        assert_eq!(out, vec![b"+/ # ".to_vec()], "the unfinished line first");
+        assert_eq!(
+            lines(&mut u, b"ls\r\n"),
+            vec![b"+/ # l".to_vec(), b"+/ # ls".to_vec(), b"/ # ls".to_vec()],
+            "the line so far at each byte, then the whole line"
+        );
+        u.set_streaming(false, &mut |_, _| panic!("nothing to hand out"));
         assert_eq!(lines(&mut u, b"ab\n"), vec![b"ab".to_vec()], "lines again");
     }
 }

@@ -350,9 +350,9 @@ impl VcpuHw for Hw {
         let text = core::str::from_utf8(line).unwrap_or("<non-UTF-8 output>");
         super::console::raw_line(format_args!("[{guest}] {text}"));
     }
-    fn console_part(&mut self, guest: &str, bytes: &[u8]) {
+    fn console_part(&mut self, guest: &str, line: &[u8], ended: bool) {
         // The name's address tags its open line: one per guest, fixed for the run.
-        super::console::LOGGER.raw_part(guest.as_ptr() as usize, guest, bytes);
+        super::console::LOGGER.raw_part(guest.as_ptr() as usize, guest, line, ended);
     }
     fn console_intid(&self) -> Option<u32> {
         super::console::input_intid()
