@@ -702,27 +702,38 @@ def expect_stress_smp_end(lines, out, cpus):
     no_failure(lines, out)
 
 
-def smp_stress_test(mode, cpus):
+def smp_stress_test(mode, cpus, blocks):
+    """`mode` on `cpus` vCPUs of one guest: with `blocks` its RAM is faulted in as 2 MiB blocks
+    (the vCPUs race for level-2 entries), without them as 4 KiB pages (they race for level-3
+    entries and for new level-3 tables); each run asserts its faults were of that kind."""
     def run(wd):
-        rc, out = boot_guests(wd, "smp-%s-%d" % (mode, cpus), [
-            guestcfg.Guest("stress", STRESS, 0x5000_0000, 32 * 1024, cpus=cpus,
+        rc, out = boot_guests(wd, "smp-%s-%d-%s" % (mode, cpus, "blocks" if blocks else "pages"), [
+            guestcfg.Guest("stress", STRESS, 0x5000_0000, 32 * 1024, cpus=cpus, no_blocks=not blocks,
                            bootargs="stress.mode=%s" % mode),
         ], smp=cpus, timeout=SMP_TIMEOUT)
         expect_clean_exit(rc, out)
         st = guest_lines(out, "stress")
         expect_smp_stress(st, out, mode, cpus)
         expect_stress_smp_end(st, out, cpus)
-        report = re.search(r"guest stress: stopped by SystemOff; vCPUs \d+; (faults \d+ \([^)]*\), lost races \d+)", out)
+        report = re.search(r"guest stress: stopped by SystemOff; vCPUs \d+; (faults \d+ \(4 KiB pages (\d+), "
+                           r"2 MiB blocks (\d+)\), lost races \d+)", out)
         check(report, "stress not stopped by SystemOff, or its report has no fault counts", out)
+        pages, nblocks = int(report.group(2)), int(report.group(3))
+        if blocks:
+            check(nblocks > 0, "no 2 MiB block faults in a guest with block mappings", out)
+        else:
+            check(pages > 1000 and nblocks == 0, "%d 4 KiB faults and %d block faults in a guest without "
+                  "block mappings" % (pages, nblocks), out)
         expect_audit_clean(out)
         print("      (%s)" % report.group(1), flush=True)
-    run.__name__ = "smp_stress_%s_on_%d_vcpus" % (mode, cpus)
+    run.__name__ = "smp_stress_%s_on_%d_vcpus_%s" % (mode, cpus, "in_blocks" if blocks else "in_pages")
     return run
 
 
 for _cpus in (2, 4):
     for _mode in SMP_MODES:
-        test(smp_stress_test(_mode, _cpus))
+        for _blocks in (False, True):
+            test(smp_stress_test(_mode, _cpus, _blocks))
 
 
 @test

@@ -118,10 +118,11 @@ fn bench(c: &mut Criterion) {
 }
 
 const RAM_BASE: u64 = 0x4000_0000;
-/// Pages every run maps: 32 MiB of guest RAM, 16 level-3 tables.
-const FAULT_PAGES: u64 = 8192;
-/// 40 MiB of host RAM: the guest's pages, its tables, the pools' slack.
-const HOST_FRAMES: usize = 10240;
+/// Pages every run maps: 256 MiB of guest RAM, 128 level-3 tables; long enough (about 1.5 ms
+/// for one thread) that the threads' start skew is a small part of the clock.
+const FAULT_PAGES: u64 = 65536;
+/// 272 MiB of host RAM: the guest's pages, its tables, the pools' slack.
+const HOST_FRAMES: usize = 69632;
 const WORDS: usize = 512;
 
 /// Host RAM as words: guest frames and table pages (whose entries are its words).
