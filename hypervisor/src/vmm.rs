@@ -931,7 +931,7 @@ fn fast_page_fault(vcpu: &mut Vcpu, ipa_page: u64) -> bool {
     // the frame is taken (a walk, a table page) is the general path's, so this path makes no
     // call (its caller saved only the caller-saved registers).
     let Some(slot) = vm.s2.page_slot(&vcpu.cache, ipa_page) else { return false };
-    if !vcpu.take_pages(1) {
+    if !vcpu.take_page_without_call() {
         return false;
     }
     // Claimed for the space's own guest, so the install's owner check folds away.
@@ -1002,13 +1002,13 @@ fn fast_block_fault(vcpu: &mut Vcpu, ipa: u64) -> bool {
     }
     let Some(pool) = vcpu.pool else { return false };
     let Some(vacant) = vm.s2.block_slot(&vcpu.cache, block) else { return fast_page_fault(vcpu, ipa) };
-    if !vm.budget.take(BLOCK_FRAMES) {
+    // Within the promise only: a draw beyond it is the general path's (a call).
+    if !vm.budget.take_promised(BLOCK_FRAMES) {
         return false;
     }
     // Claimed for the space's own guest, so the install's owner check folds away.
     let Ok(claimed) = pool.alloc_guest_block_own_pool(vacant.vm()) else {
-        vm.budget.untake(BLOCK_FRAMES);
-        return false;
+        return block_not_at_hand(vm);
     };
     if let Err(declined) = vacant.install(&mut fast_env(pool), claimed) {
         // The claim and what to do by value: a tail call, so this path keeps no frame.
@@ -1027,6 +1027,15 @@ fn fast_block_fault(vcpu: &mut Vcpu, ipa: u64) -> bool {
         return refill_blocks(pool);
     }
     true
+}
+
+/// No block in this CPU's pool: the frames counted go back and the general path takes the
+/// fault (a tail call, so the fast path keeps no frame for this call).
+#[cold]
+#[inline(never)]
+fn block_not_at_hand(vm: &Vm) -> bool {
+    vm.budget.untake(BLOCK_FRAMES);
+    false
 }
 
 /// A claimed block the fast path did not map: released (scrubbed: a block has no atomic

@@ -75,11 +75,19 @@ impl MemoryBudget {
     /// unpromised frames; `false` changes nothing (the guest is out of memory).
     #[inline(always)]
     pub fn take(&self, frames: usize) -> bool {
+        self.take_promised(frames) || self.take_beyond(frames)
+    }
+
+    /// [`MemoryBudget::take`] within the promise only, with no call on its way (the fast
+    /// paths make none): `false` changes nothing and leaves a draw beyond the promise to a
+    /// caller that may call out.
+    #[inline(always)]
+    pub fn take_promised(&self, frames: usize) -> bool {
         // Relaxed: the count orders nothing else; the frame's claim CAS publishes the frame.
         let mut left = self.left.load(Ordering::Relaxed);
         loop {
             if frames > left {
-                return self.take_beyond(frames);
+                return false;
             }
             match self.left.compare_exchange_weak(left, left - frames, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => return true,

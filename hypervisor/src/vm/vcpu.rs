@@ -195,6 +195,23 @@ impl<'a> Vcpu<'a> {
         }
     }
 
+    /// One page as [`Vcpu::take_pages`] counts it, for the fast paths, which make no call:
+    /// from the credit, or with a batch from the guest's promise. `false` changes nothing and
+    /// leaves the fault to the general path: the credit is out and the promise has no batch
+    /// left, so the page (and the next batch) come from beyond the promise, or the guest is
+    /// out of memory.
+    #[inline(always)]
+    pub fn take_page_without_call(&mut self) -> bool {
+        if self.credit == 0 {
+            if !self.vm.budget.take_promised(1 + PAGE_CREDIT_BATCH) {
+                return false;
+            }
+            self.credit = 1 + PAGE_CREDIT_BATCH;
+        }
+        self.credit -= 1;
+        true
+    }
+
     /// Gives back `n` pages taken with [`Vcpu::take_pages`] and not used (a lost race, no
     /// frame): they stay this vCPU's credit.
     #[inline(always)]
@@ -267,6 +284,22 @@ mod tests {
         assert!(!v.take_pages(1), "the promise is used up");
         assert_eq!(vm.budget.used(), pages);
         assert_eq!(v.credit(), 0, "a refusal changes nothing");
+    }
+
+    #[test]
+    fn the_call_free_take_draws_what_take_pages_does_and_stops_at_the_promise() {
+        let vm = guest();
+        let mut v = Vcpu::new(vm, 0, None);
+        assert!(v.take_page_without_call());
+        assert_eq!((vm.budget.used(), v.credit()), (1 + PAGE_CREDIT_BATCH, PAGE_CREDIT_BATCH));
+        let left = vm.budget.pages() - vm.budget.used();
+        assert!(vm.budget.take(left - PAGE_CREDIT_BATCH), "all but a batch drawn elsewhere");
+        for _ in 0..PAGE_CREDIT_BATCH {
+            assert!(v.take_page_without_call(), "the credit serves its batch");
+        }
+        assert!(!v.take_page_without_call(), "no batch of 17 left in a promise of 16");
+        assert_eq!((v.credit(), vm.budget.beyond()), (0, 0), "a refusal changes nothing, draws nothing beyond");
+        assert!(v.take_pages(1), "the general path takes what is left");
     }
 
     #[test]
