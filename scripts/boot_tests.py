@@ -501,6 +501,26 @@ def typed_input_reaches_the_focused_guest_and_ctrl_a_moves_the_focus(wd):
 
 
 @test
+def typed_input_reaches_a_guest_whose_first_vcpu_powered_off(wd):
+    # The input interrupt is routed to the focused guest's vCPU 0's CPU; vCPU 0 starts vCPU 1,
+    # which echoes, and powers itself off: the route must follow a vCPU that is in the guest.
+    guests = [guestcfg.Guest("solo", STRESS, 0x4c00_0000, 32 * 1024, cpus=2,
+                             bootargs="stress.echo stress.echo-cpu=1")]
+    rc, out = boot_interactive(wd, "echo-cpu1", guests, [
+        (r"\[solo\] stress: echo: cpu 0 powers off", b"hello\r"),
+        (r"\[solo\] stress: echo: hello", b"off\r"),
+    ], smp=2)
+    expect_clean_exit(rc, out)
+    check("console: input interrupt moves to CPU 1: CPU 0's vCPU left its guest" in out,
+          "the log does not say where input went", out)
+    lines = guest_lines(out, "solo")
+    check("stress: echo: ready on cpu 1" in lines, "vCPU 1 did not take the echo", out)
+    check("stress: echo: off" in lines and "stress: done" in lines, "the guest never got its last line", out)
+    check(re.search(r"guest solo: stopped by SystemOff", out), "solo not stopped by SystemOff", out)
+    expect_audit_clean(out)
+
+
+@test
 def linux_shell_takes_typed_commands_beside_an_echo_guest(wd):
     for f in (LINUX, INITRAMFS, os.path.join(os.path.dirname(LINUX), "busybox")):
         check(os.path.exists(f), "%s missing: run scripts/fetch-linux.sh and scripts/build-guests.sh" % f)

@@ -301,6 +301,45 @@ fn input_after_stop(vm: &Vm) {
     }
 }
 
+/// Whether CPU `cpu` has a vCPU in a running guest, or about to enter it (powered on).
+fn runs_a_vcpu(guests: &[Vm], cpu: usize) -> bool {
+    guests.iter().any(|g| {
+        g.life.life() != Life::Stopped
+            && (g.first_cpu..g.first_cpu + g.vcpus).contains(&cpu)
+            && matches!(g.power.state(cpu - g.first_cpu), Some(PowerState::On | PowerState::OnPending))
+    })
+}
+
+/// This CPU's vCPU leaves its guest (CPU_OFF, a reset) while guests run: if the console's
+/// input interrupt is routed here it moves to a CPU whose vCPU is in a guest, since a CPU
+/// waiting for its vCPU to be started takes no interrupt and typed characters would wait.
+/// The input focus's lock orders moves of the route; a vCPU that leaves is Off before it gets
+/// here, so a CPU moving the route never picks one that is leaving.
+fn input_leaves(here: usize) {
+    let Some(guests) = GUESTS.get() else { return };
+    let _moving = INPUT.lock();
+    if INPUT_CPU.load(Ordering::Acquire) != here {
+        return;
+    }
+    // None: nothing runs now; the next vCPU to enter takes the route (`input_arrives`).
+    if let Some(cpu) = (0..MAX_CPUS).find(|&cpu| cpu != here && runs_a_vcpu(guests, cpu)) {
+        route_input(cpu);
+        info!("console: input interrupt moves to CPU {cpu}: CPU {here}'s vCPU left its guest");
+    }
+}
+
+/// This CPU's vCPU enters its guest: if the console's input interrupt is routed to a CPU whose
+/// vCPU is not in a guest (it left when no other ran), it comes here.
+fn input_arrives(here: usize) {
+    let Some(guests) = GUESTS.get() else { return };
+    let _moving = INPUT.lock();
+    let cpu = INPUT_CPU.load(Ordering::Acquire);
+    if cpu != here && cpu != usize::MAX && !runs_a_vcpu(guests, cpu) {
+        route_input(here);
+        info!("console: input interrupt moves to CPU {here}: CPU {cpu}'s vCPU is not in its guest");
+    }
+}
+
 /// Frames guest `vm` holds now: its pages and its stage-2 table pages.
 fn held_frames(vm: &Vm) -> usize {
     vm.budget.used() + vm.budget.beyond() + vm.s2.table_pages()
@@ -738,6 +777,7 @@ fn wait_to_run(vcpu: &mut Vcpu) -> ! {
                     arch::gic::vcpu_reset();
                 }
                 vcpu.restart();
+                input_arrives(arch::cpu_index());
                 vm.quiescence.online(vcpu.index, &vm.s2);
                 // Interrupts posted while it was off (SGIs in its mailbox) go in now.
                 exit::sync_vgic(vcpu, &mut arch::Hw);
@@ -751,6 +791,7 @@ fn wait_to_run(vcpu: &mut Vcpu) -> ! {
 /// Takes this vCPU out of the guest for good or until it is started again: its counters go
 /// to the guest's totals, its virtual interface is silenced, and it waits.
 fn leave_guest(vcpu: &mut Vcpu) -> ! {
+    input_leaves(arch::cpu_index());
     // Before it is out (`wait_to_run`): a reclaim, which resets the budget, waits for that.
     vcpu.vm.budget.untake(vcpu.drop_credit());
     let stats = core::mem::take(&mut vcpu.stats);

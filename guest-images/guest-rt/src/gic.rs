@@ -170,6 +170,15 @@ pub fn enable_spi(intid: u32) {
     dsb();
 }
 
+/// Routes SPI `intid` to the CPU with affinity `mpidr` (`GICD_IROUTER`, affinity routing).
+pub fn route_spi(intid: u32, mpidr: u64) {
+    let router = DISTRIBUTOR.get() + 0x6000 + 8 * u64::from(intid);
+    // Two 32-bit halves: Aff3 lives in the upper word (zero here).
+    mmio_write(router, mpidr as u32);
+    mmio_write(router + 4, (mpidr >> 32) as u32 & 0xff);
+    dsb();
+}
+
 /// Disables (masks) SGI/PPI `intid` (< 32) in this CPU's redistributor.
 pub fn disable(intid: u32) {
     mmio_write(rd_base() + GICR_ICENABLER0, 1 << (intid & 31));

@@ -351,7 +351,7 @@ fn main(boot: &BootInfo) -> ! {
     }
 
     if args.has("stress.echo") {
-        echo::run(boot);
+        echo::run(boot, args.value("stress.echo-cpu") == Some("1"));
     }
     if let Some(secret) = args.value("stress.secret").and_then(parse_u64) {
         let pages = memory::fill_secret(&free, secret);

@@ -298,7 +298,11 @@ mod tests {
             assert!(v.take_page_without_call(), "the credit serves its batch");
         }
         assert!(!v.take_page_without_call(), "no batch of 17 left in a promise of 16");
-        assert_eq!((v.credit(), vm.budget.beyond()), (0, 0), "a refusal changes nothing, draws nothing beyond");
+        assert_eq!(
+            (v.credit(), vm.budget.beyond()),
+            (0, 0),
+            "a refusal changes nothing, draws nothing beyond"
+        );
         assert!(v.take_pages(1), "the general path takes what is left");
     }
 
