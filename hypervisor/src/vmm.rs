@@ -183,6 +183,8 @@ pub fn create_all(
                 destroy(&vm);
                 shm_leave(&vm);
                 frames().uncommit(vm.budget.promised());
+                // Its CPUs run no guest now: their pools' frames go back for the others.
+                retire_cpus(frames_mgr, vm.first_cpu..vm.first_cpu + vm.vcpus);
                 None
             }
             false => Some(vm),
