@@ -436,6 +436,10 @@ def overcommitted_guest_draws_what_a_stopped_guest_freed(wd):
     check(need, "no memory figures from the overcommitted guest", out)
     n, p, h, d = (int(x) for x in need.groups())
     check(p - h + d < n, "the guest's memory was there from the start: it had nothing to wait for", out)
+    # The stopped guest's CPU parks for good: its pools' frames (and what they could hold) are
+    # the running guest's to draw too.
+    check(re.search(r"CPU 0 parks: its frame pools' [1-9]\d* KiB go back; \d+ KiB free and unpromised now", out),
+          "the stopped guest's CPU kept its frame pools", out)
     promised, within, beyond, _ = memory_report(out, "over")
     # A 2 MiB block is drawn whole from one source: up to 2 MiB of the promise may stay unused.
     check(beyond > 0 and within > promised - 2048, "the guest did not draw past its promise: %s" % ((promised, within, beyond),), out)

@@ -754,6 +754,7 @@ fn wait_to_run(vcpu: &mut Vcpu) -> ! {
                 if HOST_GIC.load(Ordering::Relaxed) {
                     arch::gic::vcpu_off();
                 }
+                retire_this_cpu();
                 arch::park();
             }
             Life::Running if vm.power.state(vcpu.index) == Some(PowerState::OnPending) => {
@@ -1448,5 +1449,21 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
         }
         arch::power_off();
     }
+    retire_this_cpu();
     arch::park()
+}
+
+/// This CPU's guest stopped and it parks for good (static partitioning: nothing else runs
+/// here): the frames its pools hold go back, and what they could hold joins the unpromised
+/// frames, for the guests still running.
+fn retire_this_cpu() {
+    let cpu = arch::cpu_index();
+    match frames().retire(cpu) {
+        Ok(n) => info!(
+            "CPU {cpu} parks: its frame pools' {} KiB go back; {} KiB free and unpromised now",
+            n * 4,
+            frames().unpromised().available() * 4
+        ),
+        Err(e) => warn!("CPU {cpu} parks but its frame pools were not emptied: {e}"),
+    }
 }

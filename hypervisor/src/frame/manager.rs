@@ -123,6 +123,8 @@ pub struct FrameManager<'a, const ORDER: usize = 32> {
     /// Free frames no promise covers, once the promises are made: what guests draw beyond
     /// their own (lock-free).
     unpromised: Unpromised,
+    /// [`FrameManager::open_unpromised`] ran: a pool retired after it frees its capacity.
+    unpromised_open: AtomicBool,
 }
 
 impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
@@ -194,6 +196,7 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
             buddy: spin::Mutex::new(buddy),
             committed: spin::Mutex::new(0),
             unpromised: Unpromised::new(),
+            unpromised_open: AtomicBool::new(false),
         })
     }
 
@@ -351,14 +354,20 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         }
     }
 
-    /// Empties `cpu`'s pools for good: a CPU that will never allocate (no guest runs there)
-    /// then holds no free frames out of reach, refills refuse it, and promises
-    /// ([`FrameManager::commit`]) no longer set its pools' capacity aside. Slow path.
+    /// Empties `cpu`'s pools for good: a CPU that will never allocate (no guest runs there, or
+    /// its guest stopped) then holds no free frames out of reach, refills refuse it, and
+    /// promises ([`FrameManager::commit`]) no longer set its pools' capacity aside. Once the
+    /// unpromised frames are open (which counted them without that capacity), the capacity
+    /// joins them. Slow path.
     pub fn retire(&self, cpu: usize) -> Result<usize, FrameError> {
         let pools = self.active_pools(cpu)?;
         // Retired first, so no refill starts after the drain below.
         pools.retired.store(true, Ordering::Release);
-        self.drain(cpu)
+        let drained = self.drain(cpu)?;
+        if self.unpromised_open.load(Ordering::Acquire) {
+            self.unpromised.give(self.config.page_capacity + self.config.block_capacity * BLOCK_FRAMES);
+        }
+        Ok(drained)
     }
 
     /// Empties `cpu`'s pools back into the buddy allocator (CPU going offline, memory
@@ -497,6 +506,7 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         let free = buddy.free_frames() + self.pooled_frames();
         let frames = free.saturating_sub(reserved + self.pool_capacity_frames());
         self.unpromised.set(frames);
+        self.unpromised_open.store(true, Ordering::Release);
         frames
     }
 

@@ -506,6 +506,27 @@ fn retired_pools_are_empty_and_leave_the_promise_margin() {
     assert!(rig.frames.audit(None).is_consistent());
 }
 
+// A CPU retired after the unpromised frames are open (its guest stopped) sets nothing aside
+// any more: what its pools could hold joins the unpromised frames, and every frame counted
+// there can then be drawn through another CPU.
+#[test]
+fn a_pool_retired_after_opening_gives_its_capacity_to_the_unpromised() {
+    let rig = filled(4096, 2);
+    let pool = small().page_capacity + small().block_capacity * BLOCK_FRAMES;
+    let open = rig.frames.open_unpromised(0);
+    assert_eq!(open, rig.frames.free_frames() - 2 * pool, "both CPUs' pools set aside at opening");
+    rig.frames.retire(1).unwrap();
+    let now = rig.frames.unpromised().available();
+    assert_eq!(now, open + pool, "CPU 1's capacity is unpromised now");
+    assert!(rig.frames.unpromised().draw(now));
+    for i in 0..now {
+        assert!(draw_page(&rig, 0, guest(2)).is_some(), "unpromised frame {i} of {now} could not be drawn");
+    }
+    assert_eq!(rig.frames.retire(1), Err(FrameError::InvalidCpu(1)), "and only once");
+    assert_eq!(rig.frames.unpromised().available(), 0);
+    assert!(rig.frames.audit(None).is_consistent());
+}
+
 // The point of a promise: a guest that draws exactly its promise always gets it, even after
 // another guest drew all of its own and the pools were left in the worst state (the other
 // CPU's pool full of frames nobody will use).
