@@ -173,31 +173,37 @@ fn say_stopping(region: &SharedRegion) {
     }
 }
 
-/// A borrower waits (bounded) for the owner's "stopping" word, then reads the region, page
-/// after page, until a read is refused (the owner's stop revoked it) or `timeout_s` pass:
-/// the reads that succeeded and the abort, if one came.
+/// A borrower reads the owner's "stopping" word until it says so, then the region, page after
+/// page, until a read is refused (the owner's stop revoked the region) or `timeout_s` pass.
+/// Every read is a probe: the owner may stop (and the region go) before its word is seen.
+/// Whether the word was seen, the page reads after it, and the abort if one came.
 fn read_until_revoked(region: &SharedRegion, timeout_s: u64) -> (bool, u64, Option<crate::exception::Fault>) {
     let base = region.range.start;
-    let deadline = now() + frequency() * timeout_s;
-    // SAFETY: the owner's word, inside the region.
-    while unsafe { read_volatile((base + STOPPING_WORD * 8) as *const u64) } != STOPPING {
-        if now() > deadline {
-            return (false, 0, None);
-        }
-        core::hint::spin_loop();
-    }
     let pages = (region.range.len() / PAGE).max(1);
     let deadline = now() + frequency() * timeout_s;
-    let mut reads = 0;
+    let (mut seen, mut reads) = (false, 0);
     while now() <= deadline {
-        let addr = base + (reads % pages) * PAGE;
-        // SAFETY: a probe: inside the region while it is mapped; an abort once it is revoked.
+        let addr = if seen { base + (reads % pages) * PAGE } else { base + STOPPING_WORD * 8 };
+        // SAFETY: a probe inside the region: a value while it is mapped, an abort once revoked.
         match unsafe { crate::exception::probe_read32(addr) } {
+            Ok(v) if !seen => seen = v == STOPPING as u32,
             Ok(_) => reads += 1,
-            Err(fault) => return (true, reads, Some(fault)),
+            Err(fault) => return (seen, reads, Some(fault)),
         }
     }
-    (true, reads, None)
+    (seen, reads, None)
+}
+
+/// What a borrower read before the region went, for its line.
+struct Reads(bool, u64);
+
+impl core::fmt::Display for Reads {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Reads(true, n) => write!(f, "{} reads after the owner said it is stopping", n),
+            Reads(false, _) => f.write_str("before the owner's stopping word was read"),
+        }
+    }
 }
 
 /// Runs the exchange named by the command line (`shm.side=owner|borrower`; `shm.rounds=N`: the
@@ -264,18 +270,19 @@ pub fn run_from_bootargs(boot: &crate::dt::BootInfo, who: &str) {
     }
     match side {
         Side::Owner => say_stopping(region),
-        Side::Borrower if boot.bootargs().has("shm.revoke") => match read_until_revoked(region, 60) {
-            (false, _, _) => crate::println!("{}: shm borrower: the owner never said it is stopping", who),
-            (true, reads, Some(fault)) => crate::println!(
-                "{}: shm borrower: the owner is stopping; {} reads later the region was revoked: {} at {:#x}",
+        Side::Borrower if boot.bootargs().has("shm.revoke") => match read_until_revoked(region, 120) {
+            (seen, reads, Some(fault)) => crate::println!(
+                "{}: shm borrower: the region was revoked ({}): {} at {:#x}",
                 who,
-                reads,
+                Reads(seen, reads),
                 fault,
                 fault.far
             ),
-            (true, reads, None) => {
-                crate::println!("{}: shm borrower: the region still readable after {} reads", who, reads)
-            }
+            (seen, reads, None) => crate::println!(
+                "{}: shm borrower: the region still readable after 120 s ({})",
+                who,
+                Reads(seen, reads)
+            ),
         },
         Side::Borrower => {}
     }
