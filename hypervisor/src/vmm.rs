@@ -371,9 +371,12 @@ fn share_regions(
             let _ = frames().refill(cpu);
             let is_owner = vm.id == owner;
             match shm::map_region(&vm.s2, &mut env(vm), &live.frames, s.guest_addr, is_owner) {
-                Ok(()) => {
-                    live.views.push(View { vm: vm.id, guest_addr: s.guest_addr, owner: is_owner, mapped: true })
-                }
+                Ok(()) => live.views.push(View {
+                    vm: vm.id,
+                    guest_addr: s.guest_addr,
+                    owner: is_owner,
+                    mapped: true,
+                }),
                 Err(e) => {
                     owner_refused |= is_owner;
                     refuse_user(k, &s, ShmProblem::Map(e), &mut refused);
@@ -521,7 +524,10 @@ fn shm_release(vm: &Vm, gone: Vec<Departure<'static>>) -> bool {
         // Its frames and the table pages that mapped it are free: anyone may draw them now.
         frames().unpromised().give(region.promised);
         let after = if d.owner_left { "its owner" } else { "its last user" };
-        info!("shared memory \"{}\": released ({n} frames) after {after}, guest {}, stopped", region.id, vm.name);
+        info!(
+            "shared memory \"{}\": released ({n} frames) after {after}, guest {}, stopped",
+            region.id, vm.name
+        );
     }
     any
 }

@@ -1810,10 +1810,8 @@ fn shared_memory_node_errors() {
     );
     assert_eq!(
         bad(&|w| {
-            w.prop_str("xen,shm-id", "a").prop_cells(
-                "xen,shared-mem",
-                &[0xffff_ffff, 0xffff_f000, 0, 0x1000_0000, 0, 0x2000],
-            );
+            w.prop_str("xen,shm-id", "a")
+                .prop_cells("xen,shared-mem", &[0xffff_ffff, 0xffff_f000, 0, 0x1000_0000, 0, 0x2000]);
         }),
         shm(ShmProblem::HostOverflow { host: 0xffff_ffff_ffff_f000, size: 0x2000 })
     );

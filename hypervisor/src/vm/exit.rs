@@ -73,7 +73,9 @@ pub fn handle_sync<H: VcpuHw>(
                 _ => Outcome::Resume,
             }
         }
-        GuestTrap::Abort { ipa: Some(ipa), instruction, .. } if vm.shm_revoked.at(&vm.config.shared, ipa).is_some() => {
+        GuestTrap::Abort { ipa: Some(ipa), instruction, .. }
+            if vm.shm_revoked.at(&vm.config.shared, ipa).is_some() =>
+        {
             refuse_revoked(vcpu, regs, hw, instruction, esr, ipa)
         }
         GuestTrap::Abort { ipa, instruction, fsc, .. } => refuse_access(

@@ -175,7 +175,13 @@ pub fn plan<'a>(
     for (g, cfg) in guests.iter().enumerate() {
         for s in cfg.shared.iter().filter(|s| s.role == ShmRole::Owner) {
             if !regions.iter().any(|r| r.id == s.id) && regions.len() < MAX_REGIONS {
-                regions.push(RegionPlan { id: s.id, size: s.size, owner: Some(g), users: Vec::new(), host: None });
+                regions.push(RegionPlan {
+                    id: s.id,
+                    size: s.size,
+                    owner: Some(g),
+                    users: Vec::new(),
+                    host: None,
+                });
             }
         }
     }
@@ -382,7 +388,11 @@ impl<'a> Registry<'a> {
     /// Maps guest `vm`'s views again after its reset (`map(frames, view)`), each marked mapped
     /// before `map` runs: a region revoked while the guest reset is not among them. Stops at
     /// the first error.
-    pub fn remap<E>(&mut self, vm: VmId, mut map: impl FnMut(&[Pfn], View) -> Result<(), E>) -> Result<(), E> {
+    pub fn remap<E>(
+        &mut self,
+        vm: VmId,
+        mut map: impl FnMut(&[Pfn], View) -> Result<(), E>,
+    ) -> Result<(), E> {
         for r in &mut self.regions {
             for v in r.views.iter_mut().filter(|v| v.vm == vm) {
                 v.mapped = true;
@@ -675,11 +685,14 @@ mod tests {
         let (regions, verdicts) = plan(&configs, 40, p.memory());
         assert!(verdicts.iter().all(Option::is_none));
         let got: Vec<_> = regions.iter().map(|r| (r.id, r.size, r.owner, r.users.len(), r.host)).collect();
-        assert_eq!(got, [
-            ("ring", 0x20_0000, Some(0), 2, None),
-            ("nobody", 0x1000, None, 2, None),
-            ("x", 0x1000, None, 1, Some((0x6000_0000, 2)))
-        ]);
+        assert_eq!(
+            got,
+            [
+                ("ring", 0x20_0000, Some(0), 2, None),
+                ("nobody", 0x1000, None, 2, None),
+                ("x", 0x1000, None, 1, Some((0x6000_0000, 2)))
+            ]
+        );
         let small = [Region::new(0x4000_0000, 0x1000_0000).unwrap()];
         let (regions, verdicts) = plan(&configs, 40, &small);
         assert_eq!(verdicts[2].map(|v| v.problem), Some(ShmProblem::HostNotRam { host: 0x6000_0000 }));
@@ -785,10 +798,10 @@ mod tests {
         assert_eq!(gone.len(), 1);
         let d = &gone[0];
         assert_eq!((d.region.id, d.owner_left), ("a", true));
-        assert_eq!(d.region.views.iter().map(|v| (v.vm, v.owner, v.mapped)).collect::<Vec<_>>(), vec![
-            (vm(2), false, true),
-            (vm(3), false, true)
-        ]);
+        assert_eq!(
+            d.region.views.iter().map(|v| (v.vm, v.owner, v.mapped)).collect::<Vec<_>>(),
+            vec![(vm(2), false, true), (vm(3), false, true)]
+        );
         assert_eq!(reg.len(), 2);
         assert_eq!(reg.views_of(vm(2)).count(), 0);
         assert_eq!(reg.views_of(vm(4)).count(), 1);
@@ -830,7 +843,10 @@ mod tests {
         assert!(reg.views_of(vm(1)).all(|(_, v)| v.mapped));
         reg.suspend(vm(2));
         let gone = reg.leave(vm(1));
-        assert_eq!(gone[0].region.views.iter().map(|v| (v.vm, v.mapped)).collect::<Vec<_>>(), vec![(vm(2), false)]);
+        assert_eq!(
+            gone[0].region.views.iter().map(|v| (v.vm, v.mapped)).collect::<Vec<_>>(),
+            vec![(vm(2), false)]
+        );
         let mut calls = 0;
         let r: Result<(), ()> = reg.remap(vm(2), |_, _| {
             calls += 1;
@@ -909,7 +925,8 @@ mod tests {
         for (vmid, s2) in [(1, &o), (2, &b1), (3, &b2)] {
             env.add_root(vmid, Pfn(s2.vttbr() >> 12 & ((1 << 36) - 1)), geo.start_level);
         }
-        let frames: Vec<Pfn> = (0..3).map(|_| env.claim_frame(FrameState::SharedOwned(vm(1))).unwrap()).collect();
+        let frames: Vec<Pfn> =
+            (0..3).map(|_| env.claim_frame(FrameState::SharedOwned(vm(1))).unwrap()).collect();
         map_region(&o, &mut env, &frames, AT, true).unwrap();
         map_region(&b1, &mut env, &frames, 0x2000_0000, false).unwrap();
         map_region(&b2, &mut env, &frames, AT, false).unwrap();
@@ -925,7 +942,9 @@ mod tests {
         assert_eq!(unmap_view(&b2, &mut env, AT, size), Ok(0));
         env.check_quiescent();
         assert!(env.violations.is_empty(), "{:?}", env.violations);
-        assert!(b1.translate(&env, 0x2000_0000).is_none() && b2.translate(&env, AT + 2 * FRAME_SIZE).is_none());
+        assert!(
+            b1.translate(&env, 0x2000_0000).is_none() && b2.translate(&env, AT + 2 * FRAME_SIZE).is_none()
+        );
         assert!(frames.iter().all(|&f| env.leaves_mapping(f) == 1));
         assert_eq!(env.frames_in(FrameState::SharedOwned(vm(1))), 3);
         let mut released = 0;
