@@ -954,4 +954,81 @@ mod tests {
         // Unmapping a range that holds nothing (a view revoked twice) is harmless.
         assert_eq!(unmap_view(&b1, &mut env, 0x2000_0000, size), Ok(0));
     }
+
+    mod registry_props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// (id, owner, users): guest 1 owns "a", Labyrinth owns "b", guest 4 owns "c".
+        const REGIONS: [(&str, u16, &[u16]); 3] = [("a", 1, &[1, 2, 3]), ("b", 0, &[2, 3, 4]), ("c", 4, &[4, 1])];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            // Guests stopping in any order (the registry's lock makes any interleaving of stops
+            // a sequence), with resets (suspend, then remap) between them: each region leaves
+            // once; with its owner (every view still there handed over to revoke, mapped unless
+            // its guest was resetting) or, if Labyrinth owns it, with its last user; and a
+            // remap never brings back a region that left.
+            #[test]
+            fn regions_leave_once_with_their_owner_or_last_user(
+                order in Just(vec![1u16, 2, 3, 4]).prop_shuffle(),
+                resets in proptest::collection::vec((1u16..=4, any::<bool>()), 0..12),
+            ) {
+                let mut reg = Registry::new();
+                for (id, owner, users) in REGIONS {
+                    reg.add(live(id, owner, &[u64::from(owner) * 10], users));
+                }
+                let (mut left, mut suspended, mut departed) = (Vec::new(), Vec::new(), Vec::new());
+                let mut resets = resets.into_iter();
+                for g in order {
+                    for (r, finish) in resets.by_ref().take(3) {
+                        if left.contains(&r) {
+                            continue;
+                        }
+                        reg.suspend(vm(r));
+                        suspended.push(r);
+                        if finish {
+                            let mut mapped = Vec::new();
+                            let remapped = reg.remap(vm(r), |f, _| {
+                                mapped.push(f[0]);
+                                Ok::<(), ()>(())
+                            });
+                            prop_assert!(remapped.is_ok());
+                            suspended.retain(|&s| s != r);
+                            // Only regions still there (a region's one frame is its owner * 10).
+                            let gone: Vec<Pfn> = departed
+                                .iter()
+                                .filter_map(|(id, _): &(&str, u16)| REGIONS.iter().find(|x| x.0 == *id))
+                                .map(|x| Pfn(u64::from(x.1) * 10))
+                                .collect();
+                            prop_assert!(mapped.iter().all(|p| !gone.contains(p)), "{:?} remapped", mapped);
+                        }
+                    }
+                    for d in reg.leave(vm(g)) {
+                        let (id, owner, users) = REGIONS.iter().find(|r| r.0 == d.region.id).copied().unwrap();
+                        prop_assert!(!departed.iter().any(|(i, _)| *i == id), "{} left twice", id);
+                        prop_assert!(users.contains(&g));
+                        let others: Vec<u16> = users.iter().copied().filter(|u| *u != g && !left.contains(u)).collect();
+                        if owner == g {
+                            prop_assert!(d.owner_left);
+                            let got: Vec<(VmId, bool)> = d.region.views.iter().map(|v| (v.vm, v.mapped)).collect();
+                            let want: Vec<(VmId, bool)> =
+                                others.iter().map(|&u| (vm(u), !suspended.contains(&u))).collect();
+                            prop_assert_eq!(got, want);
+                        } else {
+                            prop_assert!(!d.owner_left && others.is_empty() && d.region.views.is_empty());
+                            prop_assert_eq!(owner, 0);
+                        }
+                        departed.push((id, g));
+                    }
+                    left.push(g);
+                    suspended.retain(|&s| s != g);
+                    prop_assert_eq!(reg.views_of(vm(g)).count(), 0);
+                }
+                prop_assert!(reg.is_empty());
+                prop_assert_eq!(departed.len(), REGIONS.len());
+            }
+        }
+    }
 }
