@@ -960,7 +960,8 @@ mod tests {
         use proptest::prelude::*;
 
         /// (id, owner, users): guest 1 owns "a", Labyrinth owns "b", guest 4 owns "c".
-        const REGIONS: [(&str, u16, &[u16]); 3] = [("a", 1, &[1, 2, 3]), ("b", 0, &[2, 3, 4]), ("c", 4, &[4, 1])];
+        const REGIONS: [(&str, u16, &[u16]); 3] =
+            [("a", 1, &[1, 2, 3]), ("b", 0, &[2, 3, 4]), ("c", 4, &[4, 1])];
 
         proptest! {
             #![proptest_config(ProptestConfig::with_cases(512))]
