@@ -991,18 +991,22 @@ def shared_memory_between_stress_and_isolation(wd):
                   "isolation's %s at 0x%x next to the region was not denied" % (op, p), out)
     check(not any("ALLOWED" in l or "FOREIGN" in l for l in iso), "an isolation attempt succeeded", out)
     check("stress: done" in st and "isolation: done" in iso, "a guest did not finish", out)
-    check(re.search(r'shared memory "ring": released \(512 frames\) after its last user, guest \w+, stopped', out),
-          "the region was not released by its last user", out)
-    expect_shm_audits(out, 512)
+    # Whoever stops first: the borrower leaves the region to its owner, or the owner (which
+    # waited for the borrower's exchange) takes it with it.
+    check(re.search(r'shared memory "ring": released \(512 frames\) after (its last user, guest isolation|its owner, '
+                    r'guest stress), stopped', out), "the region was not released", out)
+    expect_shm_audits(out, 512, owner_may_stop_first=True)
     expect_audit_clean(out)
 
 
-def expect_shm_audits(out, frames):
-    """The audit after the regions were made, and after the first guest's stop (the region
-    still in use by the other), both consistent and counting the region's frames."""
+def expect_shm_audits(out, frames, owner_may_stop_first=False):
+    """The audit after the regions were made, and after the first guest's stop, both
+    consistent: counting the region's frames if the region is still in use by the other guest,
+    none if its owner stopped first (`owner_may_stop_first`: its region went with it)."""
     check(re.search(r"shared memory: ownership audit consistent, %d frames shared, each with one owner" % frames, out),
           "no consistent audit with %d shared frames after the regions were made" % frames, out)
-    check(re.search(r"ownership audit after guest \S+ stopped: consistent, %d frames shared" % frames, out),
+    counts = "(%d|0)" % frames if owner_may_stop_first else "%d" % frames
+    check(re.search(r"ownership audit after guest \S+ stopped: consistent, %s frames shared" % counts, out),
           "no consistent audit with the region's frames after the first guest stopped", out)
 
 
@@ -1054,7 +1058,7 @@ def bad_shared_memory_beside_a_good_one(wd):
         guestcfg.Guest("both", ISOLATION, 0x5130_0000, 32 * 1024, no_vgic=True,
                        extra=node("s", "ok", SHM_AT, SHM_SIZE, "owner") + node("t", "ok", 0x2000_0000, SHM_SIZE)),
         guestcfg.Guest("hostaddr", ISOLATION, 0x5140_0000, 32 * 1024, no_vgic=True,
-                       extra=node("s", "ok", SHM_AT, SHM_SIZE, host_addr=0x6000_0000)),
+                       extra=node("s", "ok", SHM_AT, SHM_SIZE, host_addr=0x8000_0000)),
         guestcfg.Guest("devices", ISOLATION, 0x5150_0000, 32 * 1024, no_vgic=True,
                        extra=node("s", "ok", 0x0900_0000, SHM_SIZE)),
     ], smp=2)
@@ -1067,8 +1071,8 @@ def bad_shared_memory_beside_a_good_one(wd):
         r'0x200000 bytes: one id is one region: not started',
         r'guest both: shared memory "ok" named a second time \(as borrower\): a guest is the owner or a borrower of a '
         r'region, once: not started',
-        r'guest hostaddr: shared memory node s: xen,shared-mem names host address 0x60000000: Labyrinth owns every host '
-        r'frame and places shared memory itself',
+        r'guest hostaddr: shared memory "ok" at 0x10000000-0x10200000: host address 0x80000000-0x80200000 is not all '
+        r'inside host RAM \(the host device tree\'s memory nodes\): not started',
         r"guest devices: shared memory \"ok\" at 0x9000000-0x9200000: overlaps the devices' window",
     ]
     for e in expected:
@@ -1077,7 +1081,7 @@ def bad_shared_memory_beside_a_good_one(wd):
     check(re.search(r'shared memory "ok": 2048 KiB owned by guest good, mapped in good at 0x10000000 \(\d+ us\)$', out, re.M),
           "the good region was not made", out)
     check("stress: done" in guest_lines(out, "good"), "the good guest did not run", out)
-    check(re.search(r'shared memory "ok": released \(512 frames\) after its last user, guest good, stopped', out),
+    check(re.search(r'shared memory "ok": released \(512 frames\) after its owner, guest good, stopped', out),
           "the good region was not released", out)
     expect_audit_clean(out)
 
@@ -1110,7 +1114,9 @@ def shared_memory_survives_a_reset_of_a_borrower(wd):
     # The borrower (stress, stress.reset) exchanges, resets, finds its own words still in the
     # region on its second boot and reads the owner's again; the owner is never reset.
     rc, out = boot_guests(wd, "shm-reset-b", [
-        guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 32 * 1024, no_vgic=True, bootargs="shm.side=owner",
+        # The owner keeps the region until the borrower has exchanged on both boots.
+        guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 32 * 1024, no_vgic=True,
+                       bootargs="shm.side=owner shm.rounds=2",
                        extra=guestcfg.shm_node("shm@10000000", "ring", SHM_AT, SHM_SIZE, "owner")),
         guestcfg.Guest("stress", STRESS, 0x5000_0000, 32 * 1024,
                        bootargs="stress.reset stress.seed=31 shm.side=borrower",
@@ -1128,28 +1134,80 @@ def shared_memory_survives_a_reset_of_a_borrower(wd):
 
 
 @test
-def shared_memory_outlives_an_owner_that_stops_first(wd):
-    # isolation owns the region and stops as soon as it has read the borrower's half; stress
-    # (shm.late) reads the owner's half only after that, 2 s later: the owner is gone, its frames
-    # are not (tagged shared, owner gone), and hold what it wrote; stress's stop releases them.
-    rc, out = boot_guests(wd, "shm-late", [
+def shared_memory_is_revoked_when_its_owner_stops(wd):
+    # isolation owns the region, exchanges, waits for the borrower's exchange, writes its
+    # "stopping" word and powers off; stress (shm.revoke) waits for that word, then reads the
+    # region until a read is refused: whatever the scheduling, the owner's stop revokes the
+    # borrower's view (unmapped while stress runs) and the next read takes an external abort.
+    rc, out = boot_guests(wd, "shm-revoke", [
         guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 32 * 1024, no_vgic=True, bootargs="shm.side=owner",
                        extra=guestcfg.shm_node("shm@10000000", "ring", SHM_AT, SHM_SIZE, "owner")),
-        guestcfg.Guest("stress", STRESS, 0x5000_0000, 32 * 1024, bootargs="stress.seed=29 shm.side=borrower shm.late",
+        guestcfg.Guest("stress", STRESS, 0x5000_0000, 32 * 1024, bootargs="stress.seed=29 shm.side=borrower shm.revoke",
                        extra=guestcfg.shm_node("shm@20000000", "ring", 0x2000_0000, SHM_SIZE)),
     ])
     expect_clean_exit(rc, out)
+    st = guest_lines(out, "stress")
+    expect_shm_exchange(guest_lines(out, "isolation"), "isolation", "owner", "borrower", out)
+    check(any(re.match(r"stress: shm borrower: wrote \d+ words, read \d+ words of the owner: ok$", l) for l in st),
+          "the borrower did not read the owner's data", out)
+    # Its reads are probes: the owner may be gone before its "stopping" word was read.
+    check(any(re.match(r"stress: shm borrower: the region was revoked \((\d+ reads after the owner said it is "
+                       r"stopping|before the owner's stopping word was read)\): data abort ec=0x25, external abort "
+                       r"fsc=0x10, esr=0x[0-9a-f]+ at 0x20[0-9a-f]{6}$", l)
+              for l in st), "the borrower's read of the revoked region did not take an external abort", out)
+    check(re.search(r'shared memory "ring": revoked from guest stress at 0x20000000-0x20200000 because its owner, '
+                    r'guest isolation, stopped \(unmapped while it runs, its TLB entries invalidated, \d+ us\)', out),
+          "no revocation line", out)
+    check(re.search(r'guest stress vCPU 0: data access at PC 0x[0-9a-f]+ to shared memory "ring" \(IPA 0x20[0-9a-f]{6}\) '
+                    r'refused: the region was revoked when its owner, guest isolation, stopped: external abort injected', out),
+          "the refused access does not say the region was revoked", out)
+    check(len(re.findall(r'refused: the region was revoked', out)) == 1, "the revoked access was logged more than once", out)
+    check(re.search(r'shared memory "ring": released \(512 frames\) after its owner, guest isolation, stopped', out),
+          "the owner's stop did not release the region", out)
+    check(re.search(r"ownership audit after guest isolation stopped: consistent, 0 frames shared", out),
+          "no consistent audit without the region after its owner stopped", out)
+    # The owner's last line comes before its SYSTEM_OFF, which comes before the revocation.
     lines = out.splitlines()
-    owner_stop = next((i for i, l in enumerate(lines) if "guest isolation: stopped by SystemOff" in l), None)
-    late_read = next((i for i, l in enumerate(lines) if re.search(
-        r"\[stress\] stress: shm borrower: wrote \d+ words, read \d+ words of the owner: ok$", l)), None)
-    check(owner_stop is not None and late_read is not None and owner_stop < late_read,
-          "the borrower did not read the owner's data after the owner stopped", out)
-    check(re.search(r"ownership audit after guest isolation stopped: consistent, 512 frames shared", out),
-          "the region's frames were not kept (or not audited) after their owner stopped", out)
-    check(re.search(r'shared memory "ring": released \(512 frames\) after its last user, guest stress, stopped', out),
-          "the borrower's stop did not release the region", out)
-    check("stress: private memory after the exchange verify=ok" in guest_lines(out, "stress"), "stress's RAM changed", out)
+    owner_done = next((i for i, l in enumerate(lines) if l.rstrip().endswith("] isolation: done")), None)
+    revoked = next((i for i, l in enumerate(lines) if "shm borrower: the region was revoked (" in l), None)
+    check(owner_done is not None and revoked is not None and owner_done < revoked,
+          "the borrower's abort was not reported after its owner stopped", out)
+    for g in ("isolation", "stress"):
+        check(re.search(r"guest %s: stopped by SystemOff" % g, out), "guest %s did not stop cleanly" % g, out)
+    check("stress: private memory after the exchange verify=ok" in st, "stress's RAM changed", out)
+    expect_audit_clean(out)
+
+
+@test
+def shared_memory_in_xens_older_form(wd):
+    # Xen before 4.19 named a host address first: <host guest size>. Accepted unchanged: the
+    # host address is checked (inside host RAM, the same in every guest naming one) and not
+    # used; the exchange works as with 4.19's form. A third guest naming another host address
+    # for the same id is refused with a line naming both.
+    node = guestcfg.shm_node
+    rc, out = boot_guests(wd, "shm-old", [
+        guestcfg.Guest("stress", STRESS, 0x5000_0000, 64 * 1024, bootargs="stress.seed=37 shm.side=owner",
+                       extra=node("shm@10000000", "ring", SHM_AT, SHM_SIZE, "owner", host_addr=0x7000_0000)),
+        guestcfg.Guest("isolation", ISOLATION, 0x5100_0000, 64 * 1024, no_vgic=True, bootargs="shm.side=borrower",
+                       extra=node("shm@10000000", "ring", SHM_AT, SHM_SIZE, host_addr=0x7000_0000)),
+        guestcfg.Guest("clash", ISOLATION, 0x5110_0000, 32 * 1024, no_vgic=True, bootargs="shm.side=borrower",
+                       extra=node("shm@10000000", "ring", SHM_AT, SHM_SIZE, host_addr=0x7100_0000)),
+    ])
+    expect_clean_exit(rc, out)
+    st, iso = guest_lines(out, "stress"), guest_lines(out, "isolation")
+    check(re.search(r'shared memory "ring": 2048 KiB owned by guest stress, mapped in stress at 0x10000000, '
+                    r'isolation at 0x10000000 \(\d+ us\)', out), "the region was not made and mapped in both", out)
+    check(len(re.findall(r'shared memory "ring": host address 0x70000000 \(Xen\'s older form, from guest stress\) '
+                         r'checked \(page-aligned, inside host RAM, the same in every guest that names one\) and not '
+                         r'used', out)) == 1, "the host address was not reported checked and unused, once", out)
+    check(re.search(r'guest clash: shared memory "ring" at 0x10000000-0x10200000: host address 0x71000000, but guest '
+                    r'stress gives the same id host address 0x70000000: one id is one region: not started', out),
+          "the guest with another host address was not refused naming both", out)
+    check(not guest_lines(out, "clash"), "the clashing guest ran", out)
+    expect_shm_exchange(st, "stress", "owner", "borrower", out)
+    expect_shm_exchange(iso, "isolation", "borrower", "owner", out)
+    check("stress: done" in st and "isolation: done" in iso, "a guest did not finish", out)
+    expect_shm_audits(out, 512, owner_may_stop_first=True)
     expect_audit_clean(out)
 
 

@@ -21,9 +21,10 @@ The binding (docs/configuration.md):
 Usage as a program:
     scripts/guestcfg.py OUT.dtb [--mem 1G] [--smp 2] [--cpu cortex-a72]
         --guest NAME=IMAGE,ADDR,MEMORY_KIB[,cpus=N][,noblocks][,novgic][,xen][,initrd=FILE@ADDR]
-                [,shm=ID@GUEST_ADDR+SIZE[:owner]]...[,args=...] ...
+                [,shm=ID@GUEST_ADDR+SIZE[:owner][:host=HOST_ADDR]]...[,args=...] ...
 (`xen`: compatible = "xen,domain", the dom0less spelling, instead of "labyrinth,guest";
-`shm`: a static shared memory node, Xen's binding; `:owner` gives role = "owner").
+`shm`: a static shared memory node, Xen's binding; `:owner` gives role = "owner", `:host=`
+writes Xen's older form, host address first).
 prints the QEMU arguments to add (-dtb and -device loader ...).
 """
 import argparse
@@ -183,10 +184,12 @@ def main():
         compatible = XEN_DOMAIN if "xen" in parts[3:] else "labyrinth,guest"
         extra = ""
         for p in (p[4:] for p in parts[3:] if p.startswith("shm=")):
-            p, _, role = p.partition(":")
+            p, *opts = p.split(":")
             shm_id, _, where = p.partition("@")
             at, _, size = where.partition("+")
-            extra += shm_node("shm-%s" % shm_id, shm_id, int(at, 0), int(size, 0), role or None)
+            role = "owner" if "owner" in opts else None
+            host = next((int(o[5:], 0) for o in opts if o.startswith("host=")), None)
+            extra += shm_node("shm-%s" % shm_id, shm_id, int(at, 0), int(size, 0), role, host_addr=host)
         guests.append(Guest(name, image, addr, kib, noblocks, args, cpus=cpus, compatible=compatible,
                             extra=extra, ramdisk=rd, ramdisk_addr=rd_addr, vgic=vgic, no_vgic=no_vgic))
     print(" ".join(make_dtb(a.out, guests, a.cpu, a.smp, a.mem)))

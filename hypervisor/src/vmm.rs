@@ -26,7 +26,7 @@ use labyrinth::vm::hypercall;
 use labyrinth::vm::input_focus::{InputFocus, Typed};
 use labyrinth::vm::layout::{self, Layout};
 use labyrinth::vm::lifecycle::Life;
-use labyrinth::vm::shm::{self, LiveRegion, RegionPlan, Registry, ShmProblem, ShmRefusal, View};
+use labyrinth::vm::shm::{self, Departure, LiveRegion, RegionPlan, Registry, ShmProblem, ShmRefusal, View};
 use labyrinth::vm::trap::MmioAccess;
 use labyrinth::vm::vcpu::{GuestRegs, VcpuHw, PAGE_CREDIT_BATCH};
 use labyrinth::vm::vpsci::{PowerState, StartRequest};
@@ -50,7 +50,10 @@ static VCPUS: PerCpu = PerCpu(UnsafeCell::new([const { None }; MAX_CPUS]));
 static VMIDS: Mutex<VmidAllocator> = Mutex::new(VmidAllocator::new());
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static REPORTS: Mutex<Vec<alloc::string::String>> = Mutex::new(Vec::new());
-/// The shared memory regions that exist (`vm::shm`), each until its last user stops.
+/// The shared memory regions that exist (`vm::shm`), each until its owner (or, for a region
+/// Labyrinth owns, its last user) stops. Held while a region is revoked from a borrower's
+/// space, and taken by a guest before its own space is emptied (a reset) or destroyed (a
+/// stop): so a revocation never unmaps in a space that is going away under it.
 static SHARED: Mutex<Registry<'static>> = Mutex::new(Registry::new());
 /// Whether the host GIC is set up: CPUs can kick each other and guests can have a vGIC.
 static HOST_GIC: AtomicBool = AtomicBool::new(false);
@@ -118,7 +121,7 @@ pub fn create_all(
     // Shared memory is checked across the well-formed guests before any is built.
     let configs: Vec<GuestConfig<'static>> =
         platform.guests().iter().filter_map(|g| g.as_ref().ok().copied()).collect();
-    let (regions, verdicts) = shm::plan(&configs, geo.ipa_bits);
+    let (regions, verdicts) = shm::plan(&configs, geo.ipa_bits, platform.memory());
     let mut built: Vec<Option<usize>> = alloc::vec![None; configs.len()];
     let mut next_cpu = 0;
     let mut vms = Vec::new();
@@ -173,23 +176,22 @@ pub fn create_all(
             Err(msg) => error!("{msg}: not started"),
         }
     }
-    let refused = share_regions(&configs, &regions, &built, &vms);
-    let vms: Vec<Vm> = vms
-        .into_iter()
-        .enumerate()
-        .filter_map(|(i, vm)| match refused.contains(&i) {
-            true => {
-                // Unmapped (and invalidated) before a region it was the last user of is freed.
-                destroy(&vm);
-                shm_leave(&vm);
-                frames().uncommit(vm.budget.promised());
-                // Its CPUs run no guest now: their pools' frames go back for the others.
-                retire_cpus(frames_mgr, vm.first_cpu..vm.first_cpu + vm.vcpus);
-                None
-            }
-            false => Some(vm),
-        })
-        .collect();
+    let mut refused = share_regions(&configs, &regions, &built, &vms);
+    refused.sort_unstable();
+    refused.dedup();
+    for &i in &refused {
+        // Leaves its regions (revoking what it owns) before its space goes, and releases a
+        // region it was the last user of only once its space is gone (unmapped, invalidated).
+        let vm = &vms[i];
+        let gone = shm_detach(vm, &vms);
+        destroy(vm);
+        shm_release(vm, gone);
+        frames().uncommit(vm.budget.promised());
+        // Its CPUs run no guest now: their pools' frames go back for the others.
+        retire_cpus(frames_mgr, vm.first_cpu..vm.first_cpu + vm.vcpus);
+    }
+    let vms: Vec<Vm> =
+        vms.into_iter().enumerate().filter(|(i, _)| !refused.contains(i)).map(|(_, vm)| vm).collect();
     retire_cpus(frames_mgr, next_cpu..wanted);
     // Every promise is made: what no promise covers is open to every guest past its own.
     let reserved = vms.iter().map(|vm| vm.budget.promised().saturating_sub(held_frames(vm))).sum();
@@ -403,15 +405,29 @@ fn share_regions(
             continue;
         };
         let mut live = LiveRegion { id: region.id, owner, frames: list, promised, views: Vec::new() };
+        let mut owner_refused = false;
         for &&(k, s) in &users {
             let Some(i) = built[k] else { continue };
             let vm = &vms[i];
             let _ = frames().refill(cpu);
-            match shm::map_region(&vm.s2, &mut env(vm), &live.frames, s.guest_addr, vm.id == owner) {
-                Ok(()) => {
-                    live.views.push(View { vm: vm.id, guest_addr: s.guest_addr, owner: vm.id == owner })
+            let is_owner = vm.id == owner;
+            match shm::map_region(&vm.s2, &mut env(vm), &live.frames, s.guest_addr, is_owner) {
+                Ok(()) => live.views.push(View {
+                    vm: vm.id,
+                    guest_addr: s.guest_addr,
+                    owner: is_owner,
+                    mapped: true,
+                }),
+                Err(e) => {
+                    owner_refused |= is_owner;
+                    refuse_user(k, &s, ShmProblem::Map(e), &mut refused);
                 }
-                Err(e) => refuse_user(k, &s, ShmProblem::Map(e), &mut refused),
+            }
+        }
+        if let (true, Some(o)) = (owner_refused, region.owner) {
+            // Its borrowers would start with the region revoked: they are refused too.
+            for &&(k, s) in users.iter().filter(|(k, _)| *k != o) {
+                refuse_user(k, &s, ShmProblem::OwnerNotStarted { owner: names[o] }, &mut refused);
             }
         }
         let mut line = alloc::string::String::new();
@@ -425,6 +441,12 @@ fn share_regions(
         };
         let us = (arch::time_now_ticks() - t0) * 1_000_000 / arch::ticks_per_second().max(1);
         info!("shared memory \"{}\": {} KiB owned by {by}, mapped in {line} ({us} us)", region.id, pages * 4);
+        if let Some((host, k)) = region.host {
+            info!(
+                "shared memory \"{}\": host address {host:#x} (Xen's older form, from guest {}) checked (page-aligned, inside host RAM, the same in every guest that names one) and not used: Labyrinth owns every host frame and allocates the region's itself; the guests see only their guest addresses",
+                region.id, names[k]
+            );
+        }
         SHARED.lock().add(live);
     }
     if !regions.is_empty() {
@@ -479,30 +501,76 @@ fn release_shared(region: &LiveRegion<'_>) -> u64 {
 }
 
 /// Maps the guest's shared regions again (after a reset emptied its space): same frames,
-/// same contents. Every vCPU of the guest out of it.
+/// same contents; a region revoked meanwhile (its owner stopped) is no longer there. Every
+/// vCPU of the guest out of it.
 fn shm_remap(vm: &Vm) -> Result<(), Stage2Error> {
-    for (frames_of, view) in SHARED.lock().views_of(vm.id) {
+    SHARED.lock().remap(vm.id, |frames_of, view| {
         let _ = frames().refill(arch::cpu_index());
-        shm::map_region(&vm.s2, &mut env(vm), frames_of, view.guest_addr, view.owner)?;
-    }
-    Ok(())
+        shm::map_region(&vm.s2, &mut env(vm), frames_of, view.guest_addr, view.owner)
+    })
 }
 
-/// The guest's space is gone: it stops using its regions, and the last user of a region
-/// releases its frames and withdraws its promise (an owner that stops first leaves them to
-/// its borrowers).
-fn shm_leave(vm: &Vm) {
-    let gone = SHARED.lock().leave(vm.id);
-    for region in gone {
+/// Guest `vm`'s space is about to go (a stop, or a guest refused at creation; every vCPU of
+/// it out): it leaves its regions. Every region it owns is revoked from each borrower first:
+/// the borrower's view unmapped by break-before-make while its vCPUs run, the TLB entries of
+/// its VMID invalidated in every CPU, and the revocation recorded for its abort path. All
+/// under the registry's lock, which a borrower takes before emptying or destroying its own
+/// space. Returns the regions that left with `vm`, for [`shm_release`] once its space is gone.
+fn shm_detach(vm: &Vm, guests: &[Vm]) -> Vec<Departure<'static>> {
+    let mut shared = SHARED.lock();
+    let gone = shared.leave(vm.id);
+    for d in gone.iter().filter(|d| d.owner_left) {
+        for v in &d.region.views {
+            let Some(b) = guests.iter().find(|g| g.id == v.vm) else { continue };
+            // Recorded before the unmap: a touch that faults once the entry is gone says why.
+            b.shm_revoked.revoke(&b.config.shared, v.guest_addr, vm.name);
+            let t0 = arch::time_now_ticks();
+            let done = match v.mapped {
+                false => Ok(0),
+                true => shm::unmap_view(&b.s2, &mut env(b), v.guest_addr, d.region.size()),
+            };
+            let us = (arch::time_now_ticks() - t0) * 1_000_000 / arch::ticks_per_second().max(1);
+            let end = v.guest_addr + d.region.size();
+            match done {
+                Ok(0) => info!(
+                    "shared memory \"{}\": revoked from guest {} at {:#x}-{end:#x} because its owner, guest {}, stopped ({}, {us} us)",
+                    d.region.id,
+                    b.name,
+                    v.guest_addr,
+                    vm.name,
+                    if v.mapped { "unmapped while it runs, its TLB entries invalidated" } else { "not mapped: it is resetting" }
+                ),
+                Ok(n) => error!(
+                    "shared memory \"{}\": revoking it from guest {} handed back {n} frames of the guest's own",
+                    d.region.id, b.name
+                ),
+                Err(e) => error!(
+                    "shared memory \"{}\": revoking it from guest {} at {:#x} failed: {e}",
+                    d.region.id, b.name, v.guest_addr
+                ),
+            }
+        }
+    }
+    gone
+}
+
+/// The regions that left with guest `vm` (from [`shm_detach`]), once its space is gone: their
+/// frames scrubbed and released, their promise withdrawn. Whether any went.
+fn shm_release(vm: &Vm, gone: Vec<Departure<'static>>) -> bool {
+    let any = !gone.is_empty();
+    for d in gone {
+        let region = d.region;
         let n = release_shared(&region);
         frames().uncommit(region.promised);
         // Its frames and the table pages that mapped it are free: anyone may draw them now.
         frames().unpromised().give(region.promised);
+        let after = if d.owner_left { "its owner" } else { "its last user" };
         info!(
-            "shared memory \"{}\": released ({n} frames) after its last user, guest {}, stopped",
+            "shared memory \"{}\": released ({n} frames) after {after}, guest {}, stopped",
             region.id, vm.name
         );
     }
+    any
 }
 
 /// Retires the frame pools of CPUs that run no guest (see `FrameManager::retire`).
@@ -1289,6 +1357,9 @@ fn reset(vcpu: &mut Vcpu) -> ! {
         leave_guest(vcpu);
     }
     info!("guest {}: SYSTEM_RESET: reclaiming and reloading", vm.name);
+    // Its shared regions stay (same frames), unmapped with the rest until the reload maps them
+    // again: a revocation meanwhile must not unmap in a space being emptied.
+    SHARED.lock().suspend(vm.id);
     // The reclaim resets the whole budget: this vCPU's credit goes with it.
     vcpu.drop_credit();
     let returned = reclaim(vm, false);
@@ -1383,8 +1454,10 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     }
     dump_mappings(vm);
     let (within, beyond) = (vm.budget.used(), vm.budget.beyond());
+    // Its regions' borrowers lose their views first, then its space goes, then the frames.
+    let gone = shm_detach(vm, GUESTS.get().copied().unwrap_or(&[]));
     destroy(vm);
-    shm_leave(vm);
+    let released = shm_release(vm, gone);
     let (resets, returned) = {
         let boot = vm.boot.lock();
         (boot.resets, boot.frames_returned)
@@ -1393,7 +1466,7 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     vm.budget.withdrawn();
     let audit = frames().audit(None);
     let left = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory + g.page_tables);
-    if audit.shared > 0 {
+    if audit.shared > 0 || released {
         let verdict = if audit.is_consistent() { "consistent" } else { "FAILED" };
         info!("ownership audit after guest {} stopped: {verdict}, {} frames shared", vm.name, audit.shared);
     }

@@ -3,10 +3,14 @@
 //! wait (bounded) for the other's flag, and check every word of the other's half.
 //!
 //! Layout: word 0 is the owner's flag, word 1 the borrower's, words 2 and 3 their "done" flags
-//! (raised once a side has read the other's half); the first page is flags only;
-//! the owner's words fill the rest of the lower half, the borrower's the upper half. With the
-//! MMU off every access is to Device memory, uncached on both sides, so plain stores and loads
-//! with a `DSB` between the data and its flag order them.
+//! (raised once a side has read the other's half), words 4 and 5 how many exchanges each side
+//! finished (kept across a reset), word 6 the owner's "stopping" word (written once it is done
+//! with the region: the hypervisor revokes the region from every borrower when its owner
+//! stops); the first page is flags only; the owner's words fill the rest of the lower half, the
+//! borrower's the upper half. The owner keeps the region until the borrower has finished
+//! `shm.rounds` exchanges (default 1). With the MMU off every access is to Device memory,
+//! uncached on both sides, so plain stores and loads with a `DSB` between the data and its flag
+//! order them.
 
 use core::ptr::{read_volatile, write_volatile};
 
@@ -55,6 +59,10 @@ impl Side {
         self.flag_word() + 2
     }
 
+    fn rounds_word(self) -> u64 {
+        self.flag_word() + 4
+    }
+
     /// The side's words: `[first, end)` word indices.
     fn words(self, size: u64) -> (u64, u64) {
         let half = size / 2 / 8;
@@ -87,10 +95,14 @@ pub struct Outcome {
     pub other_ready: bool,
 }
 
+/// The owner's "stopping" word ("SHMSTOPS"), and where it is.
+const STOPPING: u64 = 0x5350_4f54_534d_4853;
+const STOPPING_WORD: u64 = 6;
+
 /// Runs `side` of the exchange in `region` (at least 2 pages), waiting at most `timeout_s`
-/// seconds of the counter for the other side. `late`: read the other's half only after it
-/// said it is done, and 2 s more (long enough for it to have stopped).
-pub fn exchange(region: &SharedRegion, side: Side, timeout_s: u64, late: bool) -> Outcome {
+/// seconds of the counter for the other side at each step. The owner returns only once the
+/// borrower has finished `rounds` exchanges (it may stop after, which revokes the region).
+pub fn exchange(region: &SharedRegion, side: Side, timeout_s: u64, rounds: u64) -> Outcome {
     let base = region.range.start;
     let size = region.range.len() & !(2 * PAGE - 1);
     let word = |i: u64| (base + i * 8) as *mut u64;
@@ -120,16 +132,6 @@ pub fn exchange(region: &SharedRegion, side: Side, timeout_s: u64, late: bool) -
         core::hint::spin_loop();
     }
     out.other_ready = true;
-    if late {
-        // SAFETY: the other side's done flag.
-        while unsafe { read_volatile(word(other.done_word())) } != other.magic() {
-            if now() > deadline {
-                return out;
-            }
-            core::hint::spin_loop();
-        }
-        crate::timer::delay_us(2_000_000);
-    }
     // SAFETY: as above: its data was written before its flag.
     unsafe { core::arch::asm!("dsb sy", options(nostack, preserves_flags)) };
     let (first, end) = other.words(size);
@@ -143,14 +145,72 @@ pub fn exchange(region: &SharedRegion, side: Side, timeout_s: u64, late: bool) -
             out.first_bad.get_or_insert((addr, v));
         }
     }
-    // SAFETY: the side's done flag.
-    unsafe { write_volatile(word(side.done_word()), side.magic()) };
+    // SAFETY: the side's done flag and its count of exchanges.
+    unsafe {
+        write_volatile(word(side.done_word()), side.magic());
+        let n = read_volatile(word(side.rounds_word()));
+        write_volatile(word(side.rounds_word()), n.wrapping_add(1));
+    }
+    if side == Side::Owner {
+        let deadline = now() + frequency() * timeout_s;
+        // SAFETY: the borrower's count, inside the region.
+        while unsafe { read_volatile(word(other.rounds_word())) } < rounds {
+            if now() > deadline {
+                break;
+            }
+            core::hint::spin_loop();
+        }
+    }
     out
 }
 
-/// Runs the exchange named by the command line (`shm.side=owner|borrower`, and `shm.late` to
-/// read only once the other side is done) on the tree's first shared region, printing one line
-/// per step for the boot tests; nothing without `shm.side`.
+/// The owner is done with the region: it says so in the "stopping" word.
+fn say_stopping(region: &SharedRegion) {
+    // SAFETY: a barrier, then the word inside the region.
+    unsafe {
+        core::arch::asm!("dsb sy", options(nostack, preserves_flags));
+        write_volatile((region.range.start + STOPPING_WORD * 8) as *mut u64, STOPPING);
+    }
+}
+
+/// A borrower reads the owner's "stopping" word until it says so, then the region, page after
+/// page, until a read is refused (the owner's stop revoked the region) or `timeout_s` pass.
+/// Every read is a probe: the owner may stop (and the region go) before its word is seen.
+/// Whether the word was seen, the page reads after it, and the abort if one came.
+fn read_until_revoked(region: &SharedRegion, timeout_s: u64) -> (bool, u64, Option<crate::exception::Fault>) {
+    let base = region.range.start;
+    let pages = (region.range.len() / PAGE).max(1);
+    let deadline = now() + frequency() * timeout_s;
+    let (mut seen, mut reads) = (false, 0);
+    while now() <= deadline {
+        let addr = if seen { base + (reads % pages) * PAGE } else { base + STOPPING_WORD * 8 };
+        // SAFETY: a probe inside the region: a value while it is mapped, an abort once revoked.
+        match unsafe { crate::exception::probe_read32(addr) } {
+            Ok(v) if !seen => seen = v == STOPPING as u32,
+            Ok(_) => reads += 1,
+            Err(fault) => return (seen, reads, Some(fault)),
+        }
+    }
+    (seen, reads, None)
+}
+
+/// What a borrower read before the region went, for its line.
+struct Reads(bool, u64);
+
+impl core::fmt::Display for Reads {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Reads(true, n) => write!(f, "{} reads after the owner said it is stopping", n),
+            Reads(false, _) => f.write_str("before the owner's stopping word was read"),
+        }
+    }
+}
+
+/// Runs the exchange named by the command line (`shm.side=owner|borrower`; `shm.rounds=N`: the
+/// owner keeps the region until the borrower finished N exchanges; `shm.revoke`: the borrower
+/// then waits for the owner's "stopping" word and reads the region until a read is refused)
+/// on the tree's first shared region, printing one line per step for the boot tests; nothing
+/// without `shm.side`.
 pub fn run_from_bootargs(boot: &crate::dt::BootInfo, who: &str) {
     let side = match boot.bootargs().value("shm.side") {
         Some("owner") => Side::Owner,
@@ -173,7 +233,8 @@ pub fn run_from_bootargs(boot: &crate::dt::BootInfo, who: &str) {
         region.offset,
         side.name()
     );
-    let out = exchange(region, side, 60, boot.bootargs().has("shm.late"));
+    let rounds = boot.bootargs().value("shm.rounds").and_then(crate::bootargs::parse_u64).unwrap_or(1);
+    let out = exchange(region, side, 60, rounds);
     if out.kept > 0 {
         crate::println!("{}: shm {}: {} of its words were already there", who, side.name(), out.kept);
     }
@@ -206,5 +267,23 @@ pub fn run_from_bootargs(boot: &crate::dt::BootInfo, who: &str) {
             addr,
             v
         ),
+    }
+    match side {
+        Side::Owner => say_stopping(region),
+        Side::Borrower if boot.bootargs().has("shm.revoke") => match read_until_revoked(region, 120) {
+            (seen, reads, Some(fault)) => crate::println!(
+                "{}: shm borrower: the region was revoked ({}): {} at {:#x}",
+                who,
+                Reads(seen, reads),
+                fault,
+                fault.far
+            ),
+            (seen, reads, None) => crate::println!(
+                "{}: shm borrower: the region still readable after 120 s ({})",
+                who,
+                Reads(seen, reads)
+            ),
+        },
+        Side::Borrower => {}
     }
 }

@@ -104,15 +104,18 @@ pub fn parse_and_map(blob: &[u8]) -> Outcome {
             }
         }
     }
-    // Shared memory across the well-formed guests: every user of a region gives its size, a
-    // refused guest joins no region, a region has at most one owner.
+    // Shared memory across the well-formed guests: every user of a region gives its size (and
+    // its host address, if any), a refused guest joins no region, a region has at most one owner.
     let configs: alloc::vec::Vec<_> =
         platform.guests().iter().filter_map(|g| g.as_ref().ok().copied()).collect();
     for bits in [32, 40, 48, 64] {
-        let (regions, verdicts) = crate::vm::shm::plan(&configs, bits);
+        let (regions, verdicts) = crate::vm::shm::plan(&configs, bits, platform.memory());
         assert!(regions.len() <= crate::vm::shm::MAX_REGIONS);
         for r in &regions {
             assert!(r.users.iter().all(|(g, s)| s.size == r.size && s.id == r.id && verdicts[*g].is_none()));
+            // Every host address named for a region is the same one, inside host RAM.
+            assert!(r.users.iter().all(|(_, s)| s.host_addr.is_none() || s.host_addr == r.host.map(|h| h.0)));
+            assert!(r.host.is_none_or(|(h, _)| crate::vm::shm::in_host_ram(platform.memory(), h, r.size)));
             let owners = r.users.iter().filter(|(_, s)| s.role == super::ShmRole::Owner).count();
             assert!(owners <= 1 && (owners == 0 || r.users.iter().any(|(g, _)| Some(*g) == r.owner)));
         }

@@ -11,16 +11,16 @@
 //!         xen,shm-id = "my-shared-mem-0";   // 1 to 15 characters, names the region
 //!         role = "owner";                    // optional: "owner" or "borrower" (the default)
 //!         xen,shared-mem = <0x10000000 0x200000>;   // guest address, size
+//!         // or Xen's older form, host address first: <0x60000000 0x10000000 0x200000>
 //!     };
 //! };
 //! ```
 //!
 //! This module owns what one node says and the checks that need only the node: the id, the
-//! role, the two-cell form of `xen,shared-mem` (guest address and size, page-aligned, not
-//! empty, not wrapping). Xen's older three-cell form (host address first) is refused with a
-//! reason: Labyrinth owns every host frame and places the region itself. The checks across
-//! guests (same size everywhere, one owner, no overlap with the guest's RAM and devices) are
-//! `vm::shm`'s.
+//! role, `xen,shared-mem` in either form (guest address and size, page-aligned, not empty, not
+//! wrapping; a host address, when given, page-aligned and not wrapping either). The checks
+//! across guests (same size and host address everywhere, one owner, no overlap with the
+//! guest's RAM and devices, the host range inside host RAM) are `vm::shm`'s.
 
 use core::fmt;
 
@@ -64,6 +64,9 @@ pub struct SharedMem<'a> {
     /// Where the region appears in this guest's physical (IPA) space.
     pub guest_addr: u64,
     pub size: u64,
+    /// The host physical address Xen's older form names first (before 4.19 it was required):
+    /// checked, never used to place the region (Labyrinth allocates its frames itself).
+    pub host_addr: Option<u64>,
     /// The node's name.
     pub node: &'a str,
 }
@@ -71,7 +74,7 @@ pub struct SharedMem<'a> {
 impl SharedMem<'_> {
     /// A placeholder for unused list slots.
     pub const NONE: SharedMem<'static> =
-        SharedMem { id: "", role: ShmRole::Borrower, guest_addr: 0, size: 0, node: "" };
+        SharedMem { id: "", role: ShmRole::Borrower, guest_addr: 0, size: 0, host_addr: None, node: "" };
 
     /// One past the region's last guest address (checked not to wrap when parsed).
     pub fn guest_end(&self) -> u64 {
@@ -95,10 +98,13 @@ pub enum ShmProblem {
     BadRole,
     /// No `xen,shared-mem`.
     MissingSharedMem,
-    /// `xen,shared-mem` is neither `<guest size>` nor `<host guest size>` in the node's cells.
+    /// `xen,shared-mem` is neither `<guest size>` nor `<host guest size>` in the node's cells
+    /// (`expected`: the bytes of the first).
     BadSharedMemLength { len: usize, expected: usize },
-    /// `xen,shared-mem` names a host physical address.
-    HostAddress { host: u64 },
+    /// The host address of the older form is not a multiple of 4 KiB.
+    HostUnaligned { host: u64 },
+    /// Host address + size does not fit 64 bits.
+    HostOverflow { host: u64, size: u64 },
     /// The guest address or the size is not a multiple of 4 KiB.
     Unaligned { guest_addr: u64, size: u64 },
     /// The size is 0.
@@ -117,14 +123,18 @@ impl fmt::Display for ShmProblem {
             ShmProblem::BadRole => f.write_str("role is neither \"owner\" nor \"borrower\""),
             ShmProblem::MissingSharedMem => f.write_str("xen,shared-mem is missing"),
             ShmProblem::BadSharedMemLength { len, expected } => {
-                write!(f, "xen,shared-mem is {len} bytes, expected {expected} (guest address, size)")
+                write!(
+                    f,
+                    "xen,shared-mem is {len} bytes, expected {expected} (guest address, size), or one \
+                     address more (host address first)"
+                )
             }
-            ShmProblem::HostAddress { host } => write!(
-                f,
-                "xen,shared-mem names host address {host:#x}: Labyrinth owns every host frame and \
-                 places shared memory itself; give <guest-address size> (Xen 4.19's form without \
-                 a host address)"
-            ),
+            ShmProblem::HostUnaligned { host } => {
+                write!(f, "xen,shared-mem names host address {host:#x}, not 4 KiB-aligned")
+            }
+            ShmProblem::HostOverflow { host, size } => {
+                write!(f, "xen,shared-mem names host address {host:#x} of {size:#x} bytes: wraps around")
+            }
             ShmProblem::Unaligned { guest_addr, size } => {
                 write!(f, "xen,shared-mem at {guest_addr:#x} of {size:#x} bytes is not 4 KiB-aligned")
             }
@@ -164,13 +174,14 @@ pub(crate) fn parse_shm<'a>(node: &Node<'a>, cells: Cells) -> Result<SharedMem<'
         }
     };
     let bad_length = ShmProblem::BadSharedMemLength { len: mem.value.len(), expected: a + s };
-    let (guest_addr, size) = if mem.value.len() == a + s {
-        (read(0, a).ok_or(bad_length)?, read(a, s).ok_or(bad_length)?)
-    } else if mem.value.len() == 2 * a + s {
-        return Err(ShmProblem::HostAddress { host: read(0, a).ok_or(bad_length)? });
-    } else {
-        return Err(bad_length);
+    // Xen 4.19's form, <guest size>, or the older one with the host address first (Xen reads
+    // both addresses with the node's address cells).
+    let (host_addr, g) = match mem.value.len() {
+        n if n == a + s => (None, 0),
+        n if n == 2 * a + s => (Some(read(0, a).ok_or(bad_length)?), a),
+        _ => return Err(bad_length),
     };
+    let (guest_addr, size) = (read(g, a).ok_or(bad_length)?, read(g + a, s).ok_or(bad_length)?);
     if size == 0 {
         return Err(ShmProblem::ZeroSize);
     }
@@ -180,5 +191,13 @@ pub(crate) fn parse_shm<'a>(node: &Node<'a>, cells: Cells) -> Result<SharedMem<'
     if guest_addr.checked_add(size).is_none() {
         return Err(ShmProblem::Overflow { guest_addr, size });
     }
-    Ok(SharedMem { id, role, guest_addr, size, node: node.name() })
+    if let Some(host) = host_addr {
+        if !host.is_multiple_of(PAGE) {
+            return Err(ShmProblem::HostUnaligned { host });
+        }
+        if host.checked_add(size).is_none() {
+            return Err(ShmProblem::HostOverflow { host, size });
+        }
+    }
+    Ok(SharedMem { id, role, guest_addr, size, host_addr, node: node.name() })
 }

@@ -73,6 +73,11 @@ pub fn handle_sync<H: VcpuHw>(
                 _ => Outcome::Resume,
             }
         }
+        GuestTrap::Abort { ipa: Some(ipa), instruction, .. }
+            if vm.shm_revoked.at(&vm.config.shared, ipa).is_some() =>
+        {
+            refuse_revoked(vcpu, regs, hw, instruction, esr, ipa)
+        }
         GuestTrap::Abort { ipa, instruction, fsc, .. } => refuse_access(
             vcpu,
             regs,
@@ -485,6 +490,35 @@ pub fn refuse_access<H: VcpuHw>(
             regs.pc()
         );
     }
+    hw.inject_external_abort(regs, instruction, esr);
+    Outcome::Resume
+}
+
+/// An access to a shared region revoked from this guest (its owner stopped): refused like
+/// any access outside RAM and devices, and the first of each vCPU to each region says why.
+fn refuse_revoked<H: VcpuHw>(
+    vcpu: &mut Vcpu,
+    regs: &mut H::Regs,
+    hw: &mut H,
+    instruction: bool,
+    esr: u64,
+    ipa: u64,
+) -> Outcome {
+    let vm = vcpu.vm;
+    if let Some((node, id, owner)) = vm.shm_revoked.at(&vm.config.shared, ipa) {
+        let bit = 1u8 << (node % 8);
+        if vcpu.revoked_logged & bit == 0 {
+            vcpu.revoked_logged |= bit;
+            warn!(
+                "guest {} vCPU {}: {} at PC {:#x} to shared memory \"{id}\" (IPA {ipa:#x}) refused: the region was revoked when its owner, guest {owner}, stopped: external abort injected",
+                vm.name,
+                vcpu.index,
+                if instruction { "instruction fetch" } else { "data access" },
+                regs.pc()
+            );
+        }
+    }
+    vcpu.stats.aborts_injected += 1;
     hw.inject_external_abort(regs, instruction, esr);
     Outcome::Resume
 }

@@ -117,6 +117,40 @@ fn ram_faults_go_to_the_fault_path_and_anything_else_is_refused() {
     assert_eq!(cpu.events, [Event::Abort { instruction: false }]);
 }
 
+// A touch of a shared region revoked from this guest (its owner stopped) is refused like any
+// access outside RAM and devices (an external abort, the PC unchanged); the log line that says
+// why is the first of each vCPU for that region only, and counts apart from the other refusals.
+#[test]
+fn a_revoked_region_is_refused_and_said_so_once() {
+    let mut vm = test_guest(1, false);
+    let ring = crate::dt::SharedMem {
+        id: "ring",
+        role: crate::dt::ShmRole::Borrower,
+        guest_addr: 0x2000_0000,
+        size: 0x20_0000,
+        host_addr: None,
+        node: "s",
+    };
+    vm.config.shared.push(ring).unwrap();
+    let vm: &'static Vm = Box::leak(Box::new(vm));
+    let (mut cpu, mut regs) = (FakeCpu::default(), Regs::default());
+    let mut v = Vcpu::new(vm, 0, None);
+    let fault = |ipa: u64| ((0x24 << 26) | IL | 0x07, ipa, (ipa >> 12) << 4);
+    // Before the revocation (an address it has no mapping for yet): an ordinary refusal.
+    assert_eq!(run(&mut v, &mut regs, &mut cpu, fault(0x2000_0010)), Outcome::Resume);
+    assert_eq!((v.logged, v.revoked_logged), (1, 0));
+    assert!(vm.shm_revoked.revoke(&vm.config.shared, 0x2000_0000, "owner"));
+    for ipa in [0x2000_0010, 0x201f_fff8] {
+        assert_eq!(run(&mut v, &mut regs, &mut cpu, fault(ipa)), Outcome::Resume);
+    }
+    assert_eq!(cpu.events.len(), 3);
+    assert!(cpu.events.iter().all(|e| *e == Event::Abort { instruction: false }));
+    assert_eq!((regs.pc, v.stats.aborts_injected, v.logged, v.revoked_logged), (0, 3, 1, 1));
+    // Past the region: an ordinary refusal again.
+    assert_eq!(run(&mut v, &mut regs, &mut cpu, fault(0x2020_0000)), Outcome::Resume);
+    assert_eq!((v.logged, v.revoked_logged), (2, 1));
+}
+
 #[test]
 fn an_unknown_system_register_is_undefined() {
     let (vm, mut cpu, mut regs) = (guest(1, false), FakeCpu::default(), Regs::default());

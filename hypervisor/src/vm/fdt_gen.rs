@@ -336,9 +336,17 @@ mod tests {
                 role: ShmRole::Owner,
                 guest_addr: 0x1000_0000,
                 size: 0x20_0000,
+                host_addr: None,
                 node: "n",
             },
-            SharedMem { id: "b", role: ShmRole::Borrower, guest_addr: 0x8000_0000, size: 0x1000, node: "m" },
+            SharedMem {
+                id: "b",
+                role: ShmRole::Borrower,
+                guest_addr: 0x8000_0000,
+                size: 0x1000,
+                host_addr: Some(0x6000_0000),
+                node: "m",
+            },
         ];
         let blob = generate(&layout, 1, None, 0, false, &shared).unwrap();
         let p = crate::dt::parse(&blob).unwrap();

@@ -14,6 +14,7 @@ use spin::Mutex;
 use super::budget::MemoryBudget;
 use super::layout::Layout;
 use super::lifecycle::Lifecycle;
+use super::shm::Revocations;
 use super::vcpu::Stats;
 use super::vgic::VGic;
 use super::vpl011::VPl011;
@@ -91,6 +92,9 @@ pub struct Vm {
     pub quiescence: Quiescence<MAX_VCPUS>,
     /// The counters of vCPUs that left the guest, for the report.
     pub totals: Mutex<Stats>,
+    /// Its shared memory nodes whose region was revoked (their owner stopped): the abort path
+    /// reads it to say why a touch there is refused.
+    pub shm_revoked: Revocations,
 }
 
 /// What a guest is made of, decided before it exists (see `Vm::new`).
@@ -132,6 +136,7 @@ impl Vm {
             life: Lifecycle::new(),
             quiescence: Quiescence::new(),
             totals: Mutex::new(Stats::default()),
+            shm_revoked: Revocations::new(),
         })
     }
 

@@ -7,18 +7,20 @@
 //! the guests are built ([`refuse_orphans`]) that a region whose owner did not start has no
 //! borrower left. A refusal names the guest and the region, and only that guest is not started.
 //!
-//! A region lives from the creation of its guests until its last user stops: its frames are
-//! tagged shared-owned by the owner (or by VM 0, Labyrinth itself, when no guest owns it: Xen's
-//! DOMID_IO), mapped into the owner as shared-owned and into each borrower as shared-borrowed,
-//! for the guests' whole lives, resets included. An owner that stops leaves them in place; the
-//! last user to stop releases them (`docs/memory.md`, "Shared memory", says why).
+//! A region lives from the creation of its guests until its owner stops, or, when Labyrinth
+//! owns it (no guest does: Xen's DOMID_IO), until its last user stops: its frames are tagged
+//! shared-owned by the owner (VM 0 for Labyrinth), mapped into the owner as shared-owned and
+//! into each borrower as shared-borrowed, resets included. A borrower that stops removes only
+//! its view; an owner that stops first revokes every borrower's ([`Registry::leave`] says
+//! which, the caller unmaps them live with [`unmap_view`] and records them in the borrower's
+//! [`Revocations`]), then the frames go (`docs/memory.md`, "Shared memory").
 
 use alloc::vec::Vec;
 use core::fmt;
 
 use super::layout::{RAM_BASE, UART_BASE, UART_SIZE};
 use super::vgic::GICD_BASE;
-use crate::dt::{GuestConfig, SharedMem, ShmRole};
+use crate::dt::{GuestConfig, Region, SharedMem, ShmRole, MAX_SHARED};
 use crate::frame::{Pfn, VmId, FRAME_SIZE};
 use crate::stage2::{Attrs, Stage2, Stage2Env, Stage2Error};
 
@@ -50,6 +52,10 @@ pub enum ShmProblem<'a> {
     TooManyRegions,
     /// The guest that owns the region was not started.
     OwnerNotStarted { owner: &'a str },
+    /// The host range of Xen's older form is not all inside host RAM.
+    HostNotRam { host: u64 },
+    /// Another guest named the id first with another host address.
+    HostMismatch { host: u64, first: &'a str, first_host: u64 },
     /// No host memory left for the region.
     OutOfMemory,
     /// The region could not be mapped (a stage-2 error).
@@ -93,6 +99,16 @@ impl fmt::Display for ShmRefusal<'_> {
             ShmProblem::OwnerNotStarted { owner } => {
                 write!(f, "a borrower without an owner: its owner, guest {owner}, was not started")
             }
+            ShmProblem::HostNotRam { host } => write!(
+                f,
+                "host address {host:#x}-{:#x} is not all inside host RAM (the host device tree's memory nodes)",
+                host.saturating_add(size)
+            ),
+            ShmProblem::HostMismatch { host, first, first_host } => write!(
+                f,
+                "host address {host:#x}, but guest {first} gives the same id host address {first_host:#x}: \
+                 one id is one region"
+            ),
             ShmProblem::OutOfMemory => write!(f, "no host memory left for its {} KiB", size >> 10),
             ShmProblem::Map(e) => write!(f, "cannot be mapped: {e}"),
         }
@@ -109,6 +125,9 @@ pub struct RegionPlan<'a> {
     pub owner: Option<usize>,
     /// The guests (indices) that may use it, owner included, with where it appears in each.
     pub users: Vec<(usize, SharedMem<'a>)>,
+    /// The host address Xen's older form names (every user naming one names the same) and
+    /// the first user naming it: checked, not used (Labyrinth places the region itself).
+    pub host: Option<(u64, usize)>,
 }
 
 impl RegionPlan<'_> {
@@ -123,20 +142,46 @@ impl RegionPlan<'_> {
     }
 }
 
+/// Whether `[base, base + size)` lies inside the union of `banks` (which may be unsorted and
+/// adjacent, as memory nodes come).
+pub fn in_host_ram(banks: &[Region], base: u64, size: u64) -> bool {
+    let Some(end) = base.checked_add(size) else { return false };
+    let mut at = base;
+    // Each step moves past one bank: at most `banks.len()` steps.
+    for _ in 0..=banks.len() {
+        if at >= end {
+            return true;
+        }
+        match banks.iter().find(|b| b.base() <= at && at < b.end()) {
+            Some(b) => at = b.end(),
+            None => return false,
+        }
+    }
+    at >= end
+}
+
 /// Checks every guest's shared memory nodes against its own layout and against the other
-/// guests' (`guests` in configuration order, the well-formed ones), and returns the regions
-/// with their users and, per guest, `None` or why it is refused. A guest is checked whole
-/// before any of its nodes joins a region, so a refused guest uses no region.
+/// guests' (`guests` in configuration order, the well-formed ones), and a host address (Xen's
+/// older form) against the host's RAM banks `host_ram`; returns the regions with their users
+/// and, per guest, `None` or why it is refused. A guest is checked whole before any of its
+/// nodes joins a region, so a refused guest uses no region.
 pub fn plan<'a>(
     guests: &[GuestConfig<'a>],
     ipa_bits: u32,
+    host_ram: &[Region],
 ) -> (Vec<RegionPlan<'a>>, Vec<Option<ShmRefusal<'a>>>) {
     let mut regions: Vec<RegionPlan<'a>> = Vec::new();
     // Owners first: a borrower named before its owner still knows who owns the region.
     for (g, cfg) in guests.iter().enumerate() {
         for s in cfg.shared.iter().filter(|s| s.role == ShmRole::Owner) {
             if !regions.iter().any(|r| r.id == s.id) && regions.len() < MAX_REGIONS {
-                regions.push(RegionPlan { id: s.id, size: s.size, owner: Some(g), users: Vec::new() });
+                regions.push(RegionPlan {
+                    id: s.id,
+                    size: s.size,
+                    owner: Some(g),
+                    users: Vec::new(),
+                    host: None,
+                });
             }
         }
     }
@@ -162,6 +207,15 @@ pub fn plan<'a>(
             if ipa_bits < 64 && s.guest_end() > 1u64 << ipa_bits {
                 return refuse(ShmProblem::BeyondIpa { ipa_bits });
             }
+            if let Some(host) = s.host_addr {
+                if !in_host_ram(host_ram, host, s.size) {
+                    return refuse(ShmProblem::HostNotRam { host });
+                }
+                let first = regions.iter().find(|r| r.id == s.id).and_then(|r| r.host);
+                if let Some((first_host, first)) = first.filter(|&(h, _)| h != host) {
+                    return refuse(ShmProblem::HostMismatch { host, first: guests[first].name, first_host });
+                }
+            }
             match regions.iter().find(|r| r.id == s.id) {
                 Some(r) if r.owner.is_some_and(|o| o != g) && s.role == ShmRole::Owner => {
                     let owner = guests[r.owner.unwrap_or(g)].name;
@@ -185,13 +239,18 @@ pub fn plan<'a>(
         });
         if verdict.is_none() {
             for s in cfg.shared.iter() {
+                let host = s.host_addr.map(|h| (h, g));
                 match regions.iter_mut().find(|r| r.id == s.id) {
-                    Some(r) => r.users.push((g, *s)),
+                    Some(r) => {
+                        r.users.push((g, *s));
+                        r.host = r.host.or(host);
+                    }
                     None => regions.push(RegionPlan {
                         id: s.id,
                         size: s.size,
                         owner: None,
                         users: alloc::vec![(g, *s)],
+                        host,
                     }),
                 }
             }
@@ -248,6 +307,9 @@ pub struct View {
     pub guest_addr: u64,
     /// The guest owns the region (its leaves are shared-owned, else shared-borrowed).
     pub owner: bool,
+    /// The region is in the guest's stage-2 space (or being put there): `false` from the
+    /// start of the guest's reset (its space emptied) until the region is mapped again.
+    pub mapped: bool,
 }
 
 /// A region that exists: its frames (tagged shared-owned by `owner`), the frames promised for
@@ -276,9 +338,24 @@ impl LiveRegion<'_> {
         }
         runs
     }
+
+    /// Bytes in the region.
+    pub fn size(&self) -> u64 {
+        self.frames.len() as u64 * FRAME_SIZE
+    }
 }
 
-/// The regions that exist, each until its last user leaves.
+/// A region that left the registry when a guest left it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Departure<'a> {
+    /// Its `views` are the ones still there: none when its last user left; when its owner
+    /// left, the borrowers' it is taken from (revoked).
+    pub region: LiveRegion<'a>,
+    /// The guest that left owns it: every view left is revoked.
+    pub owner_left: bool,
+}
+
+/// The regions that exist, each until its owner or its last user leaves.
 #[derive(Debug, Default)]
 pub struct Registry<'a> {
     regions: Vec<LiveRegion<'a>>,
@@ -293,25 +370,53 @@ impl<'a> Registry<'a> {
         self.regions.push(region);
     }
 
-    /// Every view guest `vm` has, with the region's frames: what a reset maps again.
+    /// Every view guest `vm` has, with the region's frames.
     pub fn views_of(&self, vm: VmId) -> impl Iterator<Item = (&[Pfn], View)> + '_ {
         self.regions.iter().flat_map(move |r| {
             r.views.iter().filter(move |v| v.vm == vm).map(move |v| (r.frames.as_slice(), *v))
         })
     }
 
-    /// Guest `vm` stops using its regions (its space is gone): the regions it was the last user
-    /// of leave the registry and are returned, for the caller to release their frames and
-    /// withdraw their promise. An owner leaving before its borrowers leaves its regions here.
-    pub fn leave(&mut self, vm: VmId) -> Vec<LiveRegion<'a>> {
+    /// Guest `vm`'s space is about to be emptied (a reset): its views are no longer mapped,
+    /// so a revocation meanwhile has nothing to unmap there.
+    pub fn suspend(&mut self, vm: VmId) {
+        for v in self.regions.iter_mut().flat_map(|r| r.views.iter_mut()).filter(|v| v.vm == vm) {
+            v.mapped = false;
+        }
+    }
+
+    /// Maps guest `vm`'s views again after its reset (`map(frames, view)`), each marked mapped
+    /// before `map` runs: a region revoked while the guest reset is not among them. Stops at
+    /// the first error.
+    pub fn remap<E>(
+        &mut self,
+        vm: VmId,
+        mut map: impl FnMut(&[Pfn], View) -> Result<(), E>,
+    ) -> Result<(), E> {
+        for r in &mut self.regions {
+            for v in r.views.iter_mut().filter(|v| v.vm == vm) {
+                v.mapped = true;
+                map(&r.frames, *v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Guest `vm` stops using its regions (its space is about to go). The regions it owns
+    /// leave the registry with every borrower's view (to revoke); the regions it was the last
+    /// user of leave with none. The caller unmaps what is revoked, then, once `vm`'s own
+    /// space is gone too, releases the frames and withdraws the promise. A region Labyrinth
+    /// owns ([`LABYRINTH`]) stays until its last user leaves.
+    pub fn leave(&mut self, vm: VmId) -> Vec<Departure<'a>> {
         let mut gone = Vec::new();
         let mut i = 0;
         while i < self.regions.len() {
             let r = &mut self.regions[i];
             let before = r.views.len();
             r.views.retain(|v| v.vm != vm);
-            if before != r.views.len() && r.views.is_empty() {
-                gone.push(self.regions.swap_remove(i));
+            let owner_left = r.owner == vm && r.owner != LABYRINTH;
+            if owner_left || (before != r.views.len() && r.views.is_empty()) {
+                gone.push(Departure { region: self.regions.swap_remove(i), owner_left });
             } else {
                 i += 1;
             }
@@ -326,6 +431,62 @@ impl<'a> Registry<'a> {
     pub fn is_empty(&self) -> bool {
         self.regions.is_empty()
     }
+}
+
+/// Which of a guest's shared memory nodes lost their region because its owner stopped, with
+/// that owner's name: written once per node by the revocation, read without a lock by the
+/// abort path, which then says why the access is refused.
+#[derive(Debug)]
+pub struct Revocations {
+    owners: [spin::Once<&'static str>; MAX_SHARED],
+}
+
+impl Default for Revocations {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Revocations {
+    pub const fn new() -> Self {
+        Revocations { owners: [const { spin::Once::new() }; MAX_SHARED] }
+    }
+
+    /// The node of `shared` (the guest's nodes) at `guest_addr` lost its region, whose owner
+    /// `owner` stopped; `false` if no node is there.
+    pub fn revoke(&self, shared: &[SharedMem<'_>], guest_addr: u64, owner: &'static str) -> bool {
+        match shared.iter().position(|s| s.guest_addr == guest_addr) {
+            Some(i) if i < MAX_SHARED => {
+                self.owners[i].call_once(|| owner);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The revoked node of `shared` whose guest range holds `ipa`: its index, id and the
+    /// owner that stopped.
+    pub fn at<'s>(&self, shared: &[SharedMem<'s>], ipa: u64) -> Option<(usize, &'s str, &'static str)> {
+        let i = shared.iter().position(|s| s.guest_addr <= ipa && ipa < s.guest_end())?;
+        let owner = self.owners.get(i)?.get()?;
+        Some((i, shared[i].id, owner))
+    }
+}
+
+/// Unmaps a region of `size` bytes at `guest_addr` from `s2` while the guest's vCPUs may run
+/// (break-before-make, the VMID's TLB entries invalidated in every CPU before this returns):
+/// its shared leaves are never released by the guest (`Stage2` hands back only its own
+/// frames), so nothing is freed here. Returns how many frames the unmap handed back (0, or a
+/// bug in the caller: the range held memory of the guest's own).
+pub fn unmap_view(
+    s2: &Stage2,
+    env: &mut impl Stage2Env,
+    guest_addr: u64,
+    size: u64,
+) -> Result<u64, Stage2Error> {
+    let mut handed_back = 0;
+    s2.unmap_live(env, guest_addr, size, &mut |_, bytes| handed_back += bytes / FRAME_SIZE)?;
+    Ok(handed_back)
 }
 
 /// Maps the region's `frames` (in order, one 4 KiB page each) at `guest_addr` in `s2`, as its
@@ -354,8 +515,24 @@ mod tests {
     use crate::stage2::Geometry;
 
     fn shm(id: &'static str, role: ShmRole, guest_addr: u64, size: u64) -> SharedMem<'static> {
-        SharedMem { id, role, guest_addr, size, node: id }
+        SharedMem { id, role, guest_addr, size, host_addr: None, node: id }
     }
+
+    fn at_host(s: SharedMem<'static>, host: u64) -> SharedMem<'static> {
+        SharedMem { host_addr: Some(host), ..s }
+    }
+
+    /// Host RAM as QEMU's virt machine with 1 GiB describes it, in two adjacent banks.
+    const HOST_RAM: &[Region] = &[
+        match Region::new(0x6000_0000, 0x2000_0000) {
+            Some(r) => r,
+            None => panic!(),
+        },
+        match Region::new(0x4000_0000, 0x2000_0000) {
+            Some(r) => r,
+            None => panic!(),
+        },
+    ];
 
     fn guest(name: &'static str, mib: u64, shared: &[SharedMem<'static>]) -> GuestConfig<'static> {
         let kernel =
@@ -392,7 +569,7 @@ mod tests {
             guest("o", 64, &[shm("ring", Owner, 0x3000_0000, MIB2)]),
             guest("c", 64, &[shm("free", Borrower, 0x2000_0000, 0x1000)]),
         ];
-        let (regions, verdicts) = plan(&guests, 40);
+        let (regions, verdicts) = plan(&guests, 40, HOST_RAM);
         assert_eq!(verdicts, vec![None, None, None]);
         assert_eq!(regions.len(), 2);
         let ring = &regions[0];
@@ -420,7 +597,7 @@ mod tests {
             guest("two", 64, &[shm("ring", Owner, AT, MIB2)]),
             guest("fine", 64, &[shm("ring", Borrower, 0x8000_0000, MIB2)]),
         ];
-        let (regions, verdicts) = plan(&guests, 40);
+        let (regions, verdicts) = plan(&guests, 40, HOST_RAM);
         let problems: Vec<_> = verdicts.iter().map(|v| v.map(|r| r.problem)).collect();
         assert_eq!(
             problems,
@@ -460,7 +637,7 @@ mod tests {
             guest(n, 64, &list)
         };
         let guests = [g("g1", &IDS[0..4]), g("g2", &IDS[4..8]), g("g3", &IDS[8..10]), g("g4", &IDS[0..2])];
-        let (regions, verdicts) = plan(&guests, 40);
+        let (regions, verdicts) = plan(&guests, 40, HOST_RAM);
         assert_eq!(regions.len(), MAX_REGIONS);
         let problems: Vec<_> = verdicts.iter().map(|v| v.map(|r| r.problem)).collect();
         assert_eq!(problems, vec![None, None, Some(ShmProblem::TooManyRegions), None]);
@@ -476,7 +653,7 @@ mod tests {
             guest("b2", 64, &[shm("r2", Borrower, AT, 0x1000), shm("free", Borrower, 0x3000_0000, 0x1000)]),
             guest("b3", 64, &[shm("free", Borrower, 0x3000_0000, 0x1000)]),
         ];
-        let (regions, verdicts) = plan(&guests, 40);
+        let (regions, verdicts) = plan(&guests, 40, HOST_RAM);
         assert!(verdicts.iter().all(Option::is_none));
         let names: Vec<_> = guests.iter().map(|g| g.name).collect();
         let mut started = [false, true, true, true];
@@ -496,19 +673,83 @@ mod tests {
     }
 
     // From a host device tree as a bootloader writes it (scripts/guestcfg.py: QEMU's tree with
-    // four guests): the parser and the plan together.
+    // four guests, the third in Xen's older form with a host address): the parser and the plan
+    // together, against the tree's own RAM, then against a smaller RAM the host range misses.
     #[test]
     fn a_host_tree_with_shared_memory_plans_its_regions() {
         let blob = include_bytes!("../../fuzz/corpus/dt_parse/qemu-virt-shared-memory.dtb");
         let p = crate::dt::parse(blob).unwrap();
         assert_eq!(p.guests().len(), 4);
-        let host = p.guests()[2].unwrap_err();
-        assert!(matches!(host.problem, crate::dt::GuestProblem::BadShm { .. }), "{host}");
-        let configs: Vec<_> = p.guests().iter().filter_map(|g| g.as_ref().ok().copied()).collect();
-        let (regions, verdicts) = plan(&configs, 40);
+        let configs: Vec<_> = p.guests().iter().map(|g| *g.as_ref().unwrap()).collect();
+        assert_eq!(configs[2].shared[0].host_addr, Some(0x6000_0000));
+        let (regions, verdicts) = plan(&configs, 40, p.memory());
         assert!(verdicts.iter().all(Option::is_none));
-        let got: Vec<_> = regions.iter().map(|r| (r.id, r.size, r.owner, r.users.len())).collect();
-        assert_eq!(got, [("ring", 0x20_0000, Some(0), 2), ("nobody", 0x1000, None, 2)]);
+        let got: Vec<_> = regions.iter().map(|r| (r.id, r.size, r.owner, r.users.len(), r.host)).collect();
+        assert_eq!(
+            got,
+            [
+                ("ring", 0x20_0000, Some(0), 2, None),
+                ("nobody", 0x1000, None, 2, None),
+                ("x", 0x1000, None, 1, Some((0x6000_0000, 2)))
+            ]
+        );
+        let small = [Region::new(0x4000_0000, 0x1000_0000).unwrap()];
+        let (regions, verdicts) = plan(&configs, 40, &small);
+        assert_eq!(verdicts[2].map(|v| v.problem), Some(ShmProblem::HostNotRam { host: 0x6000_0000 }));
+        assert_eq!(regions.len(), 2);
+    }
+
+    // Xen's older form: the host range must lie in host RAM (banks may be adjacent, in any
+    // order), and every guest naming the id with a host address names the same one; a guest
+    // without one joins whatever the others name. The first to name one sets it.
+    #[test]
+    fn host_addresses_are_checked_across_guests() {
+        let guests = [
+            guest("plain", 64, &[shm("ring", Borrower, AT, MIB2)]),
+            guest("o", 64, &[at_host(shm("ring", Owner, AT, MIB2), 0x5ff0_0000)]),
+            guest("same", 64, &[at_host(shm("ring", Borrower, 0x2000_0000, MIB2), 0x5ff0_0000)]),
+            guest("other", 64, &[at_host(shm("ring", Borrower, AT, MIB2), 0x7000_0000)]),
+            guest("out", 64, &[at_host(shm("far", Borrower, AT, MIB2), 0x7ff0_0000)]),
+            guest("below", 64, &[at_host(shm("low", Borrower, AT, 0x1000), 0x3fff_f000)]),
+        ];
+        let (regions, verdicts) = plan(&guests, 40, HOST_RAM);
+        let problems: Vec<_> = verdicts.iter().map(|v| v.map(|r| r.problem)).collect();
+        assert_eq!(
+            problems,
+            vec![
+                None,
+                None,
+                None,
+                Some(ShmProblem::HostMismatch { host: 0x7000_0000, first: "o", first_host: 0x5ff0_0000 }),
+                Some(ShmProblem::HostNotRam { host: 0x7ff0_0000 }),
+                Some(ShmProblem::HostNotRam { host: 0x3fff_f000 }),
+            ]
+        );
+        assert_eq!(regions.len(), 1);
+        assert_eq!((regions[0].host, regions[0].users.len()), (Some((0x5ff0_0000, 1)), 3));
+        assert_eq!(
+            verdicts[3].unwrap().to_string(),
+            "guest other: shared memory \"ring\" at 0x10000000-0x10200000: host address 0x70000000, but guest o \
+             gives the same id host address 0x5ff00000: one id is one region"
+        );
+        assert_eq!(
+            verdicts[4].unwrap().to_string(),
+            "guest out: shared memory \"far\" at 0x10000000-0x10200000: host address 0x7ff00000-0x80100000 is \
+             not all inside host RAM (the host device tree's memory nodes)"
+        );
+    }
+
+    // The union of the banks, whatever their order; a range that wraps is never inside.
+    #[test]
+    fn host_ram_is_the_union_of_the_banks() {
+        assert!(in_host_ram(HOST_RAM, 0x4000_0000, 0x4000_0000));
+        assert!(in_host_ram(HOST_RAM, 0x5fff_f000, 0x2000));
+        assert!(!in_host_ram(HOST_RAM, 0x7fff_f000, 0x2000));
+        assert!(!in_host_ram(HOST_RAM, 0x3fff_f000, 0x1000));
+        assert!(!in_host_ram(&[], 0x4000_0000, 0x1000));
+        assert!(!in_host_ram(HOST_RAM, u64::MAX - 0xfff, 0x2000));
+        let gap = [Region::new(0x4000_0000, 0x1000).unwrap(), Region::new(0x4000_2000, 0x1000).unwrap()];
+        assert!(!in_host_ram(&gap, 0x4000_0000, 0x3000));
     }
 
     fn vm(n: u16) -> VmId {
@@ -521,28 +762,126 @@ mod tests {
             owner: vm(owner),
             frames: frames.iter().map(|&f| Pfn(f)).collect(),
             promised: frames.len(),
-            views: users.iter().map(|&u| View { vm: vm(u), guest_addr: AT, owner: u == owner }).collect(),
+            views: users
+                .iter()
+                .map(|&u| View { vm: vm(u), guest_addr: AT, owner: u == owner, mapped: true })
+                .collect(),
         }
     }
 
-    // A region leaves the registry with its last user, whoever stops first (the owner
-    // included); a guest that uses nothing changes nothing.
+    // A region nobody owns leaves the registry with its last user; a guest that uses nothing
+    // changes nothing.
     #[test]
-    fn the_last_user_takes_the_region_with_it() {
+    fn a_region_nobody_owns_goes_with_its_last_user() {
         let mut reg = Registry::new();
-        reg.add(live("a", 1, &[10, 11], &[1, 2]));
         reg.add(live("b", 0, &[20], &[2, 3]));
         assert!(reg.leave(vm(7)).is_empty());
-        // The owner of "a" stops first: the region stays for its borrower.
-        assert!(reg.leave(vm(1)).is_empty());
-        assert_eq!(reg.views_of(vm(2)).count(), 2);
-        assert_eq!(reg.views_of(vm(1)).count(), 0);
-        let gone = reg.leave(vm(2));
-        assert_eq!(gone.iter().map(|r| r.id).collect::<Vec<_>>(), vec!["a"]);
-        assert_eq!(reg.len(), 1);
+        assert!(reg.leave(vm(2)).is_empty());
+        assert_eq!(reg.views_of(vm(3)).count(), 1);
         let gone = reg.leave(vm(3));
-        assert_eq!((gone[0].id, gone[0].owner), ("b", LABYRINTH));
+        assert_eq!(gone.len(), 1);
+        assert_eq!((gone[0].region.id, gone[0].region.owner, gone[0].owner_left), ("b", LABYRINTH, false));
+        assert!(gone[0].region.views.is_empty());
         assert!(reg.is_empty());
+    }
+
+    // An owner that stops first takes its region with it, and every borrower's view with it
+    // (two borrowers here): the caller revokes them. The owner's other region (borrowed) and a
+    // region it does not use stay.
+    #[test]
+    fn an_owner_that_leaves_first_revokes_every_borrower() {
+        let mut reg = Registry::new();
+        reg.add(live("a", 1, &[10, 11], &[1, 2, 3]));
+        reg.add(live("c", 4, &[30], &[4, 1]));
+        reg.add(live("d", 5, &[40], &[5, 6]));
+        let gone = reg.leave(vm(1));
+        assert_eq!(gone.len(), 1);
+        let d = &gone[0];
+        assert_eq!((d.region.id, d.owner_left), ("a", true));
+        assert_eq!(
+            d.region.views.iter().map(|v| (v.vm, v.owner, v.mapped)).collect::<Vec<_>>(),
+            vec![(vm(2), false, true), (vm(3), false, true)]
+        );
+        assert_eq!(reg.len(), 2);
+        assert_eq!(reg.views_of(vm(2)).count(), 0);
+        assert_eq!(reg.views_of(vm(4)).count(), 1);
+        // "c" lost its borrower 1 and stays for its owner, which then leaves with nothing to revoke.
+        let gone = reg.leave(vm(4));
+        assert_eq!((gone[0].region.id, gone[0].owner_left, gone[0].region.views.len()), ("c", true, 0));
+        assert_eq!(reg.len(), 1);
+    }
+
+    // A borrower that stops first removes only its view; the owner's later stop then has no
+    // one to revoke.
+    #[test]
+    fn a_borrower_that_leaves_first_removes_only_its_view() {
+        let mut reg = Registry::new();
+        reg.add(live("a", 1, &[10, 11], &[1, 2]));
+        assert!(reg.leave(vm(2)).is_empty());
+        assert_eq!(reg.views_of(vm(1)).count(), 1);
+        let gone = reg.leave(vm(1));
+        assert_eq!((gone[0].owner_left, gone[0].region.views.len()), (true, 0));
+        assert!(reg.is_empty());
+    }
+
+    // A borrower resetting when its owner stops: its view, unmapped by the reset, is revoked
+    // without an unmap, and its remap after the reset no longer finds the region. The owner's
+    // reset keeps the region (same frames) and maps it again.
+    #[test]
+    fn a_reset_suspends_views_and_remaps_what_is_left() {
+        let mut reg = Registry::new();
+        reg.add(live("a", 1, &[10, 11], &[1, 2]));
+        reg.suspend(vm(1));
+        assert!(reg.views_of(vm(1)).all(|(_, v)| !v.mapped));
+        let mut mapped = Vec::new();
+        let r: Result<(), ()> = reg.remap(vm(1), |f, v| {
+            mapped.push((f.to_vec(), v.guest_addr, v.owner));
+            Ok(())
+        });
+        assert!(r.is_ok());
+        assert_eq!(mapped, vec![(vec![Pfn(10), Pfn(11)], AT, true)]);
+        assert!(reg.views_of(vm(1)).all(|(_, v)| v.mapped));
+        reg.suspend(vm(2));
+        let gone = reg.leave(vm(1));
+        assert_eq!(
+            gone[0].region.views.iter().map(|v| (v.vm, v.mapped)).collect::<Vec<_>>(),
+            vec![(vm(2), false)]
+        );
+        let mut calls = 0;
+        let r: Result<(), ()> = reg.remap(vm(2), |_, _| {
+            calls += 1;
+            Ok(())
+        });
+        assert!(r.is_ok());
+        assert_eq!(calls, 0);
+        // A remap error stops the remap and is returned.
+        reg.add(live("e", 1, &[50], &[1]));
+        reg.add(live("f", 1, &[60], &[1]));
+        let mut seen = 0;
+        assert_eq!(
+            reg.remap(vm(1), |_, _| {
+                seen += 1;
+                Err("no table page")
+            }),
+            Err("no table page")
+        );
+        assert_eq!(seen, 1);
+    }
+
+    // The revocation is recorded per node, once (the first owner's name stays), and found by
+    // any address inside the node's guest range only.
+    #[test]
+    fn revocations_are_found_by_address() {
+        let shared = [shm("ring", Borrower, 0x2000_0000, MIB2), shm("other", Borrower, AT, 0x1000)];
+        let r = Revocations::new();
+        assert_eq!(r.at(&shared, 0x2000_0000), None);
+        assert!(!r.revoke(&shared, 0x3000_0000, "x"));
+        assert!(r.revoke(&shared, 0x2000_0000, "isolation"));
+        assert!(r.revoke(&shared, 0x2000_0000, "later"));
+        assert_eq!(r.at(&shared, 0x2000_0000), Some((0, "ring", "isolation")));
+        assert_eq!(r.at(&shared, 0x2000_0000 + MIB2 - 4), Some((0, "ring", "isolation")));
+        assert_eq!(r.at(&shared, 0x2000_0000 + MIB2), None);
+        assert_eq!(r.at(&shared, AT), None);
     }
 
     // Frames go back in contiguous runs, whatever order they were allocated in.
@@ -571,5 +910,126 @@ mod tests {
         assert_eq!(owner.translate(&env, AT).unwrap().attrs, Attrs::SHARED_OWNED);
         // The borrower cannot map it as its owner.
         assert!(map_region(&borrower, &mut env, &frames, 0x3000_0000, true).is_err());
+    }
+
+    // The owner stops first: both borrowers' views are unmapped live (nothing handed back, no
+    // TLB entry left behind), the owner's space then goes, and only then does no leaf map
+    // the frames: they may be scrubbed and freed.
+    #[test]
+    fn revoking_unmaps_every_borrower_before_the_frames_go() {
+        let mut env = ModelEnv::new(0x40000, 256);
+        let geo = Geometry::for_pa_bits(40);
+        let o = Stage2::new(&mut env, vm(1), 1, geo).unwrap();
+        let b1 = Stage2::new(&mut env, vm(2), 2, geo).unwrap();
+        let b2 = Stage2::new(&mut env, vm(3), 3, geo).unwrap();
+        for (vmid, s2) in [(1, &o), (2, &b1), (3, &b2)] {
+            env.add_root(vmid, Pfn(s2.vttbr() >> 12 & ((1 << 36) - 1)), geo.start_level);
+        }
+        let frames: Vec<Pfn> =
+            (0..3).map(|_| env.claim_frame(FrameState::SharedOwned(vm(1))).unwrap()).collect();
+        map_region(&o, &mut env, &frames, AT, true).unwrap();
+        map_region(&b1, &mut env, &frames, 0x2000_0000, false).unwrap();
+        map_region(&b2, &mut env, &frames, AT, false).unwrap();
+        // Each borrower has walked the region (its TLB may hold every page).
+        for (s2, at) in [(&b1, 0x2000_0000), (&b2, AT)] {
+            for i in 0..3 {
+                assert!(s2.translate(&env, at + i * FRAME_SIZE).is_some());
+            }
+        }
+        assert_eq!(env.leaves_mapping(frames[0]), 3);
+        let size = frames.len() as u64 * FRAME_SIZE;
+        assert_eq!(unmap_view(&b1, &mut env, 0x2000_0000, size), Ok(0));
+        assert_eq!(unmap_view(&b2, &mut env, AT, size), Ok(0));
+        env.check_quiescent();
+        assert!(env.violations.is_empty(), "{:?}", env.violations);
+        assert!(
+            b1.translate(&env, 0x2000_0000).is_none() && b2.translate(&env, AT + 2 * FRAME_SIZE).is_none()
+        );
+        assert!(frames.iter().all(|&f| env.leaves_mapping(f) == 1));
+        assert_eq!(env.frames_in(FrameState::SharedOwned(vm(1))), 3);
+        let mut released = 0;
+        let _ = o.destroy(&mut env, &mut |_, _| released += 1);
+        assert_eq!(released, 0, "shared frames are not the owner's space's to free");
+        assert!(frames.iter().all(|&f| env.leaves_mapping(f) == 0));
+        // Unmapping a range that holds nothing (a view revoked twice) is harmless.
+        assert_eq!(unmap_view(&b1, &mut env, 0x2000_0000, size), Ok(0));
+    }
+
+    mod registry_props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// (id, owner, users): guest 1 owns "a", Labyrinth owns "b", guest 4 owns "c".
+        const REGIONS: [(&str, u16, &[u16]); 3] =
+            [("a", 1, &[1, 2, 3]), ("b", 0, &[2, 3, 4]), ("c", 4, &[4, 1])];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            // Guests stopping in any order (the registry's lock makes any interleaving of stops
+            // a sequence), with resets (suspend, then remap) between them: each region leaves
+            // once; with its owner (every view still there handed over to revoke, mapped unless
+            // its guest was resetting) or, if Labyrinth owns it, with its last user; and a
+            // remap never brings back a region that left.
+            #[test]
+            fn regions_leave_once_with_their_owner_or_last_user(
+                order in Just(vec![1u16, 2, 3, 4]).prop_shuffle(),
+                resets in proptest::collection::vec((1u16..=4, any::<bool>()), 0..12),
+            ) {
+                let mut reg = Registry::new();
+                for (id, owner, users) in REGIONS {
+                    reg.add(live(id, owner, &[u64::from(owner) * 10], users));
+                }
+                let (mut left, mut suspended, mut departed) = (Vec::new(), Vec::new(), Vec::new());
+                let mut resets = resets.into_iter();
+                for g in order {
+                    for (r, finish) in resets.by_ref().take(3) {
+                        if left.contains(&r) {
+                            continue;
+                        }
+                        reg.suspend(vm(r));
+                        suspended.push(r);
+                        if finish {
+                            let mut mapped = Vec::new();
+                            let remapped = reg.remap(vm(r), |f, _| {
+                                mapped.push(f[0]);
+                                Ok::<(), ()>(())
+                            });
+                            prop_assert!(remapped.is_ok());
+                            suspended.retain(|&s| s != r);
+                            // Only regions still there (a region's one frame is its owner * 10).
+                            let gone: Vec<Pfn> = departed
+                                .iter()
+                                .filter_map(|(id, _): &(&str, u16)| REGIONS.iter().find(|x| x.0 == *id))
+                                .map(|x| Pfn(u64::from(x.1) * 10))
+                                .collect();
+                            prop_assert!(mapped.iter().all(|p| !gone.contains(p)), "{:?} remapped", mapped);
+                        }
+                    }
+                    for d in reg.leave(vm(g)) {
+                        let (id, owner, users) = REGIONS.iter().find(|r| r.0 == d.region.id).copied().unwrap();
+                        prop_assert!(!departed.iter().any(|(i, _)| *i == id), "{} left twice", id);
+                        prop_assert!(users.contains(&g));
+                        let others: Vec<u16> = users.iter().copied().filter(|u| *u != g && !left.contains(u)).collect();
+                        if owner == g {
+                            prop_assert!(d.owner_left);
+                            let got: Vec<(VmId, bool)> = d.region.views.iter().map(|v| (v.vm, v.mapped)).collect();
+                            let want: Vec<(VmId, bool)> =
+                                others.iter().map(|&u| (vm(u), !suspended.contains(&u))).collect();
+                            prop_assert_eq!(got, want);
+                        } else {
+                            prop_assert!(!d.owner_left && others.is_empty() && d.region.views.is_empty());
+                            prop_assert_eq!(owner, 0);
+                        }
+                        departed.push((id, g));
+                    }
+                    left.push(g);
+                    suspended.retain(|&s| s != g);
+                    prop_assert_eq!(reg.views_of(vm(g)).count(), 0);
+                }
+                prop_assert!(reg.is_empty());
+                prop_assert_eq!(departed.len(), REGIONS.len());
+            }
+        }
     }
 }

@@ -136,6 +136,9 @@ pub struct Vcpu<'a> {
     pub stats: Stats,
     /// Aborts and undefined instructions are logged for the first few only.
     pub logged: u32,
+    /// Shared memory nodes (bit per node) whose revoked region this vCPU was told about in
+    /// the log: one line per node and vCPU, whatever else was logged.
+    pub revoked_logged: u8,
     /// Its emulated EL1 physical timer.
     pub ptimer: PhysTimer,
     /// The virtual timer's PPI is disabled at the host GIC until the guest has dealt with its
@@ -165,6 +168,7 @@ impl<'a> Vcpu<'a> {
             pool,
             stats: Stats::default(),
             logged: 0,
+            revoked_logged: 0,
             ptimer: PhysTimer::new(),
             vtimer_held: false,
             cache: FaultCache::new(),
