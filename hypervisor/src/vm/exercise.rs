@@ -652,7 +652,9 @@ pub fn exit_path(data: &[u8]) -> Result<(), String> {
                 };
                 r.x[..4].copy_from_slice(&[fid, x1, x2, u64::from(arg())]);
                 before = (r.x, r.pc);
-                may_change[0] = true;
+                // PSCI answers in x0; Labyrinth's own calls (a random word may be one) in x0-x3.
+                let results = if super::hypercall::is_ours(fid) { 4 } else { 1 };
+                may_change[..results].fill(true);
                 handle_sync(vcpu, r, cpu, (0x16 << 26) | (1 << 25), 0, 0)
             }
             2 => {
