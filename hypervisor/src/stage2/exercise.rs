@@ -585,6 +585,9 @@ impl Stage2Env for Racing<'_> {
     fn read(&self, table: Pfn, index: usize) -> u64 {
         self.env.read(table, index)
     }
+    fn read_run(&self, table: Pfn, index: usize, out: &mut [u64]) {
+        self.env.read_run(table, index, out)
+    }
     fn write(&mut self, table: Pfn, index: usize, value: u64) {
         self.env.write(table, index, value)
     }
@@ -1393,8 +1396,13 @@ impl Exercise {
         }
         for gi in 0..2 {
             let s2 = self.guests[gi].s2.take().expect("live space");
-            let mut released = Vec::new();
-            let _ = s2.teardown(&mut self.env, &mut |pa, size| released.push((pa, size)));
+            // Runs merged as they come (frames are handed out in runs, up or down): fewer to sort.
+            let mut released: Vec<(u64, u64)> = Vec::new();
+            let _ = s2.teardown(&mut self.env, &mut |pa, size| match released.last_mut() {
+                Some(last) if last.0 + last.1 == pa => last.1 += size,
+                Some(last) if pa + size == last.0 => *last = (pa, last.1 + size),
+                _ => released.push((pa, size)),
+            });
             for (pa, size) in merge_frames(&mut released) {
                 self.env.release_frames(pa, size);
             }
