@@ -1464,8 +1464,17 @@ fn table_runs(env: &ModelEnv, s2: &Stage2, start: u64, end: u64) -> Vec<(u64, Ru
                     }
                 }
                 Entry::Leaf { pa, attrs } => {
-                    let (a, b) = (eb.max(range.0), (eb + size).min(range.1));
+                    // Page entries that continue this one (the same bits, the next frame) join
+                    // it here, in one compare each, before the merge.
+                    let mut last = idx;
+                    if level == 3 {
+                        while last + 1 < end && entries[last + 1] == entries[last].wrapping_add(PAGE) {
+                            last += 1;
+                        }
+                    }
+                    let (a, b) = (eb.max(range.0), (base + (last as u64 + 1) * size).min(range.1));
                     push_merged(out, a, Run { pages: (b - a) / PAGE, pa: pa + (a - eb), attrs });
+                    idx = last;
                 }
             }
             idx += 1;
