@@ -17,6 +17,15 @@ pub trait Stage2Env {
     /// Reads entry `index` of the table in frame `table` (one atomic load, Acquire: a table
     /// it links is seen as it was when linked).
     fn read(&self, table: Pfn, index: usize) -> u64;
+    /// Reads entries `index..index + out.len()` of the table in frame `table` into `out`, one
+    /// [`Stage2Env::read`] each, in order. For walks nothing else writes beside (a teardown);
+    /// an environment whose reads cost a call each (the checking model) answers it at once.
+    #[inline(always)]
+    fn read_run(&self, table: Pfn, index: usize, out: &mut [u64]) {
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = self.read(table, index + i);
+        }
+    }
     /// Writes entry `index` of the table in frame `table` with one single-copy-atomic store
     /// (Release). Only structural changes write; a fault installs with [`Stage2Env::cas`].
     fn write(&mut self, table: Pfn, index: usize, value: u64);

@@ -585,6 +585,9 @@ impl Stage2Env for Racing<'_> {
     fn read(&self, table: Pfn, index: usize) -> u64 {
         self.env.read(table, index)
     }
+    fn read_run(&self, table: Pfn, index: usize, out: &mut [u64]) {
+        self.env.read_run(table, index, out)
+    }
     fn write(&mut self, table: Pfn, index: usize, value: u64) {
         self.env.write(table, index, value)
     }
@@ -1393,8 +1396,13 @@ impl Exercise {
         }
         for gi in 0..2 {
             let s2 = self.guests[gi].s2.take().expect("live space");
-            let mut released = Vec::new();
-            let _ = s2.teardown(&mut self.env, &mut |pa, size| released.push((pa, size)));
+            // Runs merged as they come (frames are handed out in runs, up or down): fewer to sort.
+            let mut released: Vec<(u64, u64)> = Vec::new();
+            let _ = s2.teardown(&mut self.env, &mut |pa, size| match released.last_mut() {
+                Some(last) if last.0 + last.1 == pa => last.1 += size,
+                Some(last) if pa + size == last.0 => *last = (pa, last.1 + size),
+                _ => released.push((pa, size)),
+            });
             for (pa, size) in merge_frames(&mut released) {
                 self.env.release_frames(pa, size);
             }
@@ -1456,8 +1464,17 @@ fn table_runs(env: &ModelEnv, s2: &Stage2, start: u64, end: u64) -> Vec<(u64, Ru
                     }
                 }
                 Entry::Leaf { pa, attrs } => {
-                    let (a, b) = (eb.max(range.0), (eb + size).min(range.1));
+                    // Page entries that continue this one (the same bits, the next frame) join
+                    // it here, in one compare each, before the merge.
+                    let mut last = idx;
+                    if level == 3 {
+                        while last + 1 < end && entries[last + 1] == entries[last].wrapping_add(PAGE) {
+                            last += 1;
+                        }
+                    }
+                    let (a, b) = (eb.max(range.0), (base + (last as u64 + 1) * size).min(range.1));
                     push_merged(out, a, Run { pages: (b - a) / PAGE, pa: pa + (a - eb), attrs });
+                    idx = last;
                 }
             }
             idx += 1;

@@ -962,6 +962,13 @@ impl Stage2Env for ModelEnv {
         self.table(table.0).map_or(0, |t| t[index])
     }
 
+    fn read_run(&self, table: Pfn, index: usize, out: &mut [u64]) {
+        match self.table(table.0) {
+            Some(t) => out.copy_from_slice(&t[index..index + out.len()]),
+            None => out.fill(0),
+        }
+    }
+
     fn write(&mut self, table: Pfn, index: usize, value: u64) {
         let info = match self.info_last.get() {
             Some((pfn, info)) if pfn == table.0 => info,

@@ -1117,9 +1117,14 @@ impl Stage2 {
             Entry::Leaf { attrs, .. } if attrs.is_shared() => {}
             Entry::Leaf { pa, .. } => released(pa, level_size(level)),
             Entry::Table(child) => {
-                for i in 0..ENTRIES {
-                    let r = env.read(child, i);
-                    if r != 0 {
+                // Eight entries a read: most of a table is empty, skipped a run at a time.
+                let mut run = [0u64; 8];
+                for first in (0..ENTRIES).step_by(run.len()) {
+                    env.read_run(child, first, &mut run);
+                    if run.iter().fold(0, |a, e| a | e) == 0 {
+                        continue;
+                    }
+                    for &r in run.iter().filter(|&&r| r != 0) {
                         self.release_subtree(env, r, level + 1, released);
                     }
                 }

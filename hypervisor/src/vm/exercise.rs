@@ -588,6 +588,7 @@ pub fn exit_path(data: &[u8]) -> Result<(), String> {
         let mut before = (r.x, r.pc);
         let mut may_change = [false; 31];
         let mut kick = None;
+        let seen = cpu.events.len();
         let word = |b: &mut dyn FnMut() -> u8| (0..8).fold(0u64, |w, i| w | u64::from(b()) << (8 * i));
         let outcome = match op & 7 {
             0 => {
@@ -652,7 +653,9 @@ pub fn exit_path(data: &[u8]) -> Result<(), String> {
                 };
                 r.x[..4].copy_from_slice(&[fid, x1, x2, u64::from(arg())]);
                 before = (r.x, r.pc);
-                may_change[0] = true;
+                // PSCI answers in x0; Labyrinth's own calls (a random word may be one) in x0-x3.
+                let results = if super::hypercall::is_ours(fid) { 4 } else { 1 };
+                may_change[..results].fill(true);
                 handle_sync(vcpu, r, cpu, (0x16 << 26) | (1 << 25), 0, 0)
             }
             2 => {
@@ -732,8 +735,16 @@ pub fn exit_path(data: &[u8]) -> Result<(), String> {
         for (i, (&now, &was)) in r.x.iter().zip(before.0.iter()).enumerate() {
             ensure!(now == was || may_change[i], "op {op:#x}: x{i} changed from {was:#x} to {now:#x}");
         }
-        if let Some(cpu) = kick.and_then(|t| cpus.get_mut(t)) {
-            cpu.pending.push(host_irq::KICK);
+        // Kicks the exit path sent (a distributor write making another vCPU's SPI pending)
+        // arrive at their vCPU's CPU as the kick interrupt, as the device's kick above does.
+        let sent = cpus[v].events[seen..].iter().filter_map(|e| match e {
+            Event::Kick(c) => c.checked_sub(vm.cpu_of(0)),
+            _ => None,
+        });
+        for t in sent.chain(kick).collect::<Vec<_>>() {
+            if let Some(cpu) = cpus.get_mut(t) {
+                cpu.pending.push(host_irq::KICK);
+            }
         }
         // One place for every interrupt.
         for (c, cpu) in cpus.iter().enumerate() {
