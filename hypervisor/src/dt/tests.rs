@@ -1318,6 +1318,19 @@ fn memory_and_cpus(w: &mut FdtWriter) {
     w.prop_cells("memory", &[0, 0x1_0000]).prop_u32("cpus", 1);
 }
 
+/// A guest node's cell sizes (one or two cells each), memory, CPUs and kernel module.
+fn cells_memory_and_kernel(w: &mut FdtWriter, one_cell: bool) {
+    let cells = if one_cell { 1 } else { 2 };
+    w.prop_u32("#address-cells", cells).prop_u32("#size-cells", cells);
+    memory_and_cpus(w);
+    w.begin("module@48000000").prop_strs("compatible", &["multiboot,kernel", "multiboot,module"]);
+    if one_cell {
+        w.prop_cells("reg", &[0x4800_0000, 0x10_0000]).end();
+    } else {
+        w.reg64("reg", &[(0x4800_0000, 0x10_0000)]).end();
+    }
+}
+
 #[test]
 fn guest_property_errors() {
     assert_eq!(
@@ -1723,15 +1736,7 @@ fn shared_memory_nodes_are_read() {
     // and with two cells: the host address is kept, the rest reads the same.
     for one_cell in [true, false] {
         let blob = guest_blob(|w| {
-            let cells = if one_cell { 1 } else { 2 };
-            w.prop_u32("#address-cells", cells).prop_u32("#size-cells", cells);
-            memory_and_cpus(w);
-            w.begin("module@48000000").prop_strs("compatible", &["multiboot,kernel", "multiboot,module"]);
-            if one_cell {
-                w.prop_cells("reg", &[0x4800_0000, 0x10_0000]).end();
-            } else {
-                w.reg64("reg", &[(0x4800_0000, 0x10_0000)]).end();
-            }
+            cells_memory_and_kernel(w, one_cell);
             shm_node(w, "domU1-shared-mem@10000000", |w| {
                 w.prop_str("xen,shm-id", "my-shared-mem-0").prop_str("role", "owner");
                 if one_cell {
@@ -1893,15 +1898,7 @@ mod shm_props {
             host in any::<bool>(),
         ) {
             let blob = guest_blob(|w| {
-                let cells = if one_cell { 1 } else { 2 };
-                w.prop_u32("#address-cells", cells).prop_u32("#size-cells", cells);
-                memory_and_cpus(w);
-                w.begin("module@48000000").prop_strs("compatible", &["multiboot,kernel", "multiboot,module"]);
-                if one_cell {
-                    w.prop_cells("reg", &[0x4800_0000, 0x10_0000]).end();
-                } else {
-                    w.reg64("reg", &[(0x4800_0000, 0x10_0000)]).end();
-                }
+                cells_memory_and_kernel(w, one_cell);
                 shm_node(w, "s", |w| {
                     w.prop_str("xen,shm-id", &id);
                     if let Some(r) = role {

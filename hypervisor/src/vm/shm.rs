@@ -534,6 +534,11 @@ mod tests {
         },
     ];
 
+    /// Each guest's refusal reason, if any.
+    fn problems<'a>(verdicts: &[Option<ShmRefusal<'a>>]) -> Vec<Option<ShmProblem<'a>>> {
+        verdicts.iter().map(|v| v.map(|r| r.problem)).collect()
+    }
+
     fn guest(name: &'static str, mib: u64, shared: &[SharedMem<'static>]) -> GuestConfig<'static> {
         let kernel =
             Module { kind: ModuleKind::Kernel, region: Region::new(0x5000_0000, 0x1000).unwrap(), node: "k" };
@@ -598,7 +603,7 @@ mod tests {
             guest("fine", 64, &[shm("ring", Borrower, 0x8000_0000, MIB2)]),
         ];
         let (regions, verdicts) = plan(&guests, 40, HOST_RAM);
-        let problems: Vec<_> = verdicts.iter().map(|v| v.map(|r| r.problem)).collect();
+        let problems = problems(&verdicts);
         assert_eq!(
             problems,
             vec![
@@ -639,7 +644,7 @@ mod tests {
         let guests = [g("g1", &IDS[0..4]), g("g2", &IDS[4..8]), g("g3", &IDS[8..10]), g("g4", &IDS[0..2])];
         let (regions, verdicts) = plan(&guests, 40, HOST_RAM);
         assert_eq!(regions.len(), MAX_REGIONS);
-        let problems: Vec<_> = verdicts.iter().map(|v| v.map(|r| r.problem)).collect();
+        let problems = problems(&verdicts);
         assert_eq!(problems, vec![None, None, Some(ShmProblem::TooManyRegions), None]);
     }
 
@@ -713,7 +718,7 @@ mod tests {
             guest("below", 64, &[at_host(shm("low", Borrower, AT, 0x1000), 0x3fff_f000)]),
         ];
         let (regions, verdicts) = plan(&guests, 40, HOST_RAM);
-        let problems: Vec<_> = verdicts.iter().map(|v| v.map(|r| r.problem)).collect();
+        let problems = problems(&verdicts);
         assert_eq!(
             problems,
             vec![
