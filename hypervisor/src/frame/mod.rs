@@ -49,7 +49,7 @@ pub use heap::HeapSink;
 pub use manager::{CpuFrames, FrameManager, PoolConfig, RefillReport, BLOCK_POOL_SLOTS, PAGE_POOL_SLOTS};
 pub use scrub::FrameScrubber;
 pub use tag::{FrameState, Owner, VmId};
-pub use unpromised::Unpromised;
+pub use unpromised::{take_if_there, Unpromised};
 
 /// log2 of the frame size.
 pub const FRAME_SHIFT: u32 = 12;

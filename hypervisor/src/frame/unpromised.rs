@@ -32,18 +32,7 @@ impl Unpromised {
     /// Counts `frames` as drawn if that many are there; `false` changes nothing.
     #[inline]
     pub fn draw(&self, frames: usize) -> bool {
-        let want = frames;
-        // Relaxed: the count orders nothing else; the frames' own claims publish them.
-        let mut left = self.frames.load(Ordering::Relaxed);
-        loop {
-            if want > left {
-                return false;
-            }
-            match self.frames.compare_exchange_weak(left, left - want, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return true,
-                Err(now) => left = now,
-            }
-        }
+        take_if_there(&self.frames, frames)
     }
 
     /// `frames` more are free and unpromised: drawn ones given back, or a promise withdrawn.
@@ -54,6 +43,23 @@ impl Unpromised {
     /// Starts the count at `frames` (once the promises are made).
     pub(super) fn set(&self, frames: usize) {
         self.frames.store(frames, Ordering::Relaxed);
+    }
+}
+
+/// Takes `n` from `count` if it holds that many (compare-and-swap, lock-free, never below
+/// zero); `false` changes nothing. Relaxed: a count orders nothing else, the frames' own
+/// claims publish them. The one rule of this count and of each guest's own budget.
+#[inline(always)]
+pub fn take_if_there(count: &AtomicUsize, n: usize) -> bool {
+    let mut left = count.load(Ordering::Relaxed);
+    loop {
+        if n > left {
+            return false;
+        }
+        match count.compare_exchange_weak(left, left - n, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return true,
+            Err(now) => left = now,
+        }
     }
 }
 

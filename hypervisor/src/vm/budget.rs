@@ -19,7 +19,7 @@
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::frame::Unpromised;
+use crate::frame::{take_if_there, Unpromised};
 
 /// Frames promised to one guest, drawn so far, and drawn beyond the promise.
 #[derive(Debug)]
@@ -83,17 +83,7 @@ impl MemoryBudget {
     /// caller that may call out.
     #[inline(always)]
     pub fn take_promised(&self, frames: usize) -> bool {
-        // Relaxed: the count orders nothing else; the frame's claim CAS publishes the frame.
-        let mut left = self.left.load(Ordering::Relaxed);
-        loop {
-            if frames > left {
-                return false;
-            }
-            match self.left.compare_exchange_weak(left, left - frames, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return true,
-                Err(now) => left = now,
-            }
-        }
+        take_if_there(&self.left, frames)
     }
 
     #[cold]
