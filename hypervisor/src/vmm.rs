@@ -19,7 +19,9 @@ use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use labyrinth::dt::{GuestConfig, Platform, SharedMem};
 use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
-use labyrinth::stage2::{level_size, Attrs, Declined, Geometry, Stage2, Stage2Error, VmidAllocator};
+use labyrinth::stage2::{
+    level_size, Attrs, Declined, Geometry, PageSlot, Stage2, Stage2Error, VmidAllocator,
+};
 use labyrinth::vm::exit::{self, Outcome};
 use labyrinth::vm::guest::{Boot, VmParts};
 use labyrinth::vm::hypercall;
@@ -865,7 +867,7 @@ fn leave_guest(vcpu: &mut Vcpu) -> ! {
     input_leaves(arch::cpu_index());
     // Before it is out (`wait_to_run`): a reclaim, which resets the budget, waits for that.
     vcpu.vm.budget.untake(vcpu.drop_credit());
-    let stats = core::mem::take(&mut vcpu.stats);
+    let stats = vcpu.take_stats();
     vcpu.vm.totals.lock().add(&stats);
     if HOST_GIC.load(Ordering::Relaxed) {
         arch::gic::vcpu_reset();
@@ -969,16 +971,24 @@ fn release_to<'a>(vm: &'a Vm, freed: &'a mut usize) -> impl FnMut(u64, u64) + 'a
 }
 
 /// The fast path for a guest's synchronous exception, from the arch's vectors with only
-/// x0-x18 and x30 saved in `frame`: a stage-2 translation fault goes to
-/// [`fast_translation_fault`], an HVC to the PSCI query; `false` sends everything else, and
-/// what they decline, to [`guest_trap`] with a full frame.
+/// x0-x18 and x30 saved (in [`fast_frame`], which the paths that need registers load): a
+/// stage-2 translation fault goes to [`fast_translation_fault`], an HVC to the PSCI query;
+/// `false` sends everything else, and what they decline, to [`guest_trap`] with a full frame.
 #[no_mangle]
-extern "C" fn guest_fast(frame: &mut TrapFrame) -> bool {
+extern "C" fn guest_fast() -> bool {
     match arch::fast_trap() {
-        arch::FastTrap::Hvc => fast_hvc(frame),
-        arch::FastTrap::TranslationFault { ipa, esr } => fast_translation_fault(frame, ipa, esr),
+        arch::FastTrap::Hvc => fast_hvc(),
+        arch::FastTrap::TranslationFault { ipa, esr } => fast_translation_fault(ipa, esr),
         arch::FastTrap::Other => false,
     }
+}
+
+/// The registers the fast path's vector entry saved.
+#[inline(always)]
+fn fast_frame() -> &'static mut TrapFrame {
+    // SAFETY: called only from `guest_fast`'s paths (`fast_hvc`, `fast_mmio`: one per trap, and
+    // each calls this once), so this is the one reference to the frame until the trap returns.
+    unsafe { arch::fast_frame() }
 }
 
 /// An access to an emulated device on the fast path: served when the hardware decoded it and
@@ -988,11 +998,12 @@ extern "C" fn guest_fast(frame: &mut TrapFrame) -> bool {
 /// served here with no call; the rest is a tail call. Out of line: inlined, its stack use
 /// costs the fault paths in `guest_fast` a bigger frame (measured: +2 and +5).
 #[inline(never)]
-fn fast_mmio(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa_page: u64, esr: u64) -> bool {
+fn fast_mmio(vcpu: &mut Vcpu, ipa_page: u64, esr: u64) -> bool {
     let Some(a) = labyrinth::vm::trap::mmio_access(esr).filter(|a| arch::FastRegs::holds(a.reg)) else {
         return false;
     };
     let Some(device) = exit::device_at(vcpu.vm, ipa_page | arch::fault_page_offset()) else { return false };
+    let frame = fast_frame();
     if exit::mmio_constant(vcpu, &mut arch::FastRegs(frame), device, a) {
         return true;
     }
@@ -1008,41 +1019,44 @@ fn fast_mmio_device(vcpu: &mut Vcpu, frame: &mut TrapFrame, device: exit::Device
 /// Not inlined: the fault path beside it in `guest_fast` then needs no stack frame of its own
 /// (this is a tail call).
 #[inline(never)]
-fn fast_hvc(frame: &mut TrapFrame) -> bool {
+fn fast_hvc() -> bool {
     let Some(vcpu) = this_vcpu() else { return false };
-    exit::psci_query(vcpu, frame)
+    exit::psci_query(vcpu, fast_frame())
 }
 
-/// A stage-2 translation fault on the fast path: in guest RAM a demand fault, a 4 KiB page
-/// for a guest without block mappings ([`fast_page_fault`]) or [`fast_block_fault`];
-/// elsewhere an MMIO access ([`fast_mmio`]). Every call is in tail position, so this path
-/// needs no stack frame. `false` leaves the trap to the general path (walks, table pages,
-/// pool refills, errors...).
+/// A stage-2 translation fault on the fast path: a page in the vCPU's cached level-3 table
+/// first ([`fast_page_fault`]); elsewhere in guest RAM a block ([`fast_block_fault`]) for a
+/// guest that allows them; outside RAM an MMIO access ([`fast_mmio`]). Every call is in tail
+/// position, so this path needs no stack frame. `false` leaves the trap to the general path
+/// (walks, table pages, pool refills, errors...).
 #[inline(always)]
-fn fast_translation_fault(frame: &mut TrapFrame, ipa_page: u64, esr: u64) -> bool {
+fn fast_translation_fault(ipa_page: u64, esr: u64) -> bool {
     let Some(vcpu) = this_vcpu() else { return false };
+    // A hit is RAM (the cache remembers only tables whose 2 MiB lies wholly in RAM:
+    // `FaultCache::serving`), and no block can go where a level-3 table is: no more checks.
+    if let Some(slot) = vcpu.vm.s2.page_slot(&vcpu.cache, ipa_page) {
+        return fast_page_fault(vcpu, slot);
+    }
     if !vcpu.vm.layout.in_ram(ipa_page) {
-        return fast_mmio(vcpu, frame, ipa_page, esr);
+        return fast_mmio(vcpu, ipa_page, esr);
     }
     if !vcpu.vm.config.no_block_mappings {
         return fast_block_fault(vcpu, ipa_page);
     }
-    fast_page_fault(vcpu, ipa_page)
+    false
 }
 
-/// A 4 KiB page of guest RAM (the caller checked `ipa_page` lies in it) through the vCPU's
-/// cached level-3 table (inlined into both callers: `fast_translation_fault` for guests
-/// without blocks, `fast_block_fault` where a block cannot go): one
-/// budget CAS, one pool pop with its claim CAS, one descriptor CAS. No lock, nothing shared
-/// written but the budget, the pool, the frame's tag and the descriptor.
+/// A 4 KiB page of guest RAM into its free `slot` of the vCPU's cached level-3 table
+/// (inlined into both callers: `fast_translation_fault`, and `block_declined` where a block
+/// cannot go): the page counted from the vCPU's credit, one pool pop with its claim CAS, one
+/// descriptor CAS. No lock, nothing shared written but the pool, the frame's tag and the
+/// descriptor. Not counted here: the credit counts the pages ([`Vcpu::take_stats`]).
 #[inline(always)]
-fn fast_page_fault(vcpu: &mut Vcpu, ipa_page: u64) -> bool {
-    let vm = vcpu.vm;
+fn fast_page_fault<'v>(vcpu: &mut Vcpu<'v>, slot: PageSlot<'v>) -> bool {
     let Some(pool) = vcpu.pool else { return false };
     // Only the cached level-3 table's slots are served here: everything that could fail after
     // the frame is taken (a walk, a table page) is the general path's, so this path makes no
     // call (its caller saved only the caller-saved registers).
-    let Some(slot) = vm.s2.page_slot(&vcpu.cache, ipa_page) else { return false };
     if !vcpu.take_page_without_call() {
         return false;
     }
@@ -1052,10 +1066,7 @@ fn fast_page_fault(vcpu: &mut Vcpu, ipa_page: u64) -> bool {
         return false;
     };
     match slot.install(&mut fast_env(pool), page) {
-        Ok(()) => {
-            vcpu.stats.page_faults += 1;
-            true
-        }
+        Ok(()) => true,
         Err(declined) => {
             // The claim and the reason by value: a tail call, so this path keeps no frame.
             let retry = matches!(declined, Declined::Retry(_));
@@ -1106,14 +1117,14 @@ fn fast_block_fault(vcpu: &mut Vcpu, ipa: u64) -> bool {
     let vm = vcpu.vm;
     let block = ipa & !(BLOCK - 1);
     // Where no block can go (RAM ends inside this 2 MiB, or part of it is mapped already: a
-    // level-3 table is there), a page can, through the cached level-3 table.
-    // The offset in RAM wraps below it: two compares for "the whole 2 MiB lies in RAM".
+    // level-3 table is there, and the caller found it not cached), the general path maps a
+    // page. The offset in RAM wraps below it: two compares for "the whole 2 MiB lies in RAM".
     let off = block.wrapping_sub(vm.layout.ram_base);
     if off >= vm.layout.ram_size || vm.layout.ram_size - off < BLOCK {
-        return fast_page_fault(vcpu, ipa);
+        return false;
     }
     let Some(pool) = vcpu.pool else { return false };
-    let Some(vacant) = vm.s2.block_slot(&vcpu.cache, block) else { return fast_page_fault(vcpu, ipa) };
+    let Some(vacant) = vm.s2.block_slot(&vcpu.cache, block) else { return false };
     // Within the promise only: a draw beyond it is the general path's (a call).
     if !vm.budget.take_promised(BLOCK_FRAMES) {
         return false;
@@ -1172,7 +1183,10 @@ fn block_declined(
             vcpu.stats.lost_races += u64::from(retry);
             retry
         }
-        None => fast_page_fault(vcpu, ipa),
+        None => match vm.s2.page_slot(&vcpu.cache, ipa) {
+            Some(slot) => fast_page_fault(vcpu, slot),
+            None => false,
+        },
     }
 }
 
@@ -1250,7 +1264,7 @@ fn demand_fault(vcpu: &mut Vcpu, frame: &mut TrapFrame, ipa: u64) {
         stop(vcpu, StopCause::OutOfMemory);
     };
     match vm.s2.map_cached(&mut env, &mut vcpu.cache, ipa & !(FRAME_SIZE - 1), pfn.phys(), 3, Attrs::RAM) {
-        Ok(()) => vcpu.stats.page_faults += 1,
+        Ok(()) => {}
         Err(e) => {
             vcpu.untake_pages(1);
             let _ = frames.return_unused_page_atomic(cpu, pfn, owner);
@@ -1471,7 +1485,7 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
         info!("ownership audit after guest {} stopped: {verdict}, {} frames shared", vm.name, audit.shared);
     }
     let mut s = *vm.totals.lock();
-    s.add(&vcpu.stats);
+    s.add(&vcpu.stats());
     let mut line = alloc::string::String::new();
     let _ = write!(
         line,

@@ -17,7 +17,7 @@ pub use aarch64::{
     stage2_hw::HwStage2,
     ticks_per_second, time_now_ticks,
     vcpu::{
-        configure_el2, enter as enter_guest, fast_trap, fault_page_offset, trap_syndrome, FastRegs, FastTrap,
-        Hw,
+        configure_el2, enter as enter_guest, fast_frame, fast_trap, fault_page_offset, trap_syndrome,
+        FastRegs, FastTrap, Hw,
     },
 };

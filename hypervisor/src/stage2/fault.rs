@@ -30,6 +30,10 @@ const NO_BASE: u64 = u64::MAX;
 /// level-2 table of the last 2 MiB, each with the region it covers, and the space's epoch they
 /// were found under. Demand faults come in runs, so most skip the walk. It belongs to the vCPU
 /// (its per-CPU data); the space keeps none for it.
+///
+/// A level-3 table is remembered only when its whole 2 MiB lies in the cache's window (the
+/// guest's RAM, [`FaultCache::serving`]): so a [`Stage2::page_slot`] hit alone tells the fast
+/// path the page is demand-faulted RAM, with no range check of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FaultCache {
     epoch: u64,
@@ -37,6 +41,24 @@ pub struct FaultCache {
     l3: Pfn,
     l2_base: u64,
     l2: Pfn,
+    window: Window,
+}
+
+/// The IPAs `[base, base + size)` whose level-3 tables a cache may remember.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Window {
+    base: u64,
+    size: u64,
+}
+
+impl Window {
+    const ALL: Window = Window { base: 0, size: u64::MAX };
+
+    /// Whether the 2 MiB at `l3_base` (aligned) lies wholly inside.
+    fn holds_l3(self, l3_base: u64) -> bool {
+        let off = l3_base.wrapping_sub(self.base);
+        off < self.size && self.size - off >= level_size(2)
+    }
 }
 
 impl Default for FaultCache {
@@ -46,22 +68,36 @@ impl Default for FaultCache {
 }
 
 impl FaultCache {
-    /// Caches nothing.
+    /// Caches nothing, and may remember a level-3 table anywhere.
     pub const fn new() -> Self {
-        FaultCache { epoch: u64::MAX, l3_base: NO_BASE, l3: Pfn(0), l2_base: NO_BASE, l2: Pfn(0) }
+        Self::within(Window::ALL)
     }
 
-    /// Forgets every table (the vCPU moves to another space, or just to be sure).
+    /// Caches nothing, and remembers only the level-3 tables whose 2 MiB lies wholly in
+    /// `[base, base + size)` (a vCPU's: its guest's RAM).
+    pub const fn serving(base: u64, size: u64) -> Self {
+        Self::within(Window { base, size })
+    }
+
+    const fn within(window: Window) -> Self {
+        FaultCache { epoch: u64::MAX, l3_base: NO_BASE, l3: Pfn(0), l2_base: NO_BASE, l2: Pfn(0), window }
+    }
+
+    /// Forgets every table (the vCPU moves to another space, or just to be sure); keeps its
+    /// window.
     pub fn forget(&mut self) {
-        *self = Self::new();
+        *self = Self::within(self.window);
     }
 
     /// Remembers where a page went, found under `epoch` (read before the walk). A cache found
     /// under another epoch than its other table forgets that one.
     fn remember_page(&mut self, ipa: u64, placed: Placed, epoch: u64) {
         self.resync(epoch);
-        self.l3_base = ipa & !(level_size(2) - 1);
-        self.l3 = placed.table;
+        let l3_base = ipa & !(level_size(2) - 1);
+        if self.window.holds_l3(l3_base) {
+            self.l3_base = l3_base;
+            self.l3 = placed.table;
+        }
         if let Some(l2) = placed.l2 {
             self.l2_base = ipa & !(level_size(1) - 1);
             self.l2 = l2;
@@ -76,7 +112,7 @@ impl FaultCache {
 
     fn resync(&mut self, epoch: u64) {
         if self.epoch != epoch {
-            *self = Self::new();
+            self.forget();
             self.epoch = epoch;
         }
     }

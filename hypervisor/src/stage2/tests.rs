@@ -751,6 +751,40 @@ fn faults_install_through_the_vcpu_cache() {
     clean(&mut env);
 }
 
+// A cache serving a window (a guest's RAM) remembers a level-3 table only when its whole 2 MiB
+// lies inside: so a hit alone says the page is in the window. Forgetting keeps the window.
+#[test]
+fn a_cache_remembers_only_level_3_tables_inside_its_window() {
+    let (mut env, s2) = setup(64);
+    // RAM from 2 MiB above GUEST_RAM to 1.5 MiB into the next 2 MiB.
+    let base = GUEST_RAM + 2 * MIB;
+    let mut cache = FaultCache::serving(base, 3 * MIB + MIB / 2);
+    let p = claim_page(&mut env, 1);
+    s2.fault_page(&mut env, &mut cache, base + 0x3000, p).unwrap();
+    assert!(s2.page_slot(&cache, base + 0x4000).is_some(), "a whole 2 MiB in the window: cached");
+    let tail = base + 2 * MIB;
+    let p = claim_page(&mut env, 1);
+    s2.fault_page(&mut env, &mut cache, tail, p).unwrap();
+    assert!(s2.page_slot(&cache, tail + 0x1000).is_none(), "the window ends in this 2 MiB: not cached");
+    assert!(s2.page_slot(&cache, tail + 0x1f_f000).is_none(), "past the window: never a hit");
+    assert!(cache.agrees(&s2, &env));
+    let p = claim_page(&mut env, 1);
+    s2.fault_page(&mut env, &mut cache, GUEST_RAM, p).unwrap();
+    assert!(s2.page_slot(&cache, GUEST_RAM + 0x1000).is_none(), "below the window: not cached");
+    cache.forget();
+    let p = claim_page(&mut env, 1);
+    s2.fault_page(&mut env, &mut cache, tail + 0x2000, p).unwrap();
+    assert!(s2.page_slot(&cache, tail + 0x1000).is_none(), "forgetting keeps the window");
+    let p = claim_page(&mut env, 1);
+    s2.fault_page(&mut env, &mut cache, base + 0x5000, p).unwrap();
+    assert!(s2.page_slot(&cache, base + 0x6000).is_some());
+    let mut unbounded = FaultCache::new();
+    let p = claim_page(&mut env, 1);
+    s2.fault_page(&mut env, &mut unbounded, tail + 0x3000, p).unwrap();
+    assert!(s2.page_slot(&unbounded, tail + 0x4000).is_some(), "no window: every table");
+    clean(&mut env);
+}
+
 // The block forms: a block goes where nothing is; pages there refuse it (map a page instead),
 // a block there already is a race to retry.
 #[test]

@@ -81,6 +81,8 @@ pub mod host_irq {
 /// A vCPU's counters, added into its guest's report when it leaves the guest.
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stats {
+    /// 4 KiB pages mapped by faults. A vCPU does not count them on its own: its credit does
+    /// (see [`Vcpu::stats`]), so its `stats` field keeps this 0.
     pub page_faults: u64,
     pub block_faults: u64,
     /// Faults that found another vCPU's mapping already installed (the access just retried).
@@ -150,6 +152,9 @@ pub struct Vcpu<'a> {
     /// shared budget [`PAGE_CREDIT_BATCH`] at a time, so most page faults count theirs with a
     /// plain decrement (see [`Vcpu::take_pages`]).
     credit: usize,
+    /// Pages drawn into the credit and not given up since the counters were last taken: less
+    /// the credit, the pages this vCPU's faults mapped. So the fast path counts nothing.
+    drawn: u64,
 }
 
 /// Pages a vCPU draws from its guest's budget at once when its credit runs out. Another
@@ -171,9 +176,25 @@ impl<'a> Vcpu<'a> {
             revoked_logged: 0,
             ptimer: PhysTimer::new(),
             vtimer_held: false,
-            cache: FaultCache::new(),
+            // Only tables wholly in RAM: a cache hit is then a demand fault with no range check.
+            cache: FaultCache::serving(vm.layout.ram_base, vm.layout.ram_size),
             credit: 0,
+            drawn: 0,
         }
+    }
+
+    /// Its counters, with the pages its faults mapped: drawn into the credit, less what the
+    /// credit still holds.
+    pub fn stats(&self) -> Stats {
+        Stats { page_faults: self.drawn - self.credit as u64, ..self.stats }
+    }
+
+    /// Its counters ([`Vcpu::stats`]), now reset to zero.
+    pub fn take_stats(&mut self) -> Stats {
+        let taken = self.stats();
+        self.stats = Stats::default();
+        self.drawn = self.credit as u64;
+        taken
     }
 
     /// Counts `n` guest pages against the guest's promise: from this vCPU's credit (no shared
@@ -190,9 +211,11 @@ impl<'a> Vcpu<'a> {
         let budget = &self.vm.budget;
         if budget.take(missing + PAGE_CREDIT_BATCH) {
             self.credit = PAGE_CREDIT_BATCH;
+            self.drawn += (missing + PAGE_CREDIT_BATCH) as u64;
             true
         } else if budget.take(missing) {
             self.credit = 0;
+            self.drawn += missing as u64;
             true
         } else {
             false
@@ -211,6 +234,7 @@ impl<'a> Vcpu<'a> {
                 return false;
             }
             self.credit = 1 + PAGE_CREDIT_BATCH;
+            self.drawn += 1 + PAGE_CREDIT_BATCH as u64;
         }
         self.credit -= 1;
         true
@@ -226,7 +250,9 @@ impl<'a> Vcpu<'a> {
     /// Pages counted and not used, now given up (they go back to the budget, or the budget is
     /// reset after a reclaim): the vCPU leaves the guest.
     pub fn drop_credit(&mut self) -> usize {
-        core::mem::take(&mut self.credit)
+        let dropped = core::mem::take(&mut self.credit);
+        self.drawn -= dropped as u64;
+        dropped
     }
 
     /// Pages this vCPU holds counted and unused.
@@ -238,9 +264,9 @@ impl<'a> Vcpu<'a> {
     pub fn restart(&mut self) {
         self.ptimer = PhysTimer::new();
         self.vtimer_held = false;
-        self.cache = FaultCache::new();
+        self.cache.forget();
         // Whatever it held was given back when it left, or reset with the guest's budget.
-        self.credit = 0;
+        self.drop_credit();
     }
 }
 
@@ -308,6 +334,30 @@ mod tests {
             "a refusal changes nothing, draws nothing beyond"
         );
         assert!(v.take_pages(1), "the general path takes what is left");
+    }
+
+    #[test]
+    fn the_credit_counts_the_pages_mapped() {
+        let vm = guest();
+        let mut v = Vcpu::new(vm, 0, None);
+        assert!(v.take_pages(1));
+        for _ in 0..20 {
+            assert!(v.take_page_without_call());
+        }
+        assert_eq!(v.stats().page_faults, 21, "across a second batch");
+        v.untake_pages(2);
+        assert_eq!(v.stats().page_faults, 19, "pages not mapped are not counted");
+        v.stats.block_faults = 4;
+        let held = v.credit();
+        assert_eq!(vm.budget.used(), 19 + held, "every page drawn is mapped or held");
+        assert_eq!(v.drop_credit(), held);
+        assert_eq!(v.stats().page_faults, 19, "giving the credit up maps nothing");
+        let taken = v.take_stats();
+        assert_eq!((taken.page_faults, taken.block_faults), (19, 4));
+        assert_eq!(v.stats(), Stats::default(), "taken: back to zero");
+        assert!(v.take_page_without_call());
+        v.restart();
+        assert_eq!(v.take_stats().page_faults, 1, "a restart keeps what was mapped");
     }
 
     #[test]

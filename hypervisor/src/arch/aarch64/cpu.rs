@@ -1,8 +1,12 @@
 //! Per-CPU identity and stacks.
 
-use core::sync::atomic::{AtomicPtr, Ordering};
+use core::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 use aarch64_cpu::registers::{CurrentEL, Readable, ID_AA64MMFR0_EL1, MIDR_EL1, MPIDR_EL1, TPIDR_EL2};
+
+use super::exception::TrapFrame;
+
+const GUEST_FRAME_SIZE: usize = core::mem::size_of::<TrapFrame>();
 
 /// CPUs Labyrinth will bring up; further CPUs in the device tree are left off.
 pub const MAX_CPUS: usize = 8;
@@ -49,20 +53,25 @@ pub fn stack_ranges(cpu: usize) -> [(u64, u64); 2] {
 }
 
 /// One CPU's own record, which `TPIDR_EL2` points at from its first instruction on (set by
-/// `cpu_setup` in `boot`): the one word the fast trap path loads to find its vCPU, and the
-/// CPU's index.
-#[repr(C, align(16))]
+/// `cpu_setup` in `boot`): the one word the fast trap path loads to find its vCPU, the CPU's
+/// index, and where a guest's trap saves its registers.
+#[repr(C, align(32))]
 pub struct CpuLocal {
     /// What the layer above keeps for this CPU (its vCPU), null until it is set.
     local: AtomicPtr<()>,
     index: usize,
+    /// The frame every trap from a guest on this CPU is saved in ([`guest_frame_address`]),
+    /// set with `local`.
+    guest_frame: AtomicU64,
 }
 
 /// The records, by CPU index; `boot`'s `cpu_setup` computes a CPU's from its index and this
 /// size.
 #[no_mangle]
 pub static CPU_LOCAL: [CpuLocal; MAX_CPUS] = {
-    let mut all = [const { CpuLocal { local: AtomicPtr::new(core::ptr::null_mut()), index: 0 } }; MAX_CPUS];
+    let mut all = [const {
+        CpuLocal { local: AtomicPtr::new(core::ptr::null_mut()), index: 0, guest_frame: AtomicU64::new(0) }
+    }; MAX_CPUS];
     let mut i = 0;
     while i < MAX_CPUS {
         all[i].index = i;
@@ -90,8 +99,21 @@ pub fn cpu_index() -> usize {
 /// reads it; Release: what `p` points at is written first).
 pub fn set_cpu_local(cpu: usize, p: *mut ()) {
     if let Some(c) = CPU_LOCAL.get(cpu) {
+        c.guest_frame.store(guest_frame_address(cpu), Ordering::Relaxed);
         c.local.store(p, Ordering::Release);
     }
+}
+
+/// Where CPU `cpu` saves a guest's registers on a trap: the top of its exception stack, where
+/// `SP_EL2` stands whenever a guest runs on it (the stack is empty then).
+pub fn guest_frame_address(cpu: usize) -> u64 {
+    core::ptr::addr_of!(STACKS) as u64 + (cpu * STACKS_STRIDE + EXCEPTION_STACK_TOP - GUEST_FRAME_SIZE) as u64
+}
+
+/// This CPU's [`guest_frame_address`], for the fast trap path (set with its own pointer).
+#[inline(always)]
+pub fn guest_frame() -> u64 {
+    this_cpu().guest_frame.load(Ordering::Relaxed)
 }
 
 /// This CPU's own pointer ([`set_cpu_local`]), null if none: one system-register read and

@@ -30,7 +30,7 @@ use aarch64_cpu::registers::{
 };
 use labyrinth::stage2::Geometry;
 
-use super::cpu::{cpu_index, EXCEPTION_STACK_TOP, STACKS, STACKS_STRIDE};
+use super::cpu::{cpu_index, guest_frame, guest_frame_address};
 use super::exception::TrapFrame;
 use super::{gic, timer};
 use labyrinth::vm::vcpu::{GuestRegs, VcpuHw};
@@ -190,10 +190,7 @@ fn inject_undefined(frame: &mut TrapFrame) {
 /// thread stack is left behind for good; from here on this CPU runs in trap handlers.
 pub fn enter(pc: u64, x0: u64) -> ! {
     reset_el1();
-    let top = core::ptr::addr_of!(STACKS) as u64
-        + (cpu_index() * STACKS_STRIDE) as u64
-        + EXCEPTION_STACK_TOP as u64;
-    let frame_at = top - core::mem::size_of::<TrapFrame>() as u64;
+    let frame_at = guest_frame_address(cpu_index());
     let frame = TrapFrame::entry(pc, x0, SPSR_EL1H_MASKED);
     // SAFETY: `frame_at` is the top of this CPU's exception stack, mapped and unused (this CPU
     // is in thread mode, so no exception frame lives there); `enter_guest` makes it SP_EL2.
@@ -233,6 +230,22 @@ pub fn fast_trap() -> FastTrap {
         return FastTrap::Other;
     }
     FastTrap::TranslationFault { ipa: ((HPFAR_EL2.get() >> 4) & ((1 << 40) - 1)) << 12, esr }
+}
+
+/// The registers the vector entry saved for the fast path (`guest_fast` takes no argument: its
+/// demand faults do not need them, so no instruction passes them).
+///
+/// # Safety
+/// Only on the fast path, at most once per trap: the frame is this CPU's guest frame
+/// (`cpu::guest_frame_address`, where `SP_EL2` stands while a guest runs), and the returned
+/// reference must be the only one to it until the fast path returns.
+#[inline(always)]
+pub unsafe fn fast_frame() -> &'static mut TrapFrame {
+    // SAFETY: a trap from a guest ran `guest_sync_fast`, which saved x0-x18 and x30 in the frame
+    // at this CPU's exception-stack top, the address `set_cpu_local` recorded before the guest
+    // ran (a static, mapped); the caller holds no other reference to it, and interrupts are
+    // masked at EL2, so nothing else on this CPU touches it meanwhile.
+    unsafe { &mut *(guest_frame() as *mut TrapFrame) }
 }
 
 /// The byte offset in its page of the address that faulted (`FAR_EL2`'s low 12 bits).
