@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test Labyrinth has, in one command (the README's; .ci/run calls exactly this):
-#   1. host unit, property, stress and regression tests of the portable core (cargo test),
+#   1. host unit, property, stress and regression tests of the portable core and of the guest
+#      kernels' runtime (cargo test),
 #      and the loom model checks of the lock-free paths (frame pools, the vCPU lifecycle, PSCI
 #      power states, the vGIC's SGI mailboxes),
 #   2. QEMU boot tests that assert on the console (scripts/boot_tests.py), with Labyrinth's
@@ -47,6 +48,8 @@ no_warnings() {
 
 step "formatting and lints (rustfmt, clippy)" timeout 1200 scripts/lint.sh
 step "host tests" timeout 1200 cargo test --workspace
+# The guest kernels' runtime (its own workspace): bootargs, ranges, device-tree reading.
+step "guest runtime host tests" timeout 600 bash -c 'cd guest-images && cargo test -q -p guest-rt'
 # Criterion runs each benchmark once in test mode: a benchmark that no longer builds or runs fails.
 step "benchmarks, once each" timeout 600 cargo test -q -p labyrinth --benches
 step "loom model checks (frame pools, stage-2 installs, vCPU lifecycle, PSCI, vGIC mailboxes)" env RUSTFLAGS="--cfg loom" \

@@ -99,6 +99,21 @@ impl BootInfo {
         Bootargs(core::str::from_utf8(&self.bootargs[..self.bootargs_len]).unwrap_or(""))
     }
 
+    /// Guest RAM no one uses, in whole pages: without `image` (and everything below it), the
+    /// device tree and the reserved ranges.
+    pub fn free_ram(&self, image: Range) -> RangeSet<16> {
+        let mut free = RangeSet::new();
+        for r in self.memory.as_slice() {
+            free.add(r.shrink_to(crate::PAGE));
+        }
+        free.subtract(Range::new(0, image.end).grow_to(crate::PAGE));
+        free.subtract(self.dtb.grow_to(crate::PAGE));
+        for r in self.reserved.as_slice() {
+            free.subtract(r.grow_to(crate::PAGE));
+        }
+        free
+    }
+
     /// From the lowest RAM address to the highest.
     pub fn ram_span(&self) -> Range {
         let m = self.memory.as_slice();
@@ -278,6 +293,19 @@ mod tests {
         assert_eq!(info.memory.as_slice(), &[Range::new(0x4000_0000, 0x4400_0000)]);
         assert_eq!(info.ram_span(), Range::new(0x4000_0000, 0x4400_0000));
         assert!(info.reserved.is_empty());
+        let mut ram = read_blob(QEMU_RESET);
+        ram.dtb = Range::new(0x4300_0100, 0x4300_2000);
+        ram.reserved.add(Range::new(0x4200_0000, 0x4200_0800));
+        let free = ram.free_ram(Range::new(0x4008_0000, 0x4010_0010));
+        assert_eq!(
+            free.as_slice(),
+            &[
+                Range::new(0x4010_1000, 0x4200_0000),
+                Range::new(0x4200_1000, 0x4300_0000),
+                Range::new(0x4300_2000, 0x4400_0000)
+            ],
+            "pages clear of the image and all below it, the reserved range and the device tree"
+        );
         assert_eq!(info.reset_count, 1);
         assert_eq!(info.bootargs().0, "stress.reset stress.seed=5");
         assert!(!info.bootargs_truncated);

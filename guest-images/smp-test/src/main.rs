@@ -19,6 +19,9 @@
 //!   Last, because a hypervisor that accepts a wild entry leaves that CPU running it.
 //! - `sysoff-secondary`: CPU 1 calls SYSTEM_OFF while CPU 0 spins: the guest must stop; CPU 0
 //!   reports if it is still running after the timeout. Ends the run.
+//! - `trap-scaling` (a benchmark, for multi-threaded TCG): loops of HVCs, of emulated MMIO
+//!   reads, of first touches of fresh pages (a 4 KiB demand fault each, in a guest without block
+//!   mappings) and of no trap, each alone on CPU 0 and then on CPUs 0 and 1 at once.
 //!
 //! Secondaries wait for commands from CPU 0 in a mailbox (one command word per CPU written by
 //! CPU 0, one acknowledgement word written by that CPU). At the end every secondary calls
@@ -31,7 +34,7 @@ use guest_rt::bootargs::parse_u64;
 use guest_rt::dt::BootInfo;
 use guest_rt::smp::{self, dsb, sev, this_cpu, wait_until};
 use guest_rt::timer::{self, now, ticks_to_ns_per};
-use guest_rt::{exception, gic, println, psci, Global, PerCpu};
+use guest_rt::{exception, gic, println, psci, Global, PerCpu, PAGE};
 
 guest_rt::entry!(main);
 
@@ -44,6 +47,8 @@ const PINGS: u64 = 100;
 const DEFAULT_ROUNDS: u64 = 20;
 /// Timed SGIs of the `sgi-rtt` case (to self, and round trips).
 const DEFAULT_RTT_ROUNDS: u64 = 200;
+/// Pages each `trap-scaling` fault loop touches (three loops' worth must be free).
+const DEFAULT_FAULT_PAGES: u64 = 8192;
 
 // Mailbox commands (low byte of CMD; the sequence number above it).
 const OP_RACE: u64 = 1;
@@ -59,6 +64,8 @@ static CMD: PerCpu<u64> = PerCpu::new(0);
 /// `trap-scaling`: what the loop does (0: HVCs, 1: no trap) and how many times (CPU 0 writes).
 static STORM_KIND: Global<u64> = Global::new(0);
 static STORM_N: Global<u64> = Global::new(0);
+/// `trap-scaling`'s fault loop: the first of the fresh pages each CPU touches (CPU 0 writes).
+static STORM_PAGES: PerCpu<u64> = PerCpu::new(0);
 /// Each CPU's ticks for its last loop.
 static STORM_TICKS: PerCpu<u64> = PerCpu::new(0);
 /// The last sequence number each CPU finished (written by that CPU).
@@ -164,7 +171,7 @@ fn secondary_main(me: usize) -> ! {
                 println!("smp-test: sysoff-secondary FAILED: SYSTEM_OFF returned on cpu {}", me);
             }
             OP_ECHO => echo(me, seen),
-            OP_STORM => STORM_TICKS.set(me, storm(STORM_KIND.get(), STORM_N.get())),
+            OP_STORM => STORM_TICKS.set(me, storm(STORM_KIND.get(), STORM_N.get(), STORM_PAGES.get(me))),
             OP_CPU_OFF => {
                 gic::irqs_off();
                 ACK.set(me, seen);
@@ -758,13 +765,17 @@ fn case_cpu_on(boot: &BootInfo) {
 
 /// `n` PSCI_VERSION calls through HVC (`kind` 0: a trap each), `n` loads of the UART's flag
 /// register (`kind` 2: a stage-2 data abort each, emulated on the fast path), or `n` rounds
-/// of a loop that traps never (`kind` 1); its ticks.
+/// of a loop that traps never (`kind` 1), or first touches of `n` fresh pages from `pages` on
+/// (`kind` 3: a demand fault each); its ticks.
 #[inline(never)]
-fn storm(kind: u64, n: u64) -> u64 {
+fn storm(kind: u64, n: u64, pages: u64) -> u64 {
     let t0 = now();
     for i in 0..n {
         if kind == 0 {
             psci::version();
+        } else if kind == 3 {
+            // SAFETY: a page of free guest RAM set aside for this CPU's loop (`case_trap_scaling`).
+            unsafe { core::ptr::write_volatile((pages + i * PAGE) as *mut u64, i) };
         } else if kind == 2 {
             // SAFETY: the emulated PL011's flag register, a read without side effects.
             core::hint::black_box(unsafe {
@@ -784,17 +795,27 @@ fn storm(kind: u64, n: u64) -> u64 {
 /// Wall-clock scaling of traps (multi-threaded TCG, no -icount): each loop alone on CPU 0, then
 /// on CPUs 0 and 1 at once. A loop that traps and scales worse than one that does not points at
 /// what a trap costs the host (QEMU), not at the guest's work.
-fn case_trap_scaling(n: u64) {
+fn case_trap_scaling(boot: &BootInfo, n: u64, fault_pages: u64) {
     if smp::cpu_count() < 2 || !ensure_on(1) {
         println!("smp-test: trap-scaling FAILED: needs cpu 1 running");
         return;
     }
-    for (kind, name) in [(0, "hvc"), (2, "mmio-abort"), (1, "no-trap")] {
+    // Three slices of fresh pages: CPU 0's alone, then CPU 0's and CPU 1's together.
+    let free = boot.free_ram(guest_rt::boot::image());
+    let Some(room) = free.as_slice().iter().max_by_key(|r| r.len()).copied() else {
+        println!("smp-test: trap-scaling FAILED: no free RAM");
+        return;
+    };
+    let fault_pages = fault_pages.min(room.len() / PAGE / 3);
+    let slice = |k: u64| room.start + k * fault_pages * PAGE;
+    for (kind, name) in [(0, "hvc"), (2, "mmio-abort"), (3, "fault-4k"), (1, "no-trap")] {
+        let n = if kind == 3 { fault_pages } else { n };
         STORM_KIND.set(kind);
         STORM_N.set(n);
-        let solo = storm(kind, n);
+        STORM_PAGES.set(1, slice(2));
+        let solo = storm(kind, n, slice(0));
         let seq = post(1, OP_STORM);
-        let together = storm(kind, n);
+        let together = storm(kind, n, slice(1));
         if !wait_ack(1, seq) {
             println!("smp-test: trap-scaling FAILED: cpu 1 did not finish its loop");
             return;
@@ -877,9 +898,11 @@ fn main(boot: &BootInfo) -> ! {
             "race" => case_race(args.value("smptest.rounds").and_then(parse_u64).unwrap_or(DEFAULT_ROUNDS)),
             "cpu-on" => case_cpu_on(boot),
             "sysoff-secondary" => case_sysoff_secondary(),
-            "trap-scaling" => {
-                case_trap_scaling(args.value("smptest.storm").and_then(parse_u64).unwrap_or(20_000))
-            }
+            "trap-scaling" => case_trap_scaling(
+                boot,
+                args.value("smptest.storm").and_then(parse_u64).unwrap_or(20_000),
+                args.value("smptest.fault-pages").and_then(parse_u64).unwrap_or(DEFAULT_FAULT_PAGES),
+            ),
             "timer" | "sgi" | "sgi-rtt" => {}
             other => println!("smp-test: unknown case \"{}\" ignored", other),
         }

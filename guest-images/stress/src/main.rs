@@ -317,16 +317,7 @@ fn main(boot: &BootInfo) -> ! {
         seed
     );
 
-    // Free RAM: above the image, without the device tree and the reserved ranges.
-    let mut free: RangeSet<16> = RangeSet::new();
-    for r in boot.memory.as_slice() {
-        free.add(r.shrink_to(PAGE));
-    }
-    free.subtract(Range::new(0, align_up(image.end, PAGE)));
-    free.subtract(boot.dtb.grow_to(PAGE));
-    for r in boot.reserved.as_slice() {
-        free.subtract(r.grow_to(PAGE));
-    }
+    let mut free = boot.free_ram(image);
 
     // stress.reset: the first free page holds the marker and is left out of the passes.
     let mut marker_page = None;
