@@ -14,6 +14,49 @@ register_bitfields! {u64,
     ]
 }
 
+register_bitfields! {u64,
+    /// The ISS of an abort (EC 0x20, 0x21, 0x24, 0x25) as far as Labyrinth reads it; the fields
+    /// from WnR up describe data aborts only.
+    pub ABORT_ISS [
+        /// The fault status code (DFSC/IFSC).
+        FSC OFFSET(0) NUMBITS(6) [],
+        /// Write not read.
+        WNR OFFSET(6) NUMBITS(1) [],
+        /// FAR is not valid.
+        FNV OFFSET(10) NUMBITS(1) [],
+        /// The register is 64-bit (else 32-bit).
+        SF OFFSET(15) NUMBITS(1) [],
+        /// The general-purpose register transferred.
+        SRT OFFSET(16) NUMBITS(5) [],
+        /// A load sign-extends.
+        SSE OFFSET(21) NUMBITS(1) [],
+        /// Access size: 1 << SAS bytes.
+        SAS OFFSET(22) NUMBITS(2) [],
+        /// SAS, SSE, SRT, SF and AR describe the access.
+        ISV OFFSET(24) NUMBITS(1) []
+    ],
+    /// `HPFAR_EL2` as far as Labyrinth reads it (IPAs of up to 52 bits).
+    pub HPFAR [
+        /// The faulting IPA's bits 51:12.
+        FIPA OFFSET(4) NUMBITS(40) []
+    ]
+}
+
+register_bitfields! {u32,
+    /// The ISS of a trapped MSR, MRS or system instruction (EC 0x18).
+    pub SYSREG_ISS [
+        /// 1: a read (MRS), 0: a write (MSR) or a system instruction.
+        READ OFFSET(0) NUMBITS(1) [],
+        CRM OFFSET(1) NUMBITS(4) [],
+        /// The general-purpose register.
+        RT OFFSET(5) NUMBITS(5) [],
+        CRN OFFSET(10) NUMBITS(4) [],
+        OP1 OFFSET(14) NUMBITS(3) [],
+        OP2 OFFSET(17) NUMBITS(3) [],
+        OP0 OFFSET(20) NUMBITS(2) []
+    ]
+}
+
 /// A syndrome value with accessors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Syndrome(pub u64);

@@ -2,7 +2,12 @@
 //! and, for an MMIO access the hardware described (ISV = 1), its size, direction and register.
 //! Pure functions over register values: no policy here (see `dispatch`).
 
-use crate::esr::Syndrome;
+use tock_registers::LocalRegisterCopy;
+
+use crate::esr::{Syndrome, ABORT_ISS, HPFAR, SYSREG_ISS};
+
+type AbortIss = LocalRegisterCopy<u64, ABORT_ISS::Register>;
+type SysRegIss = LocalRegisterCopy<u32, SYSREG_ISS::Register>;
 
 /// An MMIO access as the syndrome describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,16 +61,34 @@ fn hpfar_valid(fsc: u8) -> bool {
     matches!(fsc, 0x04..=0x0b)
 }
 
+/// The fields of a trapped system register access that name the register (op0, op1, CRn, CRm,
+/// op2), without the direction and the general-purpose register: `GuestTrap::SysReg`'s
+/// `encoding`.
+const SYSREG_NAME: u32 = {
+    use SYSREG_ISS::*;
+    (OP0.mask << OP0.shift)
+        | (OP2.mask << OP2.shift)
+        | (OP1.mask << OP1.shift)
+        | (CRN.mask << CRN.shift)
+        | (CRM.mask << CRM.shift)
+};
+
+/// `(op0, op1, CRn, CRm, op2)` of a `GuestTrap::SysReg` encoding.
+fn sysreg_name(encoding: u32) -> (u32, u32, u32, u32, u32) {
+    let r = SysRegIss::new(encoding);
+    (
+        r.read(SYSREG_ISS::OP0),
+        r.read(SYSREG_ISS::OP1),
+        r.read(SYSREG_ISS::CRN),
+        r.read(SYSREG_ISS::CRM),
+        r.read(SYSREG_ISS::OP2),
+    )
+}
+
 /// Whether a trapped system instruction (`GuestTrap::SysReg` encoding) is a data-cache
 /// maintenance by set/way (DC ISW, DC CSW, DC CISW), which `HCR_EL2.TSW` traps.
 pub fn is_dc_set_way(encoding: u32) -> bool {
-    let (op0, op2, op1, crn, crm) = (
-        (encoding >> 20) & 3,
-        (encoding >> 17) & 7,
-        (encoding >> 14) & 7,
-        (encoding >> 10) & 0xf,
-        (encoding >> 1) & 0xf,
-    );
+    let (op0, op1, crn, crm, op2) = sysreg_name(encoding);
     op0 == 1 && op1 == 0 && crn == 7 && op2 == 2 && matches!(crm, 6 | 10 | 14)
 }
 
@@ -73,13 +96,7 @@ pub fn is_dc_set_way(encoding: u32) -> bool {
 /// generation registers, `ICC_SGI1R_EL1`, `ICC_ASGI1R_EL1`, `ICC_SGI0R_EL1` (op0 3, op1 0,
 /// CRn 12, CRm 11, op2 5/6/7), which trap to EL2 when `HCR_EL2.IMO`/`FMO` are set.
 pub fn is_gic_sgi_register(encoding: u32) -> bool {
-    let (op0, op2, op1, crn, crm) = (
-        (encoding >> 20) & 3,
-        (encoding >> 17) & 7,
-        (encoding >> 14) & 7,
-        (encoding >> 10) & 0xf,
-        (encoding >> 1) & 0xf,
-    );
+    let (op0, op1, crn, crm, op2) = sysreg_name(encoding);
     op0 == 3 && op1 == 0 && crn == 12 && crm == 11 && matches!(op2, 5..=7)
 }
 
@@ -87,13 +104,13 @@ pub fn is_gic_sgi_register(encoding: u32) -> bool {
 /// FAR is valid (FnV = 0). Data aborts only: the caller checks the class.
 #[inline(always)]
 pub fn mmio_access(esr: u64) -> Option<MmioAccess> {
-    let iss = esr & 0x1ff_ffff;
-    (iss & (1 << 24) != 0 && iss & (1 << 10) == 0).then(|| MmioAccess {
-        size: 1 << ((iss >> 22) & 3),
-        write: iss & (1 << 6) != 0,
-        reg: ((iss >> 16) & 0x1f) as u8,
-        sign_extend: iss & (1 << 21) != 0,
-        sixty_four: iss & (1 << 15) != 0,
+    let iss = AbortIss::new(esr);
+    (iss.is_set(ABORT_ISS::ISV) && !iss.is_set(ABORT_ISS::FNV)).then(|| MmioAccess {
+        size: 1 << iss.read(ABORT_ISS::SAS),
+        write: iss.is_set(ABORT_ISS::WNR),
+        reg: iss.read(ABORT_ISS::SRT) as u8,
+        sign_extend: iss.is_set(ABORT_ISS::SSE),
+        sixty_four: iss.is_set(ABORT_ISS::SF),
     })
 }
 
@@ -103,21 +120,25 @@ pub fn decode(esr: u64, far: u64, hpfar: u64) -> GuestTrap {
     match s.class() {
         0x20 | 0x24 => {
             let instruction = s.class() == 0x20;
-            let fsc = (iss & 0x3f) as u8;
-            let fnv = iss & (1 << 10) != 0;
-            let ipa =
-                (hpfar_valid(fsc) && !fnv).then_some(((hpfar >> 4) & ((1 << 40) - 1)) << 12 | (far & 0xfff));
-            let write = !instruction && iss & (1 << 6) != 0;
+            let abort = AbortIss::new(esr);
+            let fsc = abort.read(ABORT_ISS::FSC) as u8;
+            let ipa = (hpfar_valid(fsc) && !abort.is_set(ABORT_ISS::FNV)).then(|| {
+                LocalRegisterCopy::<u64, HPFAR::Register>::new(hpfar).read(HPFAR::FIPA) << 12 | (far & 0xfff)
+            });
+            let write = !instruction && abort.is_set(ABORT_ISS::WNR);
             let access = if instruction { None } else { mmio_access(esr) };
             GuestTrap::Abort { instruction, ipa, fsc, write, access }
         }
         0x16 => GuestTrap::Hvc { imm: iss as u16 },
         0x17 => GuestTrap::Smc { imm: iss as u16 },
-        0x18 => GuestTrap::SysReg {
-            read: iss & 1 != 0,
-            reg: ((iss >> 5) & 0x1f) as u8,
-            encoding: iss & 0x3f_fc1e,
-        },
+        0x18 => {
+            let r = SysRegIss::new(iss);
+            GuestTrap::SysReg {
+                read: r.is_set(SYSREG_ISS::READ),
+                reg: r.read(SYSREG_ISS::RT) as u8,
+                encoding: iss & SYSREG_NAME,
+            }
+        }
         class => GuestTrap::Other { class },
     }
 }
@@ -182,6 +203,19 @@ mod tests {
                 access: None
             }
         );
+    }
+
+    #[test]
+    fn a_system_register_is_named_by_op0_op1_crn_crm_op2() {
+        // ISS bits 21:10 and 4:1: everything but Rt (9:5) and the direction (0).
+        assert_eq!(SYSREG_NAME, 0x3f_fc1e);
+        // MRS x7, ICC_SGI1R_EL1 (op0 3, op1 0, CRn 12, CRm 11, op2 5).
+        let iss = (3 << 20) | (5 << 17) | (12 << 10) | (7 << 5) | (11 << 1) | 1;
+        let GuestTrap::SysReg { read: true, reg: 7, encoding } = decode((0x18 << 26) | iss, 0, 0) else {
+            panic!()
+        };
+        assert!(is_gic_sgi_register(encoding));
+        assert_eq!(encoding, (iss & !((0x1f << 5) | 1)) as u32);
     }
 
     #[test]
