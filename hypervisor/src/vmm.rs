@@ -18,7 +18,7 @@ use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use labyrinth::dt::{GuestConfig, Platform, SharedMem};
-use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
+use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, Promise, VmId, BLOCK_FRAMES, FRAME_SIZE};
 use labyrinth::stage2::{
     level_size, Attrs, Declined, Geometry, PageSlot, Stage2, Stage2Error, VmidAllocator,
 };
@@ -188,7 +188,7 @@ pub fn create_all(
         let gone = shm_detach(vm, &vms);
         destroy(vm);
         shm_release(vm, gone);
-        frames().uncommit(vm.budget.promised());
+        vm.budget.withdraw(frames());
         // Its CPUs run no guest now: their pools' frames go back for the others.
         retire_cpus(frames_mgr, vm.first_cpu..vm.first_cpu + vm.vcpus);
     }
@@ -400,13 +400,13 @@ fn share_regions(
             };
             refuse(r, k, refused);
         };
-        let Some((list, promised)) = share_frames(pages + tables, pages, owner, cpu) else {
+        let Some((list, promise)) = share_frames(pages + tables, pages, owner, cpu) else {
             for &&(k, s) in &users {
                 refuse_user(k, &s, ShmProblem::OutOfMemory, &mut refused);
             }
             continue;
         };
-        let mut live = LiveRegion { id: region.id, owner, frames: list, promised, views: Vec::new() };
+        let mut live = LiveRegion { id: region.id, owner, frames: list, promise, views: Vec::new() };
         let mut owner_refused = false;
         for &&(k, s) in &users {
             let Some(i) = built[k] else { continue };
@@ -464,10 +464,10 @@ fn share_regions(
 
 /// `pages` frames tagged shared-owned by `owner`, allocated one by one on CPU `cpu`, after a
 /// promise of `promise` frames; `None` (nothing kept, nothing promised) if either fails.
-fn share_frames(promise: usize, pages: usize, owner: VmId, cpu: usize) -> Option<(Vec<Pfn>, usize)> {
-    let promised = frames().commit(promise);
+fn share_frames(wanted: usize, pages: usize, owner: VmId, cpu: usize) -> Option<(Vec<Pfn>, Promise)> {
+    let promise = frames().commit(wanted);
     let mut list = Vec::with_capacity(pages);
-    let ok = promised == promise
+    let ok = promise.frames() == wanted
         && (0..pages).all(|_| match alloc_page(cpu, Owner::guest(owner)) {
             Some(pfn) => match frames().share(pfn, 1, owner) {
                 Ok(()) => {
@@ -483,10 +483,11 @@ fn share_frames(promise: usize, pages: usize, owner: VmId, cpu: usize) -> Option
             None => false,
         });
     if ok {
-        return Some((list, promised));
+        return Some((list, promise));
     }
-    release_shared(&LiveRegion { id: "", owner, frames: list, promised, views: Vec::new() });
-    frames().uncommit(promised);
+    let region = LiveRegion { id: "", owner, frames: list, promise, views: Vec::new() };
+    release_shared(&region);
+    frames().withdraw(&region.promise);
     None
 }
 
@@ -563,9 +564,8 @@ fn shm_release(vm: &Vm, gone: Vec<Departure<'static>>) -> bool {
     for d in gone {
         let region = d.region;
         let n = release_shared(&region);
-        frames().uncommit(region.promised);
         // Its frames and the table pages that mapped it are free: anyone may draw them now.
-        frames().unpromised().give(region.promised);
+        frames().withdraw(&region.promise);
         let after = if d.owner_left { "its owner" } else { "its last user" };
         info!(
             "shared memory \"{}\": released ({n} frames) after {after}, guest {}, stopped",
@@ -624,14 +624,14 @@ fn build_inner(
     let id = VmId::new(first_cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
     let budget = promise_memory(cfg, &layout, geo)?;
     let Some(vmid) = VMIDS.lock().alloc() else {
-        frames().uncommit(budget.promised());
+        budget.withdraw(frames());
         return Err(format!("no VMID left"));
     };
     let mut env = arch::HwStage2 { frames: frames(), cpu: first_cpu, vttbr: 0 };
     let s2 = match Stage2::new(&mut env, id, vmid, geo) {
         Ok(s2) => s2,
         Err(e) => {
-            frames().uncommit(budget.promised());
+            budget.withdraw(frames());
             return Err(format!("no stage-2 root table: {e}"));
         }
     };
@@ -640,7 +640,7 @@ fn build_inner(
     let loaded = load(&vm, &vm.boot.lock(), first_cpu);
     if let Err(e) = loaded {
         destroy(&vm);
-        frames().uncommit(vm.budget.promised());
+        vm.budget.withdraw(frames());
         return Err(format!("loading: {e}"));
     }
     Ok(vm)
@@ -665,12 +665,15 @@ fn promise_memory(
     // race nor another vCPU's credit runs a covered guest out of memory.
     let unit = if cfg.no_block_mappings { 1 } else { BLOCK_FRAMES };
     let in_flight = (cfg.cpus as usize).saturating_sub(1) * (unit + PAGE_CREDIT_BATCH);
-    let promised = frames().commit(pages + in_flight + tables);
-    let Some(budget) = MemoryBudget::new(promised, tables, frames().unpromised()) else {
-        frames().uncommit(promised);
-        return Err(alloc::format!(
-            "no host memory left to promise it ({promised} frames, {tables} needed for its tables alone)"
-        ));
+    let budget = match MemoryBudget::new(frames().commit(pages + in_flight + tables), tables, frames().unpromised()) {
+        Ok(budget) => budget,
+        Err(promise) => {
+            frames().withdraw(&promise);
+            return Err(alloc::format!(
+                "no host memory left to promise it ({} frames, {tables} needed for its tables alone)",
+                promise.frames()
+            ));
+        }
     };
     if budget.pages() < ram_pages {
         warn!(
@@ -1476,8 +1479,7 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
         let boot = vm.boot.lock();
         (boot.resets, boot.frames_returned)
     };
-    frames().uncommit(vm.budget.promised());
-    vm.budget.withdrawn();
+    vm.budget.withdraw(frames());
     let audit = frames().audit(None);
     let left = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory + g.page_tables);
     if audit.shared > 0 || released {

@@ -22,7 +22,7 @@ use super::vpl011::{VPl011, LINE_MAX};
 use super::vtimer::{self, PhysTimerReg};
 use crate::dt::{GuestConfig, Module, ModuleKind, Region};
 use crate::esr::Syndrome;
-use crate::frame::{Unpromised, VmId};
+use crate::frame::{Promise, Unpromised, VmId};
 use crate::stage2::model::ModelEnv;
 use crate::stage2::{Geometry, Stage2};
 
@@ -546,7 +546,7 @@ pub fn test_guest(vcpus: u32, gic: bool) -> Vm {
         first_cpu: 4,
         s2,
         dtb: Vec::new(),
-        budget: MemoryBudget::new(100, 10, &NOTHING_UNPROMISED).unwrap(),
+        budget: MemoryBudget::new(Promise::unbacked(100), 10, &NOTHING_UNPROMISED).unwrap(),
     };
     let vm = Vm::new(parts).expect("a well-formed test guest");
     assert!(vm.boot_vcpu0());

@@ -21,7 +21,7 @@ use core::fmt;
 use super::layout::{RAM_BASE, UART_BASE, UART_SIZE};
 use super::vgic::GICD_BASE;
 use crate::dt::{GuestConfig, Region, SharedMem, ShmRole, MAX_SHARED};
-use crate::frame::{Pfn, VmId, FRAME_SIZE};
+use crate::frame::{Pfn, Promise, VmId, FRAME_SIZE};
 use crate::stage2::{Attrs, Stage2, Stage2Env, Stage2Error};
 
 /// Distinct shared regions on the machine.
@@ -313,13 +313,13 @@ pub struct View {
 }
 
 /// A region that exists: its frames (tagged shared-owned by `owner`), the frames promised for
-/// it, and the guests still using it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// it (withdrawn once its frames are released), and the guests still using it.
+#[derive(Debug)]
 pub struct LiveRegion<'a> {
     pub id: &'a str,
     pub owner: VmId,
     pub frames: Vec<Pfn>,
-    pub promised: usize,
+    pub promise: Promise,
     pub views: Vec<View>,
 }
 
@@ -346,7 +346,7 @@ impl LiveRegion<'_> {
 }
 
 /// A region that left the registry when a guest left it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Departure<'a> {
     /// Its `views` are the ones still there: none when its last user left; when its owner
     /// left, the borrowers' it is taken from (revoked).
@@ -766,7 +766,7 @@ mod tests {
             id,
             owner: vm(owner),
             frames: frames.iter().map(|&f| Pfn(f)).collect(),
-            promised: frames.len(),
+            promise: Promise::unbacked(frames.len()),
             views: users
                 .iter()
                 .map(|&u| View { vm: vm(u), guest_addr: AT, owner: u == owner, mapped: true })
