@@ -509,8 +509,9 @@ pub fn map_region(
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::dt::{FixedList, Module, ModuleKind, Region};
+    use crate::dt::Region;
     use crate::frame::FrameState;
+    use crate::vm::exercise::guest_config as guest;
     use crate::stage2::model::ModelEnv;
     use crate::stage2::Geometry;
 
@@ -537,28 +538,6 @@ mod tests {
     /// Each guest's refusal reason, if any.
     fn problems<'a>(verdicts: &[Option<ShmRefusal<'a>>]) -> Vec<Option<ShmProblem<'a>>> {
         verdicts.iter().map(|v| v.map(|r| r.problem)).collect()
-    }
-
-    fn guest(name: &'static str, mib: u64, shared: &[SharedMem<'static>]) -> GuestConfig<'static> {
-        let kernel =
-            Module { kind: ModuleKind::Kernel, region: Region::new(0x5000_0000, 0x1000).unwrap(), node: "k" };
-        let mut list = FixedList::filled(SharedMem::NONE);
-        for s in shared {
-            list.push(*s).unwrap();
-        }
-        GuestConfig {
-            name,
-            memory_kib: mib * 1024,
-            cpus: 1,
-            kernel,
-            ramdisk: None,
-            device_tree: None,
-            bootargs: None,
-            no_block_mappings: false,
-            guaranteed_kib: None,
-            shared: list,
-            virtual_gic: false,
-        }
     }
 
     const AT: u64 = 0x1000_0000;
