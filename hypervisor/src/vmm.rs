@@ -18,7 +18,9 @@ use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use labyrinth::dt::{GuestConfig, Platform};
-use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, Promise, VmId, BLOCK_FRAMES, FRAME_SIZE};
+use labyrinth::frame::{
+    AtomicError, CpuFrames, FrameManager, Owner, Pfn, Promise, VmId, BLOCK_FRAMES, FRAME_SIZE,
+};
 use labyrinth::stage2::{
     level_size, Attrs, Declined, Geometry, PageSlot, Stage2, Stage2Error, VmidAllocator,
 };
@@ -397,12 +399,21 @@ fn share_regions(
         let pages = region.pages();
         // The region's frames, and the table pages mapping it in each user, are promised apart
         // from any guest's RAM: no guest's promise pays for another's view of it.
-        let tables: usize =
-            users.iter().zip(&guests).map(|((_, s, _), vm)| vm.geo.max_table_pages(s.guest_addr, s.size)).sum();
+        let tables: usize = users
+            .iter()
+            .zip(&guests)
+            .map(|((_, s, _), vm)| vm.geo.max_table_pages(s.guest_addr, s.size))
+            .sum();
         let Some((list, promise)) = share_frames(pages + tables, pages, owner, cpu) else {
             for &(k, s, _) in &users {
                 let problem = ShmProblem::OutOfMemory;
-                let r = ShmRefusal { guest: names[k], id: region.id, guest_addr: s.guest_addr, size: s.size, problem };
+                let r = ShmRefusal {
+                    guest: names[k],
+                    id: region.id,
+                    guest_addr: s.guest_addr,
+                    size: s.size,
+                    problem,
+                };
                 refuse((k, r), &mut started);
             }
             continue;
@@ -428,7 +439,9 @@ fn share_regions(
             let line: Vec<_> = live
                 .views
                 .iter()
-                .filter_map(|v| users.iter().find(|u| u.2 == v.vm && started[u.0]).map(|u| (u.0, v.guest_addr)))
+                .filter_map(|v| {
+                    users.iter().find(|u| u.2 == v.vm && started[u.0]).map(|u| (u.0, v.guest_addr))
+                })
                 .map(|(k, at)| alloc::format!("{} at {at:#x}", names[k]))
                 .collect();
             let line = line.join(", ");
@@ -436,7 +449,11 @@ fn share_regions(
                 Some(k) => alloc::format!("guest {}", names[k]),
                 None => alloc::format!("Labyrinth (no guest owns it)"),
             };
-            info!("shared memory \"{}\": {} KiB owned by {by}, mapped in {line} ({us} us)", region.id, pages * 4);
+            info!(
+                "shared memory \"{}\": {} KiB owned by {by}, mapped in {line} ({us} us)",
+                region.id,
+                pages * 4
+            );
         }
         if let Some((host, k)) = region.host {
             info!(
@@ -666,16 +683,17 @@ fn promise_memory(
     // race nor another vCPU's credit runs a covered guest out of memory.
     let unit = if cfg.no_block_mappings { 1 } else { BLOCK_FRAMES };
     let in_flight = (cfg.cpus as usize).saturating_sub(1) * (unit + PAGE_CREDIT_BATCH);
-    let budget = match MemoryBudget::new(frames().commit(pages + in_flight + tables), tables, frames().unpromised()) {
-        Ok(budget) => budget,
-        Err(promise) => {
-            frames().withdraw(&promise);
-            return Err(alloc::format!(
-                "no host memory left to promise it ({} frames, {tables} needed for its tables alone)",
-                promise.frames()
-            ));
-        }
-    };
+    let budget =
+        match MemoryBudget::new(frames().commit(pages + in_flight + tables), tables, frames().unpromised()) {
+            Ok(budget) => budget,
+            Err(promise) => {
+                frames().withdraw(&promise);
+                return Err(alloc::format!(
+                    "no host memory left to promise it ({} frames, {tables} needed for its tables alone)",
+                    promise.frames()
+                ));
+            }
+        };
     if budget.pages() < ram_pages {
         warn!(
             "guest {name}: {} MiB of RAM, {} KiB promised{}: overcommitted, it draws the rest from memory nobody is promised and is stopped if none is left",

@@ -589,9 +589,9 @@ mod tests {
     use super::*;
     use crate::dt::Region;
     use crate::frame::FrameState;
-    use crate::vm::exercise::guest_config as guest;
     use crate::stage2::model::ModelEnv;
     use crate::stage2::Geometry;
+    use crate::vm::exercise::guest_config as guest;
 
     fn shm(id: &'static str, role: ShmRole, guest_addr: u64, size: u64) -> SharedMem<'static> {
         SharedMem { id, role, guest_addr, size, host_addr: None, node: id }
@@ -1027,7 +1027,8 @@ mod tests {
             env.add_root(vmid, Pfn(s2.vttbr() >> 12 & ((1 << 36) - 1)), geo.start_level);
         }
         let frames = (0..3).map(|_| env.claim_frame(FrameState::SharedOwned(owner)).unwrap()).collect();
-        let region = LiveRegion { id: "ring", owner, frames, promise: Promise::unbacked(3), views: Vec::new() };
+        let region =
+            LiveRegion { id: "ring", owner, frames, promise: Promise::unbacked(3), views: Vec::new() };
         (env, spaces, region)
     }
 
@@ -1069,7 +1070,11 @@ mod tests {
         let gone = reg.leave(vm(n));
         for v in gone.iter().flat_map(|d| &d.region.views) {
             let b = &spaces[usize::from(v.vm.get()) - 1];
-            assert_eq!(unmap_view(b, env, v.guest_addr, 3 * FRAME_SIZE), Ok(0), "nothing of the borrower's own");
+            assert_eq!(
+                unmap_view(b, env, v.guest_addr, 3 * FRAME_SIZE),
+                Ok(0),
+                "nothing of the borrower's own"
+            );
         }
         let mut own = 0;
         let _ = spaces[usize::from(n) - 1].destroy(env, &mut |_, bytes| own += bytes / FRAME_SIZE);
@@ -1121,7 +1126,10 @@ mod tests {
         assert_eq!(own, 0, "the region's page is not the owner's space's to free");
         let region = &gone[0].region;
         assert!(region.frames.iter().all(|&f| env.leaves_mapping(f) == 0), "no leaf maps the frames");
-        assert_eq!((region.frames.len(), region.promise.frames(), region.promise.is_withdrawn()), (3, 3, false));
+        assert_eq!(
+            (region.frames.len(), region.promise.frames(), region.promise.is_withdrawn()),
+            (3, 3, false)
+        );
         assert!(reg.is_empty());
     }
 
@@ -1140,7 +1148,11 @@ mod tests {
         let refused: Vec<_> = m.refused.iter().map(|(k, r)| (*k, r.problem)).collect();
         assert_eq!(refused, vec![(1, ShmProblem::Map(Stage2Error::OutOfMemory))]);
         assert_eq!(region.views.iter().map(|v| v.vm).collect::<Vec<_>>(), vec![vm(1), vm(2), vm(3)]);
-        assert_eq!(region.frames.iter().map(|&f| env.leaves_mapping(f)).collect::<Vec<_>>(), vec![3, 2, 2], "b1 maps the first page");
+        assert_eq!(
+            region.frames.iter().map(|&f| env.leaves_mapping(f)).collect::<Vec<_>>(),
+            vec![3, 2, 2],
+            "b1 maps the first page"
+        );
         let mut reg = Registry::new();
         reg.add(region);
         // The owner is taken down first (refused for another region, say).
@@ -1162,7 +1174,11 @@ mod tests {
         let users = users(false);
         let m = map_users(&mut region, &users, &NAMES, |_, _, _| Err(Stage2Error::OutOfMemory));
         assert_eq!(m.unused, Some(Unused::NobodyCanMap));
-        assert_eq!(m.refused.iter().map(|(k, _)| *k).collect::<Vec<_>>(), vec![1, 0, 2], "in the users' order");
+        assert_eq!(
+            m.refused.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            vec![1, 0, 2],
+            "in the users' order"
+        );
         assert_eq!(region.views.len(), 3);
         let mut reg = Registry::new();
         reg.add(region);
