@@ -10,19 +10,6 @@ use super::tag::{TAG_FREE, TAG_HYPERVISOR};
 use super::testing::*;
 use super::*;
 
-/// Small pools: 8 pages (refill below 2, up to 6) and one block per CPU.
-fn small() -> PoolConfig {
-    PoolConfig {
-        page_capacity: 8,
-        page_low: 2,
-        page_high: 6,
-        block_capacity: 1,
-        block_low: 1,
-        block_high: 1,
-        steal_victims: 3,
-    }
-}
-
 fn filled(total: usize, cpus: usize) -> Rig {
     let rig = rig(total, cpus, small());
     for cpu in 0..cpus {

@@ -208,17 +208,8 @@ mod tests {
     // budget draws nothing more from its promise.
     #[test]
     fn a_stopped_guests_promise_is_unpromised_once() {
-        use crate::frame::testing::rig;
-        use crate::frame::PoolConfig;
-        let config = PoolConfig {
-            page_capacity: 8,
-            page_low: 2,
-            page_high: 6,
-            block_capacity: 1,
-            block_low: 1,
-            block_high: 1,
-            steal_victims: 1,
-        };
+        use crate::frame::testing::{rig, small};
+        let config = small();
         let rig = Box::leak(Box::new(rig(4096, 1, config)));
         let frames = &rig.frames;
         let (stopping, staying) = (frames.commit(300), frames.commit(200));
