@@ -17,8 +17,10 @@ use core::cell::UnsafeCell;
 use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use labyrinth::dt::{GuestConfig, Platform, SharedMem};
-use labyrinth::frame::{AtomicError, CpuFrames, FrameManager, Owner, Pfn, VmId, BLOCK_FRAMES, FRAME_SIZE};
+use labyrinth::dt::{GuestConfig, Platform};
+use labyrinth::frame::{
+    AtomicError, CpuFrames, FrameManager, Owner, Pfn, Promise, VmId, BLOCK_FRAMES, FRAME_SIZE,
+};
 use labyrinth::stage2::{
     level_size, Attrs, Declined, Geometry, PageSlot, Stage2, Stage2Error, VmidAllocator,
 };
@@ -28,7 +30,7 @@ use labyrinth::vm::hypercall;
 use labyrinth::vm::input_focus::{InputFocus, Typed};
 use labyrinth::vm::layout::{self, Layout};
 use labyrinth::vm::lifecycle::Life;
-use labyrinth::vm::shm::{self, Departure, LiveRegion, RegionPlan, Registry, ShmProblem, ShmRefusal, View};
+use labyrinth::vm::shm::{self, Departure, LiveRegion, RegionPlan, Registry, ShmProblem, ShmRefusal, User};
 use labyrinth::vm::trap::MmioAccess;
 use labyrinth::vm::vcpu::{GuestRegs, VcpuHw, PAGE_CREDIT_BATCH};
 use labyrinth::vm::vpsci::{PowerState, StartRequest};
@@ -185,10 +187,10 @@ pub fn create_all(
         // Leaves its regions (revoking what it owns) before its space goes, and releases a
         // region it was the last user of only once its space is gone (unmapped, invalidated).
         let vm = &vms[i];
-        let gone = shm_detach(vm, &vms);
+        let gone = shm_detach(vm, &vms, "was not started");
         destroy(vm);
-        shm_release(vm, gone);
-        frames().uncommit(vm.budget.promised());
+        shm_release(vm, gone, "was not started");
+        vm.budget.withdraw(frames());
         // Its CPUs run no guest now: their pools' frames go back for the others.
         retire_cpus(frames_mgr, vm.first_cpu..vm.first_cpu + vm.vcpus);
     }
@@ -355,8 +357,11 @@ fn held_frames(vm: &Vm) -> usize {
 /// `vms`) and maps it into each: frames promised, allocated for the owner (Labyrinth's VM 0 if
 /// no guest owns it), moved to shared-owned by the share transition, mapped shared-owned into
 /// the owner and shared-borrowed into the borrowers. Returns the guests (indices in `vms`) to
-/// refuse, each named with its reason: borrowers whose owner did not start, and the users of a
-/// region that could not be made.
+/// refuse, each named with its reason: borrowers whose owner did not start, the users of a
+/// region that could not be made, a guest that could not map a region and, if it owns it,
+/// that region's borrowers (`shm::map_users`), and then, to a fixed point, the borrowers of
+/// the regions a refused guest owns. A region keeps a view of every guest it was mapped into,
+/// refused or not: the refused guests leave it, and its frames go, in `create_all`.
 fn share_regions(
     configs: &[GuestConfig<'static>],
     regions: &[RegionPlan<'static>],
@@ -366,16 +371,25 @@ fn share_regions(
     let names: Vec<&'static str> = configs.iter().map(|c| c.name).collect();
     let mut started: Vec<bool> = built.iter().map(Option::is_some).collect();
     let mut refused = Vec::new();
-    let refuse = |r: ShmRefusal<'_>, k: usize, refused: &mut Vec<usize>| {
+    let mut refuse = |(k, r): (usize, ShmRefusal<'_>), started: &mut Vec<bool>| {
         error!("{r}: not started");
+        started[k] = false;
         refused.extend(built[k]);
     };
-    for (k, r) in shm::refuse_orphans(regions, &names, &mut started) {
-        refuse(r, k, &mut refused);
+    for r in shm::refuse_orphans(regions, &names, &mut started) {
+        refuse(r, &mut started);
     }
     let cpu = arch::cpu_index();
     for region in regions {
-        let users: Vec<_> = region.users.iter().filter(|(k, _)| started[*k]).collect();
+        // An owner refused for an earlier region: its borrowers are refused below, as orphans.
+        if region.owner.is_some_and(|o| !started[o]) {
+            continue;
+        }
+        let (users, guests): (Vec<User<'static>>, Vec<&Vm>) = region
+            .users
+            .iter()
+            .filter_map(|&(k, s)| built[k].filter(|_| started[k]).map(|i| ((k, s, vms[i].id), &vms[i])))
+            .unzip();
         if users.is_empty() {
             continue;
         }
@@ -387,62 +401,60 @@ fn share_regions(
         // from any guest's RAM: no guest's promise pays for another's view of it.
         let tables: usize = users
             .iter()
-            .filter_map(|(k, s)| built[*k].map(|i| vms[i].geo.max_table_pages(s.guest_addr, s.size)))
+            .zip(&guests)
+            .map(|((_, s, _), vm)| vm.geo.max_table_pages(s.guest_addr, s.size))
             .sum();
-        // User `k` (its node `s`) of this region is refused for `problem`.
-        let refuse_user = |k: usize, s: &SharedMem<'_>, problem, refused: &mut Vec<usize>| {
-            let r = ShmRefusal {
-                guest: names[k],
-                id: region.id,
-                guest_addr: s.guest_addr,
-                size: s.size,
-                problem,
-            };
-            refuse(r, k, refused);
-        };
-        let Some((list, promised)) = share_frames(pages + tables, pages, owner, cpu) else {
-            for &&(k, s) in &users {
-                refuse_user(k, &s, ShmProblem::OutOfMemory, &mut refused);
+        let Some((list, promise)) = share_frames(pages + tables, pages, owner, cpu) else {
+            for &(k, s, _) in &users {
+                let problem = ShmProblem::OutOfMemory;
+                let r = ShmRefusal {
+                    guest: names[k],
+                    id: region.id,
+                    guest_addr: s.guest_addr,
+                    size: s.size,
+                    problem,
+                };
+                refuse((k, r), &mut started);
             }
             continue;
         };
-        let mut live = LiveRegion { id: region.id, owner, frames: list, promised, views: Vec::new() };
-        let mut owner_refused = false;
-        for &&(k, s) in &users {
-            let Some(i) = built[k] else { continue };
-            let vm = &vms[i];
+        let mut live = LiveRegion { id: region.id, owner, frames: list, promise, views: Vec::new() };
+        let mapping = shm::map_users(&mut live, &users, &names, |i, frames_of, as_owner| {
+            let (vm, at) = (guests[i], users[i].1.guest_addr);
             let _ = frames().refill(cpu);
-            let is_owner = vm.id == owner;
-            match shm::map_region(&vm.s2, &mut env(vm), &live.frames, s.guest_addr, is_owner) {
-                Ok(()) => live.views.push(View {
-                    vm: vm.id,
-                    guest_addr: s.guest_addr,
-                    owner: is_owner,
-                    mapped: true,
-                }),
-                Err(e) => {
-                    owner_refused |= is_owner;
-                    refuse_user(k, &s, ShmProblem::Map(e), &mut refused);
-                }
-            }
+            shm::map_region(&vm.s2, &mut env(vm), frames_of, at, as_owner)
+        });
+        for r in mapping.refused {
+            refuse(r, &mut started);
         }
-        if let (true, Some(o)) = (owner_refused, region.owner) {
-            // Its borrowers would start with the region revoked: they are refused too.
-            for &&(k, s) in users.iter().filter(|(k, _)| *k != o) {
-                refuse_user(k, &s, ShmProblem::OwnerNotStarted { owner: names[o] }, &mut refused);
-            }
-        }
-        let mut line = alloc::string::String::new();
-        for v in &live.views {
-            let name = vms.iter().find(|g| g.id == v.vm).map_or("?", |g| g.name);
-            let _ = write!(line, "{}{name} at {:#x}", if line.is_empty() { "" } else { ", " }, v.guest_addr);
-        }
-        let by = match region.owner.filter(|&k| started[k]) {
-            Some(k) => alloc::format!("guest {}", names[k]),
-            None => alloc::format!("Labyrinth (no guest owns it)"),
-        };
         let us = (arch::time_now_ticks() - t0) * 1_000_000 / arch::ticks_per_second().max(1);
-        info!("shared memory \"{}\": {} KiB owned by {by}, mapped in {line} ({us} us)", region.id, pages * 4);
+        if let Some(why) = mapping.unused {
+            error!(
+                "shared memory \"{}\": {} KiB made and used by no guest: {why}; its frames go back once the guests refused for it are gone",
+                region.id,
+                pages * 4
+            );
+        } else {
+            // The guests that run with it (a borrower that could not map it keeps a view).
+            let line: Vec<_> = live
+                .views
+                .iter()
+                .filter_map(|v| {
+                    users.iter().find(|u| u.2 == v.vm && started[u.0]).map(|u| (u.0, v.guest_addr))
+                })
+                .map(|(k, at)| alloc::format!("{} at {at:#x}", names[k]))
+                .collect();
+            let line = line.join(", ");
+            let by = match region.owner {
+                Some(k) => alloc::format!("guest {}", names[k]),
+                None => alloc::format!("Labyrinth (no guest owns it)"),
+            };
+            info!(
+                "shared memory \"{}\": {} KiB owned by {by}, mapped in {line} ({us} us)",
+                region.id,
+                pages * 4
+            );
+        }
         if let Some((host, k)) = region.host {
             info!(
                 "shared memory \"{}\": host address {host:#x} (Xen's older form, from guest {}) checked (page-aligned, inside host RAM, the same in every guest that names one) and not used: Labyrinth owns every host frame and allocates the region's itself; the guests see only their guest addresses",
@@ -450,6 +462,10 @@ fn share_regions(
             );
         }
         SHARED.lock().add(live);
+    }
+    // A guest refused here may own a region made before: its borrowers are orphans now.
+    for r in shm::refuse_orphans(regions, &names, &mut started) {
+        refuse(r, &mut started);
     }
     if !regions.is_empty() {
         let audit = frames().audit(None);
@@ -463,11 +479,11 @@ fn share_regions(
 }
 
 /// `pages` frames tagged shared-owned by `owner`, allocated one by one on CPU `cpu`, after a
-/// promise of `promise` frames; `None` (nothing kept, nothing promised) if either fails.
-fn share_frames(promise: usize, pages: usize, owner: VmId, cpu: usize) -> Option<(Vec<Pfn>, usize)> {
-    let promised = frames().commit(promise);
+/// promise of `wanted` frames; `None` (nothing kept, nothing promised) if either fails.
+fn share_frames(wanted: usize, pages: usize, owner: VmId, cpu: usize) -> Option<(Vec<Pfn>, Promise)> {
+    let promise = frames().commit(wanted);
     let mut list = Vec::with_capacity(pages);
-    let ok = promised == promise
+    let ok = promise.frames() == wanted
         && (0..pages).all(|_| match alloc_page(cpu, Owner::guest(owner)) {
             Some(pfn) => match frames().share(pfn, 1, owner) {
                 Ok(()) => {
@@ -483,10 +499,11 @@ fn share_frames(promise: usize, pages: usize, owner: VmId, cpu: usize) -> Option
             None => false,
         });
     if ok {
-        return Some((list, promised));
+        return Some((list, promise));
     }
-    release_shared(&LiveRegion { id: "", owner, frames: list, promised, views: Vec::new() });
-    frames().uncommit(promised);
+    let region = LiveRegion { id: "", owner, frames: list, promise, views: Vec::new() };
+    release_shared(&region);
+    frames().withdraw(&region.promise);
     None
 }
 
@@ -518,7 +535,8 @@ fn shm_remap(vm: &Vm) -> Result<(), Stage2Error> {
 /// its VMID invalidated in every CPU, and the revocation recorded for its abort path. All
 /// under the registry's lock, which a borrower takes before emptying or destroying its own
 /// space. Returns the regions that left with `vm`, for [`shm_release`] once its space is gone.
-fn shm_detach(vm: &Vm, guests: &[Vm]) -> Vec<Departure<'static>> {
+/// `left` says how it went, for the log ("stopped", "was not started").
+fn shm_detach(vm: &Vm, guests: &[Vm], left: &str) -> Vec<Departure<'static>> {
     let mut shared = SHARED.lock();
     let gone = shared.leave(vm.id);
     for d in gone.iter().filter(|d| d.owner_left) {
@@ -535,7 +553,7 @@ fn shm_detach(vm: &Vm, guests: &[Vm]) -> Vec<Departure<'static>> {
             let end = v.guest_addr + d.region.size();
             match done {
                 Ok(0) => info!(
-                    "shared memory \"{}\": revoked from guest {} at {:#x}-{end:#x} because its owner, guest {}, stopped ({}, {us} us)",
+                    "shared memory \"{}\": revoked from guest {} at {:#x}-{end:#x} because its owner, guest {}, {left} ({}, {us} us)",
                     d.region.id,
                     b.name,
                     v.guest_addr,
@@ -557,18 +575,18 @@ fn shm_detach(vm: &Vm, guests: &[Vm]) -> Vec<Departure<'static>> {
 }
 
 /// The regions that left with guest `vm` (from [`shm_detach`]), once its space is gone: their
-/// frames scrubbed and released, their promise withdrawn. Whether any went.
-fn shm_release(vm: &Vm, gone: Vec<Departure<'static>>) -> bool {
+/// frames scrubbed and released, their promise withdrawn. Whether any went. `left` as for
+/// [`shm_detach`].
+fn shm_release(vm: &Vm, gone: Vec<Departure<'static>>, left: &str) -> bool {
     let any = !gone.is_empty();
     for d in gone {
         let region = d.region;
         let n = release_shared(&region);
-        frames().uncommit(region.promised);
         // Its frames and the table pages that mapped it are free: anyone may draw them now.
-        frames().unpromised().give(region.promised);
+        frames().withdraw(&region.promise);
         let after = if d.owner_left { "its owner" } else { "its last user" };
         info!(
-            "shared memory \"{}\": released ({n} frames) after {after}, guest {}, stopped",
+            "shared memory \"{}\": released ({n} frames) after {after}, guest {}, {left}",
             region.id, vm.name
         );
     }
@@ -624,14 +642,14 @@ fn build_inner(
     let id = VmId::new(first_cpu as u16 + 1).ok_or_else(|| format!("too many guests"))?;
     let budget = promise_memory(cfg, &layout, geo)?;
     let Some(vmid) = VMIDS.lock().alloc() else {
-        frames().uncommit(budget.promised());
+        budget.withdraw(frames());
         return Err(format!("no VMID left"));
     };
     let mut env = arch::HwStage2 { frames: frames(), cpu: first_cpu, vttbr: 0 };
     let s2 = match Stage2::new(&mut env, id, vmid, geo) {
         Ok(s2) => s2,
         Err(e) => {
-            frames().uncommit(budget.promised());
+            budget.withdraw(frames());
             return Err(format!("no stage-2 root table: {e}"));
         }
     };
@@ -640,7 +658,7 @@ fn build_inner(
     let loaded = load(&vm, &vm.boot.lock(), first_cpu);
     if let Err(e) = loaded {
         destroy(&vm);
-        frames().uncommit(vm.budget.promised());
+        vm.budget.withdraw(frames());
         return Err(format!("loading: {e}"));
     }
     Ok(vm)
@@ -665,13 +683,17 @@ fn promise_memory(
     // race nor another vCPU's credit runs a covered guest out of memory.
     let unit = if cfg.no_block_mappings { 1 } else { BLOCK_FRAMES };
     let in_flight = (cfg.cpus as usize).saturating_sub(1) * (unit + PAGE_CREDIT_BATCH);
-    let promised = frames().commit(pages + in_flight + tables);
-    let Some(budget) = MemoryBudget::new(promised, tables, frames().unpromised()) else {
-        frames().uncommit(promised);
-        return Err(alloc::format!(
-            "no host memory left to promise it ({promised} frames, {tables} needed for its tables alone)"
-        ));
-    };
+    let budget =
+        match MemoryBudget::new(frames().commit(pages + in_flight + tables), tables, frames().unpromised()) {
+            Ok(budget) => budget,
+            Err(promise) => {
+                frames().withdraw(&promise);
+                return Err(alloc::format!(
+                    "no host memory left to promise it ({} frames, {tables} needed for its tables alone)",
+                    promise.frames()
+                ));
+            }
+        };
     if budget.pages() < ram_pages {
         warn!(
             "guest {name}: {} MiB of RAM, {} KiB promised{}: overcommitted, it draws the rest from memory nobody is promised and is stopped if none is left",
@@ -1469,15 +1491,14 @@ fn stop_taken_down(vcpu: &mut Vcpu, cause: StopCause) -> ! {
     dump_mappings(vm);
     let (within, beyond) = (vm.budget.used(), vm.budget.beyond());
     // Its regions' borrowers lose their views first, then its space goes, then the frames.
-    let gone = shm_detach(vm, GUESTS.get().copied().unwrap_or(&[]));
+    let gone = shm_detach(vm, GUESTS.get().copied().unwrap_or(&[]), "stopped");
     destroy(vm);
-    let released = shm_release(vm, gone);
+    let released = shm_release(vm, gone, "stopped");
     let (resets, returned) = {
         let boot = vm.boot.lock();
         (boot.resets, boot.frames_returned)
     };
-    frames().uncommit(vm.budget.promised());
-    vm.budget.withdrawn();
+    vm.budget.withdraw(frames());
     let audit = frames().audit(None);
     let left = audit.guests.iter().find(|g| g.vm == vm.id).map_or(0, |g| g.memory + g.page_tables);
     if audit.shared > 0 || released {

@@ -29,6 +29,7 @@ use super::db::{unexpected, FrameDb};
 use super::error::{AtomicError, FrameError};
 use super::heap::HeapSink;
 use super::pool::FramePool;
+use super::promise::Promise;
 use super::scrub::FrameScrubber;
 use super::sync::{AtomicBool, Ordering};
 use super::tag::{Owner, VmId, TAG_FREE, TAG_HYPERVISOR, TAG_SCRUBBING};
@@ -470,30 +471,43 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
         Ok(range)
     }
 
-    /// Promises up to `wanted` frames to one holder (a guest) and returns how many it got: the
-    /// free frames not yet promised, less what the pools could ever hold (their capacity), so
+    /// Promises up to `wanted` frames to one holder (a guest, a shared region) and returns the
+    /// promise of as many as it got ([`Promise::frames`]), for [`FrameManager::withdraw`] when
+    /// the holder is gone: the free frames not yet promised, less what the pools could ever hold (their capacity), so
     /// the buddy allocator always keeps enough for every holder's unused promise however the
     /// pools happen to be filled. A guest holding a promise of `n` can then always draw `n`
     /// frames, whatever other guests do, provided every holder draws no more than it was
     /// promised (the holder counts; the manager does not) and nothing else takes free frames
     /// while promises stand (the heap grows at boot only). Call it before the holder draws
     /// anything: promises are made against the frames free now. Slow path.
-    pub fn commit(&self, wanted: usize) -> usize {
+    pub fn commit(&self, wanted: usize) -> Promise {
         let buddy = self.buddy.lock();
         let mut committed = self.committed.lock();
         let free = buddy.free_frames() + self.pooled_frames();
         let available = free.saturating_sub(*committed + self.pool_capacity_frames());
         let granted = wanted.min(available);
         *committed += granted;
-        granted
+        Promise::new(granted)
     }
 
-    /// Withdraws a promise of `frames` made by [`FrameManager::commit`] (its holder is gone and
-    /// owns nothing). Slow path.
-    pub fn uncommit(&self, frames: usize) {
+    /// Withdraws `promise` (its holder is gone and every frame it drew is back in the
+    /// allocator): the first time, its frames are no longer promised and, once the unpromised
+    /// frames are open ([`FrameManager::open_unpromised`], which counts the frames no promise
+    /// covers then), they join them, for any guest to draw. Returns the frames withdrawn: 0
+    /// for a promise withdrawn already, so no path gives the same frames back twice. Slow path.
+    pub fn withdraw(&self, promise: &Promise) -> usize {
+        if !promise.withdraw() {
+            return 0;
+        }
         let _buddy = self.buddy.lock();
         let mut committed = self.committed.lock();
-        *committed = committed.saturating_sub(frames);
+        // Never more than is promised: the unpromised count gets only what left the promises.
+        let frames = promise.frames().min(*committed);
+        *committed -= frames;
+        if self.unpromised_open.load(Ordering::Acquire) {
+            self.unpromised.give(frames);
+        }
+        frames
     }
 
     /// Opens the free frames no promise covers to every holder, once every promise is made:

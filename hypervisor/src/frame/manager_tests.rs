@@ -10,19 +10,6 @@ use super::tag::{TAG_FREE, TAG_HYPERVISOR};
 use super::testing::*;
 use super::*;
 
-/// Small pools: 8 pages (refill below 2, up to 6) and one block per CPU.
-fn small() -> PoolConfig {
-    PoolConfig {
-        page_capacity: 8,
-        page_low: 2,
-        page_high: 6,
-        block_capacity: 1,
-        block_low: 1,
-        block_high: 1,
-        steal_victims: 3,
-    }
-}
-
 fn filled(total: usize, cpus: usize) -> Rig {
     let rig = rig(total, cpus, small());
     for cpu in 0..cpus {
@@ -477,13 +464,52 @@ fn commit_grants_free_frames_less_pool_capacity() {
     let free = rig.frames.free_frames();
     let pools = 2 * (small().page_capacity + small().block_capacity * BLOCK_FRAMES);
     let first = rig.frames.commit(100);
-    assert_eq!(first, 100);
+    assert_eq!(first.frames(), 100);
     let second = rig.frames.commit(usize::MAX);
-    assert_eq!(first + second, free - pools);
-    assert_eq!(rig.frames.commit(1), 0, "nothing is left to promise");
+    assert_eq!(first.frames() + second.frames(), free - pools);
+    assert_eq!(rig.frames.commit(1).frames(), 0, "nothing is left to promise");
     assert_eq!(rig.frames.committed_frames(), free - pools);
-    rig.frames.uncommit(100);
-    assert_eq!(rig.frames.commit(usize::MAX), 100, "a withdrawn promise can be made again");
+    assert_eq!(rig.frames.withdraw(&first), 100);
+    assert_eq!(rig.frames.commit(usize::MAX).frames(), 100, "a withdrawn promise can be made again");
+}
+
+// A promise is withdrawn once: the second withdrawal of the same promise changes nothing,
+// before the unpromised frames are open (nothing joins them: opening counts the frames no
+// promise covers) and after (its frames join them, once).
+#[test]
+fn a_promise_is_withdrawn_once() {
+    let rig = filled(2048, 2);
+    let early = rig.frames.commit(100);
+    let late = rig.frames.commit(200);
+    let kept = rig.frames.commit(50);
+    assert_eq!(rig.frames.withdraw(&early), 100);
+    assert!(early.is_withdrawn() && !late.is_withdrawn());
+    assert_eq!(rig.frames.withdraw(&early), 0, "withdrawn already");
+    assert_eq!(rig.frames.unpromised().available(), 0, "nothing is unpromised before opening");
+    assert_eq!(rig.frames.committed_frames(), 250);
+    let open = rig.frames.open_unpromised(250);
+    assert_eq!(rig.frames.withdraw(&late), 200);
+    assert_eq!(rig.frames.unpromised().available(), open + 200, "its frames are unpromised now");
+    assert_eq!(rig.frames.withdraw(&late), 0, "and only once");
+    assert_eq!(rig.frames.unpromised().available(), open + 200);
+    assert_eq!(rig.frames.committed_frames(), 50, "the promise still held is untouched");
+    assert_eq!(kept.frames(), 50);
+    // Every frame the unpromised count and the promise left claim is there to be drawn.
+    let pools = 2 * (small().page_capacity + small().block_capacity * BLOCK_FRAMES);
+    assert!(open + 200 + 50 <= rig.frames.free_frames() - pools);
+}
+
+// A promise no manager counted (a holder's test double) cannot make the unpromised count
+// exceed what the promises held.
+#[test]
+fn withdrawing_never_gives_more_than_was_promised() {
+    let rig = filled(2048, 1);
+    let real = rig.frames.commit(10);
+    let open = rig.frames.open_unpromised(10);
+    assert_eq!(rig.frames.withdraw(&Promise::unbacked(1_000_000)), 10);
+    assert_eq!(rig.frames.withdraw(&real), 0, "its frames were counted already");
+    assert_eq!(rig.frames.unpromised().available(), open + 10);
+    assert_eq!(rig.frames.committed_frames(), 0);
 }
 
 // A retired CPU (no guest there) holds nothing, refills refuse it, and promises stop setting
@@ -498,7 +524,7 @@ fn retired_pools_are_empty_and_leave_the_promise_margin() {
     assert_eq!(rig.frames.free_frames(), free, "nothing lost in the drain");
     assert_eq!(rig.frames.refill(1), Err(FrameError::InvalidCpu(1)));
     assert_eq!(rig.frames.retire(1), Err(FrameError::InvalidCpu(1)));
-    assert_eq!(rig.frames.commit(usize::MAX), free - pool, "only CPU 0's pools set aside");
+    assert_eq!(rig.frames.commit(usize::MAX).frames(), free - pool, "only CPU 0's pools set aside");
     let mut held = Vec::new();
     rig.frames.pool_snapshot_for_test(1, false, &mut held);
     rig.frames.pool_snapshot_for_test(1, true, &mut held);
@@ -533,8 +559,8 @@ fn a_pool_retired_after_opening_gives_its_capacity_to_the_unpromised() {
 #[test]
 fn promise_holds_whatever_the_other_holder_draws() {
     let rig = filled(4096, 2);
-    let small_promise = rig.frames.commit(300);
-    let greedy_promise = rig.frames.commit(usize::MAX);
+    let small_promise = rig.frames.commit(300).frames();
+    let greedy_promise = rig.frames.commit(usize::MAX).frames();
     assert_eq!(small_promise, 300);
     for _ in 0..greedy_promise {
         draw_page(&rig, 1, guest(2)).expect("the greedy guest gets its own promise");

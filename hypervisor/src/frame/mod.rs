@@ -24,13 +24,14 @@ mod error;
 mod heap;
 mod manager;
 mod pool;
+mod promise;
 mod scrub;
 mod sync;
 mod tag;
 mod unpromised;
 
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 #[cfg(all(test, loom))]
 mod loom_tests;
@@ -47,6 +48,7 @@ pub use db::{FrameDb, TagCell};
 pub use error::{AtomicError, FrameError};
 pub use heap::HeapSink;
 pub use manager::{CpuFrames, FrameManager, PoolConfig, RefillReport, BLOCK_POOL_SLOTS, PAGE_POOL_SLOTS};
+pub use promise::Promise;
 pub use scrub::FrameScrubber;
 pub use tag::{FrameState, Owner, VmId};
 pub use unpromised::{take_if_there, Unpromised};

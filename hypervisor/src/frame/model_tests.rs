@@ -13,15 +13,7 @@ const TOTAL: usize = 2048;
 const CPUS: usize = 2;
 
 fn config() -> PoolConfig {
-    PoolConfig {
-        page_capacity: 8,
-        page_low: 2,
-        page_high: 6,
-        block_capacity: 1,
-        block_low: 1,
-        block_high: 1,
-        steal_victims: 1,
-    }
+    PoolConfig { steal_victims: 1, ..small() }
 }
 
 #[derive(Clone, Debug)]

@@ -111,3 +111,16 @@ pub(crate) fn guest(id: u16) -> Owner {
 pub(crate) fn page_table(id: u16) -> Owner {
     Owner::page_table(vm(id))
 }
+
+/// Small pools: 8 pages (refill below 2, up to 6) and one block per CPU.
+pub(crate) fn small() -> PoolConfig {
+    PoolConfig {
+        page_capacity: 8,
+        page_low: 2,
+        page_high: 6,
+        block_capacity: 1,
+        block_low: 1,
+        block_high: 1,
+        steal_victims: 3,
+    }
+}

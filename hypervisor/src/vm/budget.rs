@@ -7,7 +7,8 @@
 //! ([`Unpromised`]), which grow when guests stop, reset or give pages back; only when both
 //! are used up is the guest out of memory. Stage-2 table pages are set aside whole, at their
 //! bound for the guest's RAM (`Geometry::max_table_pages`), so only guest pages are counted as
-//! they are drawn. It never allocates, maps or frees anything itself.
+//! they are drawn. It never allocates, maps or frees anything itself. It holds the guest's
+//! [`Promise`], withdrawn once, when the guest is gone ([`MemoryBudget::withdraw`]).
 //!
 //! The vCPUs of one guest draw from it at once, each on its own CPU and with no lock: each
 //! count is one atomic taken by compare-and-swap, so none goes below zero and two vCPUs can
@@ -19,12 +20,12 @@
 
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::frame::{take_if_there, Unpromised};
+use crate::frame::{take_if_there, FrameManager, Promise, Unpromised};
 
 /// Frames promised to one guest, drawn so far, and drawn beyond the promise.
 #[derive(Debug)]
 pub struct MemoryBudget {
-    promised: usize,
+    promise: Promise,
     tables: usize,
     /// Guest pages the promise still covers: what the fault path tests and decrements.
     left: AtomicUsize,
@@ -34,11 +35,16 @@ pub struct MemoryBudget {
 }
 
 impl MemoryBudget {
-    /// `promised` frames, of which `tables` are kept for stage-2 tables; pages beyond them are
-    /// drawn from `unpromised`. `None` when nothing would be left for the guest's own pages.
-    pub fn new(promised: usize, tables: usize, unpromised: &'static Unpromised) -> Option<Self> {
-        (promised > tables).then(|| MemoryBudget {
-            promised,
+    /// `promise`'s frames, of which `tables` are kept for stage-2 tables; pages beyond them are
+    /// drawn from `unpromised`. The promise back when nothing would be left for the guest's
+    /// own pages (for its maker to withdraw).
+    pub fn new(promise: Promise, tables: usize, unpromised: &'static Unpromised) -> Result<Self, Promise> {
+        let promised = promise.frames();
+        if promised <= tables {
+            return Err(promise);
+        }
+        Ok(MemoryBudget {
+            promise,
             tables,
             left: AtomicUsize::new(promised - tables),
             beyond: AtomicUsize::new(0),
@@ -46,14 +52,14 @@ impl MemoryBudget {
         })
     }
 
-    /// Frames promised in all (the figure to withdraw when the guest is gone).
+    /// Frames promised in all (the figure stays after the promise is withdrawn).
     pub fn promised(&self) -> usize {
-        self.promised
+        self.promise.frames()
     }
 
     /// Guest pages the promise covers.
     pub fn pages(&self) -> usize {
-        self.promised - self.tables
+        self.promised() - self.tables
     }
 
     /// Guest pages drawn within the promise and not given back.
@@ -128,9 +134,12 @@ impl MemoryBudget {
     }
 
     /// The guest is gone and its memory reclaimed ([`MemoryBudget::reclaimed`]): its whole
-    /// promise becomes unpromised, for other guests to draw.
-    pub fn withdrawn(&self) {
-        self.unpromised.give(self.promised);
+    /// promise is withdrawn from `frames` ([`FrameManager::withdraw`]), unpromised for other
+    /// guests to draw, and nothing is drawn from it any more. Returns the frames withdrawn: 0
+    /// the second time. Every vCPU of the guest out for good.
+    pub fn withdraw<const ORDER: usize>(&self, frames: &FrameManager<'_, ORDER>) -> usize {
+        self.left.store(0, Ordering::Relaxed);
+        frames.withdraw(&self.promise)
     }
 }
 
@@ -144,17 +153,24 @@ mod tests {
         u
     }
 
+    /// A budget of `promised` frames, `tables` of them for tables, whose promise no manager
+    /// made (these tests never withdraw it).
+    fn budget(promised: usize, tables: usize, u: &'static Unpromised) -> MemoryBudget {
+        MemoryBudget::new(Promise::unbacked(promised), tables, u).unwrap()
+    }
+
     #[test]
     fn nothing_left_for_pages_is_refused() {
         let u = unpromised(0);
-        assert!(MemoryBudget::new(4, 4, u).is_none());
-        assert!(MemoryBudget::new(3, 4, u).is_none());
-        assert_eq!(MemoryBudget::new(5, 4, u).map(|b| b.pages()), Some(1));
+        let refused = MemoryBudget::new(Promise::unbacked(4), 4, u).map(|b| b.pages());
+        assert_eq!(refused.map_err(|p| p.frames()), Err(4), "the promise comes back, to withdraw");
+        assert!(MemoryBudget::new(Promise::unbacked(3), 4, u).is_err());
+        assert_eq!(budget(5, 4, u).pages(), 1);
     }
 
     #[test]
     fn takes_up_to_the_promise_and_no_further_when_nothing_is_unpromised() {
-        let b = MemoryBudget::new(520 + 3, 3, unpromised(0)).unwrap();
+        let b = budget(520 + 3, 3, unpromised(0));
         assert!(b.take(512));
         assert!(!b.take(9), "a block past the promise is refused whole");
         assert_eq!(b.used(), 512);
@@ -174,7 +190,7 @@ mod tests {
     #[test]
     fn past_the_promise_it_draws_unpromised_frames_and_pays_them_back_first() {
         let u = unpromised(100);
-        let b = MemoryBudget::new(10 + 1, 1, u).unwrap();
+        let b = budget(10 + 1, 1, u);
         assert!(b.take(10));
         assert!(b.take(60), "beyond the promise, from the unpromised frames");
         assert_eq!((b.used(), b.beyond(), u.available()), (10, 60, 40));
@@ -185,8 +201,40 @@ mod tests {
         assert!(b.take(50));
         b.reclaimed();
         assert_eq!((b.used(), b.beyond(), u.available()), (0, 0, 100));
-        b.withdrawn();
-        assert_eq!(u.available(), 111, "a stopped guest's promise is unpromised");
+    }
+
+    // A stopped guest's promise goes back to the unpromised frames exactly once, whatever it
+    // drew beyond it; the other guest's promise and draws are untouched, and a withdrawn
+    // budget draws nothing more from its promise.
+    #[test]
+    fn a_stopped_guests_promise_is_unpromised_once() {
+        use crate::frame::testing::{rig, small};
+        let config = small();
+        let rig = Box::leak(Box::new(rig(4096, 1, config)));
+        let frames = &rig.frames;
+        let (stopping, staying) = (frames.commit(300), frames.commit(200));
+        let (stopping, staying) = (
+            MemoryBudget::new(stopping, 20, frames.unpromised()).unwrap(),
+            MemoryBudget::new(staying, 20, frames.unpromised()).unwrap(),
+        );
+        let open = frames.open_unpromised(500);
+        assert!(stopping.take(280) && stopping.take(40), "its promise and 40 frames beyond it");
+        assert!(staying.take(100));
+        assert_eq!(frames.unpromised().available(), open - 40);
+        // The guest stops: its memory is reclaimed, then its promise withdrawn.
+        stopping.reclaimed();
+        assert_eq!(frames.unpromised().available(), open, "what it drew beyond is back");
+        assert_eq!(stopping.withdraw(frames), 300);
+        assert_eq!(frames.unpromised().available(), open + 300, "its whole promise is unpromised");
+        assert_eq!(frames.committed_frames(), 200, "only the other guest's promise stands");
+        assert_eq!(stopping.withdraw(frames), 0, "a second withdrawal gives nothing back");
+        assert_eq!(frames.unpromised().available(), open + 300);
+        assert_eq!(frames.committed_frames(), 200);
+        assert!(!stopping.take_promised(1), "nothing is drawn from a withdrawn promise");
+        assert_eq!((staying.used(), staying.promised()), (100, 200));
+        // No frame was drawn for real: the counts cover the free frames exactly, none twice.
+        let pools = config.page_capacity + config.block_capacity * crate::frame::BLOCK_FRAMES;
+        assert_eq!(frames.unpromised().available() + 200, frames.free_frames() - pools);
     }
 
     #[test]
@@ -194,8 +242,8 @@ mod tests {
         // Both guests promised 10 pages; 5 unpromised. The greedy one can have 15, the other
         // still has its 10.
         let u = unpromised(5);
-        let greedy = MemoryBudget::new(11, 1, u).unwrap();
-        let modest = MemoryBudget::new(11, 1, u).unwrap();
+        let greedy = budget(11, 1, u);
+        let modest = budget(11, 1, u);
         assert_eq!((0..100).filter(|_| greedy.take(1)).count(), 15);
         assert_eq!((0..100).filter(|_| modest.take(1)).count(), 10);
     }
@@ -203,7 +251,7 @@ mod tests {
     #[test]
     fn vcpus_drawing_at_once_never_take_more_than_promised_and_unpromised() {
         let u = unpromised(3_000);
-        let b = MemoryBudget::new(10_000 + 1, 1, u).unwrap();
+        let b = budget(10_000 + 1, 1, u);
         // Four vCPUs ask for about 25,000 frames in pages and 3-frame runs, and give some back.
         let drawn: usize = std::thread::scope(|s| {
             let workers: Vec<_> = (0..4)

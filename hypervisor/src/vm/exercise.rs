@@ -20,9 +20,9 @@ use super::vcpu::{GuestRegs, VcpuHw};
 use super::vgic;
 use super::vpl011::{VPl011, LINE_MAX};
 use super::vtimer::{self, PhysTimerReg};
-use crate::dt::{GuestConfig, Module, ModuleKind, Region};
+use crate::dt::{FixedList, GuestConfig, Module, ModuleKind, Region, SharedMem};
 use crate::esr::Syndrome;
-use crate::frame::{Unpromised, VmId};
+use crate::frame::{Promise, Unpromised, VmId};
 use crate::stage2::model::ModelEnv;
 use crate::stage2::{Geometry, Stage2};
 
@@ -509,24 +509,34 @@ impl VcpuHw for FakeCpu {
     }
 }
 
-/// A guest of `vcpus` vCPUs on CPUs 4.., 64 MiB of RAM, with a virtual GIC or not; vCPU 0
-/// has its start request.
-pub fn test_guest(vcpus: u32, gic: bool) -> Vm {
+/// A well-formed configuration: guest `name` with `mib` MiB of RAM, one vCPU, no virtual GIC,
+/// its kernel module at 0x5000_0000 and the shared memory nodes `shared`.
+pub fn guest_config(name: &'static str, mib: u64, shared: &[SharedMem<'static>]) -> GuestConfig<'static> {
     let kernel =
         Module { kind: ModuleKind::Kernel, region: Region::new(0x5000_0000, 0x1000).unwrap(), node: "k" };
-    let config = GuestConfig {
-        name: "g",
-        memory_kib: 64 * 1024,
-        cpus: vcpus,
+    let mut list = FixedList::filled(SharedMem::NONE);
+    for s in shared {
+        list.push(*s).expect("at most MAX_SHARED nodes");
+    }
+    GuestConfig {
+        name,
+        memory_kib: mib * 1024,
+        cpus: 1,
         kernel,
         ramdisk: None,
         device_tree: None,
         bootargs: None,
         no_block_mappings: false,
         guaranteed_kib: None,
-        shared: crate::dt::FixedList::filled(crate::dt::SharedMem::NONE),
-        virtual_gic: gic,
-    };
+        shared: list,
+        virtual_gic: false,
+    }
+}
+
+/// A guest of `vcpus` vCPUs on CPUs 4.., 64 MiB of RAM, with a virtual GIC or not; vCPU 0
+/// has its start request.
+pub fn test_guest(vcpus: u32, gic: bool) -> Vm {
+    let config = GuestConfig { cpus: vcpus, virtual_gic: gic, ..guest_config("g", 64, &[]) };
     let layout = Layout {
         ram_base: RAM,
         ram_size: 64 << 20,
@@ -546,7 +556,7 @@ pub fn test_guest(vcpus: u32, gic: bool) -> Vm {
         first_cpu: 4,
         s2,
         dtb: Vec::new(),
-        budget: MemoryBudget::new(100, 10, &NOTHING_UNPROMISED).unwrap(),
+        budget: MemoryBudget::new(Promise::unbacked(100), 10, &NOTHING_UNPROMISED).unwrap(),
     };
     let vm = Vm::new(parts).expect("a well-formed test guest");
     assert!(vm.boot_vcpu0());

@@ -21,7 +21,7 @@ use core::fmt;
 use super::layout::{RAM_BASE, UART_BASE, UART_SIZE};
 use super::vgic::GICD_BASE;
 use crate::dt::{GuestConfig, Region, SharedMem, ShmRole, MAX_SHARED};
-use crate::frame::{Pfn, VmId, FRAME_SIZE};
+use crate::frame::{Pfn, Promise, VmId, FRAME_SIZE};
 use crate::stage2::{Attrs, Stage2, Stage2Env, Stage2Error};
 
 /// Distinct shared regions on the machine.
@@ -300,6 +300,84 @@ pub fn refuse_orphans<'a>(
     }
 }
 
+/// One guest a new region is mapped into: its index in the configuration, its node, its VM.
+pub type User<'a> = (usize, SharedMem<'a>, VmId);
+
+/// Why a region that was made is used by no guest that will run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unused<'a> {
+    /// Its owner could not map it: the owner and every borrower are refused.
+    OwnerCannotMap { owner: &'a str },
+    /// No guest could map it (a region Labyrinth owns).
+    NobodyCanMap,
+}
+
+impl fmt::Display for Unused<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unused::OwnerCannotMap { owner } => write!(f, "its owner, guest {owner}, cannot map it"),
+            Unused::NobodyCanMap => write!(f, "no guest can map it"),
+        }
+    }
+}
+
+/// What mapping a new region into its users came to ([`map_users`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Mapping<'a> {
+    /// The users refused (configuration index, reason), in the order they were.
+    pub refused: Vec<(usize, ShmRefusal<'a>)>,
+    /// `Some` when no guest that will run uses the region.
+    pub unused: Option<Unused<'a>>,
+}
+
+/// Maps the new `region` (its frames, owner and promise, no view yet) into each of `users`,
+/// its owner first, with `map(i, frames, as_owner)` (the stage-2 mapping of the region at
+/// `users[i]`'s guest address in its space), and
+/// adds a view for every user it was tried in, mapped in full or in part (a map that fails
+/// keeps the pages it mapped): so the registry releases the frames only after each of those
+/// spaces lost its view or is gone ([`Registry::leave`]), whatever order the refused guests
+/// are taken down in. A user whose map fails is refused; when it is the owner, the region is
+/// not mapped into any borrower and every borrower is refused too (it would start with the
+/// region revoked). `names`: the guests' names by configuration index.
+pub fn map_users<'a>(
+    region: &mut LiveRegion<'a>,
+    users: &[User<'a>],
+    names: &[&'a str],
+    mut map: impl FnMut(usize, &[Pfn], bool) -> Result<(), Stage2Error>,
+) -> Mapping<'a> {
+    let mut refused = Vec::new();
+    let refusal = |k: usize, s: &SharedMem<'a>, problem| ShmRefusal {
+        guest: names[k],
+        id: region.id,
+        guest_addr: s.guest_addr,
+        size: s.size,
+        problem,
+    };
+    let owner = users.iter().position(|u| u.2 == region.owner);
+    let borrowers = (0..users.len()).filter(|&i| Some(i) != owner);
+    let mut unused = None;
+    for i in owner.into_iter().chain(borrowers) {
+        let (k, s, vm) = users[i];
+        let as_owner = Some(i) == owner;
+        if let Some(Unused::OwnerCannotMap { owner }) = unused {
+            refused.push((k, refusal(k, &s, ShmProblem::OwnerNotStarted { owner })));
+            continue;
+        }
+        let done = map(i, &region.frames, as_owner);
+        region.views.push(View { vm, guest_addr: s.guest_addr, owner: as_owner, mapped: true });
+        if let Err(e) = done {
+            refused.push((k, refusal(k, &s, ShmProblem::Map(e))));
+            if as_owner {
+                unused = Some(Unused::OwnerCannotMap { owner: names[k] });
+            }
+        }
+    }
+    if unused.is_none() && refused.len() == users.len() {
+        unused = Some(Unused::NobodyCanMap);
+    }
+    Mapping { refused, unused }
+}
+
 /// One guest's view of a live region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct View {
@@ -313,13 +391,13 @@ pub struct View {
 }
 
 /// A region that exists: its frames (tagged shared-owned by `owner`), the frames promised for
-/// it, and the guests still using it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// it (withdrawn once its frames are released), and the guests still using it.
+#[derive(Debug)]
 pub struct LiveRegion<'a> {
     pub id: &'a str,
     pub owner: VmId,
     pub frames: Vec<Pfn>,
-    pub promised: usize,
+    pub promise: Promise,
     pub views: Vec<View>,
 }
 
@@ -346,7 +424,7 @@ impl LiveRegion<'_> {
 }
 
 /// A region that left the registry when a guest left it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Departure<'a> {
     /// Its `views` are the ones still there: none when its last user left; when its owner
     /// left, the borrowers' it is taken from (revoked).
@@ -509,10 +587,11 @@ pub fn map_region(
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::dt::{FixedList, Module, ModuleKind, Region};
+    use crate::dt::Region;
     use crate::frame::FrameState;
     use crate::stage2::model::ModelEnv;
     use crate::stage2::Geometry;
+    use crate::vm::exercise::guest_config as guest;
 
     fn shm(id: &'static str, role: ShmRole, guest_addr: u64, size: u64) -> SharedMem<'static> {
         SharedMem { id, role, guest_addr, size, host_addr: None, node: id }
@@ -537,28 +616,6 @@ mod tests {
     /// Each guest's refusal reason, if any.
     fn problems<'a>(verdicts: &[Option<ShmRefusal<'a>>]) -> Vec<Option<ShmProblem<'a>>> {
         verdicts.iter().map(|v| v.map(|r| r.problem)).collect()
-    }
-
-    fn guest(name: &'static str, mib: u64, shared: &[SharedMem<'static>]) -> GuestConfig<'static> {
-        let kernel =
-            Module { kind: ModuleKind::Kernel, region: Region::new(0x5000_0000, 0x1000).unwrap(), node: "k" };
-        let mut list = FixedList::filled(SharedMem::NONE);
-        for s in shared {
-            list.push(*s).unwrap();
-        }
-        GuestConfig {
-            name,
-            memory_kib: mib * 1024,
-            cpus: 1,
-            kernel,
-            ramdisk: None,
-            device_tree: None,
-            bootargs: None,
-            no_block_mappings: false,
-            guaranteed_kib: None,
-            shared: list,
-            virtual_gic: false,
-        }
     }
 
     const AT: u64 = 0x1000_0000;
@@ -766,7 +823,7 @@ mod tests {
             id,
             owner: vm(owner),
             frames: frames.iter().map(|&f| Pfn(f)).collect(),
-            promised: frames.len(),
+            promise: Promise::unbacked(frames.len()),
             views: users
                 .iter()
                 .map(|&u| View { vm: vm(u), guest_addr: AT, owner: u == owner, mapped: true })
@@ -958,6 +1015,177 @@ mod tests {
         assert!(frames.iter().all(|&f| env.leaves_mapping(f) == 0));
         // Unmapping a range that holds nothing (a view revoked twice) is harmless.
         assert_eq!(unmap_view(&b1, &mut env, 0x2000_0000, size), Ok(0));
+    }
+
+    /// Three spaces (VMs 1, 2, 3, configuration indices 0, 1, 2, named o, b1, b2) and a
+    /// 3-page region tagged shared-owned by `owner`, each space's root known to the model.
+    fn three_spaces(owner: VmId) -> (ModelEnv, [Stage2; 3], LiveRegion<'static>) {
+        let mut env = ModelEnv::new(0x40000, 256);
+        let geo = Geometry::for_pa_bits(40);
+        let spaces = [1, 2, 3].map(|n| Stage2::new(&mut env, vm(n), n, geo).unwrap());
+        for (vmid, s2) in (1..).zip(&spaces) {
+            env.add_root(vmid, Pfn(s2.vttbr() >> 12 & ((1 << 36) - 1)), geo.start_level);
+        }
+        let frames = (0..3).map(|_| env.claim_frame(FrameState::SharedOwned(owner)).unwrap()).collect();
+        let region =
+            LiveRegion { id: "ring", owner, frames, promise: Promise::unbacked(3), views: Vec::new() };
+        (env, spaces, region)
+    }
+
+    const NAMES: [&str; 3] = ["o", "b1", "b2"];
+
+    /// The users: o (VM 1) owns the region at [`AT`] unless `owner` is false, b1 and b2
+    /// borrow it at 0x2000_0000 and [`AT`]; b1 is named first.
+    fn users(owner: bool) -> [User<'static>; 3] {
+        let role = if owner { Owner } else { Borrower };
+        [
+            (1, shm("ring", Borrower, 0x2000_0000, 3 * FRAME_SIZE), vm(2)),
+            (0, shm("ring", role, AT, 3 * FRAME_SIZE), vm(1)),
+            (2, shm("ring", Borrower, AT, 3 * FRAME_SIZE), vm(3)),
+        ]
+    }
+
+    /// Maps the region for `users[i]` as `map_region` does, except in `failing`: there it maps
+    /// the first page only and fails as when no table page is left (what a map that fails
+    /// part-way leaves).
+    fn map_or_fail(
+        env: &mut ModelEnv,
+        spaces: &[Stage2; 3],
+        user: &User<'static>,
+        frames: &[Pfn],
+        as_owner: bool,
+        failing: VmId,
+    ) -> Result<(), Stage2Error> {
+        let s2 = &spaces[usize::from(user.2.get()) - 1];
+        if user.2 != failing {
+            return map_region(s2, env, frames, user.1.guest_addr, as_owner);
+        }
+        map_region(s2, env, &frames[..1], user.1.guest_addr, as_owner)?;
+        Err(Stage2Error::OutOfMemory)
+    }
+
+    /// Guest `n` (VM n, space n - 1) leaves the registry as a refused guest does at creation:
+    /// what it owns revoked from the borrowers, its space destroyed. The regions that left.
+    fn take_down(reg: &mut Registry<'static>, env: &mut ModelEnv, spaces: &[Stage2; 3], n: u16) -> usize {
+        let gone = reg.leave(vm(n));
+        for v in gone.iter().flat_map(|d| &d.region.views) {
+            let b = &spaces[usize::from(v.vm.get()) - 1];
+            assert_eq!(
+                unmap_view(b, env, v.guest_addr, 3 * FRAME_SIZE),
+                Ok(0),
+                "nothing of the borrower's own"
+            );
+        }
+        let mut own = 0;
+        let _ = spaces[usize::from(n) - 1].destroy(env, &mut |_, bytes| own += bytes / FRAME_SIZE);
+        assert_eq!(own, 0, "a refused guest owns nothing but the region's view here");
+        gone.len()
+    }
+
+    // The owner's map fails part-way: it is refused, the borrowers are not mapped and are
+    // refused as borrowers without an owner, and the region is used by nobody. The owner's
+    // view (one page mapped) stays until the owner leaves, whenever the borrowers leave;
+    // then no leaf maps the frames: they can be released, once.
+    #[test]
+    fn an_owner_that_cannot_map_its_region_takes_it_and_its_borrowers_down() {
+        let (mut env, spaces, mut region) = three_spaces(vm(1));
+        let users = users(true);
+        let mut mapped_in = Vec::new();
+        let m = map_users(&mut region, &users, &NAMES, |i, frames, as_owner| {
+            mapped_in.push((users[i].2, as_owner));
+            map_or_fail(&mut env, &spaces, &users[i], frames, as_owner, vm(1))
+        });
+        assert_eq!(mapped_in, vec![(vm(1), true)], "the owner first, and no borrower after it failed");
+        assert_eq!(m.unused, Some(Unused::OwnerCannotMap { owner: "o" }));
+        let refused: Vec<_> = m.refused.iter().map(|(k, r)| (*k, r.guest, r.problem)).collect();
+        let no_owner = ShmProblem::OwnerNotStarted { owner: "o" };
+        assert_eq!(
+            refused,
+            vec![
+                (0, "o", ShmProblem::Map(Stage2Error::OutOfMemory)),
+                (1, "b1", no_owner),
+                (2, "b2", no_owner)
+            ]
+        );
+        assert_eq!(
+            m.refused[1].1.to_string(),
+            "guest b1: shared memory \"ring\" at 0x20000000-0x20003000: a borrower without an owner: its owner, \
+             guest o, was not started"
+        );
+        assert_eq!(m.unused.unwrap().to_string(), "its owner, guest o, cannot map it");
+        assert_eq!(region.views.iter().map(|v| (v.vm, v.owner)).collect::<Vec<_>>(), vec![(vm(1), true)]);
+        assert_eq!(region.frames.iter().map(|&f| env.leaves_mapping(f)).collect::<Vec<_>>(), vec![1, 0, 0]);
+        let mut reg = Registry::new();
+        reg.add(region);
+        assert_eq!(take_down(&mut reg, &mut env, &spaces, 2), 0);
+        assert_eq!(take_down(&mut reg, &mut env, &spaces, 3), 0);
+        let gone = reg.leave(vm(1));
+        assert_eq!(gone.len(), 1, "the region goes with its owner");
+        let mut own = 0;
+        let _ = spaces[0].destroy(&mut env, &mut |_, bytes| own += bytes / FRAME_SIZE);
+        assert_eq!(own, 0, "the region's page is not the owner's space's to free");
+        let region = &gone[0].region;
+        assert!(region.frames.iter().all(|&f| env.leaves_mapping(f) == 0), "no leaf maps the frames");
+        assert_eq!(
+            (region.frames.len(), region.promise.frames(), region.promise.is_withdrawn()),
+            (3, 3, false)
+        );
+        assert!(reg.is_empty());
+    }
+
+    // A borrower whose map fails is refused alone (the region is used) and keeps a view of
+    // what it mapped: if the owner is taken down first (refused for another region, say), that
+    // partial view is revoked (unmapped) like any other, so the frames go only once no leaf
+    // maps them.
+    #[test]
+    fn a_borrower_that_cannot_map_is_refused_alone_and_its_part_is_unmapped() {
+        let (mut env, spaces, mut region) = three_spaces(vm(1));
+        let users = users(true);
+        let m = map_users(&mut region, &users, &NAMES, |i, frames, as_owner| {
+            map_or_fail(&mut env, &spaces, &users[i], frames, as_owner, vm(2))
+        });
+        assert_eq!(m.unused, None);
+        let refused: Vec<_> = m.refused.iter().map(|(k, r)| (*k, r.problem)).collect();
+        assert_eq!(refused, vec![(1, ShmProblem::Map(Stage2Error::OutOfMemory))]);
+        assert_eq!(region.views.iter().map(|v| v.vm).collect::<Vec<_>>(), vec![vm(1), vm(2), vm(3)]);
+        assert_eq!(
+            region.frames.iter().map(|&f| env.leaves_mapping(f)).collect::<Vec<_>>(),
+            vec![3, 2, 2],
+            "b1 maps the first page"
+        );
+        let mut reg = Registry::new();
+        reg.add(region);
+        // The owner is taken down first (refused for another region, say).
+        let frames = reg.regions[0].frames.clone();
+        assert_eq!(take_down(&mut reg, &mut env, &spaces, 1), 1);
+        assert!(reg.is_empty());
+        assert!(frames.iter().all(|&f| env.leaves_mapping(f) == 0), "no leaf maps the frames");
+        env.check_quiescent();
+        assert!(env.violations.is_empty(), "{:?}", env.violations);
+        assert_eq!(spaces[1].translate(&env, 0x2000_0000), None, "b1's partial view is gone");
+        assert_eq!(spaces[2].translate(&env, AT), None, "b2's view is revoked");
+    }
+
+    // A region Labyrinth owns that no user can map is used by nobody, and it still leaves the
+    // registry with the last of them (with no view it would stay there for good).
+    #[test]
+    fn a_region_nobody_can_map_goes_with_the_last_refused_user() {
+        let (mut env, spaces, mut region) = three_spaces(LABYRINTH);
+        let users = users(false);
+        let m = map_users(&mut region, &users, &NAMES, |_, _, _| Err(Stage2Error::OutOfMemory));
+        assert_eq!(m.unused, Some(Unused::NobodyCanMap));
+        assert_eq!(
+            m.refused.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            vec![1, 0, 2],
+            "in the users' order"
+        );
+        assert_eq!(region.views.len(), 3);
+        let mut reg = Registry::new();
+        reg.add(region);
+        assert_eq!(take_down(&mut reg, &mut env, &spaces, 1), 0);
+        assert_eq!(take_down(&mut reg, &mut env, &spaces, 2), 0);
+        assert_eq!(take_down(&mut reg, &mut env, &spaces, 3), 1, "released with the last user");
+        assert!(reg.is_empty());
     }
 
     mod registry_props {
