@@ -187,9 +187,9 @@ pub fn create_all(
         // Leaves its regions (revoking what it owns) before its space goes, and releases a
         // region it was the last user of only once its space is gone (unmapped, invalidated).
         let vm = &vms[i];
-        let gone = shm_detach(vm, &vms, "was not started");
+        let gone = shm_detach(vm, &vms, NOT_STARTED);
         destroy(vm);
-        shm_release(vm, gone, "was not started");
+        shm_release(vm, gone, NOT_STARTED);
         vm.budget.withdraw(frames());
         // Its CPUs run no guest now: their pools' frames go back for the others.
         retire_cpus(frames_mgr, vm.first_cpu..vm.first_cpu + vm.vcpus);
@@ -529,13 +529,16 @@ fn shm_remap(vm: &Vm) -> Result<(), Stage2Error> {
     })
 }
 
+/// How a guest refused at creation left, for the shared-memory log lines.
+const NOT_STARTED: &str = "was not started";
+
 /// Guest `vm`'s space is about to go (a stop, or a guest refused at creation; every vCPU of
 /// it out): it leaves its regions. Every region it owns is revoked from each borrower first:
 /// the borrower's view unmapped by break-before-make while its vCPUs run, the TLB entries of
 /// its VMID invalidated in every CPU, and the revocation recorded for its abort path. All
 /// under the registry's lock, which a borrower takes before emptying or destroying its own
 /// space. Returns the regions that left with `vm`, for [`shm_release`] once its space is gone.
-/// `left` says how it went, for the log ("stopped", "was not started").
+/// `left` says how it went, for the log ("stopped", [`NOT_STARTED`]).
 fn shm_detach(vm: &Vm, guests: &[Vm], left: &str) -> Vec<Departure<'static>> {
     let mut shared = SHARED.lock();
     let gone = shared.leave(vm.id);
@@ -558,7 +561,11 @@ fn shm_detach(vm: &Vm, guests: &[Vm], left: &str) -> Vec<Departure<'static>> {
                     b.name,
                     v.guest_addr,
                     vm.name,
-                    if v.mapped { "unmapped while it runs, its TLB entries invalidated" } else { "not mapped: it is resetting" }
+                    match (v.mapped, left == NOT_STARTED) {
+                        (true, false) => "unmapped while it runs, its TLB entries invalidated",
+                        (true, true) => "unmapped before it ran",
+                        (false, _) => "not mapped: it is resetting",
+                    }
                 ),
                 Ok(n) => error!(
                     "shared memory \"{}\": revoking it from guest {} handed back {n} frames of the guest's own",
