@@ -564,7 +564,8 @@ fn shm_detach(vm: &Vm, guests: &[Vm], left: &str) -> Vec<Departure<'static>> {
                     match (v.mapped, left == NOT_STARTED) {
                         (true, false) => "unmapped while it runs, its TLB entries invalidated",
                         (true, true) => "unmapped before it ran",
-                        (false, _) => "not mapped: it is resetting",
+                        (false, false) => "not mapped: it is resetting",
+                        (false, true) => "not mapped",
                     }
                 ),
                 Ok(n) => error!(
