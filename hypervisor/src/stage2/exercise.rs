@@ -17,6 +17,10 @@
 //! invalidation, while break-before-make holds entries locked, or at the locking of a table
 //! about to be unlinked). While a fault is under way, structural changes take their `_live`
 //! forms and unlinked tables wait for every vCPU's quiescent point.
+//!
+//! The checks and the reference model are exported as `__sanitizer_labyrinth_*` in fuzz builds,
+//! as `model.rs` explains: out of the coverage instrumentation. What drives the operations
+//! (`step`, the vCPUs' steps, which inline the fault code under test) stays instrumented.
 
 use std::collections::BTreeMap;
 use std::format;

@@ -18,6 +18,11 @@
 //! *not* reachable any more: the stale entries, from the moment a write unlinks them until an
 //! invalidation removes them. Each write then costs what it changes, not the size of the tables,
 //! which is what lets the fuzzer run thousands of sequences a second.
+//!
+//! In fuzz builds (`cfg(fuzzing)`) every non-generic function here is exported as
+//! `__sanitizer_labyrinth_*`: LLVM's SanitizerCoverage leaves functions so named alone, and the
+//! model's edges are the checker's, not the code under test's, so they only cost the fuzzer time
+//! (rustc offers no per-function or per-file way out of the instrumentation; docs/fuzzing.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::format;
