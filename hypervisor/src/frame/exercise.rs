@@ -606,7 +606,9 @@ impl<'m, 'a> Exercise<'m, 'a> {
         let expect = if cpu >= CPUS {
             Err(AtomicError::InvalidCpu)
         } else {
-            self.source(cpu, false).map(|c| (c, self.m.pages[c][self.m.pages[c].len() - 1])).ok_or(AtomicError::Empty)
+            self.source(cpu, false)
+                .map(|c| (c, self.m.pages[c][self.m.pages[c].len() - 1]))
+                .ok_or(AtomicError::Empty)
         };
         let got = match (self.sabotage, self.last_page) {
             (Sabotage::HandOutTwice, Some(last)) if cpu < CPUS => {
@@ -626,11 +628,19 @@ impl<'m, 'a> Exercise<'m, 'a> {
             ensure!(cpu >= CPUS, "no handle for CPU {cpu}");
             return Ok(());
         };
-        ensure!(handle.index() == cpu && core::ptr::eq(handle.manager(), self.mgr), "CPU {cpu}'s handle is another's");
+        ensure!(
+            handle.index() == cpu && core::ptr::eq(handle.manager(), self.mgr),
+            "CPU {cpu}'s handle is another's"
+        );
         let expect = self.m.pages[cpu].last().map(|&p| (cpu, p)).ok_or(AtomicError::Empty);
         let got = match handle.alloc_guest_page_own_pool(vm) {
             Ok(claim) => {
-                ensure!(claim.vm() == vm, "a claim for VM {} came back for VM {}", vm.get(), claim.vm().get());
+                ensure!(
+                    claim.vm() == vm,
+                    "a claim for VM {} came back for VM {}",
+                    vm.get(),
+                    claim.vm().get()
+                );
                 Ok(claim.pfn())
             }
             Err(e) => Err(e),
@@ -651,7 +661,10 @@ impl<'m, 'a> Exercise<'m, 'a> {
         let pfn = match got {
             Ok(pfn) => pfn,
             Err(e) => {
-                ensure!(expect == Err(e), "{what} for {owner:?}: refused ({e:?}), the model expected {expect:?}");
+                ensure!(
+                    expect == Err(e),
+                    "{what} for {owner:?}: refused ({e:?}), the model expected {expect:?}"
+                );
                 return Ok(None);
             }
         };
@@ -662,7 +675,10 @@ impl<'m, 'a> Exercise<'m, 'a> {
         let Ok((cpu, top)) = expect else {
             return Err(format!("{what}: handed out {pfn}, the model expected {expect:?}"));
         };
-        ensure!(top == pfn.0, "{what}: handed out {pfn}, the model expected the top of CPU {cpu}'s pool, {top:#x}");
+        ensure!(
+            top == pfn.0,
+            "{what}: handed out {pfn}, the model expected the top of CPU {cpu}'s pool, {top:#x}"
+        );
         ensure!(self.ram.read(i) == 0, "{what}: {pfn} handed out dirty ({:#x})", self.ram.read(i));
         self.m.pages[cpu].pop();
         self.m.set(i, St::Owned(owner));
@@ -679,7 +695,9 @@ impl<'m, 'a> Exercise<'m, 'a> {
         } else if owner.block_tag().is_none() {
             Err(AtomicError::NotOwner)
         } else {
-            self.source(cpu, true).map(|c| (c, self.m.blocks[c][self.m.blocks[c].len() - 1])).ok_or(AtomicError::Empty)
+            self.source(cpu, true)
+                .map(|c| (c, self.m.blocks[c][self.m.blocks[c].len() - 1]))
+                .ok_or(AtomicError::Empty)
         };
         let got = self.mgr.alloc_block_atomic_exclusive(cpu, owner);
         self.took_block(got, expect, owner, "atomic block allocation")
@@ -695,7 +713,12 @@ impl<'m, 'a> Exercise<'m, 'a> {
         );
         let got = match handle.alloc_guest_block_own_pool(vm) {
             Ok(claim) => {
-                ensure!(claim.vm() == vm, "a block claim for VM {} came back for VM {}", vm.get(), claim.vm().get());
+                ensure!(
+                    claim.vm() == vm,
+                    "a block claim for VM {} came back for VM {}",
+                    vm.get(),
+                    claim.vm().get()
+                );
                 Ok(claim.pfn())
             }
             Err(e) => Err(e),
@@ -713,11 +736,17 @@ impl<'m, 'a> Exercise<'m, 'a> {
         let head = match got {
             Ok(head) => head,
             Err(e) => {
-                ensure!(expect == Err(e), "{what} for {owner:?}: refused ({e:?}), the model expected {expect:?}");
+                ensure!(
+                    expect == Err(e),
+                    "{what} for {owner:?}: refused ({e:?}), the model expected {expect:?}"
+                );
                 return Ok(());
             }
         };
-        ensure!(expect.map(|(_, top)| top) == Ok(head.0), "{what}: handed out {head}, the model expected {expect:?}");
+        ensure!(
+            expect.map(|(_, top)| top) == Ok(head.0),
+            "{what}: handed out {head}, the model expected {expect:?}"
+        );
         let (cpu, _) = expect.map_err(|_| String::new())?;
         let i = idx(head.0).ok_or_else(|| format!("{what}: {head} is outside RAM"))?;
         for k in i..i + BLOCK_FRAMES {
@@ -767,7 +796,12 @@ impl<'m, 'a> Exercise<'m, 'a> {
         let i = idx(first.0).ok_or_else(|| format!("{what}: {first} is outside RAM"))?;
         ensure!(i + frames <= SPAN, "{what}: {first} runs past RAM");
         for k in i..i + frames {
-            ensure!(self.m.st[k] == St::Buddy, "{what}: {} was {:?}, not in the buddy allocator", pfn_of(k), self.m.st[k]);
+            ensure!(
+                self.m.st[k] == St::Buddy,
+                "{what}: {} was {:?}, not in the buddy allocator",
+                pfn_of(k),
+                self.m.st[k]
+            );
             self.m.set(k, St::Owned(owner));
         }
         // Taken for per-frame use: the blocks they come from are split.
@@ -854,7 +888,10 @@ impl<'m, 'a> Exercise<'m, 'a> {
         };
         let got = self.mgr.return_unused_page_atomic(cpu, Pfn(pfn), owner);
         self.touch(pfn, 1);
-        ensure!(got == expect, "return of {pfn:#x} as {owner:?} to CPU {cpu}: {got:?}, the model expected {expect:?}");
+        ensure!(
+            got == expect,
+            "return of {pfn:#x} as {owner:?} to CPU {cpu}: {got:?}, the model expected {expect:?}"
+        );
         if got.is_ok() {
             self.m.set(i, St::PagePool(cpu as u8));
             self.m.pages[cpu].push(pfn);
@@ -873,7 +910,11 @@ impl<'m, 'a> Exercise<'m, 'a> {
         let got = self.mgr.share(Pfn(first), frames, vm);
         self.touch(first, frames);
         let what = format!("share of {frames} frames from {:#x} as VM {}'s", first * FRAME_SIZE, vm.get());
-        ensure!(got.is_ok() == ok, "{what}: {got:?}, the model expected {}", if ok { "success" } else { "a refusal" });
+        ensure!(
+            got.is_ok() == ok,
+            "{what}: {got:?}, the model expected {}",
+            if ok { "success" } else { "a refusal" }
+        );
         if ok {
             let i = idx(first).ok_or_else(|| format!("{what}: outside RAM"))?;
             for k in i..i + frames {
@@ -933,7 +974,10 @@ impl<'m, 'a> Exercise<'m, 'a> {
     fn refill(&mut self, cpu: usize) -> Result<bool, String> {
         let got = self.mgr.refill(cpu);
         if cpu >= CPUS || self.m.retired[cpu] {
-            ensure!(got == Err(FrameError::InvalidCpu(cpu)), "refill of CPU {cpu}: {got:?}, expected InvalidCpu");
+            ensure!(
+                got == Err(FrameError::InvalidCpu(cpu)),
+                "refill of CPU {cpu}: {got:?}, expected InvalidCpu"
+            );
             return Ok(false);
         }
         let report = got.map_err(|e| format!("refill of CPU {cpu}: {e}"))?;
@@ -943,7 +987,11 @@ impl<'m, 'a> Exercise<'m, 'a> {
 
         let old = self.m.pages[cpu].len();
         let want = if old < cfg.page_low { (cfg.page_high - old).min(self.m.buddy_free) } else { 0 };
-        ensure!(report.pages_added == want, "refill of CPU {cpu} added {} pages, the model {want}", report.pages_added);
+        ensure!(
+            report.pages_added == want,
+            "refill of CPU {cpu} added {} pages, the model {want}",
+            report.pages_added
+        );
         self.mgr.pool_snapshot_for_test(cpu, false, &mut seen);
         ensure!(
             seen.len() == old + want && seen[..old] == self.m.pages[cpu][..],
@@ -953,7 +1001,11 @@ impl<'m, 'a> Exercise<'m, 'a> {
         );
         for &p in &seen[old..] {
             let i = idx(p).ok_or_else(|| format!("refill of CPU {cpu} pooled {p:#x}, outside RAM"))?;
-            ensure!(self.m.st[i] == St::Buddy, "refill of CPU {cpu} pooled {p:#x}, which was {:?}", self.m.st[i]);
+            ensure!(
+                self.m.st[i] == St::Buddy,
+                "refill of CPU {cpu} pooled {p:#x}, which was {:?}",
+                self.m.st[i]
+            );
             self.m.set(i, St::PagePool(cpu as u8));
             self.m.compound[i / BLOCK_FRAMES] = false;
             self.m.pages[cpu].push(p);
@@ -963,7 +1015,11 @@ impl<'m, 'a> Exercise<'m, 'a> {
 
         let old = self.m.blocks[cpu].len();
         let want = if old < cfg.block_low { (cfg.block_high - old).min(self.m.free_blocks()) } else { 0 };
-        ensure!(report.blocks_added == want, "refill of CPU {cpu} added {} blocks, the model {want}", report.blocks_added);
+        ensure!(
+            report.blocks_added == want,
+            "refill of CPU {cpu} added {} blocks, the model {want}",
+            report.blocks_added
+        );
         self.mgr.pool_snapshot_for_test(cpu, true, &mut seen);
         ensure!(
             seen.len() == old + want && seen[..old] == self.m.blocks[cpu][..],
@@ -972,9 +1028,15 @@ impl<'m, 'a> Exercise<'m, 'a> {
         );
         for &head in &seen[old..] {
             let i = idx(head).filter(|i| i % BLOCK_FRAMES == 0);
-            let i = i.ok_or_else(|| format!("refill of CPU {cpu} pooled block {head:#x}: not a block of RAM"))?;
+            let i =
+                i.ok_or_else(|| format!("refill of CPU {cpu} pooled block {head:#x}: not a block of RAM"))?;
             for k in i..i + BLOCK_FRAMES {
-                ensure!(self.m.st[k] == St::Buddy, "refill of CPU {cpu} pooled {}, which was {:?}", pfn_of(k), self.m.st[k]);
+                ensure!(
+                    self.m.st[k] == St::Buddy,
+                    "refill of CPU {cpu} pooled {}, which was {:?}",
+                    pfn_of(k),
+                    self.m.st[k]
+                );
                 self.m.set(k, St::BlockPool(cpu as u8));
             }
             self.m.compound[i / BLOCK_FRAMES] = true;
@@ -1026,7 +1088,10 @@ impl<'m, 'a> Exercise<'m, 'a> {
     fn retire(&mut self, cpu: usize) -> Result<(), String> {
         let got = self.mgr.retire(cpu);
         if cpu >= CPUS || self.m.retired[cpu] {
-            ensure!(got == Err(FrameError::InvalidCpu(cpu)), "retire of CPU {cpu}: {got:?}, expected InvalidCpu");
+            ensure!(
+                got == Err(FrameError::InvalidCpu(cpu)),
+                "retire of CPU {cpu}: {got:?}, expected InvalidCpu"
+            );
             return Ok(());
         }
         self.m.retired[cpu] = true;
@@ -1177,7 +1242,9 @@ impl<'m, 'a> Exercise<'m, 'a> {
             let pfn = self.guests[g].frames[k];
             let i = pfn as usize - BASE as usize;
             match self.m.st[i] {
-                St::Owned(o) if self.m.budgeted[i] == g as u8 + 1 && vm_in(o) == Some(vm) => return Some((k, pfn, o)),
+                St::Owned(o) if self.m.budgeted[i] == g as u8 + 1 && vm_in(o) == Some(vm) => {
+                    return Some((k, pfn, o))
+                }
                 _ => {
                     self.guests[g].frames.swap_remove(k);
                 }
@@ -1189,7 +1256,11 @@ impl<'m, 'a> Exercise<'m, 'a> {
     /// The guest gives one page back.
     fn budget_give(&mut self, g: usize, pick: u8) -> Result<(), String> {
         let Some((k, pfn, owner)) = self.budget_frame(g, pick as usize) else { return Ok(()) };
-        ensure!(self.release(pfn, 1, owner)?, "guest {}'s page {pfn:#x}: release refused", self.guests[g].vm.get());
+        ensure!(
+            self.release(pfn, 1, owner)?,
+            "guest {}'s page {pfn:#x}: release refused",
+            self.guests[g].vm.get()
+        );
         self.guests[g].frames.swap_remove(k);
         self.budget_untake(g, 1);
         Ok(())
@@ -1199,7 +1270,11 @@ impl<'m, 'a> Exercise<'m, 'a> {
     /// gone (its promise withdrawn too).
     fn budget_reclaim(&mut self, g: usize, withdraw: bool) -> Result<(), String> {
         while let Some((k, pfn, owner)) = self.budget_frame(g, 0) {
-            ensure!(self.release(pfn, 1, owner)?, "reclaiming guest {}'s {pfn:#x}: refused", self.guests[g].vm.get());
+            ensure!(
+                self.release(pfn, 1, owner)?,
+                "reclaiming guest {}'s {pfn:#x}: refused",
+                self.guests[g].vm.get()
+            );
             self.guests[g].frames.swap_remove(k);
         }
         let b = &mut self.guests[g];
@@ -1253,7 +1328,11 @@ impl<'m, 'a> Exercise<'m, 'a> {
         for blocks in [false, true] {
             self.mgr.pool_snapshot_for_test(cpu, blocks, &mut seen);
             let want = if blocks { &self.m.blocks[cpu] } else { &self.m.pages[cpu] };
-            ensure!(seen == *want, "CPU {cpu}'s {} pool holds {seen:x?}, the model {want:x?}", if blocks { "block" } else { "page" });
+            ensure!(
+                seen == *want,
+                "CPU {cpu}'s {} pool holds {seen:x?}, the model {want:x?}",
+                if blocks { "block" } else { "page" }
+            );
         }
         self.scratch = seen;
         Ok(())
@@ -1263,12 +1342,21 @@ impl<'m, 'a> Exercise<'m, 'a> {
         let free = self.mgr.free_frames();
         ensure!(free == self.m.free(), "{free} free frames, the model {}", self.m.free());
         let committed = self.mgr.committed_frames();
-        ensure!(committed == self.m.committed, "{committed} frames committed, the model {}", self.m.committed);
+        ensure!(
+            committed == self.m.committed,
+            "{committed} frames committed, the model {}",
+            self.m.committed
+        );
         let unpromised = self.mgr.unpromised().available();
         ensure!(unpromised == self.m.unpromised, "{unpromised} unpromised, the model {}", self.m.unpromised);
         for b in &self.guests {
             let left = b.left.load(Ordering::Relaxed);
-            ensure!(left == b.left_m, "guest {}: {left} pages left in its promise, the model {}", b.vm.get(), b.left_m);
+            ensure!(
+                left == b.left_m,
+                "guest {}: {left} pages left in its promise, the model {}",
+                b.vm.get(),
+                b.left_m
+            );
         }
         Ok(())
     }
@@ -1312,7 +1400,8 @@ impl<'m, 'a> Exercise<'m, 'a> {
         self.check_tags(0, SPAN)?;
         for cpu in 0..CPUS {
             self.check_pool(cpu)?;
-            let low = self.m.pages[cpu].len() < self.cfg.page_low || self.m.blocks[cpu].len() < self.cfg.block_low;
+            let low =
+                self.m.pages[cpu].len() < self.cfg.page_low || self.m.blocks[cpu].len() < self.cfg.block_low;
             ensure!(self.mgr.needs_refill(cpu) == low, "CPU {cpu}: needs_refill is not {low}");
             let handle = self.mgr.cpu(cpu).ok_or_else(|| format!("no handle for CPU {cpu}"))?;
             ensure!(handle.needs_refill() == low, "CPU {cpu}'s handle: needs_refill is not {low}");
@@ -1324,7 +1413,11 @@ impl<'m, 'a> Exercise<'m, 'a> {
             let one = self.mgr.db().is_block_in(pfn_of(head), state);
             let want = self.m.compound[b] && state.owner().is_none_or(|o| o.block_tag().is_some());
             ensure!(one == want, "block {}: one unit in {state}: {one}, the model {want}", pfn_of(head));
-            ensure!(self.mgr.db().is_in(pfn_of(head + 1), self.m.st[head + 1].state()), "{}", pfn_of(head + 1));
+            ensure!(
+                self.mgr.db().is_in(pfn_of(head + 1), self.m.st[head + 1].state()),
+                "{}",
+                pfn_of(head + 1)
+            );
         }
         ensure!(self.mgr.cpus() == CPUS && *self.mgr.config() == self.cfg, "the manager's shape changed");
         self.check_counts()
@@ -1335,8 +1428,12 @@ impl<'m, 'a> Exercise<'m, 'a> {
         let r = self.mgr.audit(Some(self.ram));
         ensure!(r.is_exact(), "audit: {r}");
         let mut want = AuditReport { frames: SPAN, ..AuditReport::default() };
-        let mut guests: [GuestFrames; 4] =
-            core::array::from_fn(|vm| GuestFrames { vm: vm_of(vm as u8), memory: 0, page_tables: 0, shared: 0 });
+        let mut guests: [GuestFrames; 4] = core::array::from_fn(|vm| GuestFrames {
+            vm: vm_of(vm as u8),
+            memory: 0,
+            page_tables: 0,
+            shared: 0,
+        });
         for &s in &self.m.st {
             match s.state() {
                 FrameState::Absent => want.absent += 1,
@@ -1456,7 +1553,11 @@ mod tests {
     #[test]
     fn a_refused_release_that_scrubs_is_caught() {
         // Guest 1 takes a page and writes it; guest 2 tries to release it.
-        caught(Sabotage::ScrubRefused, &[0, 12, 0, 0, 0, 0, 0, 1, 0, 11, 0, 0, 0, 6, 0, 0, 0x0b], "lost its contents");
+        caught(
+            Sabotage::ScrubRefused,
+            &[0, 12, 0, 0, 0, 0, 0, 1, 0, 11, 0, 0, 0, 6, 0, 0, 0x0b],
+            "lost its contents",
+        );
     }
 
     #[test]
@@ -1507,7 +1608,8 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        let bugs = [Sabotage::HandOutTwice, Sabotage::FreeStillTagged, Sabotage::SkipScrub, Sabotage::ScrubRefused];
+        let bugs =
+            [Sabotage::HandOutTwice, Sabotage::FreeStillTagged, Sabotage::SkipScrub, Sabotage::ScrubRefused];
         let mut caught = [0; 4];
         for _ in 0..300 {
             let len = 1 + 4 * (next() % 48) as usize;
