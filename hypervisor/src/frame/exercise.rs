@@ -26,8 +26,8 @@ use std::vec::Vec;
 
 use super::tag::{HEAD, TAG_TAIL};
 use super::{
-    take_if_there, AtomicError, AuditReport, FrameDb, FrameError, FrameManager, FrameScrubber, FrameState,
-    GuestFrames, HeapSink, Owner, Pfn, PoolConfig, TagCell, VmId, BLOCK_FRAMES, FRAME_SIZE,
+    take_if_there, AtomicError, AuditReport, Claimed, FrameDb, FrameError, FrameManager, FrameScrubber,
+    FrameState, GuestFrames, HeapSink, Owner, Pfn, PoolConfig, TagCell, VmId, BLOCK_FRAMES, FRAME_SIZE,
 };
 
 /// The first frame of RAM: QEMU virt's, 2 MiB aligned.
@@ -633,18 +633,7 @@ impl<'m, 'a> Exercise<'m, 'a> {
             "CPU {cpu}'s handle is another's"
         );
         let expect = self.m.pages[cpu].last().map(|&p| (cpu, p)).ok_or(AtomicError::Empty);
-        let got = match handle.alloc_guest_page_own_pool(vm) {
-            Ok(claim) => {
-                ensure!(
-                    claim.vm() == vm,
-                    "a claim for VM {} came back for VM {}",
-                    vm.get(),
-                    claim.vm().get()
-                );
-                Ok(claim.pfn())
-            }
-            Err(e) => Err(e),
-        };
+        let got = claimed(handle.alloc_guest_page_own_pool(vm), vm)?;
         if self.took_page(got, expect, Owner::guest(vm), "own-pool page allocation")?.is_some() {
             self.took_unbudgeted();
         }
@@ -711,18 +700,7 @@ impl<'m, 'a> Exercise<'m, 'a> {
             "CPU {cpu}'s block pool: needs_block_refill disagrees with its {} blocks",
             self.m.blocks[cpu].len()
         );
-        let got = match handle.alloc_guest_block_own_pool(vm) {
-            Ok(claim) => {
-                ensure!(
-                    claim.vm() == vm,
-                    "a block claim for VM {} came back for VM {}",
-                    vm.get(),
-                    claim.vm().get()
-                );
-                Ok(claim.pfn())
-            }
-            Err(e) => Err(e),
-        };
+        let got = claimed(handle.alloc_guest_block_own_pool(vm), vm)?;
         self.took_block(got, expect, Owner::guest(vm), "own-pool block allocation")
     }
 
@@ -981,70 +959,12 @@ impl<'m, 'a> Exercise<'m, 'a> {
             return Ok(false);
         }
         let report = got.map_err(|e| format!("refill of CPU {cpu}: {e}"))?;
-        let cfg = self.cfg;
         self.touch_cpu(cpu);
         let mut seen = core::mem::take(&mut self.scratch);
-
-        let old = self.m.pages[cpu].len();
-        let want = if old < cfg.page_low { (cfg.page_high - old).min(self.m.buddy_free) } else { 0 };
-        ensure!(
-            report.pages_added == want,
-            "refill of CPU {cpu} added {} pages, the model {want}",
-            report.pages_added
-        );
-        self.mgr.pool_snapshot_for_test(cpu, false, &mut seen);
-        ensure!(
-            seen.len() == old + want && seen[..old] == self.m.pages[cpu][..],
-            "refill of CPU {cpu}: pages {:x?}, the model had {:x?} and added {want}",
-            seen,
-            self.m.pages[cpu]
-        );
-        for &p in &seen[old..] {
-            let i = idx(p).ok_or_else(|| format!("refill of CPU {cpu} pooled {p:#x}, outside RAM"))?;
-            ensure!(
-                self.m.st[i] == St::Buddy,
-                "refill of CPU {cpu} pooled {p:#x}, which was {:?}",
-                self.m.st[i]
-            );
-            self.m.set(i, St::PagePool(cpu as u8));
-            self.m.compound[i / BLOCK_FRAMES] = false;
-            self.m.pages[cpu].push(p);
-            self.touch(p, 1);
-        }
-        let pages_short = old < cfg.page_low && want < cfg.page_high - old;
-
-        let old = self.m.blocks[cpu].len();
-        let want = if old < cfg.block_low { (cfg.block_high - old).min(self.m.free_blocks()) } else { 0 };
-        ensure!(
-            report.blocks_added == want,
-            "refill of CPU {cpu} added {} blocks, the model {want}",
-            report.blocks_added
-        );
-        self.mgr.pool_snapshot_for_test(cpu, true, &mut seen);
-        ensure!(
-            seen.len() == old + want && seen[..old] == self.m.blocks[cpu][..],
-            "refill of CPU {cpu}: blocks {seen:x?}, the model had {:x?} and added {want}",
-            self.m.blocks[cpu]
-        );
-        for &head in &seen[old..] {
-            let i = idx(head).filter(|i| i % BLOCK_FRAMES == 0);
-            let i =
-                i.ok_or_else(|| format!("refill of CPU {cpu} pooled block {head:#x}: not a block of RAM"))?;
-            for k in i..i + BLOCK_FRAMES {
-                ensure!(
-                    self.m.st[k] == St::Buddy,
-                    "refill of CPU {cpu} pooled {}, which was {:?}",
-                    pfn_of(k),
-                    self.m.st[k]
-                );
-                self.m.set(k, St::BlockPool(cpu as u8));
-            }
-            self.m.compound[i / BLOCK_FRAMES] = true;
-            self.m.blocks[cpu].push(head);
-            self.touch(head, BLOCK_FRAMES);
-        }
-        let blocks_short = old < cfg.block_low && want < cfg.block_high - old;
+        let pages_short = self.refilled(cpu, false, report.pages_added, &mut seen);
+        let blocks_short = self.refilled(cpu, true, report.blocks_added, &mut seen);
         self.scratch = seen;
+        let (pages_short, blocks_short) = (pages_short?, blocks_short?);
         ensure!(
             report.exhausted == (pages_short || blocks_short),
             "refill of CPU {cpu} says exhausted: {}, the model {}",
@@ -1052,6 +972,51 @@ impl<'m, 'a> Exercise<'m, 'a> {
             pages_short || blocks_short
         );
         Ok(true)
+    }
+
+    /// The entries a refill of `cpu` pushed on its page (or block) pool, `added` of them: as
+    /// many as the model expects, taken from the buddy allocator, on top of what was there.
+    /// Whether the pool stayed short of its high watermark.
+    fn refilled(
+        &mut self,
+        cpu: usize,
+        blocks: bool,
+        added: usize,
+        seen: &mut Vec<u64>,
+    ) -> Result<bool, String> {
+        let cfg = self.cfg;
+        let (low, high, frames, there) = match blocks {
+            false => (cfg.page_low, cfg.page_high, 1, self.m.buddy_free),
+            true => (cfg.block_low, cfg.block_high, BLOCK_FRAMES, self.m.free_blocks()),
+        };
+        let held = if blocks { &self.m.blocks[cpu] } else { &self.m.pages[cpu] };
+        let old = held.len();
+        let want = if old < low { (high - old).min(there) } else { 0 };
+        ensure!(
+            added == want,
+            "refill of CPU {cpu} added {added} entries (blocks: {blocks}), the model {want}"
+        );
+        self.mgr.pool_snapshot_for_test(cpu, blocks, seen);
+        ensure!(
+            seen.len() == old + want && seen[..old] == held[..],
+            "refill of CPU {cpu}: pool {seen:x?}, the model had {held:x?} and added {want}"
+        );
+        for &first in &seen[old..] {
+            let i = idx(first).filter(|i| i % frames == 0 && i + frames <= SPAN);
+            let i = i.ok_or_else(|| {
+                format!("refill of CPU {cpu} pooled {first:#x}: not {frames} frames of RAM")
+            })?;
+            for k in i..i + frames {
+                let was = self.m.st[k];
+                ensure!(was == St::Buddy, "refill of CPU {cpu} pooled {}, which was {was:?}", pfn_of(k));
+                self.m.set(k, if blocks { St::BlockPool(cpu as u8) } else { St::PagePool(cpu as u8) });
+            }
+            // Pages are taken for per-frame use (their block is split), blocks as one unit.
+            self.m.compound[i / BLOCK_FRAMES] = blocks;
+            if blocks { &mut self.m.blocks[cpu] } else { &mut self.m.pages[cpu] }.push(first);
+            self.touch(first, frames);
+        }
+        Ok(old < low && want < high - old)
     }
 
     /// Everything in `cpu`'s pools goes back to the buddy allocator (in the model).
@@ -1204,7 +1169,7 @@ impl<'m, 'a> Exercise<'m, 'a> {
         let owner = Owner::guest(vm);
         let handle = self.mgr.cpu(cpu).ok_or_else(|| format!("no handle for CPU {cpu}"))?;
         let expect = self.m.pages[cpu].last().map(|&p| (cpu, p)).ok_or(AtomicError::Empty);
-        let got = handle.alloc_guest_page_own_pool(vm).map(|claim| claim.pfn());
+        let got = claimed(handle.alloc_guest_page_own_pool(vm), vm)?;
         let mut pfn = self.took_page(got, expect, owner, "budgeted page allocation")?;
         if pfn.is_none() {
             pfn = self.alloc_page(cpu, owner)?;
@@ -1461,6 +1426,16 @@ impl<'m, 'a> Exercise<'m, 'a> {
         }
         Ok(())
     }
+}
+
+/// The frame a claim of the fast path proves, which must be for `vm`.
+fn claimed<const N: usize>(
+    got: Result<Claimed<N>, AtomicError>,
+    vm: VmId,
+) -> Result<Result<Pfn, AtomicError>, String> {
+    let Ok(claim) = got else { return Ok(got.map(|c| c.pfn())) };
+    ensure!(claim.vm() == vm, "a claim for VM {} came back for VM {}", vm.get(), claim.vm().get());
+    Ok(Ok(claim.pfn()))
 }
 
 /// The frames of `t` an operand picks: all of them, or a run inside them.
