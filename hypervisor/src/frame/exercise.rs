@@ -206,6 +206,8 @@ struct Model {
     retired: [bool; CPUS],
     committed: usize,
     unpromised: usize,
+    /// The pools' capacity set aside when the unpromised frames were opened (what remains).
+    aside: usize,
     open: bool,
     /// Nothing but the budgets took free frames while promises stood, so every draw a budget
     /// allowed must succeed.
@@ -406,6 +408,7 @@ impl<'m, 'a> Exercise<'m, 'a> {
             retired: [false; CPUS],
             committed: 0,
             unpromised: 0,
+            aside: 0,
             open: false,
             promises_hold: true,
         };
@@ -1063,7 +1066,10 @@ impl<'m, 'a> Exercise<'m, 'a> {
         let moved = self.empty_pools(cpu);
         ensure!(got == Ok(moved), "retire of CPU {cpu}: {got:?}, the model moved {moved}");
         if self.m.open {
-            self.m.unpromised += self.cfg.page_capacity + self.cfg.block_capacity * BLOCK_FRAMES;
+            // What was set aside for pools that can no longer hold it.
+            let kept = self.m.aside.min(self.m.capacity(&self.cfg));
+            self.m.unpromised += self.m.aside - kept;
+            self.m.aside = kept;
         }
         Ok(())
     }
@@ -1094,7 +1100,9 @@ impl<'m, 'a> Exercise<'m, 'a> {
 
     fn open(&mut self) -> Result<(), String> {
         let reserved: usize = self.guests.iter().map(|b| b.left_m).sum();
-        let expect = self.m.free().saturating_sub(reserved + self.m.capacity(&self.cfg));
+        let beyond = self.m.free().saturating_sub(reserved);
+        let aside = beyond.min(self.m.capacity(&self.cfg));
+        let expect = beyond - aside;
         let got = self.mgr.open_unpromised(reserved);
         ensure!(got == expect, "open_unpromised({reserved}): {got}, the model {expect}");
         if self.m.open {
@@ -1103,6 +1111,7 @@ impl<'m, 'a> Exercise<'m, 'a> {
         }
         self.m.open = true;
         self.m.unpromised = expect;
+        self.m.aside = aside;
         Ok(())
     }
 

@@ -125,6 +125,9 @@ pub struct FrameManager<'a, const ORDER: usize = 32> {
     unpromised: Unpromised,
     /// [`FrameManager::open_unpromised`] ran: a pool retired after it frees its capacity.
     unpromised_open: AtomicBool,
+    /// The pools' capacity `open_unpromised` set aside: all of it, or what was free beyond the
+    /// promises if that was less. Locked after `buddy`.
+    set_aside: spin::Mutex<usize>,
 }
 
 impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
@@ -197,6 +200,7 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
             committed: spin::Mutex::new(0),
             unpromised: Unpromised::new(),
             unpromised_open: AtomicBool::new(false),
+            set_aside: spin::Mutex::new(0),
         })
     }
 
@@ -357,15 +361,22 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
     /// Empties `cpu`'s pools for good: a CPU that will never allocate (no guest runs there, or
     /// its guest stopped) then holds no free frames out of reach, refills refuse it, and
     /// promises ([`FrameManager::commit`]) no longer set its pools' capacity aside. Once the
-    /// unpromised frames are open (which counted them without that capacity), the capacity
-    /// joins them. Slow path.
+    /// unpromised frames are open (which counted them without that capacity), what was set
+    /// aside for it joins them. Slow path.
     pub fn retire(&self, cpu: usize) -> Result<usize, FrameError> {
         let pools = self.active_pools(cpu)?;
         // Retired first, so no refill starts after the drain below.
         pools.retired.store(true, Ordering::Release);
         let drained = self.drain(cpu)?;
         if self.unpromised_open.load(Ordering::Acquire) {
-            self.unpromised.give(self.config.page_capacity + self.config.block_capacity * BLOCK_FRAMES);
+            // What was set aside beyond what the remaining pools can hold: this pool's capacity,
+            // unless fewer frames than every pool's capacity were free to set aside at opening
+            // (the whole capacity would count frames that do not exist).
+            let _buddy = self.buddy.lock();
+            let mut aside = self.set_aside.lock();
+            let kept = (*aside).min(self.pool_capacity_frames());
+            self.unpromised.give(*aside - kept);
+            *aside = kept;
         }
         Ok(drained)
     }
@@ -504,7 +515,11 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
     pub fn open_unpromised(&self, reserved: usize) -> usize {
         let buddy = self.buddy.lock();
         let free = buddy.free_frames() + self.pooled_frames();
-        let frames = free.saturating_sub(reserved + self.pool_capacity_frames());
+        let beyond = free.saturating_sub(reserved);
+        // What the pools could hold is set aside, as far as anything is free to set aside.
+        let aside = beyond.min(self.pool_capacity_frames());
+        *self.set_aside.lock() = aside;
+        let frames = beyond - aside;
         self.unpromised.set(frames);
         self.unpromised_open.store(true, Ordering::Release);
         frames
