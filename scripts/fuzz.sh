@@ -18,7 +18,7 @@ set -euo pipefail
 # coverage level 3 (edges) instead of cargo-fuzz's 4 (edges and indirect calls): libFuzzer
 # uses the indirect-call trace only with -use_value_profile=1, which these runs do not set,
 # so it was a call per closure call for nothing.
-FAST_TARGETS=(stage2_ops)
+FAST_TARGETS=(stage2_ops frame_ops)
 FAST_RUSTFLAGS="-Cllvm-args=-sanitizer-coverage-level=3"
 
 is_fast() {
@@ -38,11 +38,13 @@ build_options() {
     fi
 }
 
-# The longest input worth mutating: a stage-2 sequence stops after its 64th operation, a trap
-# is three registers, a UART run a few hundred accesses.
+# The longest input worth mutating: a stage-2 sequence stops after its 64th operation, a frame
+# sequence after its 64th (a configuration byte, then 4 bytes an operation), a trap is three
+# registers, a UART run a few hundred accesses.
 max_len() {
     case "$1" in
         stage2_ops) echo 512 ;;
+        frame_ops) echo 257 ;;
         trap_decode) echo 24 ;;
         sysreg) echo 64 ;;
         vpl011) echo 4096 ;;

@@ -7,8 +7,9 @@
 #   2. QEMU boot tests that assert on the console (scripts/boot_tests.py), with Labyrinth's
 #      guest kernels (scripts/build-guests.sh) for the two-guest scenarios and Debian's arm64
 #      Linux (scripts/fetch-linux.sh, downloaded once into build/) for the Linux guest,
-#   3. fuzz smoke runs (cargo fuzz, nightly) of the device-tree parser, the stage-2 tables, trap
-#      decoding, system-register classification and the PL011, after the corpus replay in (1),
+#   3. fuzz smoke runs (cargo fuzz, nightly) of the device-tree parser, the stage-2 tables, the
+#      frame manager, trap decoding, system-register classification, the PL011 and the exit
+#      path, after the corpus replay in (1),
 # and before them the hygiene checks: formatting and clippy (scripts/lint.sh), every benchmark
 # run once, every fuzz target built, an aarch64 build without warnings.
 # Installs what is missing first. Exits non-zero on any failure.
@@ -62,6 +63,7 @@ step "QEMU boot tests" timeout 1800 python3 scripts/boot_tests.py
 step "fuzz targets build" timeout 900 scripts/fuzz.sh --build-all
 step "device-tree fuzz smoke" timeout 600 scripts/fuzz.sh dt_parse "${FUZZ_SECONDS:-30}"
 step "stage-2 fuzz smoke" timeout 600 scripts/fuzz.sh stage2_ops "${FUZZ_SECONDS:-30}"
+step "frame manager fuzz smoke" timeout 600 scripts/fuzz.sh frame_ops "${FUZZ_GUEST_SECONDS:-20}"
 step "trap decoding fuzz smoke" timeout 600 scripts/fuzz.sh trap_decode "${FUZZ_GUEST_SECONDS:-20}"
 step "system register fuzz smoke" timeout 600 scripts/fuzz.sh sysreg "${FUZZ_GUEST_SECONDS:-20}"
 step "PL011 fuzz smoke" timeout 600 scripts/fuzz.sh vpl011 "${FUZZ_GUEST_SECONDS:-20}"

@@ -126,6 +126,9 @@ pub struct FrameManager<'a, const ORDER: usize = 32> {
     unpromised: Unpromised,
     /// [`FrameManager::open_unpromised`] ran: a pool retired after it frees its capacity.
     unpromised_open: AtomicBool,
+    /// The pools' capacity `open_unpromised` set aside: all of it, or what was free beyond the
+    /// promises if that was less. Locked after `buddy`.
+    set_aside: spin::Mutex<usize>,
 }
 
 impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
@@ -198,6 +201,7 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
             committed: spin::Mutex::new(0),
             unpromised: Unpromised::new(),
             unpromised_open: AtomicBool::new(false),
+            set_aside: spin::Mutex::new(0),
         })
     }
 
@@ -358,15 +362,22 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
     /// Empties `cpu`'s pools for good: a CPU that will never allocate (no guest runs there, or
     /// its guest stopped) then holds no free frames out of reach, refills refuse it, and
     /// promises ([`FrameManager::commit`]) no longer set its pools' capacity aside. Once the
-    /// unpromised frames are open (which counted them without that capacity), the capacity
-    /// joins them. Slow path.
+    /// unpromised frames are open (which counted them without that capacity), what was set
+    /// aside for it joins them. Slow path.
     pub fn retire(&self, cpu: usize) -> Result<usize, FrameError> {
         let pools = self.active_pools(cpu)?;
         // Retired first, so no refill starts after the drain below.
         pools.retired.store(true, Ordering::Release);
         let drained = self.drain(cpu)?;
         if self.unpromised_open.load(Ordering::Acquire) {
-            self.unpromised.give(self.config.page_capacity + self.config.block_capacity * BLOCK_FRAMES);
+            // What was set aside beyond what the remaining pools can hold: this pool's capacity,
+            // unless fewer frames than every pool's capacity were free to set aside at opening
+            // (the whole capacity would count frames that do not exist).
+            let _buddy = self.buddy.lock();
+            let mut aside = self.set_aside.lock();
+            let kept = (*aside).min(self.pool_capacity_frames());
+            self.unpromised.give(*aside - kept);
+            *aside = kept;
         }
         Ok(drained)
     }
@@ -518,7 +529,11 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
     pub fn open_unpromised(&self, reserved: usize) -> usize {
         let buddy = self.buddy.lock();
         let free = buddy.free_frames() + self.pooled_frames();
-        let frames = free.saturating_sub(reserved + self.pool_capacity_frames());
+        let beyond = free.saturating_sub(reserved);
+        // What the pools could hold is set aside, as far as anything is free to set aside.
+        let aside = beyond.min(self.pool_capacity_frames());
+        *self.set_aside.lock() = aside;
+        let frames = beyond - aside;
         self.unpromised.set(frames);
         self.unpromised_open.store(true, Ordering::Release);
         frames
@@ -564,10 +579,17 @@ impl<'a, const ORDER: usize> FrameManager<'a, ORDER> {
     }
 
     /// The entries of `cpu`'s page (or block) pool, bottom to top.
-    #[cfg(all(test, not(loom)))]
+    #[cfg(all(any(test, feature = "model"), not(loom)))]
     pub(crate) fn pool_snapshot_for_test(&self, cpu: usize, blocks: bool, out: &mut Vec<u64>) {
         let pools = &self.pools[cpu];
         let _ = if blocks { pools.blocks.snapshot(out) } else { pools.pages.snapshot(out) };
+    }
+
+    /// Gives frames to the buddy allocator with their tags as they are: the frame exercise's
+    /// planted bug (a release that skips its transitions), never a path of the manager.
+    #[cfg(all(any(test, feature = "model"), not(loom)))]
+    pub(crate) fn give_back_untagged_for_test(&self, first: Pfn, frames: usize) -> Result<(), FrameError> {
+        self.buddy.lock().give_back(first, frames)
     }
 
     /// Walks the database, the buddy allocator and every pool and checks that each frame has

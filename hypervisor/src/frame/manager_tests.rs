@@ -553,6 +553,29 @@ fn a_pool_retired_after_opening_gives_its_capacity_to_the_unpromised() {
     assert!(rig.frames.audit(None).is_consistent());
 }
 
+// Fewer frames free at opening than every pool could hold: only those were set aside, so a
+// retired pool gives the unpromised frames only what the remaining pools no longer need (its
+// whole capacity would count frames that do not exist; found by the frame_ops fuzz target).
+#[test]
+fn a_pool_retired_after_a_short_opening_gives_only_what_was_set_aside() {
+    let rig = rig(4096, 3, small());
+    let pool = small().page_capacity + small().block_capacity * BLOCK_FRAMES;
+    for frames in [2048, 1024, 256, 64] {
+        rig.frames.alloc_contiguous(frames, guest(1)).unwrap();
+    }
+    let free = rig.frames.free_frames();
+    assert!(free < 2 * pool, "{free} free: less than two pools' capacity");
+    assert_eq!(rig.frames.open_unpromised(0), 0, "all of it set aside");
+    rig.frames.retire(2).unwrap();
+    assert_eq!(rig.frames.unpromised().available(), 0, "two pools can still hold all {free}");
+    rig.frames.retire(1).unwrap();
+    let now = rig.frames.unpromised().available();
+    assert_eq!(now, free - pool, "what CPU 0's pools cannot hold");
+    for i in 0..now {
+        assert!(draw_page(&rig, 0, guest(2)).is_some(), "unpromised frame {i} of {now} could not be drawn");
+    }
+}
+
 // The point of a promise: a guest that draws exactly its promise always gets it, even after
 // another guest drew all of its own and the pools were left in the worst state (the other
 // CPU's pool full of frames nobody will use).

@@ -30,6 +30,9 @@ mod sync;
 mod tag;
 mod unpromised;
 
+/// The `frame_ops` fuzz harness, shared by the fuzz target and the host tests.
+#[cfg(all(any(test, feature = "model"), not(loom)))]
+pub mod exercise;
 #[cfg(test)]
 pub(crate) mod testing;
 

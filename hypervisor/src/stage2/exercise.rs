@@ -17,6 +17,10 @@
 //! invalidation, while break-before-make holds entries locked, or at the locking of a table
 //! about to be unlinked). While a fault is under way, structural changes take their `_live`
 //! forms and unlinked tables wait for every vCPU's quiescent point.
+//!
+//! The checks and the reference model are exported as `__sanitizer_labyrinth_*` in fuzz builds,
+//! as `model.rs` explains: out of the coverage instrumentation. What drives the operations
+//! (`step`, the vCPUs' steps, which inline the fault code under test) stays instrumented.
 
 use std::collections::BTreeMap;
 use std::format;
@@ -67,6 +71,7 @@ struct Run {
 
 /// Appends `run` at `ipa`, merging it into the last run when it continues it (IPA, PA, attrs),
 /// so that both sides of a comparison reach the same canonical form.
+#[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_fn_push_merged")]
 fn push_merged(out: &mut Vec<(u64, Run)>, ipa: u64, run: Run) {
     if let Some((last_ipa, last)) = out.last_mut() {
         let len = last.pages * PAGE;
@@ -87,20 +92,24 @@ struct Reference {
 
 impl Reference {
     /// The run covering `ipa`, with its first IPA.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Reference_run_at")]
     fn run_at(&self, ipa: u64) -> Option<(u64, Run)> {
         let (&start, &run) = self.runs.range(..=ipa).next_back()?;
         (ipa < start + run.pages * PAGE).then_some((start, run))
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Reference_get")]
     fn get(&self, ipa: u64) -> Option<(u64, Attrs)> {
         self.run_at(ipa).map(|(start, run)| (run.pa + (ipa - start), run.attrs))
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Reference_any_in")]
     fn any_in(&self, start: u64, end: u64) -> bool {
         self.runs.range(..end).next_back().is_some_and(|(&s, r)| s + r.pages * PAGE > start)
     }
 
     /// Splits the run straddling `at`, if any, so that no run crosses it.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Reference_cut")]
     fn cut(&mut self, at: u64) {
         if let Some((start, run)) = self.run_at(at) {
             if start < at {
@@ -111,16 +120,19 @@ impl Reference {
         }
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Reference_insert")]
     fn insert(&mut self, ipa: u64, pages: u64, pa: u64) {
         self.insert_with(ipa, pages, pa, Attrs::RAM);
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Reference_insert_with")]
     fn insert_with(&mut self, ipa: u64, pages: u64, pa: u64, attrs: Attrs) {
         self.runs.insert(ipa, Run { pages, pa, attrs });
         self.pages += pages;
     }
 
     /// Removes `[start, end)`; returns the frames it mapped, as (PA, size).
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Reference_remove")]
     fn remove(&mut self, start: u64, end: u64) -> Vec<(u64, u64)> {
         self.cut(start);
         self.cut(end);
@@ -135,6 +147,7 @@ impl Reference {
         gone
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Reference_protect")]
     fn protect(&mut self, start: u64, end: u64, attrs: Attrs) {
         self.cut(start);
         self.cut(end);
@@ -144,6 +157,7 @@ impl Reference {
     }
 
     /// The runs inside `[start, end)`, clipped and merged.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Reference_runs_in")]
     fn runs_in(&self, start: u64, end: u64) -> Vec<(u64, Run)> {
         let mut out = Vec::new();
         let first = self.run_at(start).map_or(start, |(s, _)| s);
@@ -154,6 +168,7 @@ impl Reference {
         out
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Reference_clear")]
     fn clear(&mut self) {
         self.runs.clear();
         self.pages = 0;
@@ -496,11 +511,13 @@ impl Vcpus {
 
 /// What the guest's access to `ipa` reaches now, walking the tables in memory (not through
 /// the code under test); between operations no TLB holds anything else.
+#[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_fn_walk_pa")]
 fn walk_pa(env: &ModelEnv, s2: &Stage2, ipa: u64) -> Option<u64> {
     walk_leaf(env, s2, ipa).map(|(pa, _)| pa)
 }
 
 /// Whether the entry a walk to `ipa` finds at `level` is a table.
+#[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_fn_walk_table")]
 fn walk_table(env: &ModelEnv, s2: &Stage2, ipa: u64, level: usize) -> bool {
     let (mut table, mut at) = (root_of(s2), s2.geometry().start_level);
     loop {
@@ -517,6 +534,7 @@ fn walk_table(env: &ModelEnv, s2: &Stage2, ipa: u64, level: usize) -> bool {
 }
 
 /// The frame and attributes [`walk_pa`] finds.
+#[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_fn_walk_leaf")]
 fn walk_leaf(env: &ModelEnv, s2: &Stage2, ipa: u64) -> Option<(u64, Attrs)> {
     let (mut table, mut level) = (root_of(s2), s2.geometry().start_level);
     loop {
@@ -1216,6 +1234,7 @@ impl Exercise {
     }
 
     /// The machine model's verdict.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Exercise_check_model", inline(never))]
     fn check_model(&mut self) -> Result<(), String> {
         self.env.check_quiescent();
         ensure!(self.env.violations.is_empty(), "machine-model violations: {:#?}", self.env.violations);
@@ -1224,6 +1243,7 @@ impl Exercise {
 
     /// What holds after every operation: the model's verdict, frame and table counts, cached
     /// tables, and the translations of the range the operation touched.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Exercise_check_step", inline(never))]
     fn check_step(&mut self, touched: Option<Touched>) -> Result<(), String> {
         self.check_model()?;
         if let Some(t) = touched {
@@ -1278,6 +1298,7 @@ impl Exercise {
 
     /// The touched range, read from table memory, against the reference; its frames; the
     /// table code's walker at its edges.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Exercise_check_range")]
     fn check_range(&self, t: Touched) -> Result<(), String> {
         let g = &self.guests[t.gi];
         let s2 = g.s2.as_ref().expect("live space");
@@ -1298,6 +1319,7 @@ impl Exercise {
     }
 
     /// Every frame of `runs` is the guest's and mapped once, in all guests together.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Exercise_check_frames")]
     fn check_frames(&self, gi: usize, runs: &[(u64, Run)]) -> Result<(), String> {
         let g = &self.guests[gi];
         for &(ipa, run) in runs {
@@ -1315,6 +1337,7 @@ impl Exercise {
         Ok(())
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Exercise_check_translate")]
     fn check_translate(&self, gi: usize, ipa: u64) -> Result<(), String> {
         let g = &self.guests[gi];
         let got = g.s2.as_ref().expect("live space").translate(&self.env, ipa).map(|m| (m.pa, m.attrs));
@@ -1326,6 +1349,7 @@ impl Exercise {
     /// Everything: each guest's window, read from table memory, against the reference, with
     /// its frames owned and mapped once, and nothing mapped outside it (the model counts every
     /// page a guest's leaves map).
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Exercise_check_full", inline(never))]
     fn check_full(&mut self) -> Result<(), String> {
         self.check_model()?;
         for gi in 0..2 {
@@ -1345,6 +1369,7 @@ impl Exercise {
     /// The table code's own walkers agree: every leaf it reports against the reference, a
     /// spread of translations, and its list of table pages (each one of the guest's, as many
     /// as it counts).
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Exercise_check_walkers", inline(never))]
     fn check_walkers(&self) -> Result<(), String> {
         for gi in 0..2 {
             let g = &self.guests[gi];
@@ -1363,6 +1388,7 @@ impl Exercise {
     }
 
     /// The table code's own list of table pages: each one of the guest's, as many as it counts.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Exercise_check_tables")]
     fn check_tables(&self) -> Result<(), String> {
         for g in &self.guests {
             let s2 = g.s2.as_ref().expect("live space");
@@ -1387,6 +1413,7 @@ impl Exercise {
 
     /// Tears both guests down; afterwards every frame but the hypervisor's is free. Returns the
     /// faults that retried and those that met a held entry.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_Exercise_finish", inline(never))]
     fn finish(mut self) -> Result<(usize, usize), String> {
         if self.guests.iter().any(|g| g.vcpus.busy()) {
             for gi in 0..2 {
@@ -1418,6 +1445,7 @@ impl Exercise {
 }
 
 /// Sorts frame ranges and merges adjacent ones: the same frames, whatever the pieces.
+#[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_fn_merge_frames")]
 fn merge_frames(ranges: &mut [(u64, u64)]) -> Vec<(u64, u64)> {
     ranges.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
@@ -1432,7 +1460,9 @@ fn merge_frames(ranges: &mut [(u64, u64)]) -> Vec<(u64, u64)> {
 
 /// The leaves of `s2` inside `[start, end)`, clipped and merged, read straight from table
 /// memory (not through the code under test).
+#[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_fn_table_runs")]
 fn table_runs(env: &ModelEnv, s2: &Stage2, start: u64, end: u64) -> Vec<(u64, Run)> {
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2check_fn_visit")]
     fn visit(
         env: &ModelEnv,
         table: Pfn,

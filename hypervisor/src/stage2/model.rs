@@ -18,6 +18,11 @@
 //! *not* reachable any more: the stale entries, from the moment a write unlinks them until an
 //! invalidation removes them. Each write then costs what it changes, not the size of the tables,
 //! which is what lets the fuzzer run thousands of sequences a second.
+//!
+//! In fuzz builds (`cfg(fuzzing)`) every non-generic function here is exported as
+//! `__sanitizer_labyrinth_*`: LLVM's SanitizerCoverage leaves functions so named alone, and the
+//! model's edges are the checker's, not the code under test's, so they only cost the fuzzer time
+//! (rustc offers no per-function or per-file way out of the instrumentation; docs/fuzzing.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::format;
@@ -77,6 +82,7 @@ struct Stale {
 }
 
 impl Stale {
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stale_range")]
     fn range(&self) -> (u16, u64, u64) {
         match self.entry {
             Cached::Leaf(l) => (l.vmid, l.ipa, l.size),
@@ -84,10 +90,12 @@ impl Stale {
         }
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stale_vmid")]
     fn vmid(&self) -> u16 {
         self.range().0
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stale_covers")]
     fn covers(&self, ipa: u64) -> bool {
         let (_, base, size) = self.range();
         base <= ipa && ipa < base + size
@@ -195,6 +203,7 @@ pub struct ModelEnv {
 
 impl ModelEnv {
     /// RAM of `frames` frames starting at frame `ram_base`, all free.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_new")]
     pub fn new(ram_base: u64, frames: usize) -> Self {
         ModelEnv {
             mem: TableMemory {
@@ -229,27 +238,32 @@ impl ModelEnv {
         }
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_violation")]
     fn violation(&mut self, what: String) {
         self.violations.push(what);
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_index_of")]
     fn index_of(&self, pfn: u64) -> Option<usize> {
         let i = pfn.checked_sub(self.ram_base)?;
         (i < self.frames.len() as u64).then_some(i as usize)
     }
 
     /// The live table in frame `pfn`, if it is one.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_table")]
     fn table(&self, pfn: u64) -> Option<&Table> {
         self.mem.get(pfn)
     }
 
     /// The entries of the live table in `table`, if it is one (for the harness's own walks,
     /// which read whole tables).
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_table_entries")]
     pub fn table_entries(&self, table: Pfn) -> Option<&[u64; ENTRIES]> {
         self.table(table.0).map(|t| &**t)
     }
 
     /// The valid entries of the table in frame `pfn`, as (index, raw).
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_valid")]
     fn valid(&self, pfn: u64) -> Vec<(usize, u64)> {
         self.table(pfn).map_or(Vec::new(), |t| {
             let mut v = Vec::new();
@@ -260,10 +274,12 @@ impl ModelEnv {
 
     /// A copy of the table in frame `pfn` (zeroes if it is none), to walk while changing the
     /// model.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_entries")]
     fn entries(&self, pfn: u64) -> [u64; ENTRIES] {
         self.table(pfn).map_or([0; ENTRIES], |t| **t)
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_count_mut")]
     fn count_mut(&mut self, state: u16) -> &mut usize {
         let at = match self.counts.iter().position(|c| c.0 == state) {
             Some(at) => at,
@@ -276,6 +292,7 @@ impl ModelEnv {
     }
 
     /// Gives frames `[first, end)` (indices) the state `to`, keeping the counts.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_retag")]
     fn retag(&mut self, first: usize, end: usize, to: FrameState) {
         let to = to.tag();
         if end == first + 1 {
@@ -307,23 +324,27 @@ impl ModelEnv {
     /// Switches to another CPU's view of what is written and not yet published by a `DSB`
     /// (each CPU's barrier orders its own writes): `unpublished` becomes the current CPU's,
     /// the previous one's is returned.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_switch_cpu")]
     pub fn switch_cpu(&mut self, unpublished: bool) -> bool {
         core::mem::replace(&mut self.unpublished, unpublished)
     }
 
     /// Whether the block headed at `head` is still held as one unit (for tests).
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_is_compound")]
     pub fn is_compound(&self, head: Pfn) -> bool {
         self.compound.contains(&head.0)
     }
 
     /// How many reachable leaves, in every address space, translate to `pfn`: a frame mapped
     /// twice shows as 2.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_leaves_mapping")]
     pub fn leaves_mapping(&self, pfn: Pfn) -> u16 {
         self.index_of(pfn.0).map_or(0, |i| self.mapped[i])
     }
 
     /// The first of the `count` frames from `pfn` on that is not in `state`, or that a reachable
     /// leaf maps (a claim not mapped yet, or given back, must be neither).
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_first_not_unmapped")]
     pub fn first_not_unmapped(&self, pfn: Pfn, count: u64, state: FrameState) -> Option<Pfn> {
         let (Some(first), Some(last)) = (self.index_of(pfn.0), self.index_of(pfn.0 + count.max(1) - 1))
         else {
@@ -340,6 +361,7 @@ impl ModelEnv {
 
     /// The first of the `count` frames from `pfn` on that is not in `state`, or not mapped by
     /// exactly one reachable leaf (a frame outside RAM is neither).
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_first_not_mapped_once")]
     pub fn first_not_mapped_once(&self, pfn: Pfn, count: u64, state: FrameState) -> Option<Pfn> {
         let (Some(first), Some(last)) = (self.index_of(pfn.0), self.index_of(pfn.0 + count.max(1) - 1))
         else {
@@ -355,6 +377,7 @@ impl ModelEnv {
     }
 
     /// The `n`th (modulo their number) table page reachable in `vmid`'s space, root included.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_table_of")]
     pub fn table_of(&self, vmid: u16, n: usize) -> Option<Pfn> {
         let count = self.info.values().filter(|t| t.vmid == vmid).count();
         let (&pfn, _) = self.info.iter().filter(|t| t.1.vmid == vmid).nth(n.checked_rem(count)?)?;
@@ -362,6 +385,7 @@ impl ModelEnv {
     }
 
     /// Registers an address space so the model knows which VMID a table belongs to.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_add_root")]
     pub fn add_root(&mut self, vmid: u16, root: Pfn, start_level: usize) {
         self.roots.push((vmid, root, start_level));
         self.info_last.set(None);
@@ -373,6 +397,7 @@ impl ModelEnv {
 
     /// Forgets an address space after its teardown; what it still mapped stays cached until
     /// invalidated.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_remove_root")]
     pub fn remove_root(&mut self, vmid: u16) {
         let Some(&(_, root, level)) = self.roots.iter().find(|r| r.0 == vmid) else { return };
         for (i, raw) in self.valid(root.0) {
@@ -384,6 +409,7 @@ impl ModelEnv {
     }
 
     /// Takes a free frame for `owner` (what the atomic path does for a fault), if any is left.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_claim_frame")]
     pub fn claim_frame(&mut self, state: FrameState) -> Option<Pfn> {
         if self.sabotage == Sabotage::HandOutTwice && matches!(state, FrameState::Guest(_)) {
             if let Some(pfn) = self.last_guest_frame {
@@ -427,6 +453,7 @@ impl ModelEnv {
     }
 
     /// Claims `count` contiguous, `align`-aligned free frames (a block), if there are any.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_claim_contiguous")]
     pub fn claim_contiguous(&mut self, count: usize, align: u64, state: FrameState) -> Option<Pfn> {
         let align = align.max(1);
         let n = self.frames.len();
@@ -448,6 +475,7 @@ impl ModelEnv {
 
     /// The guest gave `[pa, pa + size)` back (after an unmap reported it): checks that no TLB can
     /// still translate to it, then frees it.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_release_frames")]
     pub fn release_frames(&mut self, pa: u64, size: u64) {
         let end = pa + size;
         let mut stale = None;
@@ -504,6 +532,7 @@ impl ModelEnv {
     /// Table `table` at `level`, covering from `base`, became reachable in `vmid`'s space
     /// (`add`) or stopped being reachable: its tables join or leave `info`, and the frames its
     /// leaves translate to gain or lose a mapping.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_account")]
     fn account(&mut self, vmid: u16, table: Pfn, level: usize, base: u64, add: bool) {
         self.info_last.set(None);
         let mut todo = vec![(table, level, base)];
@@ -538,6 +567,7 @@ impl ModelEnv {
         self.count_pages(vmid, pages, add);
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_count_pages")]
     fn count_pages(&mut self, vmid: u16, pages: u64, add: bool) {
         let at = match self.pages_mapped.iter().position(|c| c.0 == vmid) {
             Some(at) => at,
@@ -551,12 +581,14 @@ impl ModelEnv {
     }
 
     /// How many pages `vmid`'s reachable leaves map, in all.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_pages_mapped")]
     pub fn pages_mapped(&self, vmid: u16) -> u64 {
         self.pages_mapped.iter().find(|c| c.0 == vmid).map_or(0, |c| c.1)
     }
 
     /// The entry `raw` at `level`, covering from `ipa` in `vmid`'s space, just became
     /// reachable: what it maps must not conflict with what a TLB still holds.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_reach")]
     fn reach(&mut self, vmid: u16, level: usize, ipa: u64, raw: u64) {
         let size = level_size(level);
         let mut leaves = Vec::new();
@@ -598,6 +630,7 @@ impl ModelEnv {
 
     /// The entry `raw` at `level`, covering from `ipa` in `vmid`'s space, just became
     /// unreachable: what it led to stays cached until an invalidation removes it.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_unreach")]
     fn unreach(&mut self, vmid: u16, level: usize, ipa: u64, raw: u64) {
         let size = level_size(level);
         let entry = match Entry::decode(raw, level) {
@@ -619,6 +652,7 @@ impl ModelEnv {
     }
 
     /// Calls `f` with every leaf below `w` (a stale subtree) that overlaps `[start, end)`.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_tree_leaves")]
     fn tree_leaves(&self, w: &CachedWalk, start: u64, end: u64, f: &mut dyn FnMut(CachedLeaf)) {
         let level = child_level(w);
         let size = level_size(level);
@@ -640,6 +674,7 @@ impl ModelEnv {
     }
 
     /// Calls `f` with every stale leaf of `vmid` (subtrees included) overlapping `[start, end)`.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_stale_leaves")]
     fn stale_leaves(&self, vmid: u16, start: u64, end: u64, f: &mut dyn FnMut(CachedLeaf)) {
         for s in self.stale.iter().filter(|s| s.vmid() == vmid) {
             let (_, base, size) = s.range();
@@ -655,6 +690,7 @@ impl ModelEnv {
     }
 
     /// Whether the subtree below `w` contains table page `table` (its own included).
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_tree_holds")]
     fn tree_holds(&self, w: &CachedWalk, table: Pfn) -> bool {
         if w.table == table {
             return true;
@@ -675,6 +711,7 @@ impl ModelEnv {
     }
 
     /// Replaces stale subtree `k` with its descriptor and its table's entries, one level down.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_expand")]
     fn expand(&mut self, k: usize) {
         let s = self.stale[k];
         let Cached::Tree(w) = s.entry else { return };
@@ -699,6 +736,7 @@ impl ModelEnv {
     }
 
     /// Expands every stale subtree matching `which` until none is left.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_expand_where")]
     fn expand_where(&mut self, which: &dyn Fn(&Self, &Stale) -> bool) {
         while let Some(k) =
             self.stale.iter().position(|s| matches!(s.entry, Cached::Tree(_)) && which(self, s))
@@ -708,6 +746,7 @@ impl ModelEnv {
     }
 
     /// Whether a walk of the current tables finds `entry` (a leaf or a walk).
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_reachable")]
     fn reachable(&self, entry: &Cached) -> bool {
         let (vmid, ipa, size) = match *entry {
             Cached::Leaf(l) => (l.vmid, l.ipa, l.size),
@@ -736,6 +775,7 @@ impl ModelEnv {
 
     /// After an operation, before the guest runs again: no TLB may hold anything the tables do
     /// not say, and every table write must have been published.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_check_quiescent")]
     pub fn check_quiescent(&mut self) {
         if self.unpublished {
             self.violation("table writes not published with a DSB before returning".into());
@@ -779,11 +819,13 @@ impl ModelEnv {
         self.recount_trees();
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_recount_trees")]
     fn recount_trees(&mut self) {
         self.trees = self.stale.iter().filter(|s| matches!(s.entry, Cached::Tree(_))).count();
     }
 
     /// Cached entries (stage 2, combined, walk) still tagged with `vmid`.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_cached_for")]
     pub fn cached_for(&self, vmid: u16) -> usize {
         let mut n = 0;
         for s in self.stale.iter().filter(|s| s.vmid() == vmid) {
@@ -802,6 +844,7 @@ impl ModelEnv {
 
     /// Entries a walk from `table` reaches, each leaf counted `leaf` times (the caches holding
     /// it), each table descriptor once.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_count_below")]
     fn count_below(&self, table: Pfn, level: usize, leaf: usize) -> usize {
         let Some(t) = self.table(table.0) else { return 0 };
         t.iter()
@@ -815,11 +858,13 @@ impl ModelEnv {
     }
 
     /// Frames currently in `state`.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_frames_in")]
     pub fn frames_in(&self, state: FrameState) -> usize {
         let tag = state.tag();
         self.counts.iter().find(|c| c.0 == tag).map_or(0, |c| c.1)
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_ModelEnv_complete")]
     fn complete(&mut self) {
         for p in std::mem::take(&mut self.pending) {
             match p {
@@ -874,6 +919,7 @@ fn for_valid(t: &Table, mut f: impl FnMut(usize, u64)) {
 
 /// `[pa, pa + size)` gained (`add`) or lost a reachable leaf: the per-frame counts of RAM
 /// from frame `ram_base` on follow.
+#[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_fn_count_mapped")]
 fn count_mapped(mapped: &mut [u16], ram_base: u64, pa: u64, size: u64, add: bool) {
     let n = mapped.len() as u64;
     let first = (pa >> 12).saturating_sub(ram_base).min(n) as usize;
@@ -896,11 +942,13 @@ struct TableMemory {
 }
 
 impl TableMemory {
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_TableMemory_index_of")]
     fn index_of(&self, pfn: u64) -> Option<usize> {
         let i = pfn.checked_sub(self.ram_base)?;
         (i < self.slot.len() as u64).then_some(i as usize)
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_TableMemory_get")]
     fn get(&self, pfn: u64) -> Option<&Table> {
         let (last, slot) = self.last.get();
         if last == pfn && slot != 0 {
@@ -911,12 +959,14 @@ impl TableMemory {
         self.pages.get((slot as usize).checked_sub(1)?)
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_TableMemory_get_mut")]
     fn get_mut(&mut self, pfn: u64) -> Option<&mut Table> {
         let slot = *self.slot.get(self.index_of(pfn)?)?;
         self.pages.get_mut((slot as usize).checked_sub(1)?)
     }
 
     /// Makes frame `pfn` (RAM) a live, zeroed table page.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_TableMemory_make")]
     fn make(&mut self, pfn: u64) {
         let Some(i) = self.index_of(pfn) else { return };
         let slot = match self.spare.pop() {
@@ -933,6 +983,7 @@ impl TableMemory {
         self.last.set((0, 0));
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_TableMemory_free")]
     fn free(&mut self, pfn: u64) {
         if let Some(i) = self.index_of(pfn) {
             if self.slot[i] != 0 {
@@ -945,6 +996,7 @@ impl TableMemory {
 }
 
 /// The level of the table a walk entry points to: one below the entry's.
+#[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_fn_child_level")]
 fn child_level(w: &CachedWalk) -> usize {
     match w.size {
         s if s == level_size(0) => 1,
@@ -953,15 +1005,18 @@ fn child_level(w: &CachedWalk) -> usize {
     }
 }
 
+#[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_fn_same_translation")]
 fn same_translation(a: &CachedLeaf, b: &CachedLeaf) -> bool {
     a.ipa == b.ipa && a.size == b.size && a.pa == b.pa && a.attrs == b.attrs
 }
 
 impl Stage2Env for ModelEnv {
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_read")]
     fn read(&self, table: Pfn, index: usize) -> u64 {
         self.table(table.0).map_or(0, |t| t[index])
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_read_run")]
     fn read_run(&self, table: Pfn, index: usize, out: &mut [u64]) {
         match self.table(table.0) {
             Some(t) => out.copy_from_slice(&t[index..index + out.len()]),
@@ -969,6 +1024,7 @@ impl Stage2Env for ModelEnv {
         }
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_write")]
     fn write(&mut self, table: Pfn, index: usize, value: u64) {
         let info = match self.info_last.get() {
             Some((pfn, info)) if pfn == table.0 => info,
@@ -1019,6 +1075,7 @@ impl Stage2Env for ModelEnv {
     }
 
     /// One caller at a time here: the compare and the write cannot be split by another CPU.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_cas")]
     fn cas(&mut self, table: Pfn, index: usize, old: u64, new: u64) -> Result<(), u64> {
         let cur = self.read(table, index);
         if cur != old && !(self.sabotage == Sabotage::StoreNotCas && new & 1 != 0) {
@@ -1029,6 +1086,7 @@ impl Stage2Env for ModelEnv {
     }
 
     /// A table page never linked must come back as it was taken: zero, reachable from nowhere.
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_return_unused_table")]
     fn return_unused_table(&mut self, vm: VmId, table: Pfn) {
         if self.mem.get(table.0).is_some_and(|t| t.iter().any(|&e| e != 0)) {
             self.violation(format!("{table} returned unused but written"));
@@ -1036,6 +1094,7 @@ impl Stage2Env for ModelEnv {
         self.free_table(vm, table);
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_take_tables")]
     fn take_tables(&mut self, vm: VmId, out: &mut [Pfn]) -> Result<(), Stage2Error> {
         if out.is_empty() {
             return Ok(());
@@ -1051,6 +1110,7 @@ impl Stage2Env for ModelEnv {
         Ok(())
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_free_table")]
     fn free_table(&mut self, vm: VmId, table: Pfn) {
         let state = self.frame_state(table);
         if state != Some(FrameState::PageTable(vm)) {
@@ -1085,16 +1145,19 @@ impl Stage2Env for ModelEnv {
         }
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_frame_state")]
     fn frame_state(&self, pfn: Pfn) -> Option<FrameState> {
         self.index_of(pfn.0).and_then(|i| FrameState::from_tag(self.frames[i]))
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_frame_unit")]
     fn frame_unit(&self, pfn: Pfn) -> (Option<FrameState>, u64) {
         let head = pfn.0 & !511;
         let run = if self.compound.contains(&head) { 512 - (pfn.0 - head) } else { 1 };
         (self.frame_state(pfn), run)
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_split_frames")]
     fn split_frames(&mut self, vm: VmId, head: Pfn) {
         if self.sabotage == Sabotage::KeepBlocksWhole || !self.compound.contains(&head.0) {
             return;
@@ -1106,10 +1169,12 @@ impl Stage2Env for ModelEnv {
         self.compound.remove(&head.0);
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_dsb_ishst")]
     fn dsb_ishst(&mut self) {
         self.unpublished = false;
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_dsb_ish")]
     fn dsb_ish(&mut self) {
         self.unpublished = false;
         if self.sabotage != Sabotage::DropDsbIsh {
@@ -1117,8 +1182,10 @@ impl Stage2Env for ModelEnv {
         }
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_isb")]
     fn isb(&mut self) {}
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_tlbi_ipas2e1is")]
     fn tlbi_ipas2e1is(&mut self, vmid: u16, ipa: u64, _level: usize) {
         self.tlbi_count += 1;
         if self.sabotage != Sabotage::DropIpaTlbi {
@@ -1126,6 +1193,7 @@ impl Stage2Env for ModelEnv {
         }
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_tlbi_vmalle1is")]
     fn tlbi_vmalle1is(&mut self, vmid: u16) {
         self.tlbi_count += 1;
         if self.sabotage != Sabotage::DropStage1Tlbi {
@@ -1141,6 +1209,7 @@ impl Stage2Env for ModelEnv {
         }
     }
 
+    #[cfg_attr(fuzzing, export_name = "__sanitizer_labyrinth_s2model_Stage2EnvModelEnv_tlbi_vmalls12e1is")]
     fn tlbi_vmalls12e1is(&mut self, vmid: u16) {
         self.tlbi_count += 1;
         if self.sabotage != Sabotage::DropVmidTlbi {
