@@ -27,7 +27,8 @@ use std::vec::Vec;
 use super::tag::{HEAD, TAG_TAIL};
 use super::{
     take_if_there, AtomicError, AuditReport, Claimed, FrameDb, FrameError, FrameManager, FrameScrubber,
-    FrameState, GuestFrames, HeapSink, Owner, Pfn, PoolConfig, TagCell, VmId, BLOCK_FRAMES, FRAME_SIZE,
+    FrameState, GuestFrames, HeapSink, Owner, Pfn, PoolConfig, Promise, TagCell, VmId, BLOCK_FRAMES,
+    FRAME_SIZE,
 };
 
 /// The first frame of RAM: QEMU virt's, 2 MiB aligned.
@@ -294,6 +295,8 @@ struct Budget {
     left_m: usize,
     beyond: usize,
     frames: Vec<u64>,
+    /// The manager's promises to it, withdrawn when its budget is.
+    promises: Vec<Promise>,
 }
 
 struct Exercise<'m, 'a> {
@@ -436,6 +439,7 @@ impl<'m, 'a> Exercise<'m, 'a> {
             left_m: 0,
             beyond: 0,
             frames: Vec::new(),
+            promises: Vec::new(),
         });
         Exercise {
             mgr,
@@ -1079,7 +1083,8 @@ impl<'m, 'a> Exercise<'m, 'a> {
     fn promise(&mut self, g: usize, wanted: usize) -> Result<(), String> {
         let free = self.m.free();
         let expect = wanted.min(free.saturating_sub(self.m.committed + self.m.capacity(&self.cfg)));
-        let granted = self.mgr.commit(wanted);
+        let promise = self.mgr.commit(wanted);
+        let granted = promise.frames();
         ensure!(granted == expect, "commit of {wanted}: granted {granted}, the model {expect} ({free} free)");
         let promised = if self.sabotage == Sabotage::OverPromise {
             wanted.min(free.saturating_sub(self.m.committed))
@@ -1092,6 +1097,7 @@ impl<'m, 'a> Exercise<'m, 'a> {
         }
         self.m.committed += granted;
         let b = &mut self.guests[g];
+        b.promises.push(promise);
         b.promised += promised;
         b.left_m += promised;
         b.left.fetch_add(promised, Ordering::Relaxed);
@@ -1258,11 +1264,18 @@ impl<'m, 'a> Exercise<'m, 'a> {
         b.left.store(b.promised, Ordering::Relaxed);
         b.left_m = b.promised;
         if withdraw {
-            self.mgr.uncommit(b.promised);
-            self.m.committed = self.m.committed.saturating_sub(b.promised);
+            // Each promise goes back once, to the unpromised frames too once they are open.
+            let granted: usize = b.promises.iter().map(Promise::frames).sum();
+            let withdrawn: usize = b.promises.iter().map(|p| self.mgr.withdraw(p)).sum();
+            ensure!(withdrawn == granted, "withdrawing {granted} promised frames: {withdrawn}");
+            ensure!(
+                b.promises.iter().map(|p| self.mgr.withdraw(p)).sum::<usize>() == 0,
+                "a promise withdrawn twice gave frames back again"
+            );
+            b.promises.clear();
+            self.m.committed = self.m.committed.saturating_sub(withdrawn);
             if self.m.open {
-                self.mgr.unpromised().give(b.promised);
-                self.m.unpromised += b.promised;
+                self.m.unpromised += withdrawn;
             }
             b.promised = 0;
             b.left.store(0, Ordering::Relaxed);
