@@ -5,8 +5,7 @@
 //! in the same order: every page raced).
 
 use std::hint::black_box;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Barrier;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -261,6 +260,19 @@ fn machine(cpus: usize) -> (&'static Ram, FrameManager<'static>) {
     (ram, frames)
 }
 
+/// Pins the calling thread to core `index` modulo the cores there are, as a vCPU is pinned to
+/// its CPU (best effort: a refusal leaves the thread where it is).
+fn pin_to_core(index: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET and sched_setaffinity get valid
+    // pointers to it and its size, and 0 names the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(index % cores, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 /// Time for `threads` vCPUs to fault `FAULT_PAGES` pages into one fresh space, `iters` times
 /// (space creation, thread start and teardown outside the clock).
 fn concurrent_faults(
@@ -275,15 +287,22 @@ fn concurrent_faults(
     for _ in 0..iters {
         let mut env0 = Shared { ram, frames, cpu: 0 };
         let s2 = Stage2::new(&mut env0, vm, 1, Geometry::for_pa_bits(40)).unwrap();
-        let start = Barrier::new(threads + 1);
+        // A spinning start, not a blocking barrier: on this virtual machine an idle core takes
+        // about a millisecond to wake, so a thread woken from a barrier often started only as
+        // the other finished, and the clock measured the wake-up, not the faults.
+        let ready = AtomicUsize::new(0);
         std::thread::scope(|s| {
             let vcpus: Vec<_> = (0..threads)
                 .map(|cpu| {
-                    let (s2, start) = (&s2, &start);
+                    let (s2, ready) = (&s2, &ready);
                     s.spawn(move || {
                         let mut env = Shared { ram, frames, cpu };
                         let share = FAULT_PAGES / threads as u64;
-                        start.wait();
+                        pin_to_core(cpu);
+                        ready.fetch_add(1, Ordering::AcqRel);
+                        while ready.load(Ordering::Acquire) < threads {
+                            std::hint::spin_loop();
+                        }
                         let began = Instant::now();
                         if overlapped {
                             fault_pages(s2, &mut env, 0..FAULT_PAGES);
@@ -294,7 +313,6 @@ fn concurrent_faults(
                     })
                 })
                 .collect();
-            start.wait();
             // From the first vCPU's start to the last one's end (the clock of whichever thread
             // the host runs last would start late on an oversubscribed machine).
             let spans: Vec<_> = vcpus.into_iter().map(|v| v.join().unwrap()).collect();
